@@ -1,0 +1,146 @@
+"""Checkpoint save / load on ``torch.distributed.checkpoint`` (DCP), atomic and self-describing.
+
+``CKPT_DIR/step-NNNNNNNN/`` holds the DCP shards of the model and optimizer, ``config.toml`` (the resolved
+config), ``state.json`` (step, data-loader position, scheduler), ``rng-rankR.pt`` (tensors only, loaded with
+``weights_only=True``) and ``manifest.json``, written last. A save goes to ``step-NNNNNNNN.tmp/`` and is renamed
+once complete; ``CKPT_DIR/latest`` (replaced atomically) then names it. A directory without a manifest is never
+loaded, and stale ``.tmp`` directories are removed when a manager starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from pretrain import distributed
+
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def is_complete(path: Path) -> bool:
+    return (path / "manifest.json").is_file()
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            state[f"cuda{i}"] = s
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["cpu"])
+    if torch.cuda.is_available():
+        cuda = [state[k] for k in sorted(k for k in state if k.startswith("cuda"))]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+
+
+class CheckpointManager:
+    def __init__(self, directory: str | Path, keep_last: int = 3, rank: int = 0):
+        self.directory = Path(directory)
+        self.keep_last = keep_last
+        self.rank = rank
+        if rank == 0 and self.directory.is_dir():
+            for stale in self.directory.glob("step-*.tmp"):
+                shutil.rmtree(stale, ignore_errors=True)
+
+    # --- finding ------------------------------------------------------------------------------------------
+    def complete_steps(self) -> list[Path]:
+        if not self.directory.is_dir():
+            return []
+        found = [p for p in self.directory.iterdir() if STEP_DIR.match(p.name) and is_complete(p)]
+        return sorted(found, key=lambda p: p.name)
+
+    def latest(self) -> Path | None:
+        pointer = self.directory / "latest"
+        if pointer.is_file():
+            candidate = self.directory / pointer.read_text().strip()
+            if STEP_DIR.match(candidate.name) and is_complete(candidate):
+                return candidate
+        steps = self.complete_steps()  # pointer missing or stale: newest complete one
+        return steps[-1] if steps else None
+
+    # --- saving -------------------------------------------------------------------------------------------
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+             config_toml: str) -> Path:
+        final = self.directory / step_dir_name(step)
+        tmp = self.directory / (step_dir_name(step) + ".tmp")
+        if self.rank == 0:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        distributed.barrier()
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # single-process DCP warns that no process group exists
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        torch.save(rng_state(), tmp / f"rng-rank{self.rank}.pt")
+        distributed.barrier()
+        if self.rank == 0:
+            (tmp / "config.toml").write_text(config_toml)
+            (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=1))
+            files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+            (tmp / "manifest.json").write_text(json.dumps({"step": step, "files": files}, indent=1))
+            if final.exists():  # a re-save of the same step replaces the old one only once complete
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _atomic_write(self.directory / "latest", final.name)
+            self._prune()
+        distributed.barrier()
+        return final
+
+    def _prune(self) -> None:
+        if self.keep_last <= 0:
+            return
+        for old in self.complete_steps()[:-self.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    # --- loading ------------------------------------------------------------------------------------------
+    def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+        """Restore model (+ optimizer, RNG) from ``path``; returns state.json (step, data, scheduler)."""
+        path = Path(path)
+        if not is_complete(path):
+            raise CheckpointError(f"checkpoint {path} is incomplete (no manifest.json); refusing to load it")
+        model_sd, optim_sd = get_state_dict(model, optimizer) if optimizer is not None else (
+            get_state_dict(model, [])[0], None)
+        to_load = {"model": model_sd} if optim_sd is None else {"model": model_sd, "optim": optim_sd}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.load(to_load, checkpoint_id=str(path))
+        if optimizer is not None:
+            set_state_dict(model, optimizer, model_state_dict=to_load["model"], optim_state_dict=to_load["optim"])
+        else:
+            model.load_state_dict(to_load["model"])
+        rng_file = path / f"rng-rank{self.rank}.pt"
+        if rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=True))
+        return json.loads((path / "state.json").read_text())
+
+
+def saved_config_toml(path: Path) -> str:
+    return (Path(path) / "config.toml").read_text()

@@ -1,0 +1,349 @@
+"""One dataclass tree for every run: defaults < TOML preset < ``--set section.key=value`` overrides.
+
+All validation lives here (``Config.validate``) and runs at load time, so a bad run fails in the first second
+with one line naming the key, never an hour in. The resolved config is written to the run dir and into every
+checkpoint (``to_toml``), and reloads to an equal ``Config``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(ValueError):
+    """A config problem a user can fix; the message is one line naming the key."""
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "gpt"  # gpt | bert
+    flavor: str = "llama"  # llama | gpt2 (gpt only)
+    n_layers: int = 2
+    d_model: int = 64
+    n_heads: int = 4
+    n_kv_heads: int = 0  # 0 = n_heads (no GQA)
+    ffn_hidden: int = 0  # 0 = flavour default (llama: 8/3·D rounded to 64; gpt2/bert: 4·D)
+    vocab_size: int = 512
+    seq_len: int = 128
+    max_position_embeddings: int = 0  # learned positions (gpt2, bert); 0 = seq_len
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    dropout: float = 0.0
+    type_vocab_size: int = 2  # bert
+    nsp_head: bool = False  # bert: next-sentence prediction head
+    init_std: float = 0.02
+    kernels: str = "torch"  # torch | triton
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.ffn_hidden:
+            return self.ffn_hidden
+        if self.arch == "gpt" and self.flavor == "llama":
+            return 64 * math.ceil(int(8 * self.d_model / 3) / 64)
+        return 4 * self.d_model
+
+    @property
+    def positions(self) -> int:
+        return self.max_position_embeddings or self.seq_len
+
+    @property
+    def learned_positions(self) -> bool:
+        return self.arch == "bert" or self.flavor == "gpt2"
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # shards | synthetic | megatron
+    path: str = ""  # prepared shard dir (manifest.json inside)
+    sources: list = field(default_factory=list)  # [{path, weight}] blends (data issue)
+    tokenizer: str = ""  # sentencepiece model; "" = the one in the shard dir
+    num_workers: int = 0
+    seed: int = 1234
+    shuffle: bool = True
+    mlm_probability: float = 0.15  # bert
+
+
+@dataclass
+class ParallelConfig:
+    dp_replicate: int = 1
+    dp_shard: int = -1  # -1 = whatever world size is left
+    tp: int = 1
+    pp: int = 1
+    pp_schedule: str = "1f1b"
+    n_microbatches: int = 0
+    zero_stage: int = 0
+    engine: str = "native"  # native | deepspeed
+    activation_checkpointing: str = "none"  # none | full | selective
+
+
+@dataclass
+class OptimConfig:
+    impl: str = "torch"  # torch | triton | apex
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 = off
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_steps: int = 100
+    decay: str = "cosine"  # cosine | linear | wsd | constant
+    decay_fraction: float = 0.2  # wsd: final fraction of steps spent decaying
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    seed: int = 1234
+    dtype: str = "fp32"  # fp32 | bf16 (autocast on CUDA)
+    compile: bool = False
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class EvalConfig:
+    interval: int = 0  # 0 = off
+    steps: int = 10
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = ""  # "" = RUN_DIR/checkpoints
+    interval: int = 0  # 0 = off (a final checkpoint is still written when dir is set explicitly)
+    keep_last: int = 3
+    async_save: bool = False
+    resume: str = "auto"  # auto (latest in dir, if any) | never | a step directory
+
+
+@dataclass
+class LoggingConfig:
+    run_dir: str = "runs/default"
+    interval: int = 10
+    tensorboard: bool = True
+    wandb_project: str = ""
+    peak_tflops: float = 0.0  # 0 = look the device up in the table (MFU is null when unknown)
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "parallel": ParallelConfig,
+    "optim": OptimConfig,
+    "schedule": ScheduleConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+    "checkpoint": CheckpointConfig,
+    "logging": LoggingConfig,
+}
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.arch": ("gpt", "bert"),
+    "model.flavor": ("llama", "gpt2"),
+    "model.kernels": ("torch", "triton"),
+    "data.source": ("shards", "synthetic", "megatron"),
+    "parallel.pp_schedule": ("gpipe", "1f1b", "interleaved_1f1b", "zbv"),
+    "parallel.engine": ("native", "deepspeed"),
+    "parallel.activation_checkpointing": ("none", "full", "selective"),
+    "optim.impl": ("torch", "triton", "apex"),
+    "schedule.decay": ("cosine", "linear", "wsd", "constant"),
+    "train.dtype": ("fp32", "bf16"),
+    "train.device": ("auto", "cpu", "cuda"),
+}
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+
+    def to_toml(self) -> str:
+        lines: list[str] = []
+        for section, values in self.to_dict().items():
+            lines.append(f"[{section}]")
+            lines.extend(f"{key} = {_toml_value(value)}" for key, value in values.items())
+            lines.append("")
+        return "\n".join(lines)
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return Path(self.checkpoint.dir) if self.checkpoint.dir else Path(self.logging.run_dir) / "checkpoints"
+
+    def validate(self) -> Config:
+        """Every cross-field check, each failing with one line that names the key."""
+        for key, allowed in CHOICES.items():
+            section, name = key.split(".")
+            value = getattr(getattr(self, section), name)
+            if value not in allowed:
+                raise ConfigError(f"{key} = {value!r} is not one of {', '.join(allowed)}")
+        m = self.model
+        for key in ("n_layers", "d_model", "n_heads", "vocab_size", "seq_len"):
+            if getattr(m, key) <= 0:
+                raise ConfigError(f"model.{key} must be positive, got {getattr(m, key)}")
+        if m.n_kv_heads < 0 or m.ffn_hidden < 0 or m.max_position_embeddings < 0:
+            raise ConfigError("model.n_kv_heads, model.ffn_hidden and model.max_position_embeddings must be >= 0")
+        if m.d_model % m.n_heads:
+            raise ConfigError(f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
+        if m.n_heads % m.kv_heads:
+            raise ConfigError(f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({m.kv_heads})")
+        if m.arch == "gpt" and m.flavor == "llama" and m.head_dim % 2:
+            raise ConfigError(f"rotary embeddings need an even head dim; d_model/n_heads = {m.head_dim}")
+        if m.learned_positions and m.seq_len > m.positions:
+            raise ConfigError(
+                f"model.seq_len ({m.seq_len}) exceeds model.max_position_embeddings ({m.positions}) "
+                f"of this {m.arch if m.arch == 'bert' else 'gpt2'} model"
+            )
+        if m.arch == "bert" and m.flavor != "llama" and m.flavor != "gpt2":
+            raise ConfigError(f"model.flavor = {m.flavor!r} is not one of llama, gpt2")
+        if not 0.0 <= m.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
+        t = self.train
+        if t.steps <= 0 or t.micro_batch_size <= 0 or t.grad_accum <= 0:
+            raise ConfigError("train.steps, train.micro_batch_size and train.grad_accum must be positive")
+        o = self.optim
+        if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
+            raise ConfigError(f"optim.lr must be > 0 and 0 <= optim.min_lr <= optim.lr (lr={o.lr}, min_lr={o.min_lr})")
+        if not (0 <= o.beta1 < 1 and 0 <= o.beta2 < 1):
+            raise ConfigError("optim.beta1 and optim.beta2 must be in [0, 1)")
+        if o.grad_clip < 0 or o.weight_decay < 0:
+            raise ConfigError("optim.grad_clip and optim.weight_decay must be >= 0")
+        if self.schedule.warmup_steps < 0:
+            raise ConfigError("schedule.warmup_steps must be >= 0")
+        if not 0.0 < self.schedule.decay_fraction <= 1.0:
+            raise ConfigError("schedule.decay_fraction must be in (0, 1]")
+        for key in ("eval.interval", "eval.steps", "checkpoint.interval", "checkpoint.keep_last", "logging.interval"):
+            section, name = key.split(".")
+            if getattr(getattr(self, section), name) < 0:
+                raise ConfigError(f"{key} must be >= 0")
+        if self.data.source == "shards" and not (self.data.path or self.data.sources):
+            raise ConfigError('data.source = "shards" needs data.path (a directory made by tools/prepare_data.py)')
+        if not 0.0 < self.data.mlm_probability < 1.0:
+            raise ConfigError("data.mlm_probability must be in (0, 1)")
+        return self
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def _suggest(name: str, options: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check ``value`` against the field type; ints are accepted where floats are expected."""
+    # annotations are strings here (``from __future__ import annotations``)
+    kind = {"int": int, "float": float, "bool": bool, "str": str, "list": list}.get(str(annotation))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is None or (isinstance(value, kind) and not (kind is int and isinstance(value, bool))):
+        return value
+    raise ConfigError(f"{key} expects {kind.__name__}, got {type(value).__name__} {value!r}")
+
+
+def _apply(cfg: Config, section: str, key: str, value: Any, where: str) -> None:
+    if section not in SECTIONS:
+        raise ConfigError(f"unknown config section [{section}]{_suggest(section, SECTIONS)} in {where}")
+    target = getattr(cfg, section)
+    fields = {f.name: f for f in dataclasses.fields(target)}
+    if key not in fields:
+        raise ConfigError(f"unknown key {section}.{key}{_suggest(key, fields)} in {where}")
+    setattr(target, key, _coerce(f"{section}.{key}", value, fields[key].type))
+
+
+def _parse_override(text: str) -> tuple[str, str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form section.key=value")
+    dotted, raw = text.split("=", 1)
+    dotted = dotted.strip()
+    if dotted.count(".") != 1:
+        raise ConfigError(f"override key {dotted!r} is not of the form section.key")
+    section, key = dotted.split(".")
+    raw = raw.strip()
+    try:  # TOML literal: 3, 3e-4, true, "x", [1, 2], [{path = "a", weight = 1}]
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare string such as runs/x or cosine
+    return section, key, value
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Defaults < TOML file < overrides, validated. Raises ConfigError with one clear line."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+        for section, values in data.items():
+            if not isinstance(values, dict):
+                raise ConfigError(f"top-level key {section!r} in {path} must be a [section]{_suggest(section, SECTIONS)}")
+            for key, value in values.items():
+                _apply(cfg, section, key, value, str(path))
+    for text in overrides:
+        section, key, value = _parse_override(text)
+        _apply(cfg, section, key, value, f"--set {text}")
+    return cfg.validate()
+
+
+def config_from_dict(data: dict[str, dict[str, Any]]) -> Config:
+    """Rebuild a Config saved with ``to_dict`` / ``to_toml`` (checkpoints, run dirs)."""
+    cfg = Config()
+    for section, values in data.items():
+        for key, value in values.items():
+            _apply(cfg, section, key, value, "saved config")
+    return cfg.validate()
+
+
+def config_from_toml(text: str) -> Config:
+    return config_from_dict(tomllib.loads(text))

@@ -1,0 +1,108 @@
+"""Metrics: ``RUN_DIR/metrics.jsonl`` (one object per logged step / eval), TensorBoard, W&B when configured.
+
+MFU = model FLOPs per token (``models/flops.py``) × tokens per second / (peak FLOP/s × devices). Peak is
+looked up from the device name (dense bf16 tensor-core figures) or set by ``logging.peak_tflops``; it is unknown,
+and MFU null, on CPU unless set.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# dense bf16 peak TFLOP/s by device-name fragment (vendor datasheets), most specific first
+PEAK_TFLOPS = (
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),
+    ("GH200", 989.0),
+    ("A100", 312.0),
+    ("A10G", 125.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+    ("V100", 125.0),
+    ("MI300X", 1307.0),
+)
+
+
+def peak_flops(device: torch.device, override_tflops: float = 0.0) -> float | None:
+    if override_tflops > 0:
+        return override_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for fragment, tflops in PEAK_TFLOPS:
+            if fragment in name:
+                return tflops * 1e12
+    return None
+
+
+def memory_stats(device: torch.device) -> dict[str, float]:
+    if device.type == "cuda":
+        return {"mem_allocated_gb": torch.cuda.max_memory_allocated(device) / 2**30,
+                "mem_reserved_gb": torch.cuda.max_memory_reserved(device) / 2**30}
+    # ru_maxrss is KiB on Linux
+    return {"mem_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+class MetricsLogger:
+    """Rank 0 writes; other ranks hold a logger that does nothing."""
+
+    def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: bool = True, wandb_project: str = "",
+                 config: dict | None = None):
+        self.enabled = enabled
+        self.run_dir = Path(run_dir)
+        self.tb = None
+        self.wandb = None
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise RuntimeError("logging.wandb_project is set but wandb is not installed: pip install 'pretrain[wandb]'") from None
+            self.wandb = wandb.init(project=wandb_project, dir=str(self.run_dir), config=config, resume="allow")
+
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "time": round(time.time(), 3), **values}
+        self.file.write(json.dumps(record) + "\n")
+        for key, value in values.items():
+            if isinstance(value, (int, float)) and value is not None:
+                if self.tb is not None:
+                    self.tb.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in values.items() if v is not None}, step=step)
+
+    def console(self, line: str) -> None:
+        if self.enabled:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        print(f"no metrics.jsonl in {run_dir}", file=sys.stderr)
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

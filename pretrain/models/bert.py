@@ -1,0 +1,101 @@
+"""BERT encoder with a masked-LM head (and an optional next-sentence head), post-LN as in Devlin et al. 2019.
+
+Shapes: B batch, T tokens, D model dim, H heads, E head dim, V vocab.
+Names: ``embeddings.{word_embeddings, position_embeddings, token_type_embeddings, norm}``,
+``layers.{i}.{self_attn.{q,k,v,o}_proj, attn_norm, mlp.{up,down}_proj, mlp_norm}``,
+``mlm_head.{dense, norm, bias}`` (decoder tied to the word embeddings), ``pooler``, ``nsp_head``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pretrain.config import ModelConfig
+from pretrain.models.layers import MLP, Attention, LayerNorm, init_weights
+from pretrain.models.ops import Ops
+
+
+class Embeddings(nn.Module):
+    def __init__(self, cfg: ModelConfig, ops: Ops):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.position_embeddings = nn.Embedding(cfg.positions, cfg.d_model)
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.d_model)
+        self.norm = LayerNorm(cfg.d_model, cfg.norm_eps, ops)
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
+
+    def forward(self, tokens, token_type_ids=None):
+        t = tokens.shape[1]
+        if t > self.position_embeddings.num_embeddings:
+            raise ValueError(f"sequence of {t} tokens exceeds the {self.position_embeddings.num_embeddings} learned positions")
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(tokens)
+        x = self.word_embeddings(tokens) + self.token_type_embeddings(token_type_ids)
+        x = x + self.position_embeddings(torch.arange(t, device=tokens.device))  # (B, T, D)
+        return self.dropout(self.norm(x))
+
+
+class EncoderLayer(nn.Module):
+    """Post-LN: x = norm(x + attn(x)); x = norm(x + mlp(x))."""
+
+    def __init__(self, cfg: ModelConfig, ops: Ops):
+        super().__init__()
+        self.self_attn = Attention(cfg, ops, causal=False, bias=True)
+        self.attn_norm = LayerNorm(cfg.d_model, cfg.norm_eps, ops)
+        self.mlp = MLP(cfg, gated=False, bias=True)
+        self.mlp_norm = LayerNorm(cfg.d_model, cfg.norm_eps, ops)
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
+
+    def forward(self, x, key_padding_mask=None):
+        x = self.attn_norm(x + self.dropout(self.self_attn(x, key_padding_mask=key_padding_mask)))
+        return self.mlp_norm(x + self.dropout(self.mlp(x)))
+
+
+class MLMHead(nn.Module):
+    def __init__(self, cfg: ModelConfig, ops: Ops):
+        super().__init__()
+        self.dense = nn.Linear(cfg.d_model, cfg.d_model)
+        self.norm = LayerNorm(cfg.d_model, cfg.norm_eps, ops)
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+
+    def forward(self, x, decoder_weight):
+        x = self.norm(F.gelu(self.dense(x)))
+        return F.linear(x, decoder_weight, self.bias)  # (B, T, V)
+
+
+class BERT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        ops = Ops(cfg.kernels)
+        self.embeddings = Embeddings(cfg, ops)
+        self.layers = nn.ModuleDict({str(i): EncoderLayer(cfg, ops) for i in range(cfg.n_layers)})
+        self.mlm_head = MLMHead(cfg, ops)
+        self.pooler = nn.Linear(cfg.d_model, cfg.d_model) if cfg.nsp_head else None
+        self.nsp_head = nn.Linear(cfg.d_model, 2) if cfg.nsp_head else None
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        init_weights(self, self.cfg.init_std, self.cfg.n_layers)
+        nn.init.zeros_(self.mlm_head.bias)
+
+    def encode(self, tokens, attention_mask=None, token_type_ids=None):
+        """tokens (B, T), attention_mask (B, T) bool/int, 1 = real token -> hidden states (B, T, D)."""
+        mask = None if attention_mask is None else attention_mask.bool()
+        x = self.embeddings(tokens, token_type_ids)
+        for layer in self.layers.values():
+            x = layer(x, key_padding_mask=mask)
+        return x
+
+    def forward(self, tokens, attention_mask=None, token_type_ids=None):
+        """-> MLM logits (B, T, V)."""
+        return self.mlm_head(self.encode(tokens, attention_mask, token_type_ids), self.embeddings.word_embeddings.weight)
+
+    def mlm_and_nsp(self, tokens, attention_mask=None, token_type_ids=None):
+        """-> (MLM logits (B, T, V), NSP logits (B, 2) or None)."""
+        h = self.encode(tokens, attention_mask, token_type_ids)
+        mlm = self.mlm_head(h, self.embeddings.word_embeddings.weight)
+        nsp = None if self.nsp_head is None else self.nsp_head(torch.tanh(self.pooler(h[:, 0])))
+        return mlm, nsp

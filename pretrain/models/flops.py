@@ -1,0 +1,58 @@
+"""Parameter counts in closed form and training FLOPs per token (for MFU).
+
+FLOPs per token, forward + backward (Kaplan et al. 2020; PaLM, Chowdhery et al. 2022, appendix B):
+
+    6 · N_matmul  +  12 · L · H · E · T
+
+N_matmul counts the weights that take part in a matrix multiply for every token: all projections in the
+blocks, the output head (tied or not — the head is a matmul even when it shares the embedding's storage) and,
+for BERT, the MLM transform. Embedding lookups, norms and biases are not matmuls and are left out. The second
+term is the attention score and value products (2·T·H·E each, forward; ×3 for forward + backward). Like PaLM
+and Megatron we count the full T×T product even for causal attention, so MFU figures compare with theirs.
+"""
+
+from __future__ import annotations
+
+from pretrain.config import ModelConfig
+
+
+def layer_matmul_params(cfg: ModelConfig) -> int:
+    d, h, k, e, f = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim, cfg.ffn_dim
+    attention = d * h * e + 2 * d * k * e + h * e * d
+    gated = cfg.arch == "gpt" and cfg.flavor == "llama"
+    mlp = (3 if gated else 2) * d * f
+    return attention + mlp
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+    n = cfg.n_layers * layer_matmul_params(cfg) + cfg.d_model * cfg.vocab_size  # blocks + output head
+    if cfg.arch == "bert":
+        n += cfg.d_model * cfg.d_model  # MLM transform
+    return n
+
+
+def num_params(cfg: ModelConfig) -> int:
+    """Closed-form count of every parameter the model holds (tied weights counted once)."""
+    d, v, f = cfg.d_model, cfg.vocab_size, cfg.ffn_dim
+    h_e, k_e = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    per_layer = layer_matmul_params(cfg)
+    if cfg.arch == "gpt" and cfg.flavor == "llama":
+        per_layer += 2 * d  # two RMSNorm weights
+        total = v * d + cfg.n_layers * per_layer + d  # embedding, blocks, final norm
+        return total + (0 if cfg.tie_embeddings else d * v)
+    # gpt2 and bert: biases on every projection, LayerNorm weight + bias
+    per_layer += (h_e + 2 * k_e + d) + (f + d) + 2 * 2 * d
+    if cfg.arch == "gpt":  # gpt2
+        total = v * d + cfg.positions * d + cfg.n_layers * per_layer + 2 * d
+        return total + (0 if cfg.tie_embeddings else d * v)
+    embeddings = v * d + cfg.positions * d + cfg.type_vocab_size * d + 2 * d
+    mlm_head = d * d + d + 2 * d + v  # transform, its LayerNorm, output bias (decoder tied)
+    nsp = (d * d + d + 2 * d + 2) if cfg.nsp_head else 0
+    return embeddings + cfg.n_layers * per_layer + mlm_head + nsp
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> int:
+    """Training (forward + backward) FLOPs per token at sequence length ``seq_len`` (default: model.seq_len)."""
+    t = seq_len or cfg.seq_len
+    attention = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * t
+    return 6 * matmul_params(cfg) + attention

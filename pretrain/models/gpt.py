@@ -1,0 +1,115 @@
+"""Decoder-only GPT in two flavours, chosen by ``model.flavor``.
+
+- ``llama``: RoPE (rotate-half), RMSNorm, SwiGLU, grouped-query attention (``n_kv_heads``), no biases,
+  optionally tied embeddings (Touvron et al. 2023).
+- ``gpt2``: learned positions, LayerNorm, GELU (tanh), biases, tied embeddings (Radford et al. 2019).
+
+Shapes: B batch, T tokens, D model dim, H heads, K kv heads, E head dim, V vocab.
+Parameter names: ``embed_tokens``, ``embed_positions``, ``layers.{i}.{input_layernorm, self_attn.{q,k,v,o}_proj,
+post_attention_layernorm, mlp.{gate,up,down}_proj}``, ``norm``, ``lm_head`` — HF Llama's names without the
+``model.`` prefix. Pipeline stages delete ``layers`` entries or set ``embed_tokens`` / ``norm`` / ``lm_head`` to None.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pretrain.config import ModelConfig
+from pretrain.models.layers import MLP, Attention, LayerNorm, RMSNorm, Rotary, init_weights
+from pretrain.models.ops import Ops
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, ops: Ops):
+        super().__init__()
+        llama = cfg.flavor == "llama"
+        norm = RMSNorm if llama else LayerNorm
+        self.input_layernorm = norm(cfg.d_model, cfg.norm_eps, ops)
+        self.self_attn = Attention(cfg, ops, causal=True, bias=not llama)
+        self.post_attention_layernorm = norm(cfg.d_model, cfg.norm_eps, ops)
+        self.mlp = MLP(cfg, gated=llama, bias=not llama, gelu_approximate="tanh")
+        self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
+
+    def forward(self, x, rotary=None):
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), rotary))
+        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        ops = Ops(cfg.kernels)
+        llama = cfg.flavor == "llama"
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.embed_positions = None if llama else nn.Embedding(cfg.positions, cfg.d_model)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.seq_len) if llama else None
+        self.embed_dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
+        self.layers = nn.ModuleDict({str(i): Block(cfg, ops) for i in range(cfg.n_layers)})
+        self.norm = (RMSNorm if llama else LayerNorm)(cfg.d_model, cfg.norm_eps, ops)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        init_weights(self, self.cfg.init_std, self.cfg.n_layers)
+
+    def output_weight(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T) int -> final-norm hidden states (B, T, D)."""
+        x = self.embed_tokens(tokens)  # (B, T, D)
+        if self.embed_positions is not None:
+            t = tokens.shape[1]
+            if t > self.embed_positions.num_embeddings:
+                raise ValueError(f"sequence of {t} tokens exceeds the {self.embed_positions.num_embeddings} learned positions")
+            x = x + self.embed_positions(torch.arange(t, device=tokens.device))
+        x = self.embed_dropout(x)
+        for layer in self.layers.values():
+            x = layer(x, self.rotary)
+        return self.norm(x)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, V)."""
+        return F.linear(self.hidden_states(tokens), self.output_weight())
+
+    @torch.no_grad()
+    def generate(
+        self,
+        tokens: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        eos_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Extend ``tokens`` (B, T) by up to ``max_new_tokens``: greedy when temperature is 0, else sampled
+        from softmax(logits / temperature) restricted to the ``top_k`` most likely tokens."""
+        was_training = self.training
+        self.eval()
+        window = self.embed_positions.num_embeddings if self.embed_positions is not None else None
+        finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+        for _ in range(max_new_tokens):
+            context = tokens if window is None else tokens[:, -window:]
+            logits = self(context)[:, -1, :].float()  # (B, V)
+            if temperature <= 0:
+                next_token = logits.argmax(dim=-1)
+            else:
+                logits = logits / temperature
+                if top_k is not None and top_k < logits.shape[-1]:
+                    kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                probs = torch.softmax(logits, dim=-1)
+                next_token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            if eos_id is not None:
+                next_token = torch.where(finished, torch.full_like(next_token, eos_id), next_token)
+                finished |= next_token == eos_id
+            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+            if eos_id is not None and bool(finished.all()):
+                break
+        self.train(was_training)
+        return tokens

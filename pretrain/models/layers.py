@@ -1,0 +1,138 @@
+"""Building blocks shared by the GPT and BERT families.
+
+Shapes: B batch, T tokens, D model dim, H query heads, K kv heads, E head dim, F ffn hidden.
+Parameter names follow Hugging Face's (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj) so that
+conversion is a name template.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pretrain.config import ModelConfig
+from pretrain.models.ops import Ops
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, ops: Ops):
+        super().__init__()
+        self.eps = eps
+        self.ops = ops
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return self.ops.rms_norm(x, self.weight, self.eps)
+
+    def reset_parameters(self):
+        nn.init.ones_(self.weight)
+
+
+class LayerNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, ops: Ops):
+        super().__init__()
+        self.eps = eps
+        self.ops = ops
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        return self.ops.layer_norm(x, self.weight, self.bias, self.eps)
+
+    def reset_parameters(self):
+        nn.init.ones_(self.weight)
+        nn.init.zeros_(self.bias)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Rotary(nn.Module):
+    """RoPE in Hugging Face's rotate-half convention (Su et al. 2021), cos/sin cached in fp32."""
+
+    def __init__(self, head_dim: int, theta: float, max_len: int):
+        super().__init__()
+        self.head_dim, self.theta, self.max_len = head_dim, theta, max_len
+        self.register_buffer("cos", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self, device=None):
+        device = device or (self.cos.device if self.cos.device.type != "meta" else None)
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim))
+        t = torch.arange(self.max_len, dtype=torch.float32, device=device)
+        freqs = torch.outer(t, inv_freq)  # (T, E/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (T, E)
+        self.cos, self.sin = emb.cos(), emb.sin()
+
+    def forward(self, q, k):
+        """q (B, H, T, E), k (B, K, T, E) -> rotated, same shapes and dtypes."""
+        t = q.shape[-2]
+        if t > self.cos.shape[0]:
+            self.max_len = t
+            self.reset_parameters(q.device)
+        cos, sin = self.cos[:t].to(q.dtype), self.sin[:t].to(q.dtype)
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, ops: Ops, *, causal: bool, bias: bool):
+        super().__init__()
+        self.ops, self.causal, self.dropout = ops, causal, cfg.dropout
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        d = cfg.d_model
+        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=bias)
+
+    def forward(self, x, rotary: Rotary | None = None, key_padding_mask=None):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, H, T, E)
+        k = self.k_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, K, T, E)
+        v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, K, T, E)
+        if rotary is not None:
+            q, k = rotary(q, k)
+        y = self.ops.attention(
+            q, k, v, causal=self.causal, key_padding_mask=key_padding_mask,
+            **({"dropout_p": self.dropout} if self.training and self.dropout else {}),
+        )
+        y = y.transpose(1, 2).reshape(b, t, -1)  # (B, T, H*E)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    """SwiGLU (llama: down(silu(gate(x)) * up(x)), Shazeer 2020) or a plain GELU MLP (gpt2, bert)."""
+
+    def __init__(self, cfg: ModelConfig, *, gated: bool, bias: bool, gelu_approximate: str = "none"):
+        super().__init__()
+        d, f = cfg.d_model, cfg.ffn_dim
+        self.gated, self.gelu_approximate = gated, gelu_approximate
+        self.gate_proj = nn.Linear(d, f, bias=bias) if gated else None
+        self.up_proj = nn.Linear(d, f, bias=bias)
+        self.down_proj = nn.Linear(f, d, bias=bias)
+
+    def forward(self, x):
+        if self.gated:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.gelu(self.up_proj(x), approximate=self.gelu_approximate))
+
+
+def init_weights(model: nn.Module, std: float, n_layers: int) -> None:
+    """GPT-2 / Megatron init: N(0, std) everywhere, residual output projections N(0, std / sqrt(2·layers))."""
+    residual_std = std / math.sqrt(2 * n_layers)
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            is_residual = name.endswith(("o_proj", "down_proj"))
+            nn.init.normal_(module.weight, mean=0.0, std=residual_std if is_residual else std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, (RMSNorm, LayerNorm, Rotary)):
+            module.reset_parameters()

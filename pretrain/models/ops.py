@@ -1,0 +1,67 @@
+"""Backend choice for the hot ops: ``"torch"`` (the reference: SDPA, fused norms) or ``"triton"`` (``kernels/``).
+
+Layers never call a kernel directly; they hold an ``Ops`` built from ``model.kernels`` so one config key flips
+every op, and tests can compare the two backends on the same weights.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+# op name -> (module in kernels/, function name)
+TRITON_OPS = {
+    "attention": ("kernels.attention", "flash_attention"),
+    "rms_norm": ("kernels.norms", "rms_norm"),
+    "layer_norm": ("kernels.norms", "layer_norm"),
+}
+
+
+def torch_attention(q, k, v, causal=True, key_padding_mask=None, scale=None, dropout_p=0.0):
+    """q (B, H, T, E); k, v (B, K, T, E) with K dividing H; key_padding_mask (B, T) bool, True = keep."""
+    mask = None
+    if key_padding_mask is not None:
+        mask = key_padding_mask[:, None, None, :]  # (B, 1, 1, T) broadcast over heads and queries
+        if causal:
+            t = q.shape[-2]
+            mask = mask & torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+            causal = False
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
+    )
+
+
+def torch_rms_norm(x, weight, eps):
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+def torch_layer_norm(x, weight, bias, eps):
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+class Ops:
+    """The functions layers call, resolved once from ``model.kernels`` ("torch" or "triton")."""
+
+    def __init__(self, backend: str = "torch"):
+        self.backend = backend
+        self.attention: Callable = torch_attention
+        self.rms_norm: Callable = torch_rms_norm
+        self.layer_norm: Callable = torch_layer_norm
+        if backend == "triton":
+            for name, (module, function) in TRITON_OPS.items():
+                setattr(self, name, _load_triton(module, function))
+        elif backend != "torch":
+            raise ValueError(f"model.kernels = {backend!r} is not one of torch, triton")
+
+
+def _load_triton(module: str, function: str) -> Callable:
+    try:
+        return getattr(importlib.import_module(module), function)
+    except ImportError as exc:
+        raise RuntimeError(
+            f'model.kernels = "triton" needs {module}.{function} ({exc}); '
+            "install the extra with: pip install 'pretrain[triton]'"
+        ) from None

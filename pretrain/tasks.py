@@ -1,0 +1,60 @@
+"""Per-task pieces the model-agnostic trainer calls: one batch -> summed loss, counted targets, correct guesses.
+
+Losses are summed over targets, not averaged, so the trainer can divide by the global count of the whole step
+(all micro-batches, all ranks): accumulation and data parallelism then give exactly the one-big-batch gradient,
+also for BERT, whose micro-batches mask different numbers of tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from pretrain.data.mlm import IGNORE_INDEX
+
+
+@dataclass
+class LossOutput:
+    loss_sum: torch.Tensor  # scalar, differentiable
+    count: torch.Tensor  # number of targets the loss is summed over
+    correct: torch.Tensor  # argmax == target among them
+
+
+def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> LossOutput:
+    logits = logits.reshape(-1, logits.shape[-1]).float()
+    targets = targets.reshape(-1)
+    keep = targets != IGNORE_INDEX
+    loss_sum = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    with torch.no_grad():
+        correct = ((logits.argmax(dim=-1) == targets) & keep).sum()
+    return LossOutput(loss_sum, keep.sum(), correct)
+
+
+class GPTTask:
+    """Next-token prediction: batch {"tokens", "targets"} (B, T)."""
+
+    @staticmethod
+    def count(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return (batch["targets"] != IGNORE_INDEX).sum()
+
+    @staticmethod
+    def loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
+        return _cross_entropy(model(batch["tokens"]), batch["targets"])
+
+
+class BERTTask:
+    """Masked-LM: batch {"tokens", "attention_mask", "labels"} (B, T); labels -100 except at masked positions."""
+
+    @staticmethod
+    def count(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return (batch["labels"] != IGNORE_INDEX).sum()
+
+    @staticmethod
+    def loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
+        return _cross_entropy(model(batch["tokens"], batch["attention_mask"]), batch["labels"])
+
+
+def task_for(arch: str):
+    return {"gpt": GPTTask, "bert": BERTTask}[arch]()

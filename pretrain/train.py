@@ -1,0 +1,75 @@
+"""Entry point: ``python -m pretrain.train --config FILE [--set section.key=value ...]`` (also under torchrun, srun).
+
+parse -> init distributed -> build model, data, trainer -> fit. Any configuration or data problem ends the run
+with one line on stderr naming the cause, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from pretrain import distributed
+from pretrain.checkpoint.manager import CheckpointError
+from pretrain.config import Config, ConfigError, load_config
+from pretrain.data import build_stream
+from pretrain.data.prepare import DataError
+from pretrain.data.tokenizer import TokenizerError
+from pretrain.metrics import MetricsLogger
+from pretrain.models import build_model
+from pretrain.tasks import task_for
+from pretrain.trainer import Trainer
+
+USER_ERRORS = (ConfigError, DataError, TokenizerError, CheckpointError)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="pretrain-train", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="TOML preset (configs/*.toml); defaults apply when omitted")
+    parser.add_argument("--set", dest="overrides", action="append", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set optim.lr=3e-4 train.steps=100")
+    return parser.parse_args(argv)
+
+
+def build_trainer(cfg: Config, dist: distributed.DistInfo) -> Trainer:
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model)
+    train_data = build_stream(cfg, "train", dist.rank, dist.world_size)
+    val_factory = None
+    if cfg.eval.interval:
+        build_stream(cfg, "val", dist.rank, dist.world_size)  # fail now, not at the first eval
+        val_factory = lambda: build_stream(cfg, "val", dist.rank, dist.world_size)
+    metrics = MetricsLogger(cfg.logging.run_dir, enabled=dist.is_main, tensorboard=cfg.logging.tensorboard,
+                            wandb_project=cfg.logging.wandb_project, config=cfg.to_dict())
+    return Trainer(cfg, model, task_for(cfg.model.arch), train_data, dist, val_factory, metrics)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    overrides = [item for group in args.overrides for item in group]
+    try:
+        cfg = load_config(args.config, overrides)
+        dist = distributed.init_distributed(cfg.train.device)
+        trainer = build_trainer(cfg, dist)
+        try:
+            losses = trainer.fit()
+        finally:
+            trainer.metrics.close()
+    except USER_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        if "pip install" not in str(exc) and "validation split" not in str(exc):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if dist.is_main and losses:
+        print(f"done: {len(losses)} steps, final loss {losses[-1]:.4f}")
+    distributed.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,249 @@
+"""The training loop, model-agnostic: accumulate, clip, step, schedule, evaluate, log, checkpoint.
+
+The model-specific part is a task (``pretrain/tasks.py``) that turns one batch into a summed loss. Each step
+fetches its ``grad_accum`` micro-batches first, counts their targets across all ranks, and back-propagates
+``loss_sum / count``: the gradient of the mean over the whole global batch, whatever the accumulation or
+data-parallel split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from pretrain import distributed
+from pretrain.checkpoint.manager import CheckpointError, CheckpointManager, saved_config_toml
+from pretrain.config import Config, ConfigError, config_from_toml
+from pretrain.distributed import DistInfo
+from pretrain.metrics import MetricsLogger, memory_stats, peak_flops
+from pretrain.models.flops import flops_per_token
+
+# model keys that change parameter shapes: a checkpoint with other values cannot be resumed
+SHAPE_KEYS = ("arch", "flavor", "n_layers", "d_model", "n_heads", "n_kv_heads", "ffn_hidden", "vocab_size",
+              "max_position_embeddings", "tie_embeddings", "type_vocab_size", "nsp_head")
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """Learning rate for update ``step`` (0-based): linear warmup, then cosine / linear / WSD / constant."""
+    s, o, total = cfg.schedule, cfg.optim, cfg.train.steps
+    if step < s.warmup_steps:
+        return o.lr * (step + 1) / s.warmup_steps
+    if s.decay == "constant":
+        return o.lr
+    if s.decay == "wsd":  # warmup-stable-decay (Hu et al. 2024): flat, then linear to min_lr at the end
+        decay_start = max(s.warmup_steps, int(total * (1 - s.decay_fraction)))
+        if step < decay_start:
+            return o.lr
+        progress = (step - decay_start) / max(1, total - decay_start)
+        return o.lr - (o.lr - o.min_lr) * min(1.0, progress)
+    progress = min(1.0, (step - s.warmup_steps) / max(1, total - s.warmup_steps))
+    if s.decay == "linear":
+        return o.lr - (o.lr - o.min_lr) * progress
+    return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matmul weights only: not on norms, biases or embeddings."""
+    no_decay: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            no_decay.update(id(p) for p in module.parameters(recurse=False))
+    decay, other = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (other if p.ndim < 2 or id(p) in no_decay else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if o.impl != "torch":
+        raise ConfigError(f'optim.impl = "{o.impl}" is not available yet; use "torch"')
+    return torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
+                             fused=device.type == "cuda")
+
+
+def check_resumable(saved_toml: str, cfg: Config, where: Path) -> None:
+    saved = config_from_toml(saved_toml).model
+    for key in SHAPE_KEYS:
+        old, new = getattr(saved, key), getattr(cfg.model, key)
+        if old != new:
+            raise CheckpointError(
+                f"{where} holds checkpoints of a different model (model.{key} = {old!r} there, {new!r} here); "
+                "use another checkpoint.dir / logging.run_dir, or set checkpoint.resume = \"never\""
+            )
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    lr: float
+    tokens: int
+    seconds: float
+
+
+class Trainer:
+    def __init__(self, cfg: Config, model: nn.Module, task, train_data, dist: DistInfo, val_data_factory=None,
+                 metrics: MetricsLogger | None = None):
+        self.cfg, self.task, self.data, self.dist = cfg, task, train_data, dist
+        self.device = dist.device
+        self.model = model.to(self.device)
+        self.raw_model = self.model
+        if dist.world_size > 1:
+            self.model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if cfg.train.compile:
+            self.model = torch.compile(self.model)
+        self.optimizer = build_optimizer(self.raw_model, cfg, self.device)
+        self.val_data_factory = val_data_factory
+        self.metrics = metrics or MetricsLogger(cfg.logging.run_dir, enabled=False)
+        self.step = 0
+        self.losses: list[float] = []
+        self.flops_per_token = flops_per_token(cfg.model)
+        self.peak = peak_flops(self.device, cfg.logging.peak_tflops)
+        self.checkpoints = None
+        if cfg.checkpoint.interval > 0 or cfg.checkpoint.resume != "never" and (
+                cfg.checkpoint.resume != "auto" or cfg.checkpoint_dir.is_dir()):
+            self.checkpoints = CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint.keep_last, dist.rank)
+
+    # --- checkpoints --------------------------------------------------------------------------------------
+    def maybe_resume(self) -> bool:
+        resume = self.cfg.checkpoint.resume
+        if self.checkpoints is None or resume == "never":
+            return False
+        path = self.checkpoints.latest() if resume == "auto" else Path(resume)
+        if path is None:
+            return False
+        check_resumable(saved_config_toml(path), self.cfg, path.parent)
+        state = self.checkpoints.load(path, self.raw_model, self.optimizer)
+        self.step = int(state["step"])
+        self.losses = list(state.get("losses", []))
+        self.data.load_state_dict(state["data"])
+        self.metrics.console(f"resumed from {path} at step {self.step}")
+        return True
+
+    def save(self) -> Path:
+        state = {"data": self.data.state_dict(), "losses": self.losses}
+        return self.checkpoints.save(self.step, self.raw_model, self.optimizer, state, self.cfg.to_toml())
+
+    # --- one step -----------------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.cfg.train.dtype == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def train_step(self) -> StepResult:
+        start = time.perf_counter()
+        cfg = self.cfg
+        lr = lr_at(self.step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        micro_batches = [
+            {k: v.to(self.device, non_blocking=True) for k, v in self.data.next_batch().items()}
+            for _ in range(cfg.train.grad_accum)
+        ]
+        count = torch.stack([self.task.count(b) for b in micro_batches]).sum().to(torch.float64)
+        count = distributed.all_reduce_sum(count)
+        loss_total = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.model.train()
+        for i, batch in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            sync = contextlib.nullcontext() if last or self.dist.world_size == 1 else self.model.no_sync()
+            with sync:
+                with self._autocast():
+                    out = self.task.loss(self.model, batch)
+                # DDP averages gradients over ranks: scale by world size to keep the global-mean gradient
+                (out.loss_sum * (self.dist.world_size / count.clamp(min=1)).float()).backward()
+            loss_total += out.loss_sum.detach().to(torch.float64)
+        loss_total = distributed.all_reduce_sum(loss_total)
+        max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        tokens = sum(b["tokens"].numel() for b in micro_batches) * self.dist.world_size
+        loss = float(loss_total / count.clamp(min=1))
+        return StepResult(loss, float(grad_norm), lr, tokens, time.perf_counter() - start)
+
+    # --- evaluation ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        data = self.val_data_factory()
+        self.model.eval()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        count = torch.zeros((), dtype=torch.float64, device=self.device)
+        correct = torch.zeros((), dtype=torch.float64, device=self.device)
+        for _ in range(self.cfg.eval.steps):
+            try:
+                batch = {k: v.to(self.device) for k, v in data.next_batch().items()}
+            except StopIteration:
+                break
+            with self._autocast():
+                out = self.task.loss(self.raw_model, batch)
+            loss_sum += out.loss_sum.double()
+            count += out.count.double()
+            correct += out.correct.double()
+        totals = distributed.all_reduce_sum(torch.stack([loss_sum, count, correct]))
+        self.model.train()
+        if totals[1] == 0:
+            raise RuntimeError("the validation split yielded no batches: prepare more documents or set eval.interval = 0")
+        val_loss = float(totals[0] / totals[1])
+        return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "accuracy": float(totals[2] / totals[1])}
+
+    # --- the loop -----------------------------------------------------------------------------------------
+    def fit(self) -> list[float]:
+        cfg = self.cfg
+        self.maybe_resume()
+        if self.dist.is_main:
+            run_dir = Path(cfg.logging.run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.toml").write_text(cfg.to_toml())
+        total_steps = cfg.train.steps
+        window_tokens, window_time, fit_start = 0, 0.0, time.perf_counter()
+        start_step = self.step
+        while self.step < total_steps:
+            result = self.train_step()
+            self.losses.append(result.loss)
+            window_tokens += result.tokens
+            window_time += result.seconds
+            log_now = cfg.logging.interval and (self.step % cfg.logging.interval == 0 or self.step == total_steps)
+            if log_now:
+                self._log(result, window_tokens, window_time, start_step, fit_start)
+                window_tokens, window_time = 0, 0.0
+            if cfg.eval.interval and self.val_data_factory and (
+                    self.step % cfg.eval.interval == 0 or self.step == total_steps):
+                values = self.evaluate()
+                self.metrics.log(self.step, values)
+                self.metrics.console(f"eval step {self.step} | val loss {values['val_loss']:.4f} | "
+                                     f"val ppl {values['val_ppl']:.2f} | accuracy {values['accuracy']:.4f}")
+            if self.checkpoints and cfg.checkpoint.interval and (
+                    self.step % cfg.checkpoint.interval == 0 or self.step == total_steps):
+                path = self.save()
+                self.metrics.console(f"saved checkpoint {path}")
+        return self.losses
+
+    def _log(self, result: StepResult, tokens: int, seconds: float, start_step: int, fit_start: float) -> None:
+        tokens_per_s = tokens / max(seconds, 1e-9)
+        flops = self.flops_per_token * tokens_per_s
+        mfu = flops / (self.peak * self.dist.world_size) if self.peak else None
+        values = {
+            "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
+            "tokens_per_s": tokens_per_s, "tokens_per_s_per_device": tokens_per_s / self.dist.world_size,
+            "mfu": mfu, "step_time_s": result.seconds, **memory_stats(self.device),
+        }
+        self.metrics.log(self.step, values)
+        done = self.step - start_step
+        eta = (time.perf_counter() - fit_start) / max(done, 1) * (self.cfg.train.steps - self.step)
+        self.metrics.console(
+            f"step {self.step}/{self.cfg.train.steps} | loss {result.loss:.4f} | lr {result.lr:.2e} | "
+            f"grad {result.grad_norm:.3f} | {tokens_per_s / 1e3:.1f}k tok/s | "
+            f"mfu {'-' if mfu is None else f'{100 * mfu:.1f}%'} | {1e3 * result.seconds:.0f} ms | eta {eta:.0f}s"
+        )

@@ -1,0 +1,47 @@
+#!/usr/bin/env python3
+"""Tokenize a corpus into webdataset shards + manifest: see pretrain/data/prepare.py."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pretrain.data.prepare import DataError, prepare  # noqa: E402
+from pretrain.data.tokenizer import TokenizerError  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--input", nargs="+", required=True,
+                        help="files, directories, globs, or 'builtin' (this Python's standard library sources)")
+    parser.add_argument("--output", required=True, help="directory to create (refused if it exists and is not empty)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--tokenizer", help="an existing sentencepiece model")
+    group.add_argument("--vocab-size", type=int, default=8192, help="train a BPE tokenizer of this size (default 8192)")
+    parser.add_argument("--jsonl-field", default="text", help="field holding the text in .jsonl inputs")
+    parser.add_argument("--val-fraction", type=float, default=0.01)
+    parser.add_argument("--shard-tokens", type=int, default=1 << 24, help="tokens per shard (default 16M)")
+    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)))
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        manifest = prepare(args.input, args.output, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                           jsonl_field=args.jsonl_field, val_fraction=args.val_fraction,
+                           shard_tokens=args.shard_tokens, workers=args.workers, overwrite=args.overwrite,
+                           progress=not args.quiet)
+    except (DataError, TokenizerError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    splits = manifest["splits"]
+    print(f"wrote {args.output}: train {splits['train']['tokens']:,} tokens in {len(splits['train']['shards'])} shards, "
+          f"val {splits['val']['tokens']:,} tokens; vocab {manifest['vocab_size']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
