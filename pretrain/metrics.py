@@ -106,3 +106,20 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
         print(f"no metrics.jsonl in {run_dir}", file=sys.stderr)
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def summarize(run_dir: str | Path) -> str:
+    """A few lines on how a run went: the loss curve at ten points and every evaluation."""
+    records = read_metrics(run_dir)
+    steps = [r for r in records if "loss" in r]
+    evals = [r for r in records if "val_loss" in r]
+    if not steps:
+        return f"{run_dir}: no logged steps"
+    pick = steps[:: max(1, len(steps) // 10)] + ([steps[-1]] if len(steps) % 10 else [])
+    lines = [f"loss curve ({run_dir}):"]
+    lines += [f"  step {r['step']:>6}  loss {r['loss']:.4f}  lr {r['lr']:.2e}" for r in pick]
+    lines += [f"  eval {r['step']:>6}  val loss {r['val_loss']:.4f}  ppl {r['val_ppl']:.1f}  acc {r['accuracy']:.3f}"
+              for r in evals]
+    if len(evals) >= 2:
+        lines.append(f"val loss {evals[0]['val_loss']:.3f} -> {evals[-1]['val_loss']:.3f}")
+    return "\n".join(lines)

@@ -199,7 +199,9 @@ class Trainer:
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "accuracy": float(totals[2] / totals[1])}
 
     # --- the loop -----------------------------------------------------------------------------------------
-    def fit(self) -> list[float]:
+    def fit(self, stop_after: int | None = None) -> list[float]:
+        """Train to ``train.steps`` (or stop early after update ``stop_after``, as a preempted job would);
+        returns the loss of every step of the run so far."""
         cfg = self.cfg
         self.maybe_resume()
         if self.dist.is_main:
@@ -209,7 +211,8 @@ class Trainer:
         total_steps = cfg.train.steps
         window_tokens, window_time, fit_start = 0, 0.0, time.perf_counter()
         start_step = self.step
-        while self.step < total_steps:
+        last_step = total_steps if stop_after is None else min(total_steps, stop_after)
+        while self.step < last_step:
             result = self.train_step()
             self.losses.append(result.loss)
             window_tokens += result.tokens
@@ -225,7 +228,7 @@ class Trainer:
                 self.metrics.console(f"eval step {self.step} | val loss {values['val_loss']:.4f} | "
                                      f"val ppl {values['val_ppl']:.2f} | accuracy {values['accuracy']:.4f}")
             if self.checkpoints and cfg.checkpoint.interval and (
-                    self.step % cfg.checkpoint.interval == 0 or self.step == total_steps):
+                    self.step % cfg.checkpoint.interval == 0 or self.step == last_step):
                 path = self.save()
                 self.metrics.console(f"saved checkpoint {path}")
         return self.losses

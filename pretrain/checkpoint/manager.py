@@ -126,8 +126,7 @@ class CheckpointManager:
         path = Path(path)
         if not is_complete(path):
             raise CheckpointError(f"checkpoint {path} is incomplete (no manifest.json); refusing to load it")
-        model_sd, optim_sd = get_state_dict(model, optimizer) if optimizer is not None else (
-            get_state_dict(model, [])[0], None)
+        model_sd, optim_sd = get_state_dict(model, optimizer) if optimizer is not None else (model.state_dict(), None)
         to_load = {"model": model_sd} if optim_sd is None else {"model": model_sd, "optim": optim_sd}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -1,0 +1,42 @@
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from pretrain.config import load_config
+from pretrain.models import build_model
+from pretrain.models.flops import flops_per_token, matmul_params
+
+
+def test_hand_count_llama():
+    # L=2, D=64, H=4, K=2, E=16, F=128 (set), V=100, T=32
+    cfg = load_config(None, ["model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2",
+                             "model.ffn_hidden=128", "model.vocab_size=100", "model.seq_len=32"]).model
+    q, kv, o = 64 * 64, 2 * 64 * 32, 64 * 64  # q_proj, k_proj + v_proj (K*E = 32), o_proj
+    mlp = 3 * 64 * 128
+    head = 64 * 100
+    n = 2 * (q + kv + o + mlp) + head
+    assert matmul_params(cfg) == n == 2 * (4096 + 4096 + 4096 + 24576) + 6400 == 80128
+    attention = 3 * 2 * (2 * 32 * 64 + 2 * 32 * 64)  # fwd+bwd x layers x (QK^T + AV) per token
+    assert flops_per_token(cfg) == 6 * 80128 + attention == 529_920
+
+
+def test_gpt_125m_flops():
+    cfg = load_config("configs/gpt_125m.toml").model
+    n = 12 * (4 * 768 * 768 + 2 * 768 * 3072) + 768 * 50304
+    assert flops_per_token(cfg) == 6 * n + 12 * 12 * 768 * 1024
+
+
+@pytest.mark.parametrize("arch, flavor", [("gpt", "llama"), ("gpt", "gpt2"), ("bert", "llama")])
+def test_formula_matches_counted_matmuls(arch, flavor):
+    """torch's FlopCounterMode over one forward + backward counts exactly the formula's FLOPs."""
+    cfg = load_config(None, [f"model.arch={arch}", f"model.flavor={flavor}", "model.n_layers=2", "model.d_model=32",
+                             "model.n_heads=4", "model.n_kv_heads=2" if flavor == "llama" else "model.n_kv_heads=4",
+                             "model.vocab_size=50", "model.seq_len=24", "model.tie_embeddings=true"]).model
+    model = build_model(cfg)
+    tokens = torch.randint(8, 50, (3, 24))
+    counter = FlopCounterMode(display=False)
+    # the math backend decomposes attention into bmm, which the counter sees (the fused CPU kernel it does not)
+    with counter, sdpa_kernel(SDPBackend.MATH):
+        model(tokens).sum().backward()
+    assert counter.get_total_flops() == flops_per_token(cfg) * tokens.numel()

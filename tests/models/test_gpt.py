@@ -1,0 +1,107 @@
+import pytest
+import torch
+
+from pretrain.config import load_config
+from pretrain.models import build_model
+from pretrain.models.flops import num_params
+from pretrain.models.ops import torch_attention
+
+
+def gpt_cfg(*extra, flavor="llama"):
+    return load_config(None, [f"model.flavor={flavor}", "model.n_layers=2", "model.d_model=48", "model.n_heads=4",
+                              "model.vocab_size=101", "model.seq_len=37", *extra]).model
+
+
+@pytest.mark.parametrize("flavor, extra", [("llama", ["model.n_kv_heads=2"]), ("llama", ["model.tie_embeddings=true"]),
+                                           ("gpt2", ["model.tie_embeddings=true"]), ("gpt2", [])])
+def test_param_count_matches_closed_form(flavor, extra):
+    cfg = gpt_cfg(*extra, flavor=flavor)
+    model = build_model(cfg)
+    assert sum(p.numel() for p in model.parameters()) == num_params(cfg)
+
+
+def test_known_sizes():
+    gpt2_small = load_config(None, ["model.flavor=gpt2", "model.n_layers=12", "model.d_model=768", "model.n_heads=12",
+                                    "model.vocab_size=50257", "model.seq_len=1024", "model.tie_embeddings=true"]).model
+    assert num_params(gpt2_small) == 124_439_808  # GPT-2 small as published by HF
+    llama7b = load_config(None, ["model.n_layers=32", "model.d_model=4096", "model.n_heads=32", "model.ffn_hidden=11008",
+                                 "model.vocab_size=32000"]).model
+    assert num_params(llama7b) == 6_738_415_616  # Llama-2-7B
+
+
+@pytest.mark.parametrize("flavor", ["llama", "gpt2"])
+def test_causality(flavor):
+    torch.manual_seed(0)
+    model = build_model(gpt_cfg("model.n_kv_heads=2" if flavor == "llama" else "model.n_kv_heads=0", flavor=flavor))
+    tokens = torch.randint(0, 101, (2, 37))
+    changed = tokens.clone()
+    changed[:, 20:] = torch.randint(0, 101, (2, 17))
+    a, b = model(tokens), model(changed)
+    assert a.shape == (2, 37, 101)
+    torch.testing.assert_close(a[:, :20], b[:, :20], rtol=0, atol=1e-6)
+    assert (a[:, 20:] - b[:, 20:]).abs().max() > 1e-3
+
+
+def test_residual_init_is_scaled():
+    torch.manual_seed(0)
+    model = build_model(load_config(None, ["model.n_layers=8", "model.d_model=256", "model.n_heads=4"]).model)
+    std_q = model.layers["0"].self_attn.q_proj.weight.std().item()
+    std_o = model.layers["0"].self_attn.o_proj.weight.std().item()
+    assert abs(std_q - 0.02) < 1e-3
+    assert abs(std_o - 0.02 / 4) < 3e-4  # 1/sqrt(2 * 8 layers)
+
+
+def test_gqa_attention_equals_repeated_kv():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 6, 9, 8), torch.randn(2, 2, 9, 8), torch.randn(2, 2, 9, 8)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1), is_causal=True)
+    torch.testing.assert_close(torch_attention(q, k, v, causal=True), expected)
+
+
+def test_matches_hf_llama_logits():
+    """Same weights in transformers' LlamaForCausalLM give the same logits: RoPE, RMSNorm, SwiGLU, GQA agree."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = gpt_cfg("model.n_kv_heads=2", "model.rope_theta=500000.0")
+    ours = build_model(cfg).eval()
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ffn_dim,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads,
+        max_position_embeddings=cfg.seq_len, rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
+        tie_word_embeddings=False, attention_bias=False, mlp_bias=False)
+    hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+    state = {("lm_head.weight" if k == "lm_head.weight" else "model." + k): v for k, v in ours.state_dict().items()}
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    assert not unexpected and all("rotary" in m for m in missing)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 37))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens), hf(tokens).logits, rtol=0, atol=1e-5)
+
+
+def test_generate_greedy_and_sampled():
+    torch.manual_seed(0)
+    model = build_model(gpt_cfg())
+    prompt = torch.randint(0, 101, (2, 5))
+    greedy = model.generate(prompt, 8)
+    assert greedy.shape == (2, 13) and torch.equal(greedy[:, :5], prompt)
+    assert torch.equal(greedy, model.generate(prompt, 8))
+    # greedy picks the argmax at each position
+    logits = model(greedy[:, :-1])
+    assert torch.equal(logits[:, 4:].argmax(-1), greedy[:, 5:])
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    s1 = model.generate(prompt, 8, temperature=1.0, top_k=5, generator=g1)
+    s2 = model.generate(prompt, 8, temperature=1.0, top_k=5, generator=g2)
+    assert torch.equal(s1, s2)
+    # every sampled token is among the top 5 of its step
+    top5 = model(s1[:, :-1])[:, 4:].topk(5, dim=-1).indices
+    assert (top5 == s1[:, 5:, None]).any(-1).all()
+
+
+def test_generate_stops_at_eos():
+    torch.manual_seed(0)
+    model = build_model(gpt_cfg())
+    prompt = torch.randint(0, 101, (1, 3))
+    first = int(model.generate(prompt, 1)[0, -1])
+    out = model.generate(prompt, 10, eos_id=first)
+    assert out.shape == (1, 4)

@@ -1,0 +1,94 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pretrain.config import Config, ConfigError, config_from_toml, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESETS = sorted((ROOT / "configs").glob("*.toml"))
+
+
+def test_presets_load_and_round_trip():
+    assert len(PRESETS) == 7
+    for path in PRESETS:
+        cfg = load_config(path)
+        assert config_from_toml(cfg.to_toml()) == cfg
+
+
+def test_preset_shapes():
+    cfg = load_config(ROOT / "configs/gpt_1b.toml")
+    assert (cfg.model.d_model, cfg.model.n_layers, cfg.model.n_heads, cfg.model.ffn_dim, cfg.model.vocab_size,
+            cfg.model.seq_len) == (2048, 24, 16, 5632, 32000, 4096)
+
+
+def test_overrides_apply_with_types():
+    cfg = load_config(ROOT / "configs/gpt_tiny.toml", [
+        "optim.lr=1e-3", "train.steps=7", "model.tie_embeddings=true", "logging.run_dir=runs/x",
+        "optim.min_lr=0", 'schedule.decay="linear"', "data.sources=[{path = \"a\", weight = 1.0}]",
+    ])
+    assert cfg.optim.lr == 1e-3 and isinstance(cfg.optim.lr, float)
+    assert cfg.train.steps == 7 and isinstance(cfg.train.steps, int)
+    assert cfg.model.tie_embeddings is True
+    assert cfg.logging.run_dir == "runs/x"
+    assert cfg.optim.min_lr == 0.0 and isinstance(cfg.optim.min_lr, float)  # int accepted for a float
+    assert cfg.schedule.decay == "linear"
+    assert cfg.data.sources == [{"path": "a", "weight": 1.0}]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.d_modle=64"], "unknown key model.d_modle (did you mean 'd_model'?)"),
+    (["modle.d_model=64"], "unknown config section [modle] (did you mean 'model'?)"),
+    (["train.steps=abc"], "train.steps expects int, got str 'abc'"),
+    (["train.steps=1.5"], "train.steps expects int, got float 1.5"),
+    (["model.tie_embeddings=3"], "model.tie_embeddings expects bool, got int 3"),
+    (["model.d_model=100", "model.n_heads=3"], "model.d_model (100) must be divisible by model.n_heads (3)"),
+    (["model.n_heads=4", "model.n_kv_heads=3"], "model.n_heads (4) must be divisible by model.n_kv_heads (3)"),
+    (["model.flavor=gpt2", "model.seq_len=2048", "model.max_position_embeddings=1024"],
+     "model.seq_len (2048) exceeds model.max_position_embeddings (1024) of this gpt2 model"),
+    (["model.arch=bert", "model.seq_len=1024", "model.max_position_embeddings=512"],
+     "model.seq_len (1024) exceeds model.max_position_embeddings (512) of this bert model"),
+    (["schedule.decay=cosin"], "schedule.decay = 'cosin' is not one of cosine, linear, wsd, constant"),
+    (["data.source=shards", "data.path="], 'data.source = "shards" needs data.path'),
+    (["steps=3"], "is not of the form section.key"),
+])
+def test_bad_values_give_one_clear_line(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    text = str(info.value)
+    assert message in text and "\n" not in text
+
+
+def test_llama_seq_len_is_not_bounded_by_positions():
+    assert load_config(None, ["model.seq_len=8192"]).model.seq_len == 8192
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model\nd_model = 3")
+    with pytest.raises(ConfigError, match="is not valid TOML"):
+        load_config(bad)
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text("[optim]\nlearning_rate = 3e-4\n")
+    with pytest.raises(ConfigError, match="unknown key optim.learning_rate"):
+        load_config(unknown)
+
+
+def test_defaults_are_valid():
+    assert isinstance(load_config(), Config)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config", "missing.toml"], "error: config file not found: missing.toml"),
+    (["--set", "model.d_modle=3"], "error: unknown key model.d_modle (did you mean 'd_model'?)"),
+    (["--set", "data.source=shards", "data.path=/nonexistent/dir"], "error: data dir /nonexistent/dir does not exist"),
+])
+def test_cli_bad_input_exits_nonzero_with_one_line(args, message, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pretrain.train", *args, "--set", f"logging.run_dir={tmp_path}"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), proc.stderr

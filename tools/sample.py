@@ -1,0 +1,46 @@
+#!/usr/bin/env python3
+"""Generate text from a checkpoint: python tools/sample.py --checkpoint runs/gpt_tiny/checkpoints --prompt 'def '"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from pretrain.checkpoint import CheckpointError, load_model  # noqa: E402
+from pretrain.data.stream import ShardDataset  # noqa: E402
+from pretrain.data.tokenizer import Tokenizer, TokenizerError  # noqa: E402
+from pretrain.data.prepare import DataError  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--checkpoint", required=True, help="a step directory or a checkpoint directory")
+    parser.add_argument("--prompt", default="def ")
+    parser.add_argument("--tokens", type=int, default=120)
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--top-k", type=int, default=40)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tokenizer", help="sentencepiece model (default: the one of the run's data.path)")
+    args = parser.parse_args(argv)
+    try:
+        model, cfg = load_model(args.checkpoint)
+        if cfg.model.arch != "gpt":
+            raise CheckpointError(f"{args.checkpoint} holds a {cfg.model.arch} model; sampling needs a gpt")
+        tok = Tokenizer.load(args.tokenizer) if args.tokenizer else ShardDataset(cfg.data.path, "train").tokenizer()
+    except (CheckpointError, TokenizerError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    prompt = torch.tensor([[tok.bos_id, *tok.encode(args.prompt)]])
+    out = model.generate(prompt, args.tokens, temperature=args.temperature, top_k=args.top_k, eos_id=tok.eos_id,
+                         generator=torch.Generator().manual_seed(args.seed))
+    print(tok.decode(t for t in out[0, 1:].tolist() if t != tok.eos_id))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
