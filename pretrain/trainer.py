@@ -212,6 +212,8 @@ class Trainer:
         window_tokens, window_time, fit_start = 0, 0.0, time.perf_counter()
         start_step = self.step
         last_step = total_steps if stop_after is None else min(total_steps, stop_after)
+        if cfg.eval.interval and self.val_data_factory and self.step == 0:
+            self._eval_and_log()  # the starting point of the validation curve
         while self.step < last_step:
             result = self.train_step()
             self.losses.append(result.loss)
@@ -223,15 +225,18 @@ class Trainer:
                 window_tokens, window_time = 0, 0.0
             if cfg.eval.interval and self.val_data_factory and (
                     self.step % cfg.eval.interval == 0 or self.step == total_steps):
-                values = self.evaluate()
-                self.metrics.log(self.step, values)
-                self.metrics.console(f"eval step {self.step} | val loss {values['val_loss']:.4f} | "
-                                     f"val ppl {values['val_ppl']:.2f} | accuracy {values['accuracy']:.4f}")
+                self._eval_and_log()
             if self.checkpoints and cfg.checkpoint.interval and (
                     self.step % cfg.checkpoint.interval == 0 or self.step == last_step):
                 path = self.save()
                 self.metrics.console(f"saved checkpoint {path}")
         return self.losses
+
+    def _eval_and_log(self) -> None:
+        values = self.evaluate()
+        self.metrics.log(self.step, values)
+        self.metrics.console(f"eval step {self.step} | val loss {values['val_loss']:.4f} | "
+                             f"val ppl {values['val_ppl']:.2f} | accuracy {values['accuracy']:.4f}")
 
     def _log(self, result: StepResult, tokens: int, seconds: float, start_step: int, fit_start: float) -> None:
         tokens_per_s = tokens / max(seconds, 1e-9)

@@ -126,10 +126,11 @@ def test_metrics_and_eval_written(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in records if "loss" in r]
     evals = [r for r in records if "val_loss" in r]
-    assert [r["step"] for r in steps] == [2, 4, 6] and [r["step"] for r in evals] == [3, 6]
+    assert [r["step"] for r in steps] == [2, 4, 6] and [r["step"] for r in evals] == [0, 3, 6]
     assert {"lr", "grad_norm", "tokens_per_s", "mfu", "step_time_s", "mem_rss_gb"} <= set(steps[0])
     assert steps[0]["mfu"] is None  # no peak known for a CPU
     assert evals[0]["val_ppl"] == pytest.approx(2.718281828 ** evals[0]["val_loss"], rel=1e-6)
+    assert evals[0]["val_loss"] == pytest.approx(4.16, abs=0.1)  # ln(64): an untrained model guesses uniformly
     assert (tmp_path / "run" / "config.toml").is_file()
     assert any((tmp_path / "run" / "tensorboard").iterdir())
 
