@@ -1,0 +1,333 @@
+"""Corpus -> tokenized webdataset shards + ``manifest.json``.
+
+Inputs: text files (one file = one document), ``.jsonl`` (one record = one document, text in a configurable
+field), either gzipped (``.gz``), directories (recursive, sorted), globs, or ``builtin`` — the running
+Python's own standard library ``.py`` files, sorted (present on every machine, no download).
+
+Output ``DIR/``: ``train-000000.tar`` … and ``val-000000.tar`` … (webdataset layout: each sample is
+``doc-NNNNNNNNN.tokens``, the token ids as little-endian uint16, or uint32 when the vocab exceeds 65535, plus
+``doc-NNNNNNNNN.json`` metadata), ``tokenizer.model``, and ``manifest.json`` written last. Everything is built
+in a temporary sibling directory and renamed into place, so an interrupted run never leaves a half dataset
+and an existing one is replaced only with ``overwrite=True``.
+
+Documents are encoded by N worker processes in order (``imap``), so the output is identical for any N.
+A document goes to the validation split when its index is ``every - 1`` modulo ``every = round(1/val_fraction)``.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import itertools
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import sysconfig
+import tarfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pretrain.data.tokenizer import Tokenizer, train_tokenizer
+
+MANIFEST_FORMAT = "pretrain-shards"
+TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst", ".text", ".jsonl", ".json")
+
+
+class DataError(ValueError):
+    """A data problem a user can fix; the message is one line naming the file."""
+
+
+@dataclass
+class Document:
+    source: str
+    text: str
+    replaced: int = 0  # undecodable bytes replaced by U+FFFD
+
+
+@dataclass
+class PrepareStats:
+    docs: int = 0
+    empty_docs: int = 0
+    replaced_chars: int = 0
+    bytes: int = 0
+    tokens: dict = field(default_factory=lambda: {"train": 0, "val": 0})
+
+
+def builtin_corpus_files() -> list[Path]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and "dist-packages" not in p.parts)
+
+
+def expand_inputs(inputs: list[str]) -> list[Path | str]:
+    files: list[Path | str] = []
+    for item in inputs:
+        if item == "builtin":
+            files.extend(builtin_corpus_files())
+            continue
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and _is_text_file(p))
+            if not found:
+                raise DataError(f"input directory {path} holds no text files ({', '.join(TEXT_SUFFIXES)}, .gz)")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        elif any(ch in item for ch in "*?["):
+            matched = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
+            if not matched:
+                raise DataError(f"input pattern {item!r} matches no files")
+            files.extend(matched)
+        else:
+            raise DataError(f"input not found: {item}")
+    return files
+
+
+def _is_text_file(path: Path) -> bool:
+    name = path.name[:-3] if path.name.endswith(".gz") else path.name
+    return name.endswith(TEXT_SUFFIXES)
+
+
+def _decode(data: bytes) -> tuple[str, int]:
+    text = data.decode("utf-8", errors="replace")
+    replaced = text.count("\ufffd") - data.count("\ufffd".encode())
+    return text, replaced
+
+
+def iter_documents(files: list[Path | str], jsonl_field: str = "text") -> Iterator[Document]:
+    for path in files:
+        path = Path(path)
+        opener = gzip.open if path.name.endswith(".gz") else open
+        name = path.name[:-3] if path.name.endswith(".gz") else path.name
+        try:
+            with opener(path, "rb") as f:
+                if name.endswith(".jsonl"):
+                    for lineno, raw in enumerate(f, 1):
+                        if not raw.strip():
+                            continue
+                        line, replaced = _decode(raw)
+                        try:
+                            record = json.loads(line)
+                        except json.JSONDecodeError as exc:
+                            raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+                        if not isinstance(record, dict) or jsonl_field not in record:
+                            raise DataError(f"{path}:{lineno}: record has no field {jsonl_field!r} (set --jsonl-field)")
+                        yield Document(f"{path}:{lineno}", str(record[jsonl_field]), replaced)
+                else:
+                    text, replaced = _decode(f.read())
+                    yield Document(str(path), text, replaced)
+        except (OSError, EOFError, gzip.BadGzipFile) as exc:
+            raise DataError(f"cannot read {path}: {exc}") from None
+
+
+# Worker side: the tokenizer is loaded once per process.
+_WORKER_TOKENIZER: list[Tokenizer] = []
+
+
+def _init_worker(proto: bytes) -> None:
+    _WORKER_TOKENIZER[:] = [Tokenizer(proto)]
+
+
+def _encode_chunk(texts: list[str]) -> list[list[int]]:
+    return _WORKER_TOKENIZER[0].encode_batch(texts)
+
+
+def _chunks(docs: Iterator[Document], chunk_bytes: int) -> Iterator[list[Document]]:
+    chunk: list[Document] = []
+    size = 0
+    for doc in docs:
+        chunk.append(doc)
+        size += len(doc.text)
+        if size >= chunk_bytes:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
+class ShardWriter:
+    """Appends documents to ``{split}-NNNNNN.tar`` files, starting a new shard past ``shard_tokens``."""
+
+    def __init__(self, out_dir: Path, split: str, dtype: np.dtype, shard_tokens: int):
+        self.out_dir, self.split, self.dtype, self.shard_tokens = out_dir, split, dtype, shard_tokens
+        self.shards: list[dict] = []
+        self.tar: tarfile.TarFile | None = None
+
+    def _open(self) -> None:
+        name = f"{self.split}-{len(self.shards):06d}.tar"
+        self.tar = tarfile.open(self.out_dir / name, "w", format=tarfile.USTAR_FORMAT)
+        self.shards.append({"name": name, "docs": 0, "tokens": 0})
+
+    def _add(self, name: str, payload: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(payload), 0, 0o644  # fixed mtime: byte-identical output
+        self.tar.addfile(info, _BytesReader(payload))
+
+    def write(self, index: int, tokens: list[int], source: str) -> None:
+        if self.tar is None or self.shards[-1]["tokens"] >= self.shard_tokens:
+            self.close()
+            self._open()
+        key = f"doc-{index:09d}"
+        self._add(f"{key}.tokens", np.asarray(tokens, dtype=self.dtype).tobytes())
+        self._add(f"{key}.json", json.dumps({"source": source, "tokens": len(tokens)}).encode())
+        self.shards[-1]["docs"] += 1
+        self.shards[-1]["tokens"] += len(tokens)
+
+    def close(self) -> None:
+        if self.tar is not None:
+            self.tar.close()
+            self.tar = None
+
+
+class _BytesReader:
+    def __init__(self, data: bytes):
+        self.data, self.pos = data, 0
+
+    def read(self, n: int = -1) -> bytes:
+        end = len(self.data) if n < 0 else self.pos + n
+        out = self.data[self.pos:end]
+        self.pos += len(out)
+        return out
+
+
+class Progress:
+    def __init__(self, enabled: bool):
+        self.enabled, self.start, self.last = enabled, time.time(), 0.0
+        self.tty = sys.stderr.isatty()
+
+    def update(self, stats: PrepareStats, final: bool = False) -> None:
+        now = time.time()
+        if not self.enabled or (not final and now - self.last < (0.5 if self.tty else 5.0)):
+            return
+        self.last = now
+        elapsed = max(now - self.start, 1e-9)
+        tokens = sum(stats.tokens.values())
+        line = (f"prepare: {stats.docs} docs, {tokens / 1e6:.2f} M tokens, {stats.bytes / 1e6:.1f} MB, "
+                f"{stats.bytes / 1e6 / elapsed:.1f} MB/s, {tokens / elapsed / 1e6:.2f} M tok/s")
+        sys.stderr.write(("\r" + line + ("\n" if final else "")) if self.tty else line + "\n")
+        sys.stderr.flush()
+
+
+def prepare(
+    inputs: list[str],
+    output: str | os.PathLike,
+    tokenizer: str | None = None,
+    vocab_size: int = 8192,
+    jsonl_field: str = "text",
+    val_fraction: float = 0.01,
+    shard_tokens: int = 1 << 24,
+    workers: int = 1,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Build shards + manifest in ``output``; returns the manifest. Raises DataError with one clear line."""
+    out = Path(output)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise DataError(f"output {out} exists and is not empty (pass --overwrite to replace it)")
+    if not 0.0 <= val_fraction < 0.5:
+        raise DataError(f"val fraction must be in [0, 0.5), got {val_fraction}")
+    if shard_tokens <= 0 or workers <= 0:
+        raise DataError("shard tokens and workers must be positive")
+    files = expand_inputs(inputs)
+    if not files:
+        raise DataError("no input files")
+
+    if tokenizer:
+        tok = Tokenizer.load(tokenizer)
+    else:
+        tok = train_tokenizer((d.text for d in iter_documents(files, jsonl_field)), vocab_size)
+    dtype = np.dtype("<u2") if tok.vocab_size <= 65535 else np.dtype("<u4")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        manifest = _write_shards(files, tok, tmp, dtype, jsonl_field, val_fraction, shard_tokens, workers, progress, inputs)
+        _replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def _write_shards(files, tok, tmp, dtype, jsonl_field, val_fraction, shard_tokens, workers, progress, inputs) -> dict:
+    stats = PrepareStats()
+    every = round(1 / val_fraction) if val_fraction > 0 else 0
+    writers = {split: ShardWriter(tmp, split, dtype, shard_tokens) for split in ("train", "val")}
+    bar = Progress(progress)
+    docs = iter_documents(files, jsonl_field)
+    pool = mp.get_context("spawn").Pool(workers, _init_worker, (tok.proto,)) if workers > 1 else None
+    try:
+        chunks = _chunks(docs, 1 << 20)
+        if pool is None:
+            _init_worker(tok.proto)
+            encoded = ((chunk, _encode_chunk([d.text for d in chunk])) for chunk in chunks)
+        else:
+            encoded = _encode_parallel(pool, chunks, window=4 * workers)
+        index = 0
+        for chunk, ids_list in encoded:
+            for doc, ids in zip(chunk, ids_list):
+                stats.docs += 1
+                stats.bytes += len(doc.text.encode("utf-8", errors="replace"))
+                stats.replaced_chars += doc.replaced
+                if not ids:
+                    stats.empty_docs += 1
+                    continue
+                split = "val" if every and index % every == every - 1 else "train"
+                writers[split].write(index, ids, doc.source)
+                stats.tokens[split] += len(ids)
+                index += 1
+            bar.update(stats)
+    finally:
+        if pool is not None:
+            pool.terminate()
+        for w in writers.values():
+            w.close()
+    bar.update(stats, final=True)
+    if stats.tokens["train"] == 0:
+        raise DataError(f"corpus yields zero tokens ({stats.docs} documents, {stats.empty_docs} empty): {' '.join(inputs)}")
+    if stats.replaced_chars:
+        sys.stderr.write(f"prepare: warning: {stats.replaced_chars} undecodable bytes replaced by U+FFFD\n")
+    tok.save(tmp / "tokenizer.model")
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "version": 1,
+        "dtype": dtype.name,
+        "vocab_size": tok.vocab_size,
+        "eos_id": tok.eos_id,
+        "tokenizer": "tokenizer.model",
+        "tokenizer_hash": tok.hash,
+        "splits": {
+            split: {"docs": sum(s["docs"] for s in w.shards), "tokens": stats.tokens[split], "shards": w.shards}
+            for split, w in writers.items()
+        },
+        "stats": {"docs": stats.docs, "empty_docs": stats.empty_docs, "replaced_chars": stats.replaced_chars,
+                  "bytes": stats.bytes},
+        "inputs": [str(i) for i in inputs],
+    }
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def _encode_parallel(pool, chunks, window: int):
+    """Encode ``window`` chunks at a time across the pool; order is kept, memory stays bounded."""
+    while True:
+        batch = list(itertools.islice(chunks, window))
+        if not batch:
+            return
+        yield from zip(batch, pool.map(_encode_chunk, [[d.text for d in chunk] for chunk in batch]))
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
