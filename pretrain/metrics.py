@@ -115,7 +115,9 @@ def summarize(run_dir: str | Path) -> str:
     evals = [r for r in records if "val_loss" in r]
     if not steps:
         return f"{run_dir}: no logged steps"
-    pick = steps[:: max(1, len(steps) // 10)] + ([steps[-1]] if len(steps) % 10 else [])
+    pick = steps[:: max(1, len(steps) // 10)]
+    if pick[-1] is not steps[-1]:
+        pick.append(steps[-1])
     lines = [f"loss curve ({run_dir}):"]
     lines += [f"  step {r['step']:>6}  loss {r['loss']:.4f}  lr {r['lr']:.2e}" for r in pick]
     lines += [f"  eval {r['step']:>6}  val loss {r['val_loss']:.4f}  ppl {r['val_ppl']:.1f}  acc {r['accuracy']:.3f}"

@@ -171,3 +171,12 @@ def test_weight_decay_skips_norms_biases_embeddings(tmp_path):
     assert all(n.endswith("weight") and "norm" not in n for n in decayed)
     assert "layers.0.self_attn.q_proj.weight" in decayed
     assert other["weight_decay"] == 0.0 and len(decay["params"]) + len(other["params"]) == len(names)
+
+
+def test_summary_covers_first_last_and_evals(tmp_path):
+    from pretrain.metrics import summarize
+
+    run(tiny_config(tmp_path, "train.steps=20", "logging.interval=1", "eval.interval=10", "eval.steps=1"))
+    text = summarize(tmp_path / "run")
+    assert "step      1 " in text and "step     20 " in text
+    assert [line.split()[1] for line in text.splitlines() if line.strip().startswith("eval")] == ["0", "10", "20"]
