@@ -79,9 +79,9 @@ class MetricsLogger:
             return
         record = {"step": step, "time": round(time.time(), 3), **values}
         self.file.write(json.dumps(record) + "\n")
-        for key, value in values.items():
-            if isinstance(value, (int, float)) and value is not None:
-                if self.tb is not None:
+        if self.tb is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)):  # mfu may be None
                     self.tb.add_scalar(key, value, step)
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in values.items() if v is not None}, step=step)

@@ -10,7 +10,8 @@ Output ``DIR/``: ``train-000000.tar`` … and ``val-000000.tar`` … (webdataset
 in a temporary sibling directory and renamed into place, so an interrupted run never leaves a half dataset
 and an existing one is replaced only with ``overwrite=True``.
 
-Documents are encoded by N worker processes in order (``imap``), so the output is identical for any N.
+Documents are encoded by N worker processes a bounded window of chunks at a time, results kept in input order,
+so the output is identical for any N.
 A document goes to the validation split when its index is ``every - 1`` modulo ``every = round(1/val_fraction)``.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import glob
 import gzip
+import io
 import itertools
 import json
 import multiprocessing as mp
@@ -48,6 +50,7 @@ class Document:
     source: str
     text: str
     replaced: int = 0  # undecodable bytes replaced by U+FFFD
+    size: int = 0  # bytes read for it
 
 
 @dataclass
@@ -64,8 +67,8 @@ def builtin_corpus_files() -> list[Path]:
     return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and "dist-packages" not in p.parts)
 
 
-def expand_inputs(inputs: list[str]) -> list[Path | str]:
-    files: list[Path | str] = []
+def expand_inputs(inputs: list[str]) -> list[Path]:
+    files: list[Path] = []
     for item in inputs:
         if item == "builtin":
             files.extend(builtin_corpus_files())
@@ -88,9 +91,13 @@ def expand_inputs(inputs: list[str]) -> list[Path | str]:
     return files
 
 
+def _inner_name(path: Path) -> str:
+    """The file name without a trailing .gz: what the content is."""
+    return path.name[:-3] if path.name.endswith(".gz") else path.name
+
+
 def _is_text_file(path: Path) -> bool:
-    name = path.name[:-3] if path.name.endswith(".gz") else path.name
-    return name.endswith(TEXT_SUFFIXES)
+    return _inner_name(path).endswith(TEXT_SUFFIXES)
 
 
 def _decode(data: bytes) -> tuple[str, int]:
@@ -99,14 +106,12 @@ def _decode(data: bytes) -> tuple[str, int]:
     return text, replaced
 
 
-def iter_documents(files: list[Path | str], jsonl_field: str = "text") -> Iterator[Document]:
+def iter_documents(files: list[Path], jsonl_field: str = "text") -> Iterator[Document]:
     for path in files:
-        path = Path(path)
         opener = gzip.open if path.name.endswith(".gz") else open
-        name = path.name[:-3] if path.name.endswith(".gz") else path.name
         try:
             with opener(path, "rb") as f:
-                if name.endswith(".jsonl"):
+                if _inner_name(path).endswith(".jsonl"):
                     for lineno, raw in enumerate(f, 1):
                         if not raw.strip():
                             continue
@@ -117,10 +122,11 @@ def iter_documents(files: list[Path | str], jsonl_field: str = "text") -> Iterat
                             raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
                         if not isinstance(record, dict) or jsonl_field not in record:
                             raise DataError(f"{path}:{lineno}: record has no field {jsonl_field!r} (set --jsonl-field)")
-                        yield Document(f"{path}:{lineno}", str(record[jsonl_field]), replaced)
+                        yield Document(f"{path}:{lineno}", str(record[jsonl_field]), replaced, len(raw))
                 else:
-                    text, replaced = _decode(f.read())
-                    yield Document(str(path), text, replaced)
+                    data = f.read()
+                    text, replaced = _decode(data)
+                    yield Document(str(path), text, replaced, len(data))
         except (OSError, EOFError, gzip.BadGzipFile) as exc:
             raise DataError(f"cannot read {path}: {exc}") from None
 
@@ -166,7 +172,7 @@ class ShardWriter:
     def _add(self, name: str, payload: bytes) -> None:
         info = tarfile.TarInfo(name)
         info.size, info.mtime, info.mode = len(payload), 0, 0o644  # fixed mtime: byte-identical output
-        self.tar.addfile(info, _BytesReader(payload))
+        self.tar.addfile(info, io.BytesIO(payload))
 
     def write(self, index: int, tokens: list[int], source: str) -> None:
         if self.tar is None or self.shards[-1]["tokens"] >= self.shard_tokens:
@@ -182,17 +188,6 @@ class ShardWriter:
         if self.tar is not None:
             self.tar.close()
             self.tar = None
-
-
-class _BytesReader:
-    def __init__(self, data: bytes):
-        self.data, self.pos = data, 0
-
-    def read(self, n: int = -1) -> bytes:
-        end = len(self.data) if n < 0 else self.pos + n
-        out = self.data[self.pos:end]
-        self.pos += len(out)
-        return out
 
 
 class Progress:
@@ -273,7 +268,7 @@ def _write_shards(files, tok, tmp, dtype, jsonl_field, val_fraction, shard_token
         for chunk, ids_list in encoded:
             for doc, ids in zip(chunk, ids_list):
                 stats.docs += 1
-                stats.bytes += len(doc.text.encode("utf-8", errors="replace"))
+                stats.bytes += doc.size
                 stats.replaced_chars += doc.replaced
                 if not ids:
                     stats.empty_docs += 1
