@@ -75,13 +75,19 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     source: str = "synthetic"  # shards | synthetic | megatron
-    path: str = ""  # prepared shard dir (manifest.json inside)
-    sources: list = field(default_factory=list)  # [{path, weight}] blends (data issue)
-    tokenizer: str = ""  # sentencepiece model; "" = the one in the shard dir
-    num_workers: int = 0
+    path: str = ""  # prepared dir (manifest.json inside) or, for megatron, a .bin/.idx prefix
+    sources: list = field(default_factory=list)  # blend: [{path = "...", weight = 0.7}, ...] instead of path
+    tokenizer: str = ""  # sentencepiece model; "" = the one in the prepared dir
+    num_workers: int = 0  # DataLoader worker processes per rank (0 = read in the training process)
+    prefetch_factor: int = 2  # batches in flight per worker
     seed: int = 1234
     shuffle: bool = True
+    shuffle_window: int = 65536  # samples shuffled together (a full permutation inside each window)
+    on_bad_sample: str = "error"  # error | skip (masked out of the loss, counted in metrics as data_skipped)
     mlm_probability: float = 0.15  # bert
+    max_predictions_per_seq: int = 0  # bert: cap on masked positions per sequence (0 = no cap)
+    whole_word_mask: bool = False  # bert: mask whole words
+    bert_pairs: str = "none"  # bert: none | nsp | sop (sentence pairs; needs model.nsp_head)
 
 
 @dataclass
@@ -168,6 +174,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.flavor": ("llama", "gpt2"),
     "model.kernels": ("torch", "triton"),
     "data.source": ("shards", "synthetic", "megatron"),
+    "data.on_bad_sample": ("error", "skip"),
+    "data.bert_pairs": ("none", "nsp", "sop"),
     "parallel.pp_schedule": ("gpipe", "1f1b", "interleaved_1f1b", "zbv"),
     "parallel.engine": ("native", "deepspeed"),
     "parallel.activation_checkpointing": ("none", "full", "selective"),
@@ -251,10 +259,33 @@ class Config:
             section, name = key.split(".")
             if getattr(getattr(self, section), name) < 0:
                 raise ConfigError(f"{key} must be >= 0")
-        if self.data.source == "shards" and not (self.data.path or self.data.sources):
-            raise ConfigError('data.source = "shards" needs data.path (a directory made by tools/prepare_data.py)')
-        if not 0.0 < self.data.mlm_probability < 1.0:
+        d = self.data
+        if d.source in ("shards", "megatron") and not (d.path or d.sources):
+            raise ConfigError(f'data.source = "{d.source}" needs data.path (a directory made by '
+                              "tools/prepare_data.py) or data.sources")
+        if d.path and d.sources:
+            raise ConfigError('data.sources (a blend) replaces data.path: set data.path = "" with it')
+        if d.sources:
+            if d.source == "synthetic":
+                raise ConfigError('data.sources needs data.source = "shards" or "megatron"')
+            for i, src in enumerate(d.sources):
+                if not isinstance(src, dict) or set(src) - {"path", "weight"} or "path" not in src:
+                    raise ConfigError(f"data.sources[{i}] must be {{path = \"...\", weight = 1.0}}, got {src!r}")
+                weight = src.get("weight", 1.0)
+                if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
+                        or weight < 0:
+                    raise ConfigError(f"data.sources[{i}].weight must be a finite number >= 0, got {weight!r}")
+            if sum(src.get("weight", 1.0) for src in d.sources) <= 0:
+                raise ConfigError("data.sources weights sum to zero")
+        if not 0.0 < d.mlm_probability < 1.0:
             raise ConfigError("data.mlm_probability must be in (0, 1)")
+        for key in ("num_workers", "max_predictions_per_seq"):
+            if getattr(d, key) < 0:
+                raise ConfigError(f"data.{key} must be >= 0")
+        if d.prefetch_factor < 1 or d.shuffle_window < 1:
+            raise ConfigError("data.prefetch_factor and data.shuffle_window must be >= 1")
+        if d.bert_pairs != "none" and not (self.model.arch == "bert" and self.model.nsp_head):
+            raise ConfigError(f'data.bert_pairs = "{d.bert_pairs}" needs model.arch = "bert" and model.nsp_head = true')
         return self
 
 

@@ -45,7 +45,12 @@ class GPTTask:
 
 
 class BERTTask:
-    """Masked-LM: batch {"tokens", "attention_mask", "labels"} (B, T); labels -100 except at masked positions."""
+    """Masked-LM: batch {"tokens", "attention_mask", "labels"} (B, T); labels -100 except at masked positions.
+
+    With sentence pairs the batch also holds "token_type_ids" (B, T) and "nsp_labels" (B,): the NSP / SOP loss
+    is added as a mean over the micro-batch's pairs, scaled to the masked-token count so that the trainer's
+    division by the global count leaves ``mean MLM + mean NSP`` (Devlin et al.'s sum of the two means).
+    """
 
     @staticmethod
     def count(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -53,7 +58,15 @@ class BERTTask:
 
     @staticmethod
     def loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
-        return _cross_entropy(model(batch["tokens"], batch["attention_mask"]), batch["labels"])
+        if "nsp_labels" not in batch:
+            return _cross_entropy(model(batch["tokens"], batch["attention_mask"]), batch["labels"])
+        mlm_logits, nsp_logits = model(batch["tokens"], batch["attention_mask"], batch["token_type_ids"],
+                                       with_nsp=True)
+        out = _cross_entropy(mlm_logits, batch["labels"])
+        nsp = F.cross_entropy(nsp_logits.float(), batch["nsp_labels"], ignore_index=IGNORE_INDEX)
+        if torch.isfinite(nsp):  # NaN when every pair of the micro-batch is masked out
+            out.loss_sum = out.loss_sum + nsp * out.count
+        return out
 
 
 def task_for(arch: str):

@@ -36,11 +36,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def build_trainer(cfg: Config, dist: distributed.DistInfo) -> Trainer:
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model)
-    train_data = build_stream(cfg, "train", dist.rank, dist.world_size)
+    pin = dist.device.type == "cuda"
+    train_data = build_stream(cfg, "train", dist.rank, dist.world_size, pin_memory=pin)
     val_factory = None
     if cfg.eval.interval:
         build_stream(cfg, "val", dist.rank, dist.world_size)  # fail now, not at the first eval
-        val_factory = lambda: build_stream(cfg, "val", dist.rank, dist.world_size)
+        val_factory = lambda: build_stream(cfg, "val", dist.rank, dist.world_size, pin_memory=pin)
     metrics = MetricsLogger(cfg.logging.run_dir, enabled=dist.is_main, tensorboard=cfg.logging.tensorboard,
                             wandb_project=cfg.logging.wandb_project, config=cfg.to_dict())
     return Trainer(cfg, model, task_for(cfg.model.arch), train_data, dist, val_factory, metrics)

@@ -24,6 +24,9 @@ from pretrain.distributed import DistInfo
 from pretrain.metrics import MetricsLogger, memory_stats, peak_flops
 from pretrain.models.flops import flops_per_token
 
+# batch entries the loader adds for bookkeeping, not model inputs
+META_KEYS = ("index", "skipped", "source")
+
 # model keys that change parameter shapes: a checkpoint with other values cannot be resumed
 SHAPE_KEYS = ("arch", "flavor", "n_layers", "d_model", "n_heads", "n_kv_heads", "ffn_hidden", "vocab_size",
               "max_position_embeddings", "tie_embeddings", "type_vocab_size", "nsp_head")
@@ -88,6 +91,7 @@ class StepResult:
     lr: float
     tokens: int
     seconds: float
+    skipped: int = 0
 
 
 class Trainer:
@@ -106,6 +110,7 @@ class Trainer:
         self.val_data_factory = val_data_factory
         self.metrics = metrics or MetricsLogger(cfg.logging.run_dir, enabled=False)
         self.step = 0
+        self.data_skipped = 0  # samples masked out as bad (data.on_bad_sample = "skip"), all ranks
         self.losses: list[float] = []
         self.flops_per_token = flops_per_token(cfg.model)
         self.peak = peak_flops(self.device, cfg.logging.peak_tflops)
@@ -126,12 +131,13 @@ class Trainer:
         state = self.checkpoints.load(path, self.raw_model, self.optimizer)
         self.step = int(state["step"])
         self.losses = list(state.get("losses", []))
+        self.data_skipped = int(state.get("data_skipped", 0))
         self.data.load_state_dict(state["data"])
         self.metrics.console(f"resumed from {path} at step {self.step}")
         return True
 
     def save(self) -> Path:
-        state = {"data": self.data.state_dict(), "losses": self.losses}
+        state = {"data": self.data.state_dict(), "losses": self.losses, "data_skipped": self.data_skipped}
         return self.checkpoints.save(self.step, self.raw_model, self.optimizer, state, self.cfg.to_toml())
 
     # --- one step -----------------------------------------------------------------------------------------
@@ -146,12 +152,13 @@ class Trainer:
         lr = lr_at(self.step, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        micro_batches = [
-            {k: v.to(self.device, non_blocking=True) for k, v in self.data.next_batch().items()}
-            for _ in range(cfg.train.grad_accum)
-        ]
+        loaded = [self.data.next_batch() for _ in range(cfg.train.grad_accum)]
+        skipped = sum(int(b["skipped"].sum()) for b in loaded if "skipped" in b)
+        micro_batches = [{k: v.to(self.device, non_blocking=True) for k, v in b.items() if k not in META_KEYS}
+                         for b in loaded]
         count = torch.stack([self.task.count(b) for b in micro_batches]).sum().to(torch.float64)
-        count = distributed.all_reduce_sum(count)
+        count, skipped = distributed.all_reduce_sum(
+            torch.stack([count, torch.tensor(float(skipped), dtype=torch.float64, device=self.device)]))
         loss_total = torch.zeros((), dtype=torch.float64, device=self.device)
         self.model.train()
         for i, batch in enumerate(micro_batches):
@@ -171,7 +178,7 @@ class Trainer:
         self.step += 1
         tokens = sum(b["tokens"].numel() for b in micro_batches) * self.dist.world_size
         loss = float(loss_total / count.clamp(min=1))
-        return StepResult(loss, float(grad_norm), lr, tokens, time.perf_counter() - start)
+        return StepResult(loss, float(grad_norm), lr, tokens, time.perf_counter() - start, int(skipped))
 
     # --- evaluation ---------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -183,7 +190,7 @@ class Trainer:
         correct = torch.zeros((), dtype=torch.float64, device=self.device)
         for _ in range(self.cfg.eval.steps):
             try:
-                batch = {k: v.to(self.device) for k, v in data.next_batch().items()}
+                batch = {k: v.to(self.device) for k, v in data.next_batch().items() if k not in META_KEYS}
             except StopIteration:
                 break
             with self._autocast():
@@ -217,6 +224,7 @@ class Trainer:
         while self.step < last_step:
             result = self.train_step()
             self.losses.append(result.loss)
+            self.data_skipped += result.skipped
             window_tokens += result.tokens
             window_time += result.seconds
             log_now = cfg.logging.interval and (self.step % cfg.logging.interval == 0 or self.step == total_steps)
@@ -245,7 +253,8 @@ class Trainer:
         values = {
             "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
             "tokens_per_s": tokens_per_s, "tokens_per_s_per_device": tokens_per_s / self.dist.world_size,
-            "mfu": mfu, "step_time_s": result.seconds, **memory_stats(self.device),
+            "mfu": mfu, "step_time_s": result.seconds, "data_skipped": self.data_skipped,
+            **memory_stats(self.device),
         }
         self.metrics.log(self.step, values)
         done = self.step - start_step

@@ -27,6 +27,7 @@ def test_overrides_apply_with_types():
     cfg = load_config(ROOT / "configs/gpt_tiny.toml", [
         "optim.lr=1e-3", "train.steps=7", "model.tie_embeddings=true", "logging.run_dir=runs/x",
         "optim.min_lr=0", 'schedule.decay="linear"', "data.sources=[{path = \"a\", weight = 1.0}]",
+        'data.path=""',
     ])
     assert cfg.optim.lr == 1e-3 and isinstance(cfg.optim.lr, float)
     assert cfg.train.steps == 7 and isinstance(cfg.train.steps, int)
@@ -52,6 +53,14 @@ def test_overrides_apply_with_types():
     (["schedule.decay=cosin"], "schedule.decay = 'cosin' is not one of cosine, linear, wsd, constant"),
     (["data.source=shards", "data.path="], 'data.source = "shards" needs data.path'),
     (["steps=3"], "is not of the form section.key"),
+    (["data.source=shards", 'data.sources=[{path = "a", weight = -1}]'],
+     "data.sources[0].weight must be a finite number >= 0, got -1"),
+    (["data.source=shards", 'data.sources=[{path = "a", weight = 0}, {path = "b", weight = 0.0}]'],
+     "data.sources weights sum to zero"),
+    (["data.source=shards", 'data.sources=[{file = "a"}]'], "data.sources[0] must be {path"),
+    (["data.source=shards", 'data.sources=[{path = "a"}]', 'data.path="b"'], "data.sources (a blend) replaces"),
+    (["data.on_bad_sample=ignore"], "data.on_bad_sample = 'ignore' is not one of error, skip"),
+    (["model.arch=bert", "data.bert_pairs=nsp"], 'data.bert_pairs = "nsp" needs model.arch = "bert" and model.nsp'),
 ])
 def test_bad_values_give_one_clear_line(overrides, message):
     with pytest.raises(ConfigError) as info:

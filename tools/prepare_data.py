@@ -26,6 +26,8 @@ def main(argv=None) -> int:
     parser.add_argument("--val-fraction", type=float, default=0.01)
     parser.add_argument("--shard-tokens", type=int, default=1 << 24, help="tokens per shard (default 16M)")
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)))
+    parser.add_argument("--format", default="shards", choices=("shards", "megatron"),
+                        help="webdataset shards + index (default), or Megatron .bin/.idx (needs megatron-core)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
@@ -33,12 +35,13 @@ def main(argv=None) -> int:
         manifest = prepare(args.input, args.output, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
                            jsonl_field=args.jsonl_field, val_fraction=args.val_fraction,
                            shard_tokens=args.shard_tokens, workers=args.workers, overwrite=args.overwrite,
-                           progress=not args.quiet)
+                           progress=not args.quiet, fmt=args.format)
     except (DataError, TokenizerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     splits = manifest["splits"]
-    print(f"wrote {args.output}: train {splits['train']['tokens']:,} tokens in {len(splits['train']['shards'])} shards, "
+    where = f"in {len(splits['train']['shards'])} shards" if "shards" in splits["train"] else "in train.bin"
+    print(f"wrote {args.output}: train {splits['train']['tokens']:,} tokens {where}, "
           f"val {splits['val']['tokens']:,} tokens; vocab {manifest['vocab_size']}")
     return 0
 

@@ -12,8 +12,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from pretrain.checkpoint import CheckpointError, load_model  # noqa: E402
+from pretrain.data.documents import ShardDataset  # noqa: E402
 from pretrain.data.prepare import DataError  # noqa: E402
-from pretrain.data.stream import ShardDataset  # noqa: E402
 from pretrain.data.tokenizer import Tokenizer, TokenizerError  # noqa: E402
 
 

@@ -1,31 +1,46 @@
-"""Data path: tokenizer -> prepared shards -> packed, resumable batches (or synthetic tokens)."""
+"""Data path: tokenizer -> prepared shards (or Megatron .bin/.idx) -> global sample sets -> per-rank loader."""
 
 from __future__ import annotations
 
 from pretrain.config import Config
 from pretrain.data.prepare import DataError
 
+VAL_SEED_OFFSET = 1_000_003  # synthetic validation draws a disjoint stream
 
-def build_stream(cfg: Config, split: str = "train", rank: int = 0, world: int = 1):
-    """The batch stream a run trains (split="train") or evaluates (split="val") on, for one DP rank."""
-    m, d, t = cfg.model, cfg.data, cfg.train
-    mode = m.arch
+
+def build_samples(cfg: Config, split: str = "train"):
+    """The global sample set of a split: synthetic, one prepared store, or a weighted blend of several."""
+    m, d = cfg.model, cfg.data
+    train = split == "train"
     if d.source == "synthetic":
-        from pretrain.data.synthetic import SyntheticStream
+        from pretrain.data.synthetic import SyntheticSamples
 
-        seed = d.seed if split == "train" else d.seed + 1_000_003  # a disjoint stream for validation
-        return SyntheticStream(m.vocab_size, m.seq_len, t.micro_batch_size, rank=rank, world=world, seed=seed,
-                               mode=mode, mlm_probability=d.mlm_probability)
-    if d.source == "shards":
-        from pretrain.data.stream import PackedStream, ShardDataset
+        return SyntheticSamples(m.vocab_size, m.seq_len, seed=d.seed if train else d.seed + VAL_SEED_OFFSET,
+                                mode=m.arch, mlm_probability=d.mlm_probability,
+                                max_predictions=d.max_predictions_per_seq)
+    from pretrain.data.blend import Blend
+    from pretrain.data.documents import open_documents
+    from pretrain.data.samples import DocumentSamples
 
-        if d.sources:
-            raise DataError("data.sources (blending) is not supported yet: use data.path")
-        dataset = ShardDataset(d.path, split, tokenizer_path=d.tokenizer or None)
-        if dataset.vocab_size > m.vocab_size:
-            raise DataError(f"tokenizer vocab ({dataset.vocab_size}) of {d.path} is larger than model.vocab_size "
+    def samples_of(path: str):
+        store = open_documents(path, split, tokenizer_path=d.tokenizer or None, on_bad_sample=d.on_bad_sample)
+        if store.vocab_size is not None and store.vocab_size > m.vocab_size:
+            raise DataError(f"tokenizer vocab ({store.vocab_size}) of {path} is larger than model.vocab_size "
                             f"({m.vocab_size})")
-        return PackedStream(dataset, m.seq_len, t.micro_batch_size, rank=rank, world=world,
-                            shuffle=d.shuffle and split == "train", seed=d.seed, loop=split == "train", mode=mode,
-                            mlm_probability=d.mlm_probability)
-    raise DataError(f"data.source = {d.source!r} is not available yet (use shards or synthetic)")
+        return DocumentSamples(store, m.arch, m.seq_len, seed=d.seed, shuffle=d.shuffle and train, loop=train,
+                               shuffle_window=d.shuffle_window, mlm_probability=d.mlm_probability,
+                               max_predictions=d.max_predictions_per_seq, whole_word_mask=d.whole_word_mask,
+                               pairs=d.bert_pairs)
+
+    if not d.sources:
+        return samples_of(d.path)
+    return Blend([samples_of(src["path"]) for src in d.sources], [src.get("weight", 1.0) for src in d.sources])
+
+
+def build_stream(cfg: Config, split: str = "train", rank: int = 0, world: int = 1, pin_memory: bool = False):
+    """The batch loader a run trains (split="train") or evaluates (split="val") on, for one DP rank."""
+    from pretrain.data.stream import Loader
+
+    return Loader(build_samples(cfg, split), cfg.train.micro_batch_size, rank=rank, world=world,
+                  num_workers=cfg.data.num_workers, pin_memory=pin_memory,
+                  prefetch_factor=cfg.data.prefetch_factor)

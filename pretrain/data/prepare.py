@@ -6,7 +6,10 @@ Python's own standard library ``.py`` files, sorted (present on every machine, n
 
 Output ``DIR/``: ``train-000000.tar`` … and ``val-000000.tar`` … (webdataset layout: each sample is
 ``doc-NNNNNNNNN.tokens``, the token ids as little-endian uint16, or uint32 when the vocab exceeds 65535, plus
-``doc-NNNNNNNNN.json`` metadata), ``tokenizer.model``, and ``manifest.json`` written last. Everything is built
+``doc-NNNNNNNNN.json`` metadata) with an index ``train-000000.idx`` beside each tar (byte offset, token count,
+CRC-32 and number of every document: the loader seeks straight to any document), ``tokenizer.model``, and
+``manifest.json`` written last. ``fmt="megatron"`` writes ``train.bin/.idx`` and ``val.bin/.idx`` with
+megatron-core's ``IndexedDatasetBuilder`` instead (EOS appended to each document, as its ``--append-eod``). Everything is built
 in a temporary sibling directory and renamed into place, so an interrupted run never leaves a half dataset
 and an existing one is replaced only with ``overwrite=True``.
 
@@ -29,6 +32,7 @@ import sys
 import sysconfig
 import tarfile
 import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +42,7 @@ import numpy as np
 from pretrain.data.tokenizer import Tokenizer, train_tokenizer
 
 MANIFEST_FORMAT = "pretrain-shards"
+MEGATRON_FORMAT = "pretrain-megatron"
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst", ".text", ".jsonl", ".json")
 
 
@@ -156,30 +161,43 @@ def _chunks(docs: Iterator[Document], chunk_bytes: int) -> Iterator[list[Documen
         yield chunk
 
 
-class ShardWriter:
-    """Appends documents to ``{split}-NNNNNN.tar`` files, starting a new shard past ``shard_tokens``."""
+def index_path_for(tar_name: str) -> str:
+    return tar_name[:-4] + ".idx" if tar_name.endswith(".tar") else tar_name + ".idx"
 
-    def __init__(self, out_dir: Path, split: str, dtype: np.dtype, shard_tokens: int):
+
+class ShardWriter:
+    """Appends documents to ``{split}-NNNNNN.tar`` files, starting a new shard past ``shard_tokens``; writes
+    each shard's ``.idx`` when the shard is closed."""
+
+    def __init__(self, out_dir: Path, split: str, dtype: np.dtype, shard_tokens: int, eos_id: int):
         self.out_dir, self.split, self.dtype, self.shard_tokens = out_dir, split, dtype, shard_tokens
         self.shards: list[dict] = []
         self.tar: tarfile.TarFile | None = None
+        self.rows: list[tuple[int, int, int, int]] = []
 
     def _open(self) -> None:
         name = f"{self.split}-{len(self.shards):06d}.tar"
         self.tar = tarfile.open(self.out_dir / name, "w", format=tarfile.USTAR_FORMAT)
-        self.shards.append({"name": name, "docs": 0, "tokens": 0})
+        self.shards.append({"name": name, "index": index_path_for(name), "docs": 0, "tokens": 0})
+        self.rows = []
 
-    def _add(self, name: str, payload: bytes) -> None:
+    def _add(self, name: str, payload: bytes) -> int:
+        """Append one member; returns the byte offset of its payload in the tar."""
         info = tarfile.TarInfo(name)
         info.size, info.mtime, info.mode = len(payload), 0, 0o644  # fixed mtime: byte-identical output
+        header = info.tobuf(tarfile.USTAR_FORMAT, self.tar.encoding, self.tar.errors)
+        offset = self.tar.offset + len(header)
         self.tar.addfile(info, io.BytesIO(payload))
+        return offset
 
     def write(self, index: int, tokens: list[int], source: str) -> None:
         if self.tar is None or self.shards[-1]["tokens"] >= self.shard_tokens:
             self.close()
             self._open()
         key = f"doc-{index:09d}"
-        self._add(f"{key}.tokens", np.asarray(tokens, dtype=self.dtype).tobytes())
+        payload = np.asarray(tokens, dtype=self.dtype).tobytes()
+        offset = self._add(f"{key}.tokens", payload)
+        self.rows.append((offset, len(tokens), zlib.crc32(payload), index))
         self._add(f"{key}.json", json.dumps({"source": source, "tokens": len(tokens)}).encode())
         self.shards[-1]["docs"] += 1
         self.shards[-1]["tokens"] += len(tokens)
@@ -188,6 +206,43 @@ class ShardWriter:
         if self.tar is not None:
             self.tar.close()
             self.tar = None
+            shard = self.shards[-1]
+            shard["bytes"] = (self.out_dir / shard["name"]).stat().st_size
+            with open(self.out_dir / shard["index"], "wb") as f:
+                np.save(f, np.array(self.rows, dtype=np.int64).reshape(-1, 4), allow_pickle=False)
+
+    def summary(self) -> dict:
+        return {"docs": sum(s["docs"] for s in self.shards), "shards": self.shards}
+
+
+class MegatronWriter:
+    """One ``{split}.bin/.idx`` pair through megatron-core's ``IndexedDatasetBuilder`` (extra ``megatron``);
+    each document is one sequence, EOS appended."""
+
+    def __init__(self, out_dir: Path, split: str, dtype: np.dtype, shard_tokens: int, eos_id: int):
+        try:
+            from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+        except ImportError:
+            raise DataError("--format megatron needs megatron-core: pip install 'pretrain[megatron]'") from None
+        import torch
+
+        self.torch, self.out_dir, self.split, self.eos_id = torch, out_dir, split, eos_id
+        self.np_dtype = np.uint16 if dtype.itemsize == 2 else np.int32
+        self.builder = IndexedDatasetBuilder(str(out_dir / f"{split}.bin"), dtype=self.np_dtype)
+        self.docs = 0
+
+    def write(self, index: int, tokens: list[int], source: str) -> None:
+        self.builder.add_item(self.torch.from_numpy(np.asarray(tokens + [self.eos_id], dtype=np.int64)))
+        self.builder.end_document()
+        self.docs += 1
+
+    def close(self) -> None:
+        if self.builder is not None:
+            self.builder.finalize(str(self.out_dir / f"{self.split}.idx"))
+            self.builder = None
+
+    def summary(self) -> dict:
+        return {"docs": self.docs, "prefix": self.split}
 
 
 class Progress:
@@ -219,6 +274,7 @@ def prepare(
     workers: int = 1,
     overwrite: bool = False,
     progress: bool = True,
+    fmt: str = "shards",
 ) -> dict:
     """Build shards + manifest in ``output``; returns the manifest. Raises DataError with one clear line."""
     out = Path(output)
@@ -228,6 +284,8 @@ def prepare(
         raise DataError(f"val fraction must be in [0, 0.5), got {val_fraction}")
     if shard_tokens <= 0 or workers <= 0:
         raise DataError("shard tokens and workers must be positive")
+    if fmt not in WRITERS:
+        raise DataError(f"format must be one of {', '.join(WRITERS)}, got {fmt!r}")
     files = expand_inputs(inputs)
     if not files:
         raise DataError("no input files")
@@ -243,17 +301,23 @@ def prepare(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        manifest = _write_shards(files, tok, tmp, dtype, jsonl_field, val_fraction, shard_tokens, workers, progress, inputs)
+        manifest = _write_shards(files, tok, tmp, dtype, jsonl_field, val_fraction, shard_tokens, workers, progress,
+                                 inputs, fmt)
         _replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return manifest
 
 
-def _write_shards(files, tok, tmp, dtype, jsonl_field, val_fraction, shard_tokens, workers, progress, inputs) -> dict:
+WRITERS = {"shards": (ShardWriter, MANIFEST_FORMAT), "megatron": (MegatronWriter, MEGATRON_FORMAT)}
+
+
+def _write_shards(files, tok, tmp, dtype, jsonl_field, val_fraction, shard_tokens, workers, progress, inputs,
+                  fmt="shards") -> dict:
     stats = PrepareStats()
     every = round(1 / val_fraction) if val_fraction > 0 else 0
-    writers = {split: ShardWriter(tmp, split, dtype, shard_tokens) for split in ("train", "val")}
+    writer_cls, manifest_format = WRITERS[fmt]
+    writers = {split: writer_cls(tmp, split, dtype, shard_tokens, tok.eos_id) for split in ("train", "val")}
     bar = Progress(progress)
     docs = iter_documents(files, jsonl_field)
     pool = mp.get_context("spawn").Pool(workers, _init_worker, (tok.proto,)) if workers > 1 else None
@@ -290,7 +354,7 @@ def _write_shards(files, tok, tmp, dtype, jsonl_field, val_fraction, shard_token
         sys.stderr.write(f"prepare: warning: {stats.replaced_chars} undecodable bytes replaced by U+FFFD\n")
     tok.save(tmp / "tokenizer.model")
     manifest = {
-        "format": MANIFEST_FORMAT,
+        "format": manifest_format,
         "version": 1,
         "dtype": dtype.name,
         "vocab_size": tok.vocab_size,
@@ -298,8 +362,7 @@ def _write_shards(files, tok, tmp, dtype, jsonl_field, val_fraction, shard_token
         "tokenizer": "tokenizer.model",
         "tokenizer_hash": tok.hash,
         "splits": {
-            split: {"docs": sum(s["docs"] for s in w.shards), "tokens": stats.tokens[split], "shards": w.shards}
-            for split, w in writers.items()
+            split: {**w.summary(), "tokens": stats.tokens[split]} for split, w in writers.items()
         },
         "stats": {"docs": stats.docs, "empty_docs": stats.empty_docs, "replaced_chars": stats.replaced_chars,
                   "bytes": stats.bytes},

@@ -89,8 +89,10 @@ class BERT(nn.Module):
             x = layer(x, key_padding_mask=mask)
         return x
 
-    def forward(self, tokens, attention_mask=None, token_type_ids=None):
-        """-> MLM logits (B, T, V)."""
+    def forward(self, tokens, attention_mask=None, token_type_ids=None, with_nsp: bool = False):
+        """-> MLM logits (B, T, V); with ``with_nsp``, (MLM logits, NSP logits (B, 2))."""
+        if with_nsp:
+            return self.mlm_and_nsp(tokens, attention_mask, token_type_ids)
         return self.mlm_head(self.encode(tokens, attention_mask, token_type_ids), self.embeddings.word_embeddings.weight)
 
     def mlm_and_nsp(self, tokens, attention_mask=None, token_type_ids=None):
