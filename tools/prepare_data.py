@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -25,7 +24,9 @@ def main(argv=None) -> int:
     parser.add_argument("--jsonl-field", default="text", help="field holding the text in .jsonl inputs")
     parser.add_argument("--val-fraction", type=float, default=0.01)
     parser.add_argument("--shard-tokens", type=int, default=1 << 24, help="tokens per shard (default 16M)")
-    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)))
+    parser.add_argument("--workers", type=int, default=1,
+                        help="encoding processes (default 1: one process already encodes on one thread per core; "
+                             "more help when reading / parsing the input is the bottleneck)")
     parser.add_argument("--format", default="shards", choices=("shards", "megatron"),
                         help="webdataset shards + index (default), or Megatron .bin/.idx (needs megatron-core)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")

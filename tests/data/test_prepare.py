@@ -162,3 +162,19 @@ def test_prepare_megatron_format_reads_back_token_for_token(tmp_path, prepared, 
     assert len(megatron) == len(docs)
     for i, doc in enumerate(docs):  # each document, EOS appended (--append-eod)
         assert megatron[i].tolist() == doc.tolist() + [shards.eos_id]
+
+
+def test_shards_are_what_tarfile_writes(prepared, tmp_path):
+    """The hand-built USTAR members equal tarfile's, byte for byte, so any tar reader takes them."""
+    import io
+    import tarfile
+
+    name = ShardDataset(prepared).shards[0]["name"]
+    ours = (prepared / name).read_bytes()
+    with tarfile.open(prepared / name) as src, tarfile.open(tmp_path / "ref.tar", "w",
+                                                            format=tarfile.USTAR_FORMAT) as ref:
+        for member in src:
+            info = tarfile.TarInfo(member.name)
+            info.size, info.mtime, info.mode = member.size, 0, 0o644
+            ref.addfile(info, io.BytesIO(src.extractfile(member).read()))
+    assert (tmp_path / "ref.tar").read_bytes() == ours
