@@ -110,7 +110,7 @@ def test_bad_inputs(tmp_path, prepared, small_corpus):
     assert (keep / "precious.txt").read_text() == "mine"
 
 
-def test_stream_bad_inputs(tmp_path, prepared):
+def test_stream_bad_inputs(tmp_path, prepared, small_corpus):
     with pytest.raises(DataError, match="does not exist"):
         ShardDataset(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
@@ -123,12 +123,12 @@ def test_stream_bad_inputs(tmp_path, prepared):
     (broken / "train-000001.tar").unlink()
     with pytest.raises(DataError, match="shard train-000001.tar is listed in .* but missing"):
         ShardDataset(broken)
-    other = tmp_path / "other.model"
-    other.write_bytes((prepared / "tokenizer.model").read_bytes() + b"\x00")  # a different model hash
-    from pretrain.data.tokenizer import TokenizerError
+    from pretrain.data.tokenizer import train_tokenizer
 
-    with pytest.raises((DataError, TokenizerError)):
-        ShardDataset(prepared, tokenizer_path=str(other))
+    other = train_tokenizer((p.read_text(errors="replace") for p in sorted(small_corpus.iterdir())[:5]), 400)
+    other.save(tmp_path / "other.model")
+    with pytest.raises(DataError, match=r"tokenizer .*other.model differs from the one .* was prepared with"):
+        ShardDataset(prepared, tokenizer_path=str(tmp_path / "other.model"))
 
 
 def test_cli_prepare_and_vocab_check(tmp_path, small_corpus):
