@@ -98,9 +98,15 @@ class ParallelConfig:
     pp: int = 1
     pp_schedule: str = "1f1b"
     n_microbatches: int = 0
-    zero_stage: int = 0
+    stages_per_rank: int = 2  # virtual pipeline stages per rank for interleaved_1f1b and zbv
+    zero_stage: int = 0  # 0 DDP, 1 + sharded optimizer state, 2 + sharded grads (FSDP2), 3 + sharded params
+    sequence_parallel: bool = True  # with tp > 1: norms and residuals sharded over the sequence
+    cpu_offload: bool = False  # FSDP: parameters, gradients and optimizer state on the CPU
+    meta_init: bool = True  # build on the meta device and initialise each shard in place (false: build whole)
     engine: str = "native"  # native | deepspeed
+    deepspeed_config: str = ""  # a ds_config JSON; default: built from this config
     activation_checkpointing: str = "none"  # none | full | selective
+    activation_checkpointing_every: int = 2  # selective: checkpoint every k-th block
 
 
 @dataclass
@@ -259,6 +265,14 @@ class Config:
             section, name = key.split(".")
             if getattr(getattr(self, section), name) < 0:
                 raise ConfigError(f"{key} must be >= 0")
+        p = self.parallel
+        if p.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}")
+        if p.stages_per_rank < 1 or p.activation_checkpointing_every < 1 or p.n_microbatches < 0:
+            raise ConfigError("parallel.stages_per_rank and parallel.activation_checkpointing_every must be >= 1, "
+                              "parallel.n_microbatches >= 0")
+        if p.engine == "deepspeed" and p.tp * p.pp > 1:
+            raise ConfigError('parallel.engine = "deepspeed" is for pure data parallelism: tp and pp must be 1')
         d = self.data
         if d.source in ("shards", "megatron") and not (d.path or d.sources):
             raise ConfigError(f'data.source = "{d.source}" needs data.path (a directory made by '

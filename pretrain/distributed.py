@@ -56,6 +56,16 @@ def choose_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def launched_world_size() -> int:
+    """How many processes the launcher started (torchrun's WORLD_SIZE or srun's SLURM_NTASKS), read before any
+    process group exists so a bad layout fails at once."""
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    if "SLURM_PROCID" in os.environ:
+        return int(os.environ.get("SLURM_NTASKS", "1"))
+    return 1
+
+
 def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistInfo:
     """Join the process group the launcher describes (no-op for a single process)."""
     if "RANK" not in os.environ and "SLURM_PROCID" in os.environ:  # srun, one task per device
@@ -75,9 +85,10 @@ def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistInfo
     return DistInfo(rank, world_size, local_rank, dev)
 
 
-def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+def all_reduce_sum(value: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum over ``group`` (default: every rank) in place; a no-op without a process group."""
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
     return value
 
 

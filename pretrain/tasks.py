@@ -22,13 +22,29 @@ class LossOutput:
     correct: torch.Tensor  # argmax == target among them
 
 
-def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> LossOutput:
-    logits = logits.reshape(-1, logits.shape[-1]).float()
+def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor, accuracy: bool = True) -> LossOutput:
+    """Summed cross-entropy; logits sharded over the vocab (a tensor-parallel head's DTensor) go through
+    ``loss_parallel`` and are never gathered, except to count correct guesses (evaluation only)."""
+    from torch.distributed.tensor import DTensor
+
     targets = targets.reshape(-1)
     keep = targets != IGNORE_INDEX
-    loss_sum = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
-    with torch.no_grad():
-        correct = ((logits.argmax(dim=-1) == targets) & keep).sum()
+    if isinstance(logits, DTensor):
+        from torch.distributed.tensor.parallel import loss_parallel
+
+        flat = logits.reshape(-1, logits.shape[-1]).float()
+        with loss_parallel():
+            loss_sum = F.cross_entropy(flat, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        if isinstance(loss_sum, DTensor):
+            loss_sum = loss_sum.full_tensor()
+        full = flat.full_tensor() if accuracy else None
+    else:
+        full = logits.reshape(-1, logits.shape[-1]).float()
+        loss_sum = F.cross_entropy(full, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    correct = torch.zeros((), dtype=torch.long, device=targets.device)
+    if accuracy:
+        with torch.no_grad():
+            correct = ((full.argmax(dim=-1) == targets) & keep).sum()
     return LossOutput(loss_sum, keep.sum(), correct)
 
 
@@ -40,8 +56,8 @@ class GPTTask:
         return (batch["targets"] != IGNORE_INDEX).sum()
 
     @staticmethod
-    def loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
-        return _cross_entropy(model(batch["tokens"]), batch["targets"])
+    def loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], accuracy: bool = True) -> LossOutput:
+        return _cross_entropy(model(batch["tokens"]), batch["targets"], accuracy)
 
 
 class BERTTask:
@@ -57,12 +73,12 @@ class BERTTask:
         return (batch["labels"] != IGNORE_INDEX).sum()
 
     @staticmethod
-    def loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> LossOutput:
+    def loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], accuracy: bool = True) -> LossOutput:
         if "nsp_labels" not in batch:
-            return _cross_entropy(model(batch["tokens"], batch["attention_mask"]), batch["labels"])
+            return _cross_entropy(model(batch["tokens"], batch["attention_mask"]), batch["labels"], accuracy)
         mlm_logits, nsp_logits = model(batch["tokens"], batch["attention_mask"], batch["token_type_ids"],
                                        with_nsp=True)
-        out = _cross_entropy(mlm_logits, batch["labels"])
+        out = _cross_entropy(mlm_logits, batch["labels"], accuracy)
         nsp = F.cross_entropy(nsp_logits.float(), batch["nsp_labels"], ignore_index=IGNORE_INDEX)
         if torch.isfinite(nsp):  # NaN when every pair of the micro-batch is masked out
             out.loss_sum = out.loss_sum + nsp * out.count

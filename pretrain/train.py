@@ -18,7 +18,8 @@ from pretrain.data import build_stream
 from pretrain.data.prepare import DataError
 from pretrain.data.tokenizer import TokenizerError
 from pretrain.metrics import MetricsLogger
-from pretrain.models import build_model
+from pretrain.parallel.dims import ParallelDims
+from pretrain.parallel.parallelize import parallelize
 from pretrain.tasks import task_for
 from pretrain.trainer import Trainer
 
@@ -33,18 +34,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def build_trainer(cfg: Config, dist: distributed.DistInfo) -> Trainer:
+def build_trainer(cfg: Config, dist: distributed.DistInfo, dims: ParallelDims | None = None) -> Trainer:
+    dims = dims or ParallelDims.from_config(cfg, dist.world_size)
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model)
+    mesh = dims.build_mesh(dist.device.type) if dist.world_size > 1 else None
+    parallel = parallelize(cfg, dims, mesh, dist.device)
     pin = dist.device.type == "cuda"
-    train_data = build_stream(cfg, "train", dist.rank, dist.world_size, pin_memory=pin)
+    rank, world = parallel.dp_rank, parallel.dp_size  # tensor- and pipeline-parallel peers share samples
+    train_data = build_stream(cfg, "train", rank, world, pin_memory=pin)
     val_factory = None
     if cfg.eval.interval:
-        build_stream(cfg, "val", dist.rank, dist.world_size)  # fail now, not at the first eval
-        val_factory = lambda: build_stream(cfg, "val", dist.rank, dist.world_size, pin_memory=pin)
+        build_stream(cfg, "val", rank, world)  # fail now, not at the first eval
+        val_factory = lambda: build_stream(cfg, "val", rank, world, pin_memory=pin)
     metrics = MetricsLogger(cfg.logging.run_dir, enabled=dist.is_main, tensorboard=cfg.logging.tensorboard,
                             wandb_project=cfg.logging.wandb_project, config=cfg.to_dict())
-    return Trainer(cfg, model, task_for(cfg.model.arch), train_data, dist, val_factory, metrics)
+    return Trainer(cfg, parallel, task_for(cfg.model.arch), train_data, dist, val_factory, metrics)
 
 
 def main(argv=None) -> int:
@@ -52,8 +56,9 @@ def main(argv=None) -> int:
     overrides = [item for group in args.overrides for item in group]
     try:
         cfg = load_config(args.config, overrides)
+        dims = ParallelDims.from_config(cfg, distributed.launched_world_size())  # before any process group
         dist = distributed.init_distributed(cfg.train.device)
-        trainer = build_trainer(cfg, dist)
+        trainer = build_trainer(cfg, dist, dims)
         try:
             losses = trainer.fit()
         finally:

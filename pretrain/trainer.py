@@ -23,6 +23,8 @@ from pretrain.config import Config, ConfigError, config_from_toml
 from pretrain.distributed import DistInfo
 from pretrain.metrics import MetricsLogger, memory_stats, peak_flops
 from pretrain.models.flops import flops_per_token
+from pretrain.parallel.data_parallel import clip_grad_norm, no_gradient_sync
+from pretrain.parallel.parallelize import Parallelized
 
 # batch entries the loader adds for bookkeeping, not model inputs
 META_KEYS = ("index", "skipped", "source")
@@ -65,12 +67,21 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": other, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: Config, device: torch.device, zero1_group=None) -> torch.optim.Optimizer:
+    """AdamW (fused on CUDA); with ``zero1_group`` its state is partitioned over those ranks (ZeRO-1)."""
     o = cfg.optim
     if o.impl != "torch":
         raise ConfigError(f'optim.impl = "{o.impl}" is not available yet; use "torch"')
-    return torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
-                             fused=device.type == "cuda")
+    kwargs = {"lr": o.lr, "betas": (o.beta1, o.beta2), "eps": o.eps, "fused": device.type == "cuda"}
+    groups = param_groups(model, o.weight_decay)
+    if zero1_group is not None:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        optimizer = ZeroRedundancyOptimizer(groups[0]["params"], optimizer_class=torch.optim.AdamW,
+                                            process_group=zero1_group, weight_decay=o.weight_decay, **kwargs)
+        optimizer.add_param_group({"params": groups[1]["params"], "weight_decay": 0.0})
+        return optimizer
+    return torch.optim.AdamW(groups, **kwargs)
 
 
 def check_resumable(saved_toml: str, cfg: Config, where: Path) -> None:
@@ -95,18 +106,19 @@ class StepResult:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, model: nn.Module, task, train_data, dist: DistInfo, val_data_factory=None,
-                 metrics: MetricsLogger | None = None):
+    """Drives a parallelized model (``pretrain/parallel/parallelize.py``): ``parallel.model`` runs forward and
+    backward, ``parallel.module`` is what the optimizer, checkpoints and evaluation see. Losses and counts are
+    reduced over the data-parallel ranks only: tensor- and pipeline-parallel ranks share their samples."""
+
+    def __init__(self, cfg: Config, parallel: Parallelized, task, train_data, dist: DistInfo,
+                 val_data_factory=None, metrics: MetricsLogger | None = None):
         self.cfg, self.task, self.data, self.dist = cfg, task, train_data, dist
         self.device = dist.device
-        self.model = model.to(self.device)
-        self.raw_model = self.model
-        if dist.world_size > 1:
-            self.model = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        if cfg.train.compile:
-            self.model = torch.compile(self.model)
-        self.optimizer = build_optimizer(self.raw_model, cfg, self.device)
+        self.parallel = parallel
+        self.model, self.raw_model = parallel.model, parallel.module
+        self.dp_size, self.dp_group = parallel.dp_size, parallel.dp_group()
+        zero1 = self.dp_group if cfg.parallel.zero_stage == 1 and self.dp_size > 1 else None
+        self.optimizer = build_optimizer(self.raw_model, cfg, self.device, zero1)
         self.val_data_factory = val_data_factory
         self.metrics = metrics or MetricsLogger(cfg.logging.run_dir, enabled=False)
         self.step = 0
@@ -140,6 +152,10 @@ class Trainer:
         state = {"data": self.data.state_dict(), "losses": self.losses, "data_skipped": self.data_skipped}
         return self.checkpoints.save(self.step, self.raw_model, self.optimizer, state, self.cfg.to_toml())
 
+    def _dp_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """Sum over the data-parallel ranks (the ones holding different samples)."""
+        return distributed.all_reduce_sum(value, self.dp_group) if self.dp_size > 1 else value
+
     # --- one step -----------------------------------------------------------------------------------------
     def _autocast(self):
         if self.cfg.train.dtype == "bf16":
@@ -157,26 +173,25 @@ class Trainer:
         micro_batches = [{k: v.to(self.device, non_blocking=True) for k, v in b.items() if k not in META_KEYS}
                          for b in loaded]
         count = torch.stack([self.task.count(b) for b in micro_batches]).sum().to(torch.float64)
-        count, skipped = distributed.all_reduce_sum(
+        count, skipped = self._dp_sum(
             torch.stack([count, torch.tensor(float(skipped), dtype=torch.float64, device=self.device)]))
         loss_total = torch.zeros((), dtype=torch.float64, device=self.device)
         self.model.train()
         for i, batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
-            sync = contextlib.nullcontext() if last or self.dist.world_size == 1 else self.model.no_sync()
-            with sync:
+            with no_gradient_sync(self.model, active=not last and self.dp_size > 1):
                 with self._autocast():
-                    out = self.task.loss(self.model, batch)
-                # DDP averages gradients over ranks: scale by world size to keep the global-mean gradient
-                (out.loss_sum * (self.dist.world_size / count.clamp(min=1)).float()).backward()
+                    out = self.task.loss(self.model, batch, accuracy=False)
+                # DDP / FSDP average gradients over the dp ranks: scale by their number to keep the global mean
+                (out.loss_sum * (self.dp_size / count.clamp(min=1)).float()).backward()
             loss_total += out.loss_sum.detach().to(torch.float64)
-        loss_total = distributed.all_reduce_sum(loss_total)
+        loss_total = self._dp_sum(loss_total)
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.raw_model.parameters(), max_norm)
+        grad_norm = clip_grad_norm(list(self.raw_model.parameters()), max_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        tokens = sum(b["tokens"].numel() for b in micro_batches) * self.dist.world_size
+        tokens = sum(b["tokens"].numel() for b in micro_batches) * self.dp_size
         loss = float(loss_total / count.clamp(min=1))
         return StepResult(loss, float(grad_norm), lr, tokens, time.perf_counter() - start, int(skipped))
 
@@ -194,11 +209,11 @@ class Trainer:
             except StopIteration:
                 break
             with self._autocast():
-                out = self.task.loss(self.raw_model, batch)
+                out = self.task.loss(self.raw_model, batch, accuracy=True)
             loss_sum += out.loss_sum.double()
             count += out.count.double()
             correct += out.correct.double()
-        totals = distributed.all_reduce_sum(torch.stack([loss_sum, count, correct]))
+        totals = self._dp_sum(torch.stack([loss_sum, count, correct]))
         self.model.train()
         if totals[1] == 0:
             raise RuntimeError("the validation split yielded no batches: prepare more documents or set eval.interval = 0")

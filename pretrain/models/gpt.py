@@ -75,7 +75,8 @@ class GPT(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, V)."""
-        return F.linear(self.hidden_states(tokens), self.output_weight())
+        h = self.hidden_states(tokens)
+        return self.lm_head(h) if self.lm_head is not None else F.linear(h, self.embed_tokens.weight)
 
     @torch.no_grad()
     def generate(

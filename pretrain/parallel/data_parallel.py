@@ -1,0 +1,95 @@
+"""Data parallelism by ZeRO stage (Rajbhandari et al. 2020).
+
+- stage 0: DDP — replicas, gradients all-reduced.
+- stage 1: DDP + ``ZeroRedundancyOptimizer``: optimizer state partitioned over the data-parallel ranks.
+- stage 2: FSDP2 with ``reshard_after_forward=False``: gradients and optimizer state sharded, parameters kept
+  gathered between forward and backward.
+- stage 3: FSDP2: parameters sharded too (gathered per block just in time).
+- HSDP: with ``dp_replicate > 1`` FSDP shards within ``dp_shard`` and replicates across ``dp_replicate``.
+
+FSDP wraps each block, then the root, so a block's parameters are gathered only while it runs. bf16 training
+uses a mixed-precision policy: bf16 compute, fp32 gradient reduction, fp32 master parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+
+
+def apply_fsdp(model: nn.Module, dp_mesh, *, reshard_after_forward: bool, bf16: bool, cpu_offload: bool) -> None:
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    kwargs = {"mesh": dp_mesh}
+    if bf16:
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    if cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
+    blocks = list(model.layers.values())
+    for i, block in enumerate(blocks):
+        # the last block is resharded by the root's backward anyway
+        fully_shard(block, reshard_after_forward=reshard_after_forward and i < len(blocks) - 1, **kwargs)
+    fully_shard(model, reshard_after_forward=reshard_after_forward, **kwargs)
+
+
+def apply_ddp(model: nn.Module, dp_mesh, device: torch.device) -> nn.Module:
+    return nn.parallel.DistributedDataParallel(
+        model, process_group=dp_mesh.get_group(), device_ids=[device.index] if device.type == "cuda" else None)
+
+
+@contextlib.contextmanager
+def no_gradient_sync(model: nn.Module, active: bool):
+    """Skip the gradient reduction of a micro-batch that is not the last of the step (DDP or FSDP2)."""
+    if not active:
+        yield
+        return
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        with model.no_sync():
+            yield
+        return
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+        return
+    yield
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def clip_grad_norm(parameters, max_norm: float, pp_group=None) -> torch.Tensor:
+    """Total L2 norm of all gradients, each element counted once whatever its sharding; clips in place.
+
+    DTensor gradients are grouped by (mesh, placements) so each group reduces once; a pipeline stage holds
+    its own parameters, so the squared norms of the stages are summed over ``pp_group``.
+    """
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in parameters if p.grad is not None]
+    groups: dict = {}
+    for g in grads:
+        key = (g.device_mesh, tuple(g.placements)) if isinstance(g, DTensor) else None
+        groups.setdefault(key, []).append(g)
+    device = _local(grads[0]).device if grads else torch.device("cpu")
+    total_sq = torch.zeros((), dtype=torch.float32, device=device)
+    for members in groups.values():
+        norm = torch.nn.utils.get_total_norm(members, 2.0)
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        total_sq = total_sq + norm.float() ** 2
+    if pp_group is not None:
+        dist.all_reduce(total_sq, group=pp_group)
+    total = total_sq.sqrt()
+    if grads and max_norm < float("inf"):
+        scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        torch._foreach_mul_([_local(g) for g in grads], scale)
+    return total

@@ -1,0 +1,93 @@
+"""``ParallelDims``: the parallel degrees, checked before any process group exists, and the one DeviceMesh.
+
+Mesh dimensions, outermost first (torchtitan's order): ``pp``, ``dp_replicate``, ``dp_shard``, ``cp``, ``tp``.
+``dp = dp_replicate × dp_shard`` is also available flattened as ``mesh["dp"]``: the ranks that see different
+data. Ranks that differ only in ``tp`` or ``pp`` see the same samples. ``cp`` (context parallel) is reserved
+and must be 1 for now.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pretrain.config import Config, ConfigError
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    dp_replicate: int
+    dp_shard: int
+    tp: int
+    pp: int
+    cp: int = 1
+
+    @property
+    def dp(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.cp * self.tp * self.pp
+
+    @classmethod
+    def from_config(cls, cfg: Config, world_size: int) -> ParallelDims:
+        """Resolve ``dp_shard = -1`` and check everything a user can get wrong, with one line each."""
+        p, m = cfg.parallel, cfg.model
+        for key in ("dp_replicate", "tp", "pp"):
+            if getattr(p, key) < 1:
+                raise ConfigError(f"parallel.{key} must be >= 1, got {getattr(p, key)}")
+        if p.dp_shard == 0 or p.dp_shard < -1:
+            raise ConfigError(f"parallel.dp_shard must be >= 1, or -1 for the rest of the world, got {p.dp_shard}")
+        fixed = p.dp_replicate * p.tp * p.pp
+        if p.dp_shard == -1:
+            if world_size % fixed:
+                raise ConfigError(f"world size {world_size} is not divisible by dp_replicate × tp × pp = "
+                                  f"{p.dp_replicate} × {p.tp} × {p.pp} = {fixed}")
+            dp_shard = world_size // fixed
+        else:
+            dp_shard = p.dp_shard
+        dims = cls(p.dp_replicate, dp_shard, p.tp, p.pp)
+        if dims.world_size != world_size:
+            raise ConfigError(f"dp_replicate × dp_shard × tp × pp = {p.dp_replicate} × {dp_shard} × {p.tp} × {p.pp} "
+                              f"= {dims.world_size}, but the world size is {world_size}")
+        if m.n_heads % p.tp or m.kv_heads % p.tp:
+            raise ConfigError(f"parallel.tp = {p.tp} must divide model.n_heads ({m.n_heads}) and the kv heads "
+                              f"({m.kv_heads})")
+        if m.ffn_dim % p.tp:
+            raise ConfigError(f"parallel.tp = {p.tp} must divide the ffn hidden size ({m.ffn_dim})")
+        if p.tp > 1 and m.arch == "gpt" and not m.tie_embeddings and m.vocab_size % p.tp:
+            raise ConfigError(f"parallel.tp = {p.tp} must divide model.vocab_size ({m.vocab_size}) for the "
+                              f"vocab-parallel head: pad it to {-(-m.vocab_size // (p.tp * 64)) * p.tp * 64}")
+        if p.sequence_parallel and p.tp > 1 and not (m.arch == "gpt" and not m.tie_embeddings):
+            raise ConfigError("parallel.sequence_parallel needs a GPT with model.tie_embeddings = false; "
+                              "set parallel.sequence_parallel = false")
+        stages = p.pp * (p.stages_per_rank if p.pp > 1 else 1)
+        if p.pp > 1 and m.n_layers < stages:
+            raise ConfigError(f"{stages} pipeline stages (pp {p.pp} × stages_per_rank {p.stages_per_rank}) need at "
+                              f"least as many layers; model.n_layers = {m.n_layers}")
+        if p.pp > 1:
+            micro = p.n_microbatches or p.pp
+            if micro < p.pp and p.pp_schedule != "gpipe":
+                raise ConfigError(f"parallel.pp_schedule = {p.pp_schedule} needs parallel.n_microbatches >= pp "
+                                  f"({p.pp}), got {micro}")
+            if cfg.train.micro_batch_size % micro:
+                raise ConfigError(f"train.micro_batch_size ({cfg.train.micro_batch_size}) must be divisible by "
+                                  f"parallel.n_microbatches ({micro})")
+        if p.engine == "deepspeed" and (p.tp > 1 or p.pp > 1):
+            raise ConfigError("parallel.engine = \"deepspeed\" is for pure data parallelism: tp and pp must be 1")
+        if p.engine == "native" and dims.dp > 1 and p.zero_stage < 2 and p.tp > 1:
+            raise ConfigError(f"tensor parallelism with data parallelism needs FSDP: set parallel.zero_stage = 2 or "
+                              f"3 (got {p.zero_stage})")
+        if p.engine == "native" and p.dp_replicate > 1 and p.zero_stage < 2 and dims.dp_shard > 1:
+            raise ConfigError("parallel.dp_replicate > 1 with dp_shard > 1 is HSDP: set parallel.zero_stage = 2 or 3")
+        return dims
+
+    def build_mesh(self, device_type: str):
+        """The DeviceMesh over every rank (call after the process group exists), with ``dp`` flattened."""
+        from torch.distributed.device_mesh import init_device_mesh
+
+        names = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+        sizes = (self.pp, self.dp_replicate, self.dp_shard, self.cp, self.tp)
+        mesh = init_device_mesh(device_type, sizes, mesh_dim_names=names)
+        mesh[("dp_replicate", "dp_shard")]._flatten("dp")
+        return mesh

@@ -1,0 +1,97 @@
+"""``parallelize``: build the model for this rank and apply TP -> activation checkpointing -> compile -> FSDP, in
+that order (torchtitan's), then materialise it.
+
+With ``parallel.meta_init`` (the default) the model is built on the meta device, sharded, then each rank
+allocates and initialises only its own shards, so a 7B model never exists whole on one rank; replicated
+layouts (one process, DDP, ZeRO-1) then hold the same initial values, sharded ones (TP, FSDP) values drawn per
+shard. With ``meta_init = false`` every rank builds the whole model from the same seed and its shards are cut
+from it: every layout then starts from exactly the same values (what the equivalence tests use; Megatron's
+``use_cpu_initialization``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from pretrain.config import Config
+from pretrain.models import build_model
+from pretrain.parallel.dims import ParallelDims
+
+
+@dataclass
+class Parallelized:
+    """What the trainer drives: ``model`` runs forward/backward (DDP-wrapped when so), ``module`` is the plain
+    (possibly sharded) module for the optimizer, state dicts and evaluation."""
+
+    model: nn.Module
+    module: nn.Module
+    dims: ParallelDims
+    mesh: object = None
+    dp_rank: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def dp_size(self) -> int:
+        return self.dims.dp
+
+    def dp_group(self):
+        return None if self.mesh is None or self.dims.dp == 1 else self.mesh["dp"].get_group()
+
+
+def single(model: nn.Module) -> Parallelized:
+    return Parallelized(model, model, ParallelDims(1, 1, 1, 1))
+
+
+def parallelize(cfg: Config, dims: ParallelDims, mesh, device: torch.device) -> Parallelized:
+    p = cfg.parallel
+    if p.meta_init:
+        with torch.device("meta"):
+            model = build_model(cfg.model)
+    else:  # every rank builds the same seeded model; sharding cuts each rank's part out of it
+        model = build_model(cfg.model)
+    if mesh is None:  # one process
+        _apply_local(model, cfg)
+        _materialise(model, device)
+        return single(model)
+    if dims.tp > 1:
+        from pretrain.parallel.tensor_parallel import apply_tensor_parallel
+
+        apply_tensor_parallel(model, mesh["tp"], p.sequence_parallel)
+    _apply_local(model, cfg)
+    sharded = p.zero_stage >= 2 and dims.dp > 1
+    if sharded:
+        from pretrain.parallel.data_parallel import apply_fsdp
+
+        dp_mesh = mesh[("dp_replicate", "dp_shard")] if dims.dp_replicate > 1 else mesh["dp"]
+        apply_fsdp(model, dp_mesh, reshard_after_forward=p.zero_stage == 3, bf16=cfg.train.dtype == "bf16",
+                   cpu_offload=p.cpu_offload)
+    _materialise(model, device)
+    runner = model
+    if not sharded and dims.dp > 1:
+        from pretrain.parallel.data_parallel import apply_ddp
+
+        runner = apply_ddp(model, mesh["dp"], device)
+    dp_rank = mesh["dp"].get_local_rank()
+    return Parallelized(runner, model, dims, mesh, dp_rank)
+
+
+def _apply_local(model: nn.Module, cfg: Config) -> None:
+    from pretrain.parallel.checkpointing import apply_activation_checkpointing, apply_compile
+
+    apply_activation_checkpointing(model, cfg.parallel.activation_checkpointing,
+                                   cfg.parallel.activation_checkpointing_every)
+    if cfg.train.compile:
+        apply_compile(model)
+
+
+def _materialise(model: nn.Module, device: torch.device) -> None:
+    """Allocate this rank's shards on the device; after a meta build, initialise them in place."""
+    if any(t.is_meta for t in model.parameters()):
+        model.to_empty(device=device)
+        with torch.no_grad():
+            model.init_weights()  # also recomputes the rotary tables, which no state dict holds
+    else:
+        model.to(device)

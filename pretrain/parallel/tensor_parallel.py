@@ -1,0 +1,70 @@
+"""Tensor parallelism (Megatron-LM, Shoeybi et al. 2019) as DTensor plans keyed by module name.
+
+Per block: q/k/v and gate/up projections column-parallel (each rank holds H/tp heads, F/tp hidden units), o and
+down projections row-parallel (their partial sums all-reduced). GPT with an untied head also gets a
+vocab-parallel embedding and a column-parallel head whose logits stay sharded over the vocab: the loss is
+computed by ``loss_parallel`` without ever gathering (B, T, V).
+
+Sequence parallelism (Korthikanti et al. 2022, GPT with an untied head, llama flavour): between the blocks the
+residual stream and the norms are sharded over the sequence; the all-reduce of row-parallel layers becomes a
+reduce-scatter and the input of column-parallel layers an all-gather — the same bytes, 1/tp of the activations.
+
+Tied embeddings (gpt2 flavour, BERT's MLM decoder) stay replicated; the blocks are still sharded.
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    PrepareModuleInput,
+    RowwiseParallel,
+    SequenceParallel,
+    parallelize_module,
+)
+
+
+def block_plan(arch: str, gated: bool, sequence_parallel: bool) -> dict:
+    """Plan for one GPT block or BERT encoder layer (names relative to the block)."""
+    residual = Shard(1) if sequence_parallel else Replicate()
+    plan = {
+        "self_attn.q_proj": ColwiseParallel(),
+        "self_attn.k_proj": ColwiseParallel(),
+        "self_attn.v_proj": ColwiseParallel(),
+        "self_attn.o_proj": RowwiseParallel(output_layouts=residual),
+        "mlp.up_proj": ColwiseParallel(),
+        "mlp.down_proj": RowwiseParallel(output_layouts=residual),
+    }
+    if gated:
+        plan["mlp.gate_proj"] = ColwiseParallel()
+    if sequence_parallel:
+        plan.update({
+            "input_layernorm": SequenceParallel(),
+            "post_attention_layernorm": SequenceParallel(),
+            "self_attn": PrepareModuleInput(input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None)),
+            "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+        })
+    return plan
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool) -> None:
+    """Shard ``model`` (GPT or BERT, possibly one pipeline stage of it) over ``tp_mesh`` in place."""
+    cfg = model.cfg
+    gpt = cfg.arch == "gpt"
+    sequence_parallel = sequence_parallel and gpt and not cfg.tie_embeddings
+    if gpt and not cfg.tie_embeddings:
+        top = {}
+        if model.embed_tokens is not None:
+            top["embed_tokens"] = RowwiseParallel(input_layouts=Replicate(),
+                                                  output_layouts=Shard(1) if sequence_parallel else Replicate())
+        if model.norm is not None and sequence_parallel:
+            top["norm"] = SequenceParallel()
+        if model.lm_head is not None:
+            top["lm_head"] = ColwiseParallel(input_layouts=Shard(1) if sequence_parallel else Replicate(),
+                                             output_layouts=Shard(-1), use_local_output=False)
+        parallelize_module(model, tp_mesh, top)
+    gated = gpt and cfg.flavor == "llama"
+    plan = block_plan(cfg.arch, gated, sequence_parallel)
+    for block in model.layers.values():
+        parallelize_module(block, tp_mesh, plan)
