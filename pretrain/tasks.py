@@ -23,20 +23,16 @@ class LossOutput:
 
 
 def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor, accuracy: bool = True) -> LossOutput:
-    """Summed cross-entropy; logits sharded over the vocab (a tensor-parallel head's DTensor) go through
-    ``loss_parallel`` and are never gathered, except to count correct guesses (evaluation only)."""
+    """Summed cross-entropy. Logits sharded over the vocab (a tensor-parallel head's DTensor) are never
+    gathered, except to count correct guesses (evaluation only): the caller runs forward and backward inside
+    ``torch.distributed.tensor.parallel.loss_parallel()`` and gets the loss as a replicated DTensor."""
     from torch.distributed.tensor import DTensor
 
     targets = targets.reshape(-1)
     keep = targets != IGNORE_INDEX
     if isinstance(logits, DTensor):
-        from torch.distributed.tensor.parallel import loss_parallel
-
         flat = logits.reshape(-1, logits.shape[-1]).float()
-        with loss_parallel():
-            loss_sum = F.cross_entropy(flat, targets, ignore_index=IGNORE_INDEX, reduction="sum")
-        if isinstance(loss_sum, DTensor):
-            loss_sum = loss_sum.full_tensor()
+        loss_sum = F.cross_entropy(flat, targets, ignore_index=IGNORE_INDEX, reduction="sum")
         full = flat.full_tensor() if accuracy else None
     else:
         full = logits.reshape(-1, logits.shape[-1]).float()

@@ -84,6 +84,13 @@ def build_optimizer(model: nn.Module, cfg: Config, device: torch.device, zero1_g
     return torch.optim.AdamW(groups, **kwargs)
 
 
+def _plain(value: torch.Tensor) -> torch.Tensor:
+    """A replicated DTensor (a loss under loss_parallel) as an ordinary tensor."""
+    from torch.distributed.tensor import DTensor
+
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
 def check_resumable(saved_toml: str, cfg: Config, where: Path) -> None:
     saved = config_from_toml(saved_toml).model
     for key in SHAPE_KEYS:
@@ -152,6 +159,15 @@ class Trainer:
         state = {"data": self.data.state_dict(), "losses": self.losses, "data_skipped": self.data_skipped}
         return self.checkpoints.save(self.step, self.raw_model, self.optimizer, state, self.cfg.to_toml())
 
+    def _loss_context(self):
+        """``loss_parallel`` around forward and backward when the head's logits are sharded over the vocab."""
+        m = self.cfg.model
+        if self.parallel.dims.tp > 1 and m.arch == "gpt" and not m.tie_embeddings:
+            from torch.distributed.tensor.parallel import loss_parallel
+
+            return loss_parallel()
+        return contextlib.nullcontext()
+
     def _dp_sum(self, value: torch.Tensor) -> torch.Tensor:
         """Sum over the data-parallel ranks (the ones holding different samples)."""
         return distributed.all_reduce_sum(value, self.dp_group) if self.dp_size > 1 else value
@@ -179,12 +195,12 @@ class Trainer:
         self.model.train()
         for i, batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
-            with no_gradient_sync(self.model, active=not last and self.dp_size > 1):
+            with no_gradient_sync(self.model, active=not last and self.dp_size > 1), self._loss_context():
                 with self._autocast():
                     out = self.task.loss(self.model, batch, accuracy=False)
                 # DDP / FSDP average gradients over the dp ranks: scale by their number to keep the global mean
                 (out.loss_sum * (self.dp_size / count.clamp(min=1)).float()).backward()
-            loss_total += out.loss_sum.detach().to(torch.float64)
+            loss_total += _plain(out.loss_sum.detach()).to(torch.float64)
         loss_total = self._dp_sum(loss_total)
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = clip_grad_norm(list(self.raw_model.parameters()), max_norm)
@@ -208,9 +224,9 @@ class Trainer:
                 batch = {k: v.to(self.device) for k, v in data.next_batch().items() if k not in META_KEYS}
             except StopIteration:
                 break
-            with self._autocast():
+            with self._autocast(), self._loss_context():
                 out = self.task.loss(self.raw_model, batch, accuracy=True)
-            loss_sum += out.loss_sum.double()
+            loss_sum += _plain(out.loss_sum).double()
             count += out.count.double()
             correct += out.correct.double()
         totals = self._dp_sum(torch.stack([loss_sum, count, correct]))

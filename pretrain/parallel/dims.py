@@ -13,6 +13,14 @@ from dataclasses import dataclass
 from pretrain.config import Config, ConfigError
 
 
+MULTI_STAGE_SCHEDULES = ("interleaved_1f1b", "zbv")
+
+
+def stages_per_rank(cfg: Config) -> int:
+    """Pipeline stages each rank holds: ``parallel.stages_per_rank`` for the interleaved schedules, else 1."""
+    return cfg.parallel.stages_per_rank if cfg.parallel.pp_schedule in MULTI_STAGE_SCHEDULES else 1
+
+
 @dataclass(frozen=True)
 class ParallelDims:
     dp_replicate: int
@@ -61,10 +69,13 @@ class ParallelDims:
         if p.sequence_parallel and p.tp > 1 and not (m.arch == "gpt" and not m.tie_embeddings):
             raise ConfigError("parallel.sequence_parallel needs a GPT with model.tie_embeddings = false; "
                               "set parallel.sequence_parallel = false")
-        stages = p.pp * (p.stages_per_rank if p.pp > 1 else 1)
-        if p.pp > 1 and m.n_layers < stages:
-            raise ConfigError(f"{stages} pipeline stages (pp {p.pp} × stages_per_rank {p.stages_per_rank}) need at "
-                              f"least as many layers; model.n_layers = {m.n_layers}")
+        per_rank = stages_per_rank(cfg)
+        if p.pp > 1 and p.pp_schedule == "zbv" and per_rank != 2:
+            raise ConfigError(f"parallel.pp_schedule = zbv places exactly 2 stages per rank (a V); "
+                              f"parallel.stages_per_rank = {p.stages_per_rank}")
+        if p.pp > 1 and m.n_layers < p.pp * per_rank:
+            raise ConfigError(f"{p.pp * per_rank} pipeline stages (pp {p.pp} × {per_rank} per rank) need at least "
+                              f"as many layers; model.n_layers = {m.n_layers}")
         if p.pp > 1:
             micro = p.n_microbatches or p.pp
             if micro < p.pp and p.pp_schedule != "gpipe":

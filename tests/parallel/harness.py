@@ -1,0 +1,102 @@
+"""Run under torchrun: train several parallel layouts for a few steps, each against a single-process reference
+that every rank computes itself, and print one line per layout: ``LAYOUT name loss_diff param_diff``.
+
+    python -m torch.distributed.run --standalone --nproc-per-node=4 tests/parallel/harness.py NAME [NAME ...]
+
+Exit status 1 if any layout differs by more than the tolerance. One launch serves many layouts: starting
+ranks costs more than training a tiny model.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from pretrain.config import load_config  # noqa: E402
+from pretrain.distributed import DistInfo, init_distributed  # noqa: E402
+from pretrain.parallel.dims import ParallelDims  # noqa: E402
+from pretrain.train import build_trainer  # noqa: E402
+
+TOLERANCE = 1e-5
+GLOBAL_BATCH = 8  # samples per optimizer step, whatever the layout
+STEPS = 3
+
+BASE = ["model.n_layers=4", "model.d_model=32", "model.n_heads=4", "model.vocab_size=64", "model.seq_len=16",
+        f"train.steps={STEPS}", "schedule.warmup_steps=1", "schedule.decay=constant", "optim.lr=1e-3",
+        "logging.interval=0", "logging.tensorboard=false", "eval.interval=0", "checkpoint.interval=0",
+        "checkpoint.resume=never", "data.source=synthetic", "parallel.meta_init=false", "model.tie_embeddings=false"]
+
+# name -> (world size, overrides); micro_batch × grad_accum × dp = GLOBAL_BATCH in every one
+LAYOUTS = {
+    "dp2": (2, ["train.micro_batch_size=4"]),
+    "dp2_accum": (2, ["train.micro_batch_size=2", "train.grad_accum=2"]),
+    "zero1_2": (2, ["train.micro_batch_size=4", "parallel.zero_stage=1"]),
+    "zero2_2": (2, ["train.micro_batch_size=4", "parallel.zero_stage=2"]),
+    "zero3_2": (2, ["train.micro_batch_size=2", "train.grad_accum=2", "parallel.zero_stage=3"]),
+    "tp2": (2, ["train.micro_batch_size=8", "parallel.tp=2", "parallel.sequence_parallel=false"]),
+    "tp2_sp": (2, ["train.micro_batch_size=8", "parallel.tp=2", "parallel.sequence_parallel=true"]),
+    "tp2_gpt2_tied": (2, ["train.micro_batch_size=8", "parallel.tp=2", "parallel.sequence_parallel=false",
+                          "model.flavor=gpt2", "model.tie_embeddings=true"]),
+    "bert_tp2": (2, ["train.micro_batch_size=8", "parallel.tp=2", "parallel.sequence_parallel=false",
+                     "model.arch=bert"]),
+    "ac_full_dp2": (2, ["train.micro_batch_size=4", "parallel.activation_checkpointing=full"]),
+    "zero3_4": (4, ["train.micro_batch_size=2", "parallel.zero_stage=3"]),
+    "hsdp_2x2": (4, ["train.micro_batch_size=2", "parallel.zero_stage=3", "parallel.dp_replicate=2"]),
+    "tp2_dp2": (4, ["train.micro_batch_size=4", "parallel.tp=2", "parallel.zero_stage=2"]),
+    "tp2_sp_dp2_zero3": (4, ["train.micro_batch_size=2", "train.grad_accum=2", "parallel.tp=2",
+                             "parallel.zero_stage=3", "parallel.activation_checkpointing=selective"]),
+    "bert_tp2_dp2": (4, ["train.micro_batch_size=4", "parallel.tp=2", "parallel.sequence_parallel=false",
+                         "parallel.zero_stage=3", "model.arch=bert"]),
+}
+
+
+def full_params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))
+    return {k: v.detach().float().cpu() for k, v in state.items()}
+
+
+def run(overrides: list[str], dist_info: DistInfo, run_dir: str):
+    cfg = load_config(None, [*BASE, *overrides, f"logging.run_dir={run_dir}"])
+    dims = ParallelDims.from_config(cfg, dist_info.world_size)
+    trainer = build_trainer(cfg, dist_info, dims)
+    losses = trainer.fit()
+    return losses, full_params(trainer.raw_model)
+
+
+def main(names: list[str]) -> int:
+    info = init_distributed("cpu")
+    failed = False
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            world, overrides = LAYOUTS[name]
+            assert world == info.world_size, f"{name} needs {world} ranks"
+            arch = [o for o in overrides if o.startswith(("model.arch", "model.flavor", "model.tie"))]
+            reference, ref_params = run([f"train.micro_batch_size={GLOBAL_BATCH}", *arch],
+                                        DistInfo(0, 1, 0, torch.device("cpu")), f"{tmp}/ref")
+            losses, params = run(overrides, info, f"{tmp}/{name}")
+            loss_diff = max(abs(a - b) for a, b in zip(reference, losses))
+            assert len(losses) == len(reference) == STEPS
+            param_diff = max((params[k] - ref_params[k]).abs().max().item() for k in ref_params)
+            assert params.keys() == ref_params.keys()
+            ok = loss_diff <= TOLERANCE and param_diff <= TOLERANCE
+            failed |= not ok
+            if info.rank == 0:
+                print(f"LAYOUT {name} {'ok' if ok else 'FAILED'} loss_diff={loss_diff:.2e} "
+                      f"param_diff={param_diff:.2e} losses={[round(x, 6) for x in losses]}", flush=True)
+            dist.barrier()
+    dist.destroy_process_group()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,79 @@
+"""Every parallel layout trains to the single-process losses and parameters (gloo, fp32, 3 steps, 1e-5):
+one torchrun launch per world size runs its whole list (tests/parallel/harness.py)."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pretrain.config import ConfigError, load_config
+from pretrain.parallel.dims import ParallelDims
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+from tests.parallel.harness import LAYOUTS  # noqa: E402
+
+
+def launch(world: int, names: list[str]) -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
+                           "tests/parallel/harness.py", *names], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
+    found = dict(re.findall(r"^LAYOUT (\S+) (.*)$", proc.stdout, re.M))
+    assert set(found) == set(names), proc.stdout[-3000:] + proc.stderr[-5000:]
+    return found
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_layouts_match_one_process(world):
+    names = [name for name, (w, _) in LAYOUTS.items() if w == world]
+    for name, line in launch(world, names).items():
+        assert line.startswith("ok "), f"{name}: {line}"
+
+
+def dims(*overrides, world):
+    return ParallelDims.from_config(load_config(None, ["model.n_heads=4", "model.d_model=64", *overrides]), world)
+
+
+def test_dims_resolve_and_order():
+    d = dims("parallel.tp=2", "parallel.dp_replicate=2", "parallel.zero_stage=3", world=8)
+    assert (d.dp_replicate, d.dp_shard, d.tp, d.pp, d.dp) == (2, 2, 2, 1, 4)
+    assert dims(world=4).dp_shard == 4
+
+
+@pytest.mark.parametrize("overrides, world, message", [
+    (["parallel.tp=2", "parallel.pp=2"], 6, "world size 6 is not divisible by dp_replicate × tp × pp = 1 × 2 × 2 = 4"),
+    (["parallel.dp_shard=3"], 4, "= 3, but the world size is 4"),
+    (["parallel.tp=3"], 3, "parallel.tp = 3 must divide model.n_heads (4)"),
+    (["parallel.tp=2", "model.n_kv_heads=1"], 2, "must divide model.n_heads (4) and the kv heads (1)"),
+    (["parallel.tp=2", "model.vocab_size=1001", "model.tie_embeddings=false"], 2, "pad it to 1024"),
+    (["parallel.pp=4", "model.n_layers=2"], 4, "4 pipeline stages (pp 4 × 1 per rank) need at least as many"),
+    (["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b", "model.n_layers=3"], 2,
+     "4 pipeline stages (pp 2 × 2 per rank) need at least as many layers; model.n_layers = 3"),
+    (["parallel.pp=2", "parallel.pp_schedule=1f1b", "parallel.n_microbatches=1", "model.n_layers=4"], 2,
+     "parallel.pp_schedule = 1f1b needs parallel.n_microbatches >= pp (2), got 1"),
+    (["parallel.tp=2"], 4, "tensor parallelism with data parallelism needs FSDP: set parallel.zero_stage = 2 or 3"),
+    (["parallel.tp=2", "model.arch=bert", "parallel.sequence_parallel=true"], 2, "sequence_parallel needs a GPT"),
+])
+def test_bad_layouts_give_one_line_before_any_process_group(overrides, world, message):
+    with pytest.raises(ConfigError) as info:
+        dims(*overrides, world=world)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_deepspeed_with_tp_is_refused_at_load():
+    with pytest.raises(ConfigError, match="deepspeed.*pure data parallelism"):
+        load_config(None, ["parallel.engine=deepspeed", "parallel.tp=2"])
+
+
+def test_cli_bad_layout_exits_2(tmp_path):
+    env = {**os.environ, "WORLD_SIZE": "3", "RANK": "0", "LOCAL_RANK": "0"}
+    proc = subprocess.run([sys.executable, "-m", "pretrain.train", "--set", "parallel.tp=2",
+                           f"logging.run_dir={tmp_path}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: world size 3 is not divisible by dp_replicate × tp × pp = 1 × 2 × 1 = 2"]
