@@ -55,6 +55,15 @@ class GPTTask:
     def loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], accuracy: bool = True) -> LossOutput:
         return _cross_entropy(model(batch["tokens"]), batch["targets"], accuracy)
 
+    @staticmethod
+    def pipeline_io(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(first stage input, last stage target) of a batch."""
+        return batch["tokens"], batch["targets"]
+
+    @staticmethod
+    def loss_from_output(logits: torch.Tensor, targets: torch.Tensor, accuracy: bool = True) -> LossOutput:
+        return _cross_entropy(logits, targets, accuracy)
+
 
 class BERTTask:
     """Masked-LM: batch {"tokens", "attention_mask", "labels"} (B, T); labels -100 except at masked positions.

@@ -168,6 +168,44 @@ class Trainer:
             return loss_parallel()
         return contextlib.nullcontext()
 
+    def _run_pipeline(self, batch: dict[str, torch.Tensor], scale, train: bool) -> dict[str, torch.Tensor]:
+        """One trainer micro-batch through the pipeline schedule (split into its micro-batches); returns the
+        summed loss, target count and correct guesses seen by this rank's last stage (zeros elsewhere)."""
+        seen: dict[int, tuple] = {}
+
+        def loss_fn(output, target):
+            out = self.task.loss_from_output(output, target, accuracy=not train)
+            result = out.loss_sum * scale
+            seen[id(result)] = (result, out)
+            return result
+
+        self.parallel.pipeline_loss.fn = loss_fn
+        inputs, target = self.task.pipeline_io(batch)
+        args = (inputs,) if self.parallel.has_first_stage else ()
+        kwargs = {"target": target} if self.parallel.has_last_stage else {}
+        losses: list = []
+        with self._loss_context(), self._autocast():
+            if train:
+                self.parallel.schedule.step(*args, losses=losses, **kwargs)
+            else:
+                self.parallel.schedule.eval(*args, losses=losses, **kwargs)
+        # only the micro-batches the schedule reports: its shape inference calls the loss function too
+        totals = {k: torch.zeros((), dtype=torch.float64, device=self.device) for k in ("loss", "count", "correct")}
+        for loss in losses:
+            out = seen[id(loss)][1]
+            totals["loss"] += _plain(out.loss_sum.detach()).to(torch.float64)
+            totals["count"] += out.count.to(torch.float64)
+            totals["correct"] += out.correct.to(torch.float64)
+        return totals
+
+    def _pipeline_forward_backward(self, micro_batches, scale) -> torch.Tensor:
+        for part in self.parallel.parts:
+            part.train()
+        loss_total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for batch in micro_batches:
+            loss_total += self._run_pipeline(batch, scale, train=True)["loss"]
+        return distributed.all_reduce_sum(loss_total, self.parallel.pp_group())  # only the last stage has it
+
     def _dp_sum(self, value: torch.Tensor) -> torch.Tensor:
         """Sum over the data-parallel ranks (the ones holding different samples)."""
         return distributed.all_reduce_sum(value, self.dp_group) if self.dp_size > 1 else value
@@ -191,19 +229,23 @@ class Trainer:
         count = torch.stack([self.task.count(b) for b in micro_batches]).sum().to(torch.float64)
         count, skipped = self._dp_sum(
             torch.stack([count, torch.tensor(float(skipped), dtype=torch.float64, device=self.device)]))
-        loss_total = torch.zeros((), dtype=torch.float64, device=self.device)
-        self.model.train()
-        for i, batch in enumerate(micro_batches):
-            last = i == len(micro_batches) - 1
-            with no_gradient_sync(self.model, active=not last and self.dp_size > 1), self._loss_context():
-                with self._autocast():
-                    out = self.task.loss(self.model, batch, accuracy=False)
-                # DDP / FSDP average gradients over the dp ranks: scale by their number to keep the global mean
-                (out.loss_sum * (self.dp_size / count.clamp(min=1)).float()).backward()
-            loss_total += _plain(out.loss_sum.detach()).to(torch.float64)
+        # DDP / FSDP average gradients over the dp ranks: scale by their number to keep the global mean
+        scale = (self.dp_size / count.clamp(min=1)).float()
+        if self.parallel.schedule is not None:
+            loss_total = self._pipeline_forward_backward(micro_batches, scale)
+        else:
+            loss_total = torch.zeros((), dtype=torch.float64, device=self.device)
+            self.model.train()
+            for i, batch in enumerate(micro_batches):
+                last = i == len(micro_batches) - 1
+                with no_gradient_sync(self.model, active=not last and self.dp_size > 1), self._loss_context():
+                    with self._autocast():
+                        out = self.task.loss(self.model, batch, accuracy=False)
+                    (out.loss_sum * scale).backward()
+                loss_total += _plain(out.loss_sum.detach()).to(torch.float64)
         loss_total = self._dp_sum(loss_total)
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = clip_grad_norm(list(self.raw_model.parameters()), max_norm)
+        grad_norm = clip_grad_norm(list(self.raw_model.parameters()), max_norm, self.parallel.pp_group())
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -215,7 +257,8 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         data = self.val_data_factory()
-        self.model.eval()
+        for part in self.parallel.parts or [self.raw_model]:
+            part.eval()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         count = torch.zeros((), dtype=torch.float64, device=self.device)
         correct = torch.zeros((), dtype=torch.float64, device=self.device)
@@ -224,13 +267,23 @@ class Trainer:
                 batch = {k: v.to(self.device) for k, v in data.next_batch().items() if k not in META_KEYS}
             except StopIteration:
                 break
+            if self.parallel.schedule is not None:
+                got = self._run_pipeline(batch, 1.0, train=False)
+                loss_sum += got["loss"]
+                count += got["count"]
+                correct += got["correct"]
+                continue
             with self._autocast(), self._loss_context():
                 out = self.task.loss(self.raw_model, batch, accuracy=True)
             loss_sum += _plain(out.loss_sum).double()
             count += out.count.double()
             correct += out.correct.double()
-        totals = self._dp_sum(torch.stack([loss_sum, count, correct]))
-        self.model.train()
+        totals = torch.stack([loss_sum, count, correct])
+        if self.parallel.schedule is not None:
+            totals = distributed.all_reduce_sum(totals, self.parallel.pp_group())
+        totals = self._dp_sum(totals)
+        for part in self.parallel.parts or [self.raw_model]:
+            part.train()
         if totals[1] == 0:
             raise RuntimeError("the validation split yielded no batches: prepare more documents or set eval.interval = 0")
         val_loss = float(totals[0] / totals[1])

@@ -60,22 +60,28 @@ class GPT(nn.Module):
     def output_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
-    def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (B, T) int -> final-norm hidden states (B, T, D)."""
-        x = self.embed_tokens(tokens)  # (B, T, D)
-        if self.embed_positions is not None:
-            t = tokens.shape[1]
-            if t > self.embed_positions.num_embeddings:
-                raise ValueError(f"sequence of {t} tokens exceeds the {self.embed_positions.num_embeddings} learned positions")
-            x = x + self.embed_positions(torch.arange(t, device=tokens.device))
-        x = self.embed_dropout(x)
+    def hidden_states(self, x: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T) int -> final-norm hidden states (B, T, D). A pipeline stage without ``embed_tokens``
+        takes hidden states (B, T, D) instead; one without ``norm`` returns the last block's output."""
+        if self.embed_tokens is not None:
+            tokens = x
+            x = self.embed_tokens(tokens)  # (B, T, D)
+            if self.embed_positions is not None:
+                t = tokens.shape[1]
+                if t > self.embed_positions.num_embeddings:
+                    raise ValueError(f"sequence of {t} tokens exceeds the {self.embed_positions.num_embeddings} "
+                                     "learned positions")
+                x = x + self.embed_positions(torch.arange(t, device=tokens.device))
+            x = self.embed_dropout(x)
         for layer in self.layers.values():
             x = layer(x, self.rotary)
-        return self.norm(x)
+        return x if self.norm is None else self.norm(x)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (B, T) -> logits (B, T, V)."""
-        h = self.hidden_states(tokens)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, V) (a pipeline stage: see ``hidden_states``)."""
+        h = self.hidden_states(x)
+        if self.norm is None:  # not the last pipeline stage
+            return h
         return self.lm_head(h) if self.lm_head is not None else F.linear(h, self.embed_tokens.weight)
 
     @torch.no_grad()

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 from pretrain.config import Config, ConfigError
 
-
 MULTI_STAGE_SCHEDULES = ("interleaved_1f1b", "zbv")
 
 
@@ -69,6 +68,9 @@ class ParallelDims:
         if p.sequence_parallel and p.tp > 1 and not (m.arch == "gpt" and not m.tie_embeddings):
             raise ConfigError("parallel.sequence_parallel needs a GPT with model.tie_embeddings = false; "
                               "set parallel.sequence_parallel = false")
+        if p.pp > 1 and (m.arch != "gpt" or m.tie_embeddings):
+            raise ConfigError("pipeline parallelism needs a GPT with model.tie_embeddings = false (a tied "
+                              "embedding would span the first and the last stage)")
         per_rank = stages_per_rank(cfg)
         if p.pp > 1 and p.pp_schedule == "zbv" and per_rank != 2:
             raise ConfigError(f"parallel.pp_schedule = zbv places exactly 2 stages per rank (a V); "
@@ -86,8 +88,9 @@ class ParallelDims:
                                   f"parallel.n_microbatches ({micro})")
         if p.engine == "deepspeed" and (p.tp > 1 or p.pp > 1):
             raise ConfigError("parallel.engine = \"deepspeed\" is for pure data parallelism: tp and pp must be 1")
-        if p.engine == "native" and dims.dp > 1 and p.zero_stage < 2 and p.tp > 1:
-            raise ConfigError(f"tensor parallelism with data parallelism needs FSDP: set parallel.zero_stage = 2 or "
+        if p.engine == "native" and dims.dp > 1 and p.zero_stage < 2 and (p.tp > 1 or p.pp > 1):
+            what = "tensor" if p.tp > 1 else "pipeline"
+            raise ConfigError(f"{what} parallelism with data parallelism needs FSDP: set parallel.zero_stage = 2 or "
                               f"3 (got {p.zero_stage})")
         if p.engine == "native" and p.dp_replicate > 1 and p.zero_stage < 2 and dims.dp_shard > 1:
             raise ConfigError("parallel.dp_replicate > 1 with dp_shard > 1 is HSDP: set parallel.zero_stage = 2 or 3")

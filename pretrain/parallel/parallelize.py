@@ -21,17 +21,32 @@ from pretrain.models import build_model
 from pretrain.parallel.dims import ParallelDims
 
 
+class PipelineLoss:
+    """The schedule's loss function, set by the trainer before each step (it carries the step's normalisation)."""
+
+    def __init__(self):
+        self.fn = None
+
+    def __call__(self, output, target):
+        return self.fn(output, target)
+
+
 @dataclass
 class Parallelized:
     """What the trainer drives: ``model`` runs forward/backward (DDP-wrapped when so), ``module`` is the plain
-    (possibly sharded) module for the optimizer, state dicts and evaluation."""
+    (possibly sharded) module for the optimizer, state dicts and evaluation. With pipeline parallelism
+    ``schedule`` runs forward and backward instead, over this rank's stage(s) ``parts``."""
 
     model: nn.Module
     module: nn.Module
     dims: ParallelDims
     mesh: object = None
     dp_rank: int = 0
-    extra: dict = field(default_factory=dict)
+    schedule: object = None
+    pipeline_loss: PipelineLoss | None = None
+    has_first_stage: bool = True
+    has_last_stage: bool = True
+    parts: list = field(default_factory=list)
 
     @property
     def dp_size(self) -> int:
@@ -40,22 +55,37 @@ class Parallelized:
     def dp_group(self):
         return None if self.mesh is None or self.dims.dp == 1 else self.mesh["dp"].get_group()
 
+    def pp_group(self):
+        return None if self.mesh is None or self.dims.pp == 1 else self.mesh["pp"].get_group()
+
 
 def single(model: nn.Module) -> Parallelized:
     return Parallelized(model, model, ParallelDims(1, 1, 1, 1))
 
 
 def parallelize(cfg: Config, dims: ParallelDims, mesh, device: torch.device) -> Parallelized:
-    p = cfg.parallel
-    if p.meta_init:
-        with torch.device("meta"):
-            model = build_model(cfg.model)
-    else:  # every rank builds the same seeded model; sharding cuts each rank's part out of it
-        model = build_model(cfg.model)
     if mesh is None:  # one process
+        model = _build(cfg)
         _apply_local(model, cfg)
         _materialise(model, device)
         return single(model)
+    dp_rank = mesh["dp"].get_local_rank()
+    if dims.pp > 1:
+        return _parallelize_pipeline(cfg, dims, mesh, device, dp_rank)
+    model, runner = _shard(_build(cfg), cfg, dims, mesh, device)
+    return Parallelized(runner, model, dims, mesh, dp_rank, parts=[model])
+
+
+def _build(cfg: Config) -> nn.Module:
+    if cfg.parallel.meta_init:
+        with torch.device("meta"):
+            return build_model(cfg.model)
+    return build_model(cfg.model)  # every rank builds the same seeded model; sharding cuts its part out
+
+
+def _shard(model: nn.Module, cfg: Config, dims: ParallelDims, mesh, device) -> tuple[nn.Module, nn.Module]:
+    """TP -> AC -> compile -> FSDP, materialise, DDP: returns (module, what runs forward/backward)."""
+    p = cfg.parallel
     if dims.tp > 1:
         from pretrain.parallel.tensor_parallel import apply_tensor_parallel
 
@@ -74,8 +104,29 @@ def parallelize(cfg: Config, dims: ParallelDims, mesh, device: torch.device) -> 
         from pretrain.parallel.data_parallel import apply_ddp
 
         runner = apply_ddp(model, mesh["dp"], device)
-    dp_rank = mesh["dp"].get_local_rank()
-    return Parallelized(runner, model, dims, mesh, dp_rank)
+    return model, runner
+
+
+def _parallelize_pipeline(cfg: Config, dims: ParallelDims, mesh, device, dp_rank: int) -> Parallelized:
+    from torch.distributed.pipelining import PipelineStage
+
+    from pretrain.parallel.dims import stages_per_rank
+    from pretrain.parallel.pipeline import build_schedule, prune_to_stage, stage_ids
+
+    per_rank = stages_per_rank(cfg)
+    n_stages = dims.pp * per_rank
+    ids = stage_ids(mesh["pp"].get_local_rank(), dims.pp, per_rank, cfg.parallel.pp_schedule)
+    parts, stages = [], []
+    for sid in ids:
+        torch.manual_seed(cfg.train.seed)  # every stage is cut from the same whole model
+        model, runner = _shard(prune_to_stage(_build(cfg), sid, n_stages), cfg, dims, mesh, device)
+        parts.append(model)
+        stages.append(PipelineStage(runner, sid, n_stages, device, group=mesh["pp"].get_group()))
+    loss = PipelineLoss()
+    schedule = build_schedule(cfg, stages, loss)
+    module = parts[0] if len(parts) == 1 else nn.ModuleList(parts)
+    return Parallelized(None, module, dims, mesh, dp_rank, schedule=schedule, pipeline_loss=loss,
+                        has_first_stage=0 in ids, has_last_stage=n_stages - 1 in ids, parts=parts)
 
 
 def _apply_local(model: nn.Module, cfg: Config) -> None:

@@ -47,21 +47,40 @@ LAYOUTS = {
     "bert_tp2": (2, ["train.micro_batch_size=8", "parallel.tp=2", "parallel.sequence_parallel=false",
                      "model.arch=bert"]),
     "ac_full_dp2": (2, ["train.micro_batch_size=4", "parallel.activation_checkpointing=full"]),
+    "pp2_gpipe": (2, ["train.micro_batch_size=8", "parallel.pp=2", "parallel.pp_schedule=gpipe"]),
+    "pp2_1f1b": (2, ["train.micro_batch_size=4", "train.grad_accum=2", "parallel.pp=2", "parallel.pp_schedule=1f1b",
+                     "parallel.n_microbatches=4"]),
+    "pp2_interleaved": (2, ["train.micro_batch_size=8", "parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b"]),
+    "pp2_zbv": (2, ["train.micro_batch_size=8", "parallel.pp=2", "parallel.pp_schedule=zbv"]),
     "zero3_4": (4, ["train.micro_batch_size=2", "parallel.zero_stage=3"]),
     "hsdp_2x2": (4, ["train.micro_batch_size=2", "parallel.zero_stage=3", "parallel.dp_replicate=2"]),
     "tp2_dp2": (4, ["train.micro_batch_size=4", "parallel.tp=2", "parallel.zero_stage=2"]),
     "tp2_sp_dp2_zero3": (4, ["train.micro_batch_size=2", "train.grad_accum=2", "parallel.tp=2",
                              "parallel.zero_stage=3", "parallel.activation_checkpointing=selective"]),
+    "pp2_dp2": (4, ["train.micro_batch_size=4", "parallel.pp=2", "parallel.zero_stage=2"]),
+    "pp2_dp2_zero3": (4, ["train.micro_batch_size=4", "parallel.pp=2", "parallel.zero_stage=3"]),
+    "tp2_pp2": (4, ["train.micro_batch_size=8", "parallel.tp=2", "parallel.pp=2"]),
+    "tp2_pp2_dp2": (8, ["train.micro_batch_size=4", "parallel.tp=2", "parallel.pp=2", "parallel.zero_stage=3",
+                        "parallel.pp_schedule=interleaved_1f1b"]),
     "bert_tp2_dp2": (4, ["train.micro_batch_size=4", "parallel.tp=2", "parallel.sequence_parallel=false",
                          "parallel.zero_stage=3", "model.arch=bert"]),
 }
 
 
-def full_params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+def full_params(parts: list[torch.nn.Module], gather: bool) -> dict[str, torch.Tensor]:
+    """Every parameter, whole: each stage's state gathered over its shards, then merged over all ranks."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True))
-    return {k: v.detach().float().cpu() for k, v in state.items()}
+    merged = {}
+    for part in parts:
+        state = get_model_state_dict(part, options=StateDictOptions(full_state_dict=True))
+        merged.update({k: v.detach().float().cpu() for k, v in state.items()})
+    if gather:
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, merged)
+        for other in everyone:
+            merged.update(other)
+    return merged
 
 
 def run(overrides: list[str], dist_info: DistInfo, run_dir: str):
@@ -69,7 +88,7 @@ def run(overrides: list[str], dist_info: DistInfo, run_dir: str):
     dims = ParallelDims.from_config(cfg, dist_info.world_size)
     trainer = build_trainer(cfg, dist_info, dims)
     losses = trainer.fit()
-    return losses, full_params(trainer.raw_model)
+    return losses, full_params(trainer.parallel.parts or [trainer.raw_model], dist_info.world_size > 1)
 
 
 def main(names: list[str]) -> int:

@@ -27,7 +27,7 @@ def launch(world: int, names: list[str]) -> dict[str, str]:
     return found
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, 4, pytest.param(8, marks=pytest.mark.slow)])
 def test_layouts_match_one_process(world):
     names = [name for name, (w, _) in LAYOUTS.items() if w == world]
     for name, line in launch(world, names).items():
