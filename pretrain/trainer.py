@@ -124,8 +124,15 @@ class Trainer:
         self.parallel = parallel
         self.model, self.raw_model = parallel.model, parallel.module
         self.dp_size, self.dp_group = parallel.dp_size, parallel.dp_group()
-        zero1 = self.dp_group if cfg.parallel.zero_stage == 1 and self.dp_size > 1 else None
+        native = cfg.parallel.engine == "native"
+        zero1 = self.dp_group if native and cfg.parallel.zero_stage == 1 and self.dp_size > 1 else None
         self.optimizer = build_optimizer(self.raw_model, cfg, self.device, zero1)
+        self.engine = None
+        if not native:  # DeepSpeed runs forward, backward, clipping and the optimizer step
+            from pretrain.parallel.deepspeed import initialize
+
+            self.engine = initialize(cfg, self.raw_model, self.optimizer, self.dp_size)
+            self.model, self.optimizer = self.engine, self.engine.optimizer
         self.val_data_factory = val_data_factory
         self.metrics = metrics or MetricsLogger(cfg.logging.run_dir, enabled=False)
         self.step = 0
@@ -147,7 +154,7 @@ class Trainer:
         if path is None:
             return False
         check_resumable(saved_config_toml(path), self.cfg, path.parent)
-        state = self.checkpoints.load(path, self.raw_model, self.optimizer)
+        state = self.checkpoints.load(path, self.raw_model, self.optimizer, self.engine)
         self.step = int(state["step"])
         self.losses = list(state.get("losses", []))
         self.data_skipped = int(state.get("data_skipped", 0))
@@ -157,7 +164,7 @@ class Trainer:
 
     def save(self) -> Path:
         state = {"data": self.data.state_dict(), "losses": self.losses, "data_skipped": self.data_skipped}
-        return self.checkpoints.save(self.step, self.raw_model, self.optimizer, state, self.cfg.to_toml())
+        return self.checkpoints.save(self.step, self.raw_model, self.optimizer, state, self.cfg.to_toml(), self.engine)
 
     def _loss_context(self):
         """``loss_parallel`` around forward and backward when the head's logits are sharded over the vocab."""
@@ -206,6 +213,23 @@ class Trainer:
             loss_total += self._run_pipeline(batch, scale, train=True)["loss"]
         return distributed.all_reduce_sum(loss_total, self.parallel.pp_group())  # only the last stage has it
 
+    def _deepspeed_step(self, micro_batches, scale, count, lr: float, start: float, skipped) -> StepResult:
+        loss_total = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.engine.train()
+        for batch in micro_batches:
+            with self._autocast():
+                out = self.task.loss(self.engine, batch, accuracy=False)
+            # DeepSpeed divides the loss by the accumulation steps itself: undo it, the scale is already global
+            self.engine.backward(out.loss_sum * scale * self.cfg.train.grad_accum)
+            self.engine.step()  # steps the optimizer at the accumulation boundary only
+            loss_total += out.loss_sum.detach().to(torch.float64)
+        loss_total = self._dp_sum(loss_total)
+        self.step += 1
+        grad_norm = self.engine.get_global_grad_norm()
+        tokens = sum(b["tokens"].numel() for b in micro_batches) * self.dp_size
+        return StepResult(float(loss_total / count.clamp(min=1)), float(grad_norm or 0.0), lr, tokens,
+                          time.perf_counter() - start, int(skipped))
+
     def _dp_sum(self, value: torch.Tensor) -> torch.Tensor:
         """Sum over the data-parallel ranks (the ones holding different samples)."""
         return distributed.all_reduce_sum(value, self.dp_group) if self.dp_size > 1 else value
@@ -233,6 +257,8 @@ class Trainer:
         scale = (self.dp_size / count.clamp(min=1)).float()
         if self.parallel.schedule is not None:
             loss_total = self._pipeline_forward_backward(micro_batches, scale)
+        elif self.engine is not None:
+            return self._deepspeed_step(micro_batches, scale, count, lr, start, skipped)
         else:
             loss_total = torch.zeros((), dtype=torch.float64, device=self.device)
             self.model.train()

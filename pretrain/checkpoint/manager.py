@@ -5,6 +5,10 @@ config), ``state.json`` (step, data-loader position, scheduler), ``rng-rankR.pt`
 ``weights_only=True``) and ``manifest.json``, written last. A save goes to ``step-NNNNNNNN.tmp/`` and is renamed
 once complete; ``CKPT_DIR/latest`` (replaced atomically) then names it. A directory without a manifest is never
 loaded, and stale ``.tmp`` directories are removed when a manager starts.
+
+A pipeline rank holding several stages passes them as an ``nn.ModuleList``: the list's index prefix is taken off
+every key, so the checkpoint uses the whole model's names whatever the layout. The DeepSpeed engine writes its
+own files (``deepspeed/``) inside the same atomic step directory.
 """
 
 from __future__ import annotations
@@ -19,7 +23,13 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 from pretrain import distributed
 
@@ -28,6 +38,63 @@ STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 class CheckpointError(RuntimeError):
     pass
+
+
+def _is_zero1(optimizer) -> bool:
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    return isinstance(optimizer, ZeroRedundancyOptimizer)
+
+
+def _zero1_state(model: torch.nn.Module, optimizer) -> dict:
+    """A ZeroRedundancyOptimizer's state as DCP sees an ordinary one: each rank contributes the per-parameter
+    state of its own partition, keyed by parameter name, so a load on any number of ranks takes what it owns.
+    (Hyper-parameters come from the config at every step and are not saved.)"""
+    names = {id(p): n for n, p in model.named_parameters()}
+    inner = optimizer.optim
+    for group in inner.param_groups:  # make sure every owned parameter has state to load into
+        for p in group["params"]:
+            if not inner.state.get(p):
+                inner.state[p] = {"step": torch.zeros((), dtype=torch.float32),
+                                  "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+    return {"state": {names[id(p)]: st for p, st in inner.state.items()}}
+
+
+OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)  # optimizer keys "state.<param name>.exp_avg"
+
+
+def _model_and_optim_state(model: torch.nn.Module, optimizer) -> tuple[dict, dict | None, dict[str, str]]:
+    """DCP state dicts of model (+ optimizer, flattened) keyed by the whole model's parameter names; also the
+    renaming applied (a ModuleList of pipeline stages loses its index prefix)."""
+    if optimizer is not None and _is_zero1(optimizer):
+        return get_model_state_dict(model), _zero1_state(model, optimizer), {}
+    if optimizer is None:
+        model_sd, optim_sd = get_model_state_dict(model), None
+    else:
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=OPTIONS)
+    if not isinstance(model, torch.nn.ModuleList):
+        return model_sd, optim_sd, {}
+    names = {k: k.split(".", 1)[1] for k in model_sd}
+    return {names[k]: v for k, v in model_sd.items()}, _rename_optim(optim_sd, names), names
+
+
+def _rename_optim(optim_sd: dict | None, names: dict[str, str]) -> dict | None:
+    """Rename the parameter part of flattened optimizer keys (``state.<name>.exp_avg``)."""
+    if optim_sd is None:
+        return None
+    out = {}
+    for key, value in optim_sd.items():
+        kind, rest = key.split(".", 1)
+        name, field = rest.rsplit(".", 1)
+        out[f"{kind}.{names.get(name, name)}.{field}"] = value
+    return out
+
+
+def _restore_names(model_sd: dict, optim_sd: dict | None, names: dict[str, str]) -> tuple[dict, dict | None]:
+    if not names:
+        return model_sd, optim_sd
+    back = {v: k for k, v in names.items()}
+    return {back[k]: v for k, v in model_sd.items()}, _rename_optim(optim_sd, back)
 
 
 def step_dir_name(step: int) -> str:
@@ -87,7 +154,7 @@ class CheckpointManager:
 
     # --- saving -------------------------------------------------------------------------------------------
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
-             config_toml: str) -> Path:
+             config_toml: str, engine=None) -> Path:
         final = self.directory / step_dir_name(step)
         tmp = self.directory / (step_dir_name(step) + ".tmp")
         if self.rank == 0:
@@ -95,16 +162,19 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
         distributed.barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # single-process DCP warns that no process group exists
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        if engine is not None:
+            engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False)
+        else:
+            model_sd, optim_sd, _ = _model_and_optim_state(model, optimizer)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # single-process DCP warns that no process group exists
+                dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
         torch.save(rng_state(), tmp / f"rng-rank{self.rank}.pt")
         distributed.barrier()
         if self.rank == 0:
             (tmp / "config.toml").write_text(config_toml)
             (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=1))
-            files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+            files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
             (tmp / "manifest.json").write_text(json.dumps({"step": step, "files": files}, indent=1))
             if final.exists():  # a re-save of the same step replaces the old one only once complete
                 shutil.rmtree(final)
@@ -121,20 +191,34 @@ class CheckpointManager:
             shutil.rmtree(old, ignore_errors=True)
 
     # --- loading ------------------------------------------------------------------------------------------
-    def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+             engine=None) -> dict[str, Any]:
         """Restore model (+ optimizer, RNG) from ``path``; returns state.json (step, data, scheduler)."""
         path = Path(path)
         if not is_complete(path):
             raise CheckpointError(f"checkpoint {path} is incomplete (no manifest.json); refusing to load it")
-        model_sd, optim_sd = get_state_dict(model, optimizer) if optimizer is not None else (model.state_dict(), None)
-        to_load = {"model": model_sd} if optim_sd is None else {"model": model_sd, "optim": optim_sd}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            dcp.load(to_load, checkpoint_id=str(path))
-        if optimizer is not None:
-            set_state_dict(model, optimizer, model_state_dict=to_load["model"], optim_state_dict=to_load["optim"])
+        if engine is not None:
+            if not (path / "deepspeed").is_dir():
+                raise CheckpointError(f"{path} was not written by the DeepSpeed engine; resume it with "
+                                      'parallel.engine = "native"')
+            engine.load_checkpoint(str(path / "deepspeed"), tag="state")
+        elif (path / "deepspeed").is_dir():
+            raise CheckpointError(f"{path} was written by the DeepSpeed engine; resume it with "
+                                  'parallel.engine = "deepspeed"')
         else:
-            model.load_state_dict(to_load["model"])
+            model_sd, optim_sd, names = _model_and_optim_state(model, optimizer)
+            to_load = {"model": model_sd} if optim_sd is None else {"model": model_sd, "optim": optim_sd}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                dcp.load(to_load, checkpoint_id=str(path))
+            model_sd, optim_sd = _restore_names(to_load["model"], to_load.get("optim"), names)
+            if optimizer is not None and _is_zero1(optimizer):
+                set_model_state_dict(model, model_sd)  # the optimizer state was loaded in place
+            elif optimizer is not None:
+                set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                               options=OPTIONS)
+            else:
+                set_model_state_dict(model, model_sd)
         rng_file = path / f"rng-rank{self.rank}.pt"
         if rng_file.is_file():
             set_rng_state(torch.load(rng_file, weights_only=True))

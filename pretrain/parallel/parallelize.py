@@ -70,6 +70,11 @@ def parallelize(cfg: Config, dims: ParallelDims, mesh, device: torch.device) -> 
         _materialise(model, device)
         return single(model)
     dp_rank = mesh["dp"].get_local_rank()
+    if cfg.parallel.engine == "deepspeed":  # the engine (made by the trainer with its optimizer) does the rest
+        model = build_model(cfg.model)
+        _apply_local(model, cfg)
+        _materialise(model, device)
+        return Parallelized(model, model, dims, mesh, dp_rank, parts=[model])
     if dims.pp > 1:
         return _parallelize_pipeline(cfg, dims, mesh, device, dp_rank)
     model, runner = _shard(_build(cfg), cfg, dims, mesh, device)

@@ -52,6 +52,10 @@ LAYOUTS = {
                      "parallel.n_microbatches=4"]),
     "pp2_interleaved": (2, ["train.micro_batch_size=8", "parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b"]),
     "pp2_zbv": (2, ["train.micro_batch_size=8", "parallel.pp=2", "parallel.pp_schedule=zbv"]),
+    "ds_zero1_2": (2, ["train.micro_batch_size=4", "parallel.engine=deepspeed", "parallel.zero_stage=1"]),
+    "ds_zero2_2": (2, ["train.micro_batch_size=2", "train.grad_accum=2", "parallel.engine=deepspeed",
+                       "parallel.zero_stage=2"]),
+    "ds_zero3_2": (2, ["train.micro_batch_size=4", "parallel.engine=deepspeed", "parallel.zero_stage=3"]),
     "zero3_4": (4, ["train.micro_batch_size=2", "parallel.zero_stage=3"]),
     "hsdp_2x2": (4, ["train.micro_batch_size=2", "parallel.zero_stage=3", "parallel.dp_replicate=2"]),
     "tp2_dp2": (4, ["train.micro_batch_size=4", "parallel.tp=2", "parallel.zero_stage=2"]),
@@ -83,18 +87,31 @@ def full_params(parts: list[torch.nn.Module], gather: bool) -> dict[str, torch.T
     return merged
 
 
-def run(overrides: list[str], dist_info: DistInfo, run_dir: str):
+# layouts also checked for save at step 2 -> resume in a fresh trainer -> step 3 equal to the straight run
+RESUME = {"zero1_2", "pp2_interleaved", "ds_zero2_2", "tp2_sp", "tp2_sp_dp2_zero3", "pp2_dp2_zero3", "hsdp_2x2"}
+
+
+def run(overrides: list[str], dist_info: DistInfo, run_dir: str, stop_after: int | None = None):
     cfg = load_config(None, [*BASE, *overrides, f"logging.run_dir={run_dir}"])
     dims = ParallelDims.from_config(cfg, dist_info.world_size)
     trainer = build_trainer(cfg, dist_info, dims)
-    losses = trainer.fit()
+    losses = trainer.fit(stop_after)
     return losses, full_params(trainer.parallel.parts or [trainer.raw_model], dist_info.world_size > 1)
+
+
+def resumed_losses(overrides: list[str], dist_info: DistInfo, run_dir: str) -> list[float]:
+    checkpointing = ["checkpoint.interval=2", "checkpoint.resume=auto"]
+    run([*overrides, *checkpointing], dist_info, run_dir, stop_after=2)
+    return run([*overrides, *checkpointing], dist_info, run_dir)[0]
 
 
 def main(names: list[str]) -> int:
     info = init_distributed("cpu")
     failed = False
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as own:
+        shared = [own]
+        dist.broadcast_object_list(shared, src=0)  # one run directory for all ranks (checkpoints are shared)
+        tmp = shared[0]
         for name in names:
             world, overrides = LAYOUTS[name]
             assert world == info.world_size, f"{name} needs {world} ranks"
@@ -107,11 +124,18 @@ def main(names: list[str]) -> int:
             param_diff = max((params[k] - ref_params[k]).abs().max().item() for k in ref_params)
             assert params.keys() == ref_params.keys()
             ok = loss_diff <= TOLERANCE and param_diff <= TOLERANCE
+            if name in RESUME:
+                again = resumed_losses(overrides, info, f"{tmp}/{name}-resume")
+                resume_diff = max(abs(a - b) for a, b in zip(losses, again))
+                ok &= len(again) == STEPS and resume_diff <= TOLERANCE
+                if info.rank == 0:
+                    print(f"RESUME {name} diff={resume_diff:.2e}", flush=True)
             failed |= not ok
             if info.rank == 0:
                 print(f"LAYOUT {name} {'ok' if ok else 'FAILED'} loss_diff={loss_diff:.2e} "
                       f"param_diff={param_diff:.2e} losses={[round(x, 6) for x in losses]}", flush=True)
             dist.barrier()
+        dist.barrier()  # rank 0's directory goes away last
     dist.destroy_process_group()
     return 1 if failed else 0
 
