@@ -40,6 +40,7 @@ LAYOUTS = {
     "zero1_2": (2, ["train.micro_batch_size=4", "parallel.zero_stage=1"]),
     "zero2_2": (2, ["train.micro_batch_size=4", "parallel.zero_stage=2"]),
     "zero3_2": (2, ["train.micro_batch_size=2", "train.grad_accum=2", "parallel.zero_stage=3"]),
+    "zero3_offload_2": (2, ["train.micro_batch_size=4", "parallel.zero_stage=3", "parallel.cpu_offload=true"]),
     "tp2": (2, ["train.micro_batch_size=8", "parallel.tp=2", "parallel.sequence_parallel=false"]),
     "tp2_sp": (2, ["train.micro_batch_size=8", "parallel.tp=2", "parallel.sequence_parallel=true"]),
     "tp2_gpt2_tied": (2, ["train.micro_batch_size=8", "parallel.tp=2", "parallel.sequence_parallel=false",

@@ -77,3 +77,12 @@ def test_cli_bad_layout_exits_2(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "error: world size 3 is not divisible by dp_replicate × tp × pp = 1 × 2 × 1 = 2"]
+
+
+def test_tensor_parallel_split_matches_megatron_core():
+    pytest.importorskip("megatron.core")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "tests/parallel/megatron_peer.py"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert re.search(r"^PEER ok ", proc.stdout, re.M), proc.stdout[-2000:] + proc.stderr[-4000:]
