@@ -56,9 +56,9 @@ class GPTTask:
         return _cross_entropy(model(batch["tokens"]), batch["targets"], accuracy)
 
     @staticmethod
-    def pipeline_io(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(first stage input, last stage target) of a batch."""
-        return batch["tokens"], batch["targets"]
+    def pipeline_io(batch: dict[str, torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """(first stage inputs, last stage target) of a batch."""
+        return (batch["tokens"],), batch["targets"]
 
     @staticmethod
     def loss_from_output(logits: torch.Tensor, targets: torch.Tensor, accuracy: bool = True) -> LossOutput:
@@ -76,6 +76,15 @@ class BERTTask:
     @staticmethod
     def count(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return (batch["labels"] != IGNORE_INDEX).sum()
+
+    @staticmethod
+    def pipeline_io(batch: dict[str, torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """(first stage inputs, last stage target); the attention mask travels along the stages."""
+        return (batch["tokens"], batch["attention_mask"]), batch["labels"]
+
+    @staticmethod
+    def loss_from_output(logits: torch.Tensor, labels: torch.Tensor, accuracy: bool = True) -> LossOutput:
+        return _cross_entropy(logits, labels, accuracy)
 
     @staticmethod
     def loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], accuracy: bool = True) -> LossOutput:

@@ -188,7 +188,7 @@ class Trainer:
 
         self.parallel.pipeline_loss.fn = loss_fn
         inputs, target = self.task.pipeline_io(batch)
-        args = (inputs,) if self.parallel.has_first_stage else ()
+        args = inputs if self.parallel.has_first_stage else ()
         kwargs = {"target": target} if self.parallel.has_last_stage else {}
         losses: list = []
         with self._loss_context(), self._autocast():
@@ -271,7 +271,11 @@ class Trainer:
                 loss_total += _plain(out.loss_sum.detach()).to(torch.float64)
         loss_total = self._dp_sum(loss_total)
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = clip_grad_norm(list(self.raw_model.parameters()), max_norm, self.parallel.pp_group())
+        tied = self.parallel.tied
+        if tied is not None:
+            tied.sync_gradients()
+        grad_norm = clip_grad_norm(list(self.raw_model.parameters()), max_norm, self.parallel.pp_group(),
+                                   tied.not_counted() if tied is not None else ())
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1

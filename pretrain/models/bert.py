@@ -77,23 +77,31 @@ class BERT(nn.Module):
         self.nsp_head = nn.Linear(cfg.d_model, 2) if cfg.nsp_head else None
         self.init_weights()
 
+    is_first_stage = True  # pipeline stages after the first take hidden states instead of tokens
+
     def init_weights(self) -> None:
         init_weights(self, self.cfg.init_std, self.cfg.n_layers)
-        nn.init.zeros_(self.mlm_head.bias)
+        if self.mlm_head is not None:
+            nn.init.zeros_(self.mlm_head.bias)
 
     def encode(self, tokens, attention_mask=None, token_type_ids=None):
-        """tokens (B, T), attention_mask (B, T) bool/int, 1 = real token -> hidden states (B, T, D)."""
+        """tokens (B, T), attention_mask (B, T) bool/int, 1 = real token -> hidden states (B, T, D). A later
+        pipeline stage takes hidden states (B, T, D) in place of tokens."""
         mask = None if attention_mask is None else attention_mask.bool()
-        x = self.embeddings(tokens, token_type_ids)
+        x = self.embeddings(tokens, token_type_ids) if self.is_first_stage else tokens
         for layer in self.layers.values():
             x = layer(x, key_padding_mask=mask)
         return x
 
     def forward(self, tokens, attention_mask=None, token_type_ids=None, with_nsp: bool = False):
-        """-> MLM logits (B, T, V); with ``with_nsp``, (MLM logits, NSP logits (B, 2))."""
+        """-> MLM logits (B, T, V); with ``with_nsp``, (MLM logits, NSP logits (B, 2)). A pipeline stage without
+        the head returns (hidden states, attention mask) for the next one."""
         if with_nsp:
             return self.mlm_and_nsp(tokens, attention_mask, token_type_ids)
-        return self.mlm_head(self.encode(tokens, attention_mask, token_type_ids), self.embeddings.word_embeddings.weight)
+        h = self.encode(tokens, attention_mask, token_type_ids)
+        if self.mlm_head is None:
+            return h, attention_mask
+        return self.mlm_head(h, self.embeddings.word_embeddings.weight)
 
     def mlm_and_nsp(self, tokens, attention_mask=None, token_type_ids=None):
         """-> (MLM logits (B, T, V), NSP logits (B, 2) or None)."""

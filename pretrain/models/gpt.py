@@ -60,10 +60,12 @@ class GPT(nn.Module):
     def output_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
+    is_first_stage = True  # pipeline stages after the first take hidden states instead of tokens
+
     def hidden_states(self, x: torch.Tensor) -> torch.Tensor:
-        """tokens (B, T) int -> final-norm hidden states (B, T, D). A pipeline stage without ``embed_tokens``
-        takes hidden states (B, T, D) instead; one without ``norm`` returns the last block's output."""
-        if self.embed_tokens is not None:
+        """tokens (B, T) int -> final-norm hidden states (B, T, D). A later pipeline stage takes hidden states
+        (B, T, D) instead; one without ``norm`` returns the last block's output."""
+        if self.is_first_stage:
             tokens = x
             x = self.embed_tokens(tokens)  # (B, T, D)
             if self.embed_positions is not None:

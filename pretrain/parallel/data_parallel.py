@@ -65,18 +65,21 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def clip_grad_norm(parameters, max_norm: float, pp_group=None) -> torch.Tensor:
+def clip_grad_norm(parameters, max_norm: float, pp_group=None, not_counted=()) -> torch.Tensor:
     """Total L2 norm of all gradients, each element counted once whatever its sharding; clips in place.
 
     DTensor gradients are grouped by (mesh, placements) so each group reduces once; a pipeline stage holds
-    its own parameters, so the squared norms of the stages are summed over ``pp_group``.
+    its own parameters, so the squared norms of the stages are summed over ``pp_group``. ``not_counted``
+    parameters (a second copy of a tied weight) are clipped but left out of the norm.
     """
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
+    skip = {id(p) for p in not_counted}
     grads = [p.grad for p in parameters if p.grad is not None]
+    counted = [p.grad for p in parameters if p.grad is not None and id(p) not in skip]
     groups: dict = {}
-    for g in grads:
+    for g in counted:
         key = (g.device_mesh, tuple(g.placements)) if isinstance(g, DTensor) else None
         groups.setdefault(key, []).append(g)
     device = _local(grads[0]).device if grads else torch.device("cpu")

@@ -68,9 +68,9 @@ class ParallelDims:
         if p.sequence_parallel and p.tp > 1 and not (m.arch == "gpt" and not m.tie_embeddings):
             raise ConfigError("parallel.sequence_parallel needs a GPT with model.tie_embeddings = false; "
                               "set parallel.sequence_parallel = false")
-        if p.pp > 1 and (m.arch != "gpt" or m.tie_embeddings):
-            raise ConfigError("pipeline parallelism needs a GPT with model.tie_embeddings = false (a tied "
-                              "embedding would span the first and the last stage)")
+        if p.pp > 1 and cfg.data.bert_pairs != "none":
+            raise ConfigError("pipeline parallelism does not carry sentence-pair (NSP / SOP) labels: set "
+                              'data.bert_pairs = "none"')
         per_rank = stages_per_rank(cfg)
         if p.pp > 1 and p.pp_schedule == "zbv" and per_rank != 2:
             raise ConfigError(f"parallel.pp_schedule = zbv places exactly 2 stages per rank (a V); "

@@ -47,6 +47,7 @@ class Parallelized:
     has_first_stage: bool = True
     has_last_stage: bool = True
     parts: list = field(default_factory=list)
+    tied: object = None  # pipeline.TiedEmbeddings when a tied embedding spans the first and last stage
 
     @property
     def dp_size(self) -> int:
@@ -116,7 +117,7 @@ def _parallelize_pipeline(cfg: Config, dims: ParallelDims, mesh, device, dp_rank
     from torch.distributed.pipelining import PipelineStage
 
     from pretrain.parallel.dims import stages_per_rank
-    from pretrain.parallel.pipeline import build_schedule, prune_to_stage, stage_ids
+    from pretrain.parallel.pipeline import TiedEmbeddings, build_schedule, is_tied, prune_to_stage, stage_ids
 
     per_rank = stages_per_rank(cfg)
     n_stages = dims.pp * per_rank
@@ -127,11 +128,15 @@ def _parallelize_pipeline(cfg: Config, dims: ParallelDims, mesh, device, dp_rank
         model, runner = _shard(prune_to_stage(_build(cfg), sid, n_stages), cfg, dims, mesh, device)
         parts.append(model)
         stages.append(PipelineStage(runner, sid, n_stages, device, group=mesh["pp"].get_group()))
+    tied = None
+    if is_tied(cfg.model):
+        tied = TiedEmbeddings(mesh, dict(zip(ids, parts)), n_stages, dims.pp, per_rank, cfg.parallel.pp_schedule)
+        tied.sync_weights()  # a meta-device init drew the two copies separately
     loss = PipelineLoss()
     schedule = build_schedule(cfg, stages, loss)
     module = parts[0] if len(parts) == 1 else nn.ModuleList(parts)
     return Parallelized(None, module, dims, mesh, dp_rank, schedule=schedule, pipeline_loss=loss,
-                        has_first_stage=0 in ids, has_last_stage=n_stages - 1 in ids, parts=parts)
+                        has_first_stage=0 in ids, has_last_stage=n_stages - 1 in ids, parts=parts, tied=tied)
 
 
 def _apply_local(model: nn.Module, cfg: Config) -> None:

@@ -38,18 +38,47 @@ def layer_ranges(n_layers: int, n_stages: int) -> list[range]:
     return ranges
 
 
+def is_tied(cfg) -> bool:
+    return cfg.arch == "bert" or cfg.tie_embeddings
+
+
+def tied_weight(model: nn.Module):
+    """The token embedding a tied head reuses (present on the first and the last stage), or None."""
+    if not is_tied(model.cfg):
+        return None
+    if model.cfg.arch == "bert":
+        return None if model.embeddings is None else model.embeddings.word_embeddings.weight
+    return None if model.embed_tokens is None else model.embed_tokens.weight
+
+
 def prune_to_stage(model: nn.Module, stage: int, n_stages: int) -> nn.Module:
-    """Keep stage ``stage``'s layers (and the embedding on the first, norm + head on the last)."""
-    keep = layer_ranges(model.cfg.n_layers, n_stages)[stage]
+    """Keep stage ``stage``'s layers (and the embedding on the first, norm + head on the last). With tied
+    embeddings the last stage keeps a copy of the token embedding for its head, under the same name; the two
+    copies get the sum of their gradients (``sync_tied_gradients``), so they stay equal, as in Megatron-LM."""
+    cfg = model.cfg
+    first, last = stage == 0, stage == n_stages - 1
+    keep = layer_ranges(cfg.n_layers, n_stages)[stage]
     for name in list(model.layers.keys()):
         if int(name) not in keep:
             del model.layers[name]
-    if stage != 0:
-        model.embed_tokens = None
-        model.embed_positions = None
-    if stage != n_stages - 1:
-        model.norm = None
-        model.lm_head = None
+    if not first:
+        model.is_first_stage = False
+        if cfg.arch == "bert":
+            if last:  # only the word embedding, for the tied decoder
+                emb = model.embeddings
+                emb.position_embeddings = emb.token_type_embeddings = emb.norm = None
+            else:
+                model.embeddings = None
+        else:
+            model.embed_positions = None
+            if not (last and cfg.tie_embeddings):
+                model.embed_tokens = None
+    if not last:
+        if cfg.arch == "bert":
+            model.mlm_head = model.pooler = model.nsp_head = None
+        else:
+            model.norm = None
+            model.lm_head = None
     return model
 
 
@@ -61,3 +90,62 @@ def build_schedule(cfg: Config, stages: list, loss_fn):
     if cfg.parallel.pp_schedule in ("gpipe", "1f1b"):
         return cls(stages[0], n_micro, loss_fn=loss_fn, scale_grads=False)
     return cls(stages, n_micro, loss_fn=loss_fn, scale_grads=False)
+
+
+def stage_owner(stage: int, pp: int, per_rank: int, schedule: str) -> int:
+    return next(r for r in range(pp) if stage in stage_ids(r, pp, per_rank, schedule))
+
+
+class TiedEmbeddings:
+    """Keeps the first stage's token embedding and the last stage's copy (its head) equal: their gradients are
+    summed over the two owning ranks (one small group per data/tensor-parallel coordinate), and a meta-device
+    initialisation is copied from the first to the last."""
+
+    def __init__(self, mesh, parts: dict[int, nn.Module], n_stages: int, pp: int, per_rank: int, schedule: str):
+        import torch.distributed as dist
+
+        first_owner = stage_owner(0, pp, per_rank, schedule)
+        last_owner = stage_owner(n_stages - 1, pp, per_rank, schedule)
+        self.first = tied_weight(parts[0]) if 0 in parts else None
+        self.last = tied_weight(parts[n_stages - 1]) if n_stages - 1 in parts else None
+        self.group, self.src = None, None
+        if first_owner != last_owner:
+            rows = mesh.mesh.movedim(0, -1).reshape(-1, pp)  # every coordinate's pp ranks
+            me = dist.get_rank()
+            for row in rows.tolist():  # every rank creates every group, in the same order
+                pair = [row[first_owner], row[last_owner]]
+                group = dist.new_group(pair)
+                if me in pair:
+                    self.group, self.src = group, row[first_owner]
+
+    @staticmethod
+    def _local(t):
+        from torch.distributed.tensor import DTensor
+
+        return t.to_local() if isinstance(t, DTensor) else t
+
+    def sync_gradients(self) -> None:
+        import torch.distributed as dist
+
+        if self.first is not None and self.last is not None:  # both stages here (the V of zbv)
+            total = self._local(self.first.grad) + self._local(self.last.grad)
+            self._local(self.first.grad).copy_(total)
+            self._local(self.last.grad).copy_(total)
+        elif self.group is not None:
+            mine = self.first if self.first is not None else self.last
+            dist.all_reduce(self._local(mine.grad), group=self.group)
+
+    def sync_weights(self) -> None:
+        import torch
+        import torch.distributed as dist
+
+        with torch.no_grad():
+            if self.first is not None and self.last is not None:
+                self._local(self.last).copy_(self._local(self.first))
+            elif self.group is not None:
+                mine = self.first if self.first is not None else self.last
+                dist.broadcast(self._local(mine), src=self.src, group=self.group)
+
+    def not_counted(self) -> list:
+        """The last stage's copy: the gradient norm counts the tied weight once."""
+        return [self.last] if self.last is not None else []

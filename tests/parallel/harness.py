@@ -57,6 +57,9 @@ LAYOUTS = {
     "ds_zero2_2": (2, ["train.micro_batch_size=2", "train.grad_accum=2", "parallel.engine=deepspeed",
                        "parallel.zero_stage=2"]),
     "ds_zero3_2": (2, ["train.micro_batch_size=4", "parallel.engine=deepspeed", "parallel.zero_stage=3"]),
+    "bert_pp2": (2, ["train.micro_batch_size=8", "parallel.pp=2", "model.arch=bert"]),
+    "gpt2_tied_pp2_zbv": (2, ["train.micro_batch_size=8", "parallel.pp=2", "parallel.pp_schedule=zbv",
+                              "model.flavor=gpt2", "model.tie_embeddings=true"]),
     "zero3_4": (4, ["train.micro_batch_size=2", "parallel.zero_stage=3"]),
     "hsdp_2x2": (4, ["train.micro_batch_size=2", "parallel.zero_stage=3", "parallel.dp_replicate=2"]),
     "tp2_dp2": (4, ["train.micro_batch_size=4", "parallel.tp=2", "parallel.zero_stage=2"]),
@@ -64,6 +67,10 @@ LAYOUTS = {
                              "parallel.zero_stage=3", "parallel.activation_checkpointing=selective"]),
     "pp2_dp2": (4, ["train.micro_batch_size=4", "parallel.pp=2", "parallel.zero_stage=2"]),
     "pp2_dp2_zero3": (4, ["train.micro_batch_size=4", "parallel.pp=2", "parallel.zero_stage=3"]),
+    "bert_tp2_pp2": (4, ["train.micro_batch_size=8", "parallel.tp=2", "parallel.pp=2", "model.arch=bert",
+                         "parallel.sequence_parallel=false"]),
+    "gpt2_tied_pp2_dp2": (4, ["train.micro_batch_size=4", "parallel.pp=2", "parallel.zero_stage=3",
+                              "model.flavor=gpt2", "model.tie_embeddings=true"]),
     "tp2_pp2": (4, ["train.micro_batch_size=8", "parallel.tp=2", "parallel.pp=2"]),
     "tp2_pp2_dp2": (8, ["train.micro_batch_size=4", "parallel.tp=2", "parallel.pp=2", "parallel.zero_stage=3",
                         "parallel.pp_schedule=interleaved_1f1b"]),
@@ -89,7 +96,7 @@ def full_params(parts: list[torch.nn.Module], gather: bool) -> dict[str, torch.T
 
 
 # layouts also checked for save at step 2 -> resume in a fresh trainer -> step 3 equal to the straight run
-RESUME = {"zero1_2", "pp2_interleaved", "ds_zero2_2", "tp2_sp", "tp2_sp_dp2_zero3", "pp2_dp2_zero3", "hsdp_2x2"}
+RESUME = {"bert_pp2", "zero1_2", "pp2_interleaved", "ds_zero2_2", "tp2_sp", "tp2_sp_dp2_zero3", "pp2_dp2_zero3", "hsdp_2x2"}
 
 
 def run(overrides: list[str], dist_info: DistInfo, run_dir: str, stop_after: int | None = None):
