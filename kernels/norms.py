@@ -1,0 +1,133 @@
+"""RMSNorm (Zhang & Sennrich 2019) and LayerNorm (Ba et al. 2016), forward and backward, one row per program.
+
+Forward: y = (x - μ) · rstd · w (+ b), rstd = 1 / sqrt(mean((x - μ)²) + eps), μ = 0 for RMSNorm; μ and rstd are
+saved (8 bytes a row). Backward with x̂ = (x - μ) · rstd and g = dy · w:
+    dx = rstd · (g - mean(g) - x̂ · mean(g · x̂))      (LayerNorm; RMSNorm drops the mean(g) term)
+and dw = Σ_rows dy · x̂, db = Σ_rows dy, reduced as per-program partial sums (deterministic) then summed.
+Math is fp32 whatever the input dtype. Bytes: read x, w (+ b), write y: ≈ 2·N·D·itemsize forward,
+≈ 3·N·D·itemsize backward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels._common import check_device, check_dtypes, next_power_of_2, require_triton
+
+require_triton()
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+MAX_DIM = 65536
+ROWS_PER_PROGRAM = 16  # backward: rows whose weight-gradient contributions one program sums
+
+
+@triton.jit
+def _norm_fwd_kernel(X, W, B, Y, MEAN, RSTD, stride_x, stride_y, D, eps,
+                     HAS_BIAS: tl.constexpr, RMS: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    inside = cols < D
+    x = tl.load(X + row * stride_x + cols, mask=inside, other=0.0).to(tl.float32)
+    if RMS:
+        mean = 0.0
+    else:
+        mean = tl.sum(x, axis=0) / D
+    centered = tl.where(inside, x - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / D + eps)
+    w = tl.load(W + cols, mask=inside, other=0.0).to(tl.float32)
+    y = centered * rstd * w
+    if HAS_BIAS:
+        y += tl.load(B + cols, mask=inside, other=0.0).to(tl.float32)
+    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=inside)
+    tl.store(MEAN + row, mean)
+    tl.store(RSTD + row, rstd)
+
+
+@triton.jit
+def _norm_bwd_kernel(X, W, DY, DX, MEAN, RSTD, DW_PARTIAL, DB_PARTIAL, stride_x, stride_dy, stride_dx, N, D,
+                     RMS: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    inside = cols < D
+    w = tl.load(W + cols, mask=inside, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK], dtype=tl.float32)
+    db = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(ROWS):
+        row = pid * ROWS + i
+        if row < N:
+            x = tl.load(X + row * stride_x + cols, mask=inside, other=0.0).to(tl.float32)
+            dy = tl.load(DY + row * stride_dy + cols, mask=inside, other=0.0).to(tl.float32)
+            mean = tl.load(MEAN + row)
+            rstd = tl.load(RSTD + row)
+            xhat = tl.where(inside, (x - mean) * rstd, 0.0)
+            g = dy * w
+            c2 = tl.sum(g * xhat, axis=0) / D
+            if RMS:
+                dx = (g - xhat * c2) * rstd
+            else:
+                c1 = tl.sum(g, axis=0) / D
+                dx = (g - c1 - xhat * c2) * rstd
+            tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=inside)
+            dw += dy * xhat
+            db += dy
+    tl.store(DW_PARTIAL + pid * D + cols, dw, mask=inside)
+    if HAS_BIAS:
+        tl.store(DB_PARTIAL + pid * D + cols, db, mask=inside)
+
+
+def _check(x, weight, bias):
+    check_device(*(t for t in (x, weight, bias) if t is not None))
+    check_dtypes(*(t for t in (x, weight, bias) if t is not None))
+    d = x.shape[-1]
+    if weight.shape != (d,) or (bias is not None and bias.shape != (d,)):
+        raise ValueError(f"norm weight / bias must have shape ({d},), got {tuple(weight.shape)}"
+                         + ("" if bias is None else f" / {tuple(bias.shape)}"))
+    if d > MAX_DIM:
+        raise ValueError(f"norm dim {d} exceeds the supported maximum {MAX_DIM}")
+
+
+class NormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, rms):
+        _check(x, weight, bias)
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        n, d = x2.shape
+        y = torch.empty_like(x2)
+        mean = torch.empty(n, dtype=torch.float32, device=x.device)
+        rstd = torch.empty(n, dtype=torch.float32, device=x.device)
+        block = next_power_of_2(d)
+        _norm_fwd_kernel[(n,)](x2, weight, bias if bias is not None else weight, y, mean, rstd, x2.stride(0),
+                               y.stride(0), d, eps, HAS_BIAS=bias is not None, RMS=rms, BLOCK=block)
+        ctx.save_for_backward(x2, weight, mean, rstd)
+        ctx.has_bias, ctx.rms, ctx.shape = bias is not None, rms, shape
+        return y.reshape(shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, mean, rstd = ctx.saved_tensors
+        n, d = x2.shape
+        dy2 = dy.reshape(-1, d)
+        if dy2.stride(-1) != 1:
+            dy2 = dy2.contiguous()
+        dx = torch.empty_like(x2)
+        programs = triton.cdiv(n, ROWS_PER_PROGRAM)
+        dw_partial = torch.empty(programs, d, dtype=torch.float32, device=x2.device)
+        db_partial = torch.empty(programs, d, dtype=torch.float32, device=x2.device) if ctx.has_bias else dw_partial
+        _norm_bwd_kernel[(programs,)](x2, weight, dy2, dx, mean, rstd, dw_partial, db_partial, x2.stride(0),
+                                      dy2.stride(0), dx.stride(0), n, d, RMS=ctx.rms, HAS_BIAS=ctx.has_bias,
+                                      ROWS=ROWS_PER_PROGRAM, BLOCK=next_power_of_2(d))
+        dw = dw_partial.sum(0).to(weight.dtype)
+        db = db_partial.sum(0).to(weight.dtype) if ctx.has_bias else None
+        return dx.reshape(ctx.shape), dw, db, None, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return NormFunction.apply(x, weight, None, eps, True)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    return NormFunction.apply(x, weight, bias, eps, False)

@@ -1,0 +1,62 @@
+"""Plain-torch definitions of "correct" for every kernel in this package (fp32 math, the same signatures)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def attention(q, k, v, causal=True, key_padding_mask=None, scale=None):
+    """q (B, H, T, E); k, v (B, K, T, E), K dividing H; key_padding_mask (B, T) bool, True = keep."""
+    b, h, t, e = q.shape
+    groups = h // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scale = e ** -0.5 if scale is None else scale
+    scores = (q.float() @ k.float().transpose(-1, -2)) * scale  # (B, H, T, T)
+    allowed = torch.ones(t, t, dtype=torch.bool, device=q.device)
+    if causal:
+        allowed = allowed.tril()
+    allowed = allowed[None, None]
+    if key_padding_mask is not None:
+        allowed = allowed & key_padding_mask[:, None, None, :]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with no allowed key attends to nothing
+    return (probs @ v.float()).to(q.dtype)
+
+
+def rms_norm(x, weight, eps):
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+
+
+def layer_norm(x, weight, bias, eps):
+    return F.layer_norm(x.float(), (x.shape[-1],), weight.float(), bias.float(), eps).to(x.dtype)
+
+
+def rotary(x, cos, sin):
+    """x (B, H, T, E); cos, sin (T, E) in the rotate-half convention (HF Llama)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return (x.float() * cos.float() + rotated * sin.float()).to(x.dtype)
+
+
+def linear_cross_entropy(hidden, weight, targets, ignore_index=-100, z_loss=0.0, label_smoothing=0.0):
+    """Mean cross-entropy of ``hidden @ weight.T`` over the non-ignored targets (+ z-loss · logsumexp²)."""
+    logits = hidden.float() @ weight.float().t()
+    loss = F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum",
+                           label_smoothing=label_smoothing)
+    keep = targets != ignore_index
+    if z_loss:
+        loss = loss + z_loss * (torch.logsumexp(logits, dim=-1)[keep] ** 2).sum()
+    return loss / keep.sum().clamp(min=1)
+
+
+def adamw_step(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps, weight_decay):
+    """One AdamW update (Loshchilov & Hutter 2019) in place, as torch.optim.AdamW computes it."""
+    for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
+        p.mul_(1 - lr * weight_decay)
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        bias1, bias2 = 1 - beta1 ** step, 1 - beta2 ** step
+        denom = (v.sqrt() / bias2 ** 0.5).add_(eps)
+        p.addcdiv_(m, denom, value=-lr / bias1)

@@ -1,0 +1,63 @@
+"""Rotary position embedding (RoPE, Su et al. 2021) in the rotate-half convention of HF Llama, fwd + bwd.
+
+For x = [x1, x2] (halves of the head dim) and angles θ: y1 = x1·cos θ - x2·sin θ, y2 = x2·cos θ + x1·sin θ.
+The backward is the rotation by -θ. One program per (batch, head, token) row; fp32 math. Bytes: read x and
+the (T, E) tables, write y: ≈ 2·B·H·T·E·itemsize.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels._common import check_device, check_dtypes, next_power_of_2, require_triton
+
+require_triton()
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+
+@triton.jit
+def _rotary_kernel(X, COS, SIN, Y, T, HALF, SIGN: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)  # (b·H + h)·T + t over a contiguous (B, H, T, E) tensor
+    t = row % T
+    cols = tl.arange(0, BLOCK)
+    inside = cols < HALF
+    base = row * 2 * HALF
+    x1 = tl.load(X + base + cols, mask=inside, other=0.0).to(tl.float32)
+    x2 = tl.load(X + base + HALF + cols, mask=inside, other=0.0).to(tl.float32)
+    cos = tl.load(COS + t * 2 * HALF + cols, mask=inside, other=0.0).to(tl.float32)
+    sin = tl.load(SIN + t * 2 * HALF + cols, mask=inside, other=0.0).to(tl.float32) * SIGN
+    tl.store(Y + base + cols, (x1 * cos - x2 * sin).to(Y.dtype.element_ty), mask=inside)
+    tl.store(Y + base + HALF + cols, (x2 * cos + x1 * sin).to(Y.dtype.element_ty), mask=inside)
+
+
+def _launch(x, cos, sin, sign):
+    b, h, t, e = x.shape
+    y = torch.empty_like(x)
+    _rotary_kernel[(b * h * t,)](x, cos, sin, y, t, e // 2, SIGN=sign, BLOCK=next_power_of_2(e // 2))
+    return y
+
+
+class RotaryFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        check_device(x, cos, sin)
+        check_dtypes(x, cos, sin)
+        if x.dim() != 4 or x.shape[-1] % 2:
+            raise ValueError(f"rotary takes x (B, H, T, E) with an even E, got {tuple(x.shape)}")
+        t, e = x.shape[2], x.shape[3]
+        if cos.shape[-1] != e or sin.shape != cos.shape or cos.shape[0] < t:
+            raise ValueError(f"rotary tables must be (>= {t}, {e}), got cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
+        cos, sin = cos[:t].contiguous(), sin[:t].contiguous()
+        ctx.save_for_backward(cos, sin)
+        return _launch(x.contiguous(), cos, sin, 1.0)
+
+    @staticmethod
+    def backward(ctx, dy):
+        cos, sin = ctx.saved_tensors
+        return _launch(dy.contiguous(), cos, sin, -1.0), None, None
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, E); cos, sin (>= T, E) -> x rotated, same shape and dtype."""
+    return RotaryFunction.apply(x, cos, sin)

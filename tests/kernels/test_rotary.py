@@ -1,0 +1,29 @@
+import pytest
+import torch
+
+from kernels import reference
+from pretrain.models.layers import Rotary
+
+rotary = pytest.importorskip("kernels.rotary")
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 37, 48), (1, 2, 1, 80), (1, 1, 130, 32)])
+def test_rotary_matches_reference_and_the_model(shape):
+    torch.manual_seed(shape[2])
+    x = torch.randn(*shape, requires_grad=True)
+    tables = Rotary(shape[-1], 10000.0, 256)
+    ours = rotary.rotary(x, tables.cos, tables.sin)
+    ref = reference.rotary(x, tables.cos[:shape[2]], tables.sin[:shape[2]])
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    model_q, _ = tables(x.detach(), x.detach())  # the model's own rotation, same convention
+    torch.testing.assert_close(ours.detach(), model_q, atol=1e-5, rtol=1e-5)
+    dy = torch.randn(*shape)
+    torch.testing.assert_close(torch.autograd.grad(ours, x, dy)[0], torch.autograd.grad(ref, x, dy)[0],
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_rotary_bad_inputs():
+    with pytest.raises(ValueError, match="even E"):
+        rotary.rotary(torch.randn(1, 1, 4, 5), torch.randn(4, 5), torch.randn(4, 5))
+    with pytest.raises(ValueError, match="rotary tables must be"):
+        rotary.rotary(torch.randn(1, 1, 8, 4), torch.randn(4, 4), torch.randn(4, 4))
