@@ -1,0 +1,214 @@
+"""FlashAttention-2 (Dao 2023) in Triton: forward and backward, causal or not, key-padding mask, GQA.
+
+Forward, per (batch, head, block of BLOCK_M queries): stream the key/value blocks, keep a running max m, sum l
+and output accumulator (online softmax, Milakov & Gimelshein 2018), never materialising the T × T scores; store
+O = acc / l and the log-sum-exp L = m + log l (4 bytes a row) for the backward. Causal programs stop at the
+diagonal. A query head h reads key/value head h // (H / K) directly: repeated K/V never exist.
+Backward (recompute, no stored probabilities): Δ = rowsum(dO ∘ O); one kernel per key/value block accumulates
+dV = Pᵀ dO and dK = scale · dSᵀ Q over the query blocks, another per query block dQ = scale · dS K, with
+P = exp(scale · QKᵀ - L) and dS = P ∘ (dO Vᵀ - Δ). Key/value gradients of a GQA group are summed over its heads.
+Head dims up to 256, any size (non-powers of two are padded in registers and masked). fp32 accumulation for
+fp32 / fp16 / bf16 inputs. FLOPs: forward 4·B·H·T²·E (half with causal), backward 2.5× that.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from kernels._common import check_device, check_dtypes, next_power_of_2, require_triton
+
+require_triton()
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+MAX_HEAD_DIM = 256
+NEG = -1.0e30  # a finite "minus infinity": fully masked rows stay NaN-free
+
+
+def _block() -> int:
+    return 16 if os.environ.get("TRITON_INTERPRET") == "1" else 64
+
+
+@triton.jit
+def _allowed(offs_m, offs_n, T, MASK_ROW, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
+    ok = (offs_n[None, :] < T) & (offs_m[:, None] < T)
+    if CAUSAL:
+        ok = ok & (offs_n[None, :] <= offs_m[:, None])
+    if HAS_MASK:
+        keep = tl.load(MASK_ROW + offs_n, mask=offs_n < T, other=0)
+        ok = ok & (keep[None, :] != 0)
+    return ok
+
+
+@triton.jit
+def _attn_fwd_kernel(Q, K, V, O, L, MASK, scale, T, H, KV_GROUP, E,
+                     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // H
+    kvh = b * (H // KV_GROUP) + (bh % H) // KV_GROUP
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_e = tl.arange(0, BLOCK_E)
+    q = tl.load(Q + bh * T * E + offs_m[:, None] * E + offs_e[None, :],
+                mask=(offs_m[:, None] < T) & (offs_e[None, :] < E), other=0.0).to(tl.float32)
+    m_i = tl.full([BLOCK_M], NEG, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)
+    end = tl.minimum(start_m + BLOCK_M, T) if CAUSAL else T
+    for start_n in range(0, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_mask = (offs_n[:, None] < T) & (offs_e[None, :] < E)
+        k = tl.load(K + kvh * T * E + offs_n[:, None] * E + offs_e[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+        v = tl.load(V + kvh * T * E + offs_n[:, None] * E + offs_e[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+        s = tl.dot(q, tl.trans(k)) * scale
+        ok = _allowed(offs_m, offs_n, T, MASK + b * T, CAUSAL, HAS_MASK)
+        s = tl.where(ok, s, NEG)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.where(ok, tl.exp(s - m_new[:, None]), 0.0)
+        alpha = tl.exp(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p, v)
+        m_i = m_new
+    safe_l = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / safe_l[:, None]
+    tl.store(O + bh * T * E + offs_m[:, None] * E + offs_e[None, :], out.to(O.dtype.element_ty),
+             mask=(offs_m[:, None] < T) & (offs_e[None, :] < E))
+    tl.store(L + bh * T + offs_m, m_i + tl.log(safe_l), mask=offs_m < T)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, L, DELTA, DK, DV, MASK, scale, T, H, KV_GROUP, E,
+                          CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
+    start_n = tl.program_id(0) * BLOCK_N
+    bh = tl.program_id(1)
+    b = bh // H
+    kvh = b * (H // KV_GROUP) + (bh % H) // KV_GROUP
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_e = tl.arange(0, BLOCK_E)
+    kv_mask = (offs_n[:, None] < T) & (offs_e[None, :] < E)
+    k = tl.load(K + kvh * T * E + offs_n[:, None] * E + offs_e[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+    v = tl.load(V + kvh * T * E + offs_n[:, None] * E + offs_e[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
+    begin = (start_n // BLOCK_M) * BLOCK_M if CAUSAL else 0
+    for start_m in range(begin, T, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q_mask = (offs_m[:, None] < T) & (offs_e[None, :] < E)
+        q = tl.load(Q + bh * T * E + offs_m[:, None] * E + offs_e[None, :], mask=q_mask, other=0.0).to(tl.float32)
+        do = tl.load(DO + bh * T * E + offs_m[:, None] * E + offs_e[None, :], mask=q_mask, other=0.0).to(tl.float32)
+        lse = tl.load(L + bh * T + offs_m, mask=offs_m < T, other=0.0)
+        delta = tl.load(DELTA + bh * T + offs_m, mask=offs_m < T, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale
+        ok = _allowed(offs_m, offs_n, T, MASK + b * T, CAUSAL, HAS_MASK)
+        p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)  # (M, N)
+        dv += tl.dot(tl.trans(p), do)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds), q)
+    out = bh * T * E + offs_n[:, None] * E + offs_e[None, :]
+    tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(Q, K, V, DO, L, DELTA, DQ, MASK, scale, T, H, KV_GROUP, E,
+                        CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = bh // H
+    kvh = b * (H // KV_GROUP) + (bh % H) // KV_GROUP
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_e = tl.arange(0, BLOCK_E)
+    q_mask = (offs_m[:, None] < T) & (offs_e[None, :] < E)
+    q = tl.load(Q + bh * T * E + offs_m[:, None] * E + offs_e[None, :], mask=q_mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + bh * T * E + offs_m[:, None] * E + offs_e[None, :], mask=q_mask, other=0.0).to(tl.float32)
+    lse = tl.load(L + bh * T + offs_m, mask=offs_m < T, other=0.0)
+    delta = tl.load(DELTA + bh * T + offs_m, mask=offs_m < T, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)
+    end = tl.minimum(start_m + BLOCK_M, T) if CAUSAL else T
+    for start_n in range(0, end, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_mask = (offs_n[:, None] < T) & (offs_e[None, :] < E)
+        k = tl.load(K + kvh * T * E + offs_n[:, None] * E + offs_e[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+        v = tl.load(V + kvh * T * E + offs_n[:, None] * E + offs_e[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+        s = tl.dot(q, tl.trans(k)) * scale
+        ok = _allowed(offs_m, offs_n, T, MASK + b * T, CAUSAL, HAS_MASK)
+        p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds, k)
+    tl.store(DQ + bh * T * E + offs_m[:, None] * E + offs_e[None, :], (dq * scale).to(DQ.dtype.element_ty),
+             mask=q_mask)
+
+
+def _check(q, k, v, key_padding_mask):
+    tensors = [q, k, v] + ([key_padding_mask] if key_padding_mask is not None else [])
+    check_device(*tensors)
+    check_dtypes(q, k, v)
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
+        raise ValueError(f"flash_attention takes q (B, H, T, E), k and v (B, K, T, E); got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    b, h, t, e = q.shape
+    if k.shape[0] != b or k.shape[2] != t or k.shape[3] != e or h % k.shape[1]:
+        raise ValueError(f"k / v {tuple(k.shape)} do not fit q {tuple(q.shape)}: same B, T, E and K dividing H")
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        raise TypeError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if e > MAX_HEAD_DIM:
+        raise ValueError(f"head dim {e} exceeds the supported maximum {MAX_HEAD_DIM}")
+    if key_padding_mask is not None and key_padding_mask.shape != (b, t):
+        raise ValueError(f"key_padding_mask must be (B, T) = ({b}, {t}), got {tuple(key_padding_mask.shape)}")
+
+
+class FlashAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, key_padding_mask, scale):
+        _check(q, k, v, key_padding_mask)
+        b, h, t, e = q.shape
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        scale = e ** -0.5 if scale is None else float(scale)
+        mask = key_padding_mask.to(torch.int8).contiguous() if key_padding_mask is not None else q.new_zeros(1, dtype=torch.int8)
+        out = torch.empty_like(q)
+        lse = torch.empty(b, h, t, dtype=torch.float32, device=q.device)
+        block = _block()
+        group = h // k.shape[1]
+        grid = (triton.cdiv(t, block), b * h)
+        _attn_fwd_kernel[grid](q, k, v, out, lse, mask, scale, t, h, group, e, CAUSAL=bool(causal),
+                               HAS_MASK=key_padding_mask is not None, BLOCK_M=block, BLOCK_N=block,
+                               BLOCK_E=max(16, next_power_of_2(e)))
+        ctx.save_for_backward(q, k, v, out, lse, mask)
+        ctx.causal, ctx.scale, ctx.has_mask = bool(causal), scale, key_padding_mask is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, mask = ctx.saved_tensors
+        b, h, t, e = q.shape
+        kv_heads = k.shape[1]
+        group = h // kv_heads
+        dout = dout.contiguous()
+        delta = (dout.float() * out.float()).sum(-1)  # (B, H, T)
+        dq = torch.empty_like(q)
+        dk_heads = torch.empty(b, h, t, e, dtype=q.dtype, device=q.device)  # per query head, summed below
+        dv_heads = torch.empty_like(dk_heads)
+        block = _block()
+        meta = {"CAUSAL": ctx.causal, "HAS_MASK": ctx.has_mask, "BLOCK_M": block, "BLOCK_N": block,
+                "BLOCK_E": max(16, next_power_of_2(e))}
+        _attn_bwd_dkdv_kernel[(triton.cdiv(t, block), b * h)](q, k, v, dout, lse, delta, dk_heads, dv_heads, mask,
+                                                             ctx.scale, t, h, group, e, **meta)
+        _attn_bwd_dq_kernel[(triton.cdiv(t, block), b * h)](q, k, v, dout, lse, delta, dq, mask, ctx.scale, t, h,
+                                                           group, e, **meta)
+        dk = dk_heads.view(b, kv_heads, group, t, e).sum(2)
+        dv = dv_heads.view(b, kv_heads, group, t, e).sum(2)
+        return dq, dk, dv, None, None, None
+
+
+def flash_attention(q, k, v, causal: bool = True, key_padding_mask=None, scale=None, dropout_p: float = 0.0):
+    """q (B, H, T, E); k, v (B, K, T, E) with K dividing H; key_padding_mask (B, T) bool, True = keep."""
+    if dropout_p:
+        raise ValueError("the Triton attention has no dropout: set model.dropout = 0 or model.kernels = \"torch\"")
+    return FlashAttentionFunction.apply(q, k, v, causal, key_padding_mask, scale)

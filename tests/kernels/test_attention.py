@@ -1,0 +1,68 @@
+import pytest
+import torch
+
+from kernels import reference
+
+attention = pytest.importorskip("kernels.attention")
+
+CASES = [  # (B, H, K, T, E, causal, padded)
+    (1, 2, 2, 37, 48, True, False),
+    (2, 4, 2, 37, 32, False, True),   # GQA, padding, bidirectional (BERT)
+    (1, 2, 1, 1, 80, True, False),    # one token, MQA
+    (1, 1, 1, 130, 16, True, True),   # several blocks, causal + padding
+    (1, 2, 2, 20, 96, False, False),
+]
+
+
+@pytest.mark.parametrize("b, h, kv, t, e, causal, padded", CASES)
+def test_flash_attention_matches_reference(b, h, kv, t, e, causal, padded):
+    torch.manual_seed(t * e + h)
+    q = torch.randn(b, h, t, e, requires_grad=True)
+    k = torch.randn(b, kv, t, e, requires_grad=True)
+    v = torch.randn(b, kv, t, e, requires_grad=True)
+    mask = None
+    if padded:
+        lengths = torch.randint(max(1, t // 2), t + 1, (b,))
+        mask = torch.arange(t)[None, :] < lengths[:, None]
+    ours = attention.flash_attention(q, k, v, causal=causal, key_padding_mask=mask)
+    ref = reference.attention(q, k, v, causal=causal, key_padding_mask=mask)
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+    dout = torch.randn_like(ours)
+    got = torch.autograd.grad(ours, (q, k, v), dout)
+    want = torch.autograd.grad(ref, (q, k, v), dout)
+    for name, g, r in zip("qkv", got, want):
+        torch.testing.assert_close(g, r, atol=2e-4, rtol=2e-4, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+def test_scale_and_the_torch_backend_agree():
+    from pretrain.models.ops import torch_attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 24, 32) for _ in range(3))
+    torch.testing.assert_close(attention.flash_attention(q, k, v, scale=0.3),
+                               torch_attention(q, k, v, causal=True, scale=0.3), atol=1e-4, rtol=1e-4)
+
+
+def test_bad_inputs():
+    q = torch.randn(1, 4, 8, 32)
+    with pytest.raises(ValueError, match="K dividing H"):
+        attention.flash_attention(q, torch.randn(1, 3, 8, 32), torch.randn(1, 3, 8, 32))
+    with pytest.raises(ValueError, match="head dim 320 exceeds"):
+        big = torch.randn(1, 1, 4, 320)
+        attention.flash_attention(big, big, big)
+    with pytest.raises(TypeError, match="dtypes differ"):
+        attention.flash_attention(q, q.half(), q)
+    with pytest.raises(ValueError, match="no dropout"):
+        attention.flash_attention(q, q, q, dropout_p=0.1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_flash_attention_half_precision_on_cuda(dtype):
+    q, k, v = (torch.randn(2, 8, 1024, 128, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+    ours = attention.flash_attention(q, k, v)
+    ref = reference.attention(q, k, v)
+    torch.testing.assert_close(ours, ref, atol=2e-2, rtol=2e-2)
+    dout = torch.randn_like(ours)
+    for g, r in zip(torch.autograd.grad(ours, (q, k, v), dout), torch.autograd.grad(ref, (q, k, v), dout)):
+        torch.testing.assert_close(g, r, atol=5e-2, rtol=5e-2)
