@@ -45,7 +45,7 @@ class ModelConfig:
     type_vocab_size: int = 2  # bert
     nsp_head: bool = False  # bert: next-sentence prediction head
     init_std: float = 0.02
-    kernels: str = "torch"  # torch | triton
+    kernels: str = "torch"  # torch | triton | ops from triton, e.g. "attention,rms_norm,cross_entropy"
 
     @property
     def kv_heads(self) -> int:
@@ -178,7 +178,6 @@ SECTIONS: dict[str, type] = {
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.arch": ("gpt", "bert"),
     "model.flavor": ("llama", "gpt2"),
-    "model.kernels": ("torch", "triton"),
     "data.source": ("shards", "synthetic", "megatron"),
     "data.on_bad_sample": ("error", "skip"),
     "data.bert_pairs": ("none", "nsp", "sop"),
@@ -227,6 +226,17 @@ class Config:
             if value not in allowed:
                 raise ConfigError(f"{key} = {value!r} is not one of {', '.join(allowed)}")
         m = self.model
+        from pretrain.models.ops import triton_ops
+
+        try:
+            chosen = triton_ops(m.kernels)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if "attention" in chosen and m.dropout:
+            raise ConfigError("the Triton attention has no dropout: set model.dropout = 0 or keep attention on torch")
+        if "cross_entropy" in chosen and self.parallel.tp > 1:
+            raise ConfigError("the fused cross-entropy kernel takes a whole head: with parallel.tp > 1 the "
+                              "vocab-parallel loss is used; drop cross_entropy from model.kernels")
         for key in ("n_layers", "d_model", "n_heads", "vocab_size", "seq_len"):
             if getattr(m, key) <= 0:
                 raise ConfigError(f"model.{key} must be positive, got {getattr(m, key)}")

@@ -53,6 +53,12 @@ class GPTTask:
 
     @staticmethod
     def loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], accuracy: bool = True) -> LossOutput:
+        inner = getattr(model, "module", model)  # DDP / DeepSpeed wrap the model
+        if not accuracy and "cross_entropy" in getattr(getattr(inner, "ops", None), "triton", ()):
+            # the fused linear cross-entropy: the model returns the mean loss, never the (tokens, vocab) logits
+            count = (batch["targets"] != IGNORE_INDEX).sum()
+            mean = model(batch["tokens"], targets=batch["targets"])
+            return LossOutput(mean * count, count, torch.zeros((), dtype=torch.long, device=count.device))
         return _cross_entropy(model(batch["tokens"]), batch["targets"], accuracy)
 
     @staticmethod

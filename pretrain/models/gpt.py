@@ -47,7 +47,8 @@ class GPT(nn.Module):
         llama = cfg.flavor == "llama"
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.embed_positions = None if llama else nn.Embedding(cfg.positions, cfg.d_model)
-        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.seq_len) if llama else None
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.seq_len, ops) if llama else None
+        self.ops = ops
         self.embed_dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
         self.layers = nn.ModuleDict({str(i): Block(cfg, ops) for i in range(cfg.n_layers)})
         self.norm = (RMSNorm if llama else LayerNorm)(cfg.d_model, cfg.norm_eps, ops)
@@ -79,11 +80,15 @@ class GPT(nn.Module):
             x = layer(x, self.rotary)
         return x if self.norm is None else self.norm(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """tokens (B, T) -> logits (B, T, V) (a pipeline stage: see ``hidden_states``)."""
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, V) (a pipeline stage: see ``hidden_states``). With ``targets`` (B, T):
+        the mean cross-entropy over the non-ignored targets instead, through ``ops.cross_entropy`` (the fused
+        kernel never materialises the logits)."""
         h = self.hidden_states(x)
         if self.norm is None:  # not the last pipeline stage
             return h
+        if targets is not None:
+            return self.ops.cross_entropy(h.reshape(-1, h.shape[-1]), self.output_weight(), targets.reshape(-1))
         return self.lm_head(h) if self.lm_head is not None else F.linear(h, self.embed_tokens.weight)
 
     @torch.no_grad()

@@ -55,9 +55,10 @@ def rotate_half(x):
 class Rotary(nn.Module):
     """RoPE in Hugging Face's rotate-half convention (Su et al. 2021), cos/sin cached in fp32."""
 
-    def __init__(self, head_dim: int, theta: float, max_len: int):
+    def __init__(self, head_dim: int, theta: float, max_len: int, ops: Ops | None = None):
         super().__init__()
         self.head_dim, self.theta, self.max_len = head_dim, theta, max_len
+        self.ops = ops or Ops("torch")
         self.register_buffer("cos", torch.empty(0), persistent=False)
         self.register_buffer("sin", torch.empty(0), persistent=False)
         self.reset_parameters()
@@ -77,7 +78,7 @@ class Rotary(nn.Module):
             self.max_len = t
             self.reset_parameters(q.device)
         cos, sin = self.cos[:t].to(q.dtype), self.sin[:t].to(q.dtype)
-        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        return self.ops.rotary(q, cos, sin), self.ops.rotary(k, cos, sin)
 
 
 class Attention(nn.Module):

@@ -1,7 +1,8 @@
 """Backend choice for the hot ops: ``"torch"`` (the reference: SDPA, fused norms) or ``"triton"`` (``kernels/``).
 
 Layers never call a kernel directly; they hold an ``Ops`` built from ``model.kernels`` so one config key flips
-every op, and tests can compare the two backends on the same weights.
+every op — ``"torch"``, ``"triton"`` (all of them), or a comma-separated list of the ops to take from Triton
+(``"attention,rms_norm"``) — and tests can compare the two backends on the same weights.
 """
 
 from __future__ import annotations
@@ -17,7 +18,23 @@ TRITON_OPS = {
     "attention": ("kernels.attention", "flash_attention"),
     "rms_norm": ("kernels.norms", "rms_norm"),
     "layer_norm": ("kernels.norms", "layer_norm"),
+    "rotary": ("kernels.rotary", "rotary"),
+    "cross_entropy": ("kernels.cross_entropy", "linear_cross_entropy"),
 }
+
+
+def triton_ops(kernels: str) -> set[str]:
+    """The ops ``model.kernels`` takes from Triton; ValueError names an unknown one."""
+    if kernels == "torch":
+        return set()
+    if kernels == "triton":
+        return set(TRITON_OPS)
+    chosen = {name.strip() for name in kernels.split(",") if name.strip()}
+    unknown = sorted(chosen - set(TRITON_OPS))
+    if unknown or not chosen:
+        raise ValueError(f"model.kernels = {kernels!r}: expected torch, triton, or a comma-separated list of "
+                         f"{', '.join(TRITON_OPS)}")
+    return chosen
 
 
 def torch_attention(q, k, v, causal=True, key_padding_mask=None, scale=None, dropout_p=0.0):
@@ -42,6 +59,16 @@ def torch_layer_norm(x, weight, bias, eps):
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
+def torch_rotary(x, cos, sin):
+    """x (B, H, T, E), cos / sin (T, E) already in x's dtype: HF's rotate-half RoPE."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def torch_linear_cross_entropy(hidden, weight, targets, ignore_index=-100):
+    return F.cross_entropy(F.linear(hidden, weight).float(), targets, ignore_index=ignore_index)
+
+
 class Ops:
     """The functions layers call, resolved once from ``model.kernels`` ("torch" or "triton")."""
 
@@ -50,11 +77,11 @@ class Ops:
         self.attention: Callable = torch_attention
         self.rms_norm: Callable = torch_rms_norm
         self.layer_norm: Callable = torch_layer_norm
-        if backend == "triton":
-            for name, (module, function) in TRITON_OPS.items():
-                setattr(self, name, _load_triton(module, function))
-        elif backend != "torch":
-            raise ValueError(f"model.kernels = {backend!r} is not one of torch, triton")
+        self.rotary: Callable = torch_rotary
+        self.cross_entropy: Callable = torch_linear_cross_entropy
+        self.triton = triton_ops(backend)
+        for name in sorted(self.triton):
+            setattr(self, name, _load_triton(*TRITON_OPS[name]))
 
 
 def _load_triton(module: str, function: str) -> Callable:
