@@ -43,7 +43,7 @@ def _allowed(offs_m, offs_n, T, MASK_ROW, CAUSAL: tl.constexpr, HAS_MASK: tl.con
 
 
 @triton.jit
-def _attn_fwd_kernel(Q, K, V, O, L, MASK, scale, T, H, KV_GROUP, E,
+def _attn_fwd_kernel(Q, K, V, OUT, L, MASK, scale, T, H, KV_GROUP, E,
                      CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
@@ -74,7 +74,7 @@ def _attn_fwd_kernel(Q, K, V, O, L, MASK, scale, T, H, KV_GROUP, E,
         m_i = m_new
     safe_l = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / safe_l[:, None]
-    tl.store(O + bh * T * E + offs_m[:, None] * E + offs_e[None, :], out.to(O.dtype.element_ty),
+    tl.store(OUT + bh * T * E + offs_m[:, None] * E + offs_e[None, :], out.to(OUT.dtype.element_ty),
              mask=(offs_m[:, None] < T) & (offs_e[None, :] < E))
     tl.store(L + bh * T + offs_m, m_i + tl.log(safe_l), mask=offs_m < T)
 
