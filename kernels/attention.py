@@ -164,46 +164,68 @@ def _check(q, k, v, key_padding_mask):
         raise ValueError(f"key_padding_mask must be (B, T) = ({b}, {t}), got {tuple(key_padding_mask.shape)}")
 
 
+# The launches are registered as custom ops so torch.compile treats them as opaque calls.
+@torch.library.custom_op("pretrain::flash_attention_fwd", mutates_args=())
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, causal: bool,
+                  has_mask: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    b, h, t, e = q.shape
+    out = torch.empty_like(q)
+    lse = torch.empty(b, h, t, dtype=torch.float32, device=q.device)
+    block = _block()
+    _attn_fwd_kernel[(triton.cdiv(t, block), b * h)](q, k, v, out, lse, mask, scale, t, h, h // k.shape[1], e,
+                                                     CAUSAL=causal, HAS_MASK=has_mask, BLOCK_M=block, BLOCK_N=block,
+                                                     BLOCK_E=max(16, next_power_of_2(e)))
+    return out, lse
+
+
+@attention_fwd.register_fake
+def _(q, k, v, mask, causal, has_mask, scale):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("pretrain::flash_attention_bwd", mutates_args=())
+def attention_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                  mask: torch.Tensor, dout: torch.Tensor, causal: bool, has_mask: bool,
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    b, h, t, e = q.shape
+    kv_heads = k.shape[1]
+    group = h // kv_heads
+    delta = (dout.float() * out.float()).sum(-1)  # (B, H, T)
+    dq = torch.empty_like(q)
+    dk_heads = torch.empty(b, h, t, e, dtype=q.dtype, device=q.device)  # per query head, summed below
+    dv_heads = torch.empty_like(dk_heads)
+    block = _block()
+    meta = {"CAUSAL": causal, "HAS_MASK": has_mask, "BLOCK_M": block, "BLOCK_N": block,
+            "BLOCK_E": max(16, next_power_of_2(e))}
+    _attn_bwd_dkdv_kernel[(triton.cdiv(t, block), b * h)](q, k, v, dout, lse, delta, dk_heads, dv_heads, mask,
+                                                         scale, t, h, group, e, **meta)
+    _attn_bwd_dq_kernel[(triton.cdiv(t, block), b * h)](q, k, v, dout, lse, delta, dq, mask, scale, t, h, group, e,
+                                                       **meta)
+    return dq, dk_heads.view(b, kv_heads, group, t, e).sum(2), dv_heads.view(b, kv_heads, group, t, e).sum(2)
+
+
+@attention_bwd.register_fake
+def _(q, k, v, out, lse, mask, dout, causal, has_mask, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
 class FlashAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, key_padding_mask, scale):
         _check(q, k, v, key_padding_mask)
-        b, h, t, e = q.shape
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        scale = e ** -0.5 if scale is None else float(scale)
-        mask = key_padding_mask.to(torch.int8).contiguous() if key_padding_mask is not None else q.new_zeros(1, dtype=torch.int8)
-        out = torch.empty_like(q)
-        lse = torch.empty(b, h, t, dtype=torch.float32, device=q.device)
-        block = _block()
-        group = h // k.shape[1]
-        grid = (triton.cdiv(t, block), b * h)
-        _attn_fwd_kernel[grid](q, k, v, out, lse, mask, scale, t, h, group, e, CAUSAL=bool(causal),
-                               HAS_MASK=key_padding_mask is not None, BLOCK_M=block, BLOCK_N=block,
-                               BLOCK_E=max(16, next_power_of_2(e)))
+        scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+        has_mask = key_padding_mask is not None
+        mask = key_padding_mask.to(torch.int8).contiguous() if has_mask else q.new_zeros(1, dtype=torch.int8)
+        out, lse = attention_fwd(q, k, v, mask, bool(causal), has_mask, scale)
         ctx.save_for_backward(q, k, v, out, lse, mask)
-        ctx.causal, ctx.scale, ctx.has_mask = bool(causal), scale, key_padding_mask is not None
+        ctx.causal, ctx.scale, ctx.has_mask = bool(causal), scale, has_mask
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, mask = ctx.saved_tensors
-        b, h, t, e = q.shape
-        kv_heads = k.shape[1]
-        group = h // kv_heads
-        dout = dout.contiguous()
-        delta = (dout.float() * out.float()).sum(-1)  # (B, H, T)
-        dq = torch.empty_like(q)
-        dk_heads = torch.empty(b, h, t, e, dtype=q.dtype, device=q.device)  # per query head, summed below
-        dv_heads = torch.empty_like(dk_heads)
-        block = _block()
-        meta = {"CAUSAL": ctx.causal, "HAS_MASK": ctx.has_mask, "BLOCK_M": block, "BLOCK_N": block,
-                "BLOCK_E": max(16, next_power_of_2(e))}
-        _attn_bwd_dkdv_kernel[(triton.cdiv(t, block), b * h)](q, k, v, dout, lse, delta, dk_heads, dv_heads, mask,
-                                                             ctx.scale, t, h, group, e, **meta)
-        _attn_bwd_dq_kernel[(triton.cdiv(t, block), b * h)](q, k, v, dout, lse, delta, dq, mask, ctx.scale, t, h,
-                                                           group, e, **meta)
-        dk = dk_heads.view(b, kv_heads, group, t, e).sum(2)
-        dv = dv_heads.view(b, kv_heads, group, t, e).sum(2)
+        dq, dk, dv = attention_bwd(q, k, v, out, lse, mask, dout.contiguous(), ctx.causal, ctx.has_mask, ctx.scale)
         return dq, dk, dv, None, None, None
 
 

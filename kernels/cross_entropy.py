@@ -65,6 +65,36 @@ def chunk_size(n: int, d: int, v: int) -> int:
     return max(1, min(next_power_of_2(n), next_power_of_2(-(-n // max(1, -(-v // d))))))
 
 
+@torch.library.custom_op("pretrain::linear_cross_entropy_fwd", mutates_args=())
+def linear_cross_entropy_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, ignore_index: int,
+                             z_loss: float, label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, d loss / d hidden, d loss / d weight), chunk by chunk; a custom op for torch.compile."""
+    n, d = hidden.shape
+    v = weight.shape[0]
+    count = int((targets != ignore_index).sum())
+    inv_count = 1.0 / max(count, 1)
+    grad_hidden = torch.empty_like(hidden, dtype=torch.float32)
+    grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+    losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
+    weight32 = weight.float()
+    c = chunk_size(n, d, v)
+    for start in range(0, n, c):
+        h = hidden[start:start + c].float()
+        logits = h @ weight32.t()  # (C, V), becomes dlogits in place
+        _ce_row_kernel[(logits.shape[0],)](logits, targets[start:start + c].contiguous(), losses[start:start + c],
+                                           logits.stride(0), v, ignore_index, inv_count, label_smoothing, z_loss,
+                                           BLOCK=min(BLOCK_V, next_power_of_2(v)))
+        grad_hidden[start:start + c] = logits @ weight32
+        grad_weight.addmm_(logits.t(), h)
+    return losses.sum(), grad_hidden, grad_weight
+
+
+@linear_cross_entropy_fwd.register_fake
+def _(hidden, weight, targets, ignore_index, z_loss, label_smoothing):
+    return (hidden.new_empty((), dtype=torch.float32), torch.empty_like(hidden, dtype=torch.float32),
+            torch.empty_like(weight, dtype=torch.float32))
+
+
 class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index, z_loss, label_smoothing):
@@ -76,26 +106,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if targets.shape != (hidden.shape[0],) or targets.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"targets must be integer (N,) = ({hidden.shape[0]},), got {tuple(targets.shape)} "
                              f"{targets.dtype}")
-        n, d = hidden.shape
-        v = weight.shape[0]
-        count = int((targets != ignore_index).sum())
-        inv_count = 1.0 / max(count, 1)
-        grad_hidden = torch.empty_like(hidden, dtype=torch.float32)
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
-        losses = torch.empty(n, dtype=torch.float32, device=hidden.device)
-        weight32 = weight.float()
-        c = chunk_size(n, d, v)
-        for start in range(0, n, c):
-            h = hidden[start:start + c].float()
-            logits = h @ weight32.t()  # (C, V), becomes dlogits in place
-            _ce_row_kernel[(logits.shape[0],)](logits, targets[start:start + c].contiguous(), losses[start:start + c],
-                                               logits.stride(0), v, ignore_index, inv_count, label_smoothing,
-                                               z_loss, BLOCK=min(BLOCK_V, next_power_of_2(v)))
-            grad_hidden[start:start + c] = logits @ weight32
-            grad_weight.addmm_(logits.t(), h)
+        loss, grad_hidden, grad_weight = linear_cross_entropy_fwd(hidden.contiguous(), weight.contiguous(), targets,
+                                                                  ignore_index, z_loss, label_smoothing)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.dtypes = (hidden.dtype, weight.dtype)
-        return losses.sum()
+        return loss
 
     @staticmethod
     def backward(ctx, grad_loss):

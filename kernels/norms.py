@@ -87,6 +87,44 @@ def _check(x, weight, bias):
         raise ValueError(f"norm dim {d} exceeds the supported maximum {MAX_DIM}")
 
 
+# The launches are registered as custom ops so torch.compile treats them as opaque calls.
+@torch.library.custom_op("pretrain::norm_fwd", mutates_args=())
+def norm_fwd(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
+             rms: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n, d = x2.shape
+    y = torch.empty_like(x2)
+    mean = torch.empty(n, dtype=torch.float32, device=x2.device)
+    rstd = torch.empty(n, dtype=torch.float32, device=x2.device)
+    _norm_fwd_kernel[(n,)](x2, weight, bias if bias is not None else weight, y, mean, rstd, x2.stride(0),
+                           y.stride(0), d, eps, HAS_BIAS=bias is not None, RMS=rms, BLOCK=next_power_of_2(d))
+    return y, mean, rstd
+
+
+@norm_fwd.register_fake
+def _(x2, weight, bias, eps, rms):
+    n = x2.shape[0]
+    return torch.empty_like(x2), x2.new_empty(n, dtype=torch.float32), x2.new_empty(n, dtype=torch.float32)
+
+
+@torch.library.custom_op("pretrain::norm_bwd", mutates_args=())
+def norm_bwd(x2: torch.Tensor, weight: torch.Tensor, dy2: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+             rms: bool, has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    n, d = x2.shape
+    dx = torch.empty_like(x2)
+    programs = triton.cdiv(n, ROWS_PER_PROGRAM)
+    dw_partial = torch.empty(programs, d, dtype=torch.float32, device=x2.device)
+    db_partial = torch.zeros(programs, d, dtype=torch.float32, device=x2.device)
+    _norm_bwd_kernel[(programs,)](x2, weight, dy2, dx, mean, rstd, dw_partial, db_partial, x2.stride(0),
+                                  dy2.stride(0), dx.stride(0), n, d, RMS=rms, HAS_BIAS=has_bias,
+                                  ROWS=ROWS_PER_PROGRAM, BLOCK=next_power_of_2(d))
+    return dx, dw_partial.sum(0).to(weight.dtype), db_partial.sum(0).to(weight.dtype)
+
+
+@norm_bwd.register_fake
+def _(x2, weight, dy2, mean, rstd, rms, has_bias):
+    return torch.empty_like(x2), torch.empty_like(weight), torch.empty_like(weight)
+
+
 class NormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps, rms):
@@ -95,13 +133,7 @@ class NormFunction(torch.autograd.Function):
         x2 = x.reshape(-1, shape[-1])
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
-        n, d = x2.shape
-        y = torch.empty_like(x2)
-        mean = torch.empty(n, dtype=torch.float32, device=x.device)
-        rstd = torch.empty(n, dtype=torch.float32, device=x.device)
-        block = next_power_of_2(d)
-        _norm_fwd_kernel[(n,)](x2, weight, bias if bias is not None else weight, y, mean, rstd, x2.stride(0),
-                               y.stride(0), d, eps, HAS_BIAS=bias is not None, RMS=rms, BLOCK=block)
+        y, mean, rstd = norm_fwd(x2, weight, bias, eps, rms)
         ctx.save_for_backward(x2, weight, mean, rstd)
         ctx.has_bias, ctx.rms, ctx.shape = bias is not None, rms, shape
         return y.reshape(shape)
@@ -109,20 +141,11 @@ class NormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x2, weight, mean, rstd = ctx.saved_tensors
-        n, d = x2.shape
-        dy2 = dy.reshape(-1, d)
+        dy2 = dy.reshape(-1, x2.shape[1])
         if dy2.stride(-1) != 1:
             dy2 = dy2.contiguous()
-        dx = torch.empty_like(x2)
-        programs = triton.cdiv(n, ROWS_PER_PROGRAM)
-        dw_partial = torch.empty(programs, d, dtype=torch.float32, device=x2.device)
-        db_partial = torch.empty(programs, d, dtype=torch.float32, device=x2.device) if ctx.has_bias else dw_partial
-        _norm_bwd_kernel[(programs,)](x2, weight, dy2, dx, mean, rstd, dw_partial, db_partial, x2.stride(0),
-                                      dy2.stride(0), dx.stride(0), n, d, RMS=ctx.rms, HAS_BIAS=ctx.has_bias,
-                                      ROWS=ROWS_PER_PROGRAM, BLOCK=next_power_of_2(d))
-        dw = dw_partial.sum(0).to(weight.dtype)
-        db = db_partial.sum(0).to(weight.dtype) if ctx.has_bias else None
-        return dx.reshape(ctx.shape), dw, db, None, None
+        dx, dw, db = norm_bwd(x2, weight, dy2, mean, rstd, ctx.rms, ctx.has_bias)
+        return dx.reshape(ctx.shape), dw, db if ctx.has_bias else None, None, None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -31,11 +31,18 @@ def _rotary_kernel(X, COS, SIN, Y, T, HALF, SIGN: tl.constexpr, BLOCK: tl.conste
     tl.store(Y + base + HALF + cols, (x2 * cos + x1 * sin).to(Y.dtype.element_ty), mask=inside)
 
 
-def _launch(x, cos, sin, sign):
+@torch.library.custom_op("pretrain::rotary", mutates_args=())
+def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
+    """Registered as a custom op so torch.compile treats the launch as one opaque call."""
     b, h, t, e = x.shape
     y = torch.empty_like(x)
     _rotary_kernel[(b * h * t,)](x, cos, sin, y, t, e // 2, SIGN=sign, BLOCK=next_power_of_2(e // 2))
     return y
+
+
+@_launch.register_fake
+def _(x, cos, sin, sign):
+    return torch.empty_like(x)
 
 
 class RotaryFunction(torch.autograd.Function):

@@ -70,10 +70,24 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def build_optimizer(model: nn.Module, cfg: Config, device: torch.device, zero1_group=None) -> torch.optim.Optimizer:
     """AdamW (fused on CUDA); with ``zero1_group`` its state is partitioned over those ranks (ZeRO-1)."""
     o = cfg.optim
-    if o.impl != "torch":
-        raise ConfigError(f'optim.impl = "{o.impl}" is not available yet; use "torch"')
-    kwargs = {"lr": o.lr, "betas": (o.beta1, o.beta2), "eps": o.eps, "fused": device.type == "cuda"}
     groups = param_groups(model, o.weight_decay)
+    betas = (o.beta1, o.beta2)
+    if o.impl == "triton":
+        if zero1_group is not None:
+            raise ConfigError('optim.impl = "triton" does not combine with parallel.zero_stage = 1; use "torch"')
+        try:
+            from kernels.adamw import FusedAdamW
+        except (ImportError, RuntimeError) as exc:
+            raise ConfigError(f'optim.impl = "triton" needs triton ({exc}): pip install \'pretrain[triton]\'') from None
+        return FusedAdamW(groups, lr=o.lr, betas=betas, eps=o.eps)
+    if o.impl == "apex":
+        try:
+            from apex.optimizers import FusedAdam
+        except ImportError:
+            raise ConfigError('optim.impl = "apex" needs NVIDIA apex, which is not installed (it is not on PyPI: '
+                              'build it from github.com/NVIDIA/apex), or use "torch" / "triton"') from None
+        return FusedAdam(groups, lr=o.lr, betas=betas, eps=o.eps, adam_w_mode=True)
+    kwargs = {"lr": o.lr, "betas": betas, "eps": o.eps, "fused": device.type == "cuda"}
     if zero1_group is not None:
         from torch.distributed.optim import ZeroRedundancyOptimizer
 

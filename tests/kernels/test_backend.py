@@ -31,3 +31,18 @@ def test_per_op_choice_and_bad_choices(tmp_path):
         load_config(None, ['model.kernels="attention,flash"'])
     with pytest.raises(ConfigError, match="has no dropout"):
         load_config(None, ["model.kernels=triton", "model.dropout=0.1"])
+
+
+def test_triton_optimizer_trains_like_torch_adamw(tmp_path):
+    runs = {}
+    for impl in ("torch", "triton"):
+        cfg = tiny_config(tmp_path / impl, f"optim.impl={impl}", "train.steps=4", "eval.interval=0")
+        trainer = build_trainer(cfg, DistInfo())
+        runs[impl] = trainer.fit()
+        assert type(trainer.optimizer).__name__ == ("FusedAdamW" if impl == "triton" else "AdamW")
+    assert max(abs(a - b) for a, b in zip(runs["torch"], runs["triton"])) < 1e-5, runs
+
+
+def test_apex_missing_is_one_clear_line(tmp_path):
+    with pytest.raises(ConfigError, match="needs NVIDIA apex, which is not installed"):
+        build_trainer(tiny_config(tmp_path, "optim.impl=apex"), DistInfo())
