@@ -1,7 +1,7 @@
 """Rotary position embedding (RoPE, Su et al. 2021) in the rotate-half convention of HF Llama, fwd + bwd.
 
-For x = [x1, x2] (halves of the head dim) and angles θ: y1 = x1·cos θ - x2·sin θ, y2 = x2·cos θ + x1·sin θ.
-The backward is the rotation by -θ. One program per (batch, head, token) row; fp32 math. Bytes: read x and
+For x = [x1, x2] (halves of the head dim) and tables cos = [c1, c2], sin = [s1, s2] (equal halves for RoPE's
+cat(θ, θ)): y1 = x1·c1 - x2·s1, y2 = x2·c2 + x1·s2; the backward applies the transpose (the rotation by -θ). One program per (batch, head, token) row; fp32 math. Bytes: read x and
 the (T, E) tables, write y: ≈ 2·B·H·T·E·itemsize.
 """
 
@@ -17,31 +17,40 @@ import triton.language as tl  # noqa: E402
 
 
 @triton.jit
-def _rotary_kernel(X, COS, SIN, Y, T, HALF, SIGN: tl.constexpr, BLOCK: tl.constexpr):
+def _rotary_kernel(X, COS, SIN, Y, T, HALF, BACKWARD: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)  # (b·H + h)·T + t over a contiguous (B, H, T, E) tensor
     t = row % T
     cols = tl.arange(0, BLOCK)
     inside = cols < HALF
     base = row * 2 * HALF
+    table = t * 2 * HALF
     x1 = tl.load(X + base + cols, mask=inside, other=0.0).to(tl.float32)
     x2 = tl.load(X + base + HALF + cols, mask=inside, other=0.0).to(tl.float32)
-    cos = tl.load(COS + t * 2 * HALF + cols, mask=inside, other=0.0).to(tl.float32)
-    sin = tl.load(SIN + t * 2 * HALF + cols, mask=inside, other=0.0).to(tl.float32) * SIGN
-    tl.store(Y + base + cols, (x1 * cos - x2 * sin).to(Y.dtype.element_ty), mask=inside)
-    tl.store(Y + base + HALF + cols, (x2 * cos + x1 * sin).to(Y.dtype.element_ty), mask=inside)
+    cos1 = tl.load(COS + table + cols, mask=inside, other=0.0).to(tl.float32)
+    cos2 = tl.load(COS + table + HALF + cols, mask=inside, other=0.0).to(tl.float32)
+    sin1 = tl.load(SIN + table + cols, mask=inside, other=0.0).to(tl.float32)
+    sin2 = tl.load(SIN + table + HALF + cols, mask=inside, other=0.0).to(tl.float32)
+    if BACKWARD:  # the transpose of the forward map
+        y1 = x1 * cos1 + x2 * sin2
+        y2 = x2 * cos2 - x1 * sin1
+    else:
+        y1 = x1 * cos1 - x2 * sin1
+        y2 = x2 * cos2 + x1 * sin2
+    tl.store(Y + base + cols, y1.to(Y.dtype.element_ty), mask=inside)
+    tl.store(Y + base + HALF + cols, y2.to(Y.dtype.element_ty), mask=inside)
 
 
 @torch.library.custom_op("pretrain::rotary", mutates_args=())
-def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
+def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
     """Registered as a custom op so torch.compile treats the launch as one opaque call."""
     b, h, t, e = x.shape
     y = torch.empty_like(x)
-    _rotary_kernel[(b * h * t,)](x, cos, sin, y, t, e // 2, SIGN=sign, BLOCK=next_power_of_2(e // 2))
+    _rotary_kernel[(b * h * t,)](x, cos, sin, y, t, e // 2, BACKWARD=backward, BLOCK=next_power_of_2(e // 2))
     return y
 
 
 @_launch.register_fake
-def _(x, cos, sin, sign):
+def _(x, cos, sin, backward):
     return torch.empty_like(x)
 
 
@@ -57,12 +66,12 @@ class RotaryFunction(torch.autograd.Function):
             raise ValueError(f"rotary tables must be (>= {t}, {e}), got cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
         cos, sin = cos[:t].contiguous(), sin[:t].contiguous()
         ctx.save_for_backward(cos, sin)
-        return _launch(x.contiguous(), cos, sin, 1.0)
+        return _launch(x.contiguous(), cos, sin, False)
 
     @staticmethod
     def backward(ctx, dy):
         cos, sin = ctx.saved_tensors
-        return _launch(dy.contiguous(), cos, sin, -1.0), None, None
+        return _launch(dy.contiguous(), cos, sin, True), None, None
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

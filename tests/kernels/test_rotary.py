@@ -27,3 +27,14 @@ def test_rotary_bad_inputs():
         rotary.rotary(torch.randn(1, 1, 4, 5), torch.randn(4, 5), torch.randn(4, 5))
     with pytest.raises(ValueError, match="rotary tables must be"):
         rotary.rotary(torch.randn(1, 1, 8, 4), torch.randn(4, 4), torch.randn(4, 4))
+
+
+def test_rotary_with_arbitrary_tables():
+    torch.manual_seed(3)
+    x = torch.randn(1, 2, 9, 16, requires_grad=True)
+    cos, sin = torch.randn(9, 16), torch.randn(9, 16)
+    ours, ref = rotary.rotary(x, cos, sin), reference.rotary(x, cos, sin)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    dy = torch.randn_like(ref)
+    torch.testing.assert_close(torch.autograd.grad(ours, x, dy)[0], torch.autograd.grad(ref, x, dy)[0],
+                               atol=1e-5, rtol=1e-5)

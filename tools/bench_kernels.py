@@ -1,0 +1,58 @@
+#!/usr/bin/env python3
+"""Microbenchmark the Triton kernels against torch and the strongest available baselines (logic in
+kernels/bench.py): TFLOP/s, GB/s and % of the measured copy-bandwidth / matmul peaks, CSV + PNG.
+
+    python tools/bench_kernels.py --op attention --dtype bf16 --seq 4096 8192 16384
+    python tools/bench_kernels.py --op all
+    python tools/bench_kernels.py --check          # correctness only; runs on CPU through the interpreter
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--op", default="all", help="attention | adamw | rmsnorm | layernorm | cross_entropy | "
+                                                   "rotary | all")
+    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    parser.add_argument("--seq", type=int, nargs="+", default=[4096, 8192, 16384], help="attention lengths")
+    parser.add_argument("--out", default="runs/bench_kernels", help="directory for the CSV and PNG")
+    parser.add_argument("--check", action="store_true", help="correctness only (small shapes; CPU interpreter ok)")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    if args.check:
+        if not torch.cuda.is_available():
+            os.environ.setdefault("TRITON_INTERPRET", "1")  # before any triton.jit code is imported
+        from kernels.bench import check
+
+        report = check()
+        print("\n".join(report))
+        return 0 if report[-1] == "all ok" else 1
+    if not torch.cuda.is_available():
+        print("error: timing needs a CUDA GPU (none visible); run with --check for correctness in the interpreter",
+              file=sys.stderr)
+        return 2
+    from kernels.bench import OPS, run
+
+    ops = list(OPS) if args.op == "all" else [args.op]
+    unknown = [op for op in ops if op not in OPS]
+    if unknown:
+        print(f"error: unknown op {unknown[0]!r}: one of {', '.join(OPS)}, all", file=sys.stderr)
+        return 2
+    run(ops, getattr(torch, DTYPES[args.dtype]), args.seq, Path(args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
