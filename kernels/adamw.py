@@ -3,7 +3,9 @@
 Per element, with bias corrections c1 = 1 - β1^t, c2 = 1 - β2^t:
     p ← p·(1 - lr·wd);  m ← β1·m + (1-β1)·g;  v ← β2·v + (1-β2)·g²;  p ← p - (lr/c1) · m / (sqrt(v)/sqrt(c2) + ε)
 exactly ``torch.optim.AdamW``'s arithmetic, in one pass over p, g, m, v (16 bytes read + 12 written per fp32
-element, vs several passes unfused). One launch per parameter tensor. Parameters may be fp32, or bf16/fp16
+element, vs several passes unfused). Multi-tensor: one launch per parameter group and dtype, whatever the
+number of tensors — each program finds its tensor through tables of data pointers and block offsets, and
+each tensor keeps its own step count (bias correction). Parameters may be fp32, or bf16/fp16
 with ``master_weights=True`` keeping an fp32 copy in the state that the update is applied to. The state dict
 (``step``, ``exp_avg``, ``exp_avg_sq`` per parameter; group hyper-parameters) loads into and from
 ``torch.optim.AdamW``.
@@ -22,29 +24,49 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 BLOCK = 1024
+ELEMENT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 @triton.jit
-def _adamw_kernel(P, G, M, V, MASTER, N, lr, beta1, beta2, eps, weight_decay, step_size, inv_sqrt_c2,
-                  HAS_MASTER: tl.constexpr, BLOCK: tl.constexpr):
-    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    inside = offsets < N
-    if HAS_MASTER:
-        p = tl.load(MASTER + offsets, mask=inside, other=0.0)
+def _pointer(TABLE, t, KIND: tl.constexpr):
+    address = tl.load(TABLE + t)
+    if KIND == 1:
+        return address.to(tl.pointer_type(tl.bfloat16))
+    elif KIND == 2:
+        return address.to(tl.pointer_type(tl.float16))
     else:
-        p = tl.load(P + offsets, mask=inside, other=0.0).to(tl.float32)
-    g = tl.load(G + offsets, mask=inside, other=0.0).to(tl.float32)
-    m = tl.load(M + offsets, mask=inside, other=0.0)
-    v = tl.load(V + offsets, mask=inside, other=0.0)
+        return address.to(tl.pointer_type(tl.float32))
+
+
+@triton.jit
+def _adamw_multi_kernel(P_PTRS, G_PTRS, M_PTRS, V_PTRS, MASTER_PTRS, TENSOR_OF_BLOCK, BLOCK_START, SIZES,
+                        STEP_SIZE, INV_SQRT_C2, lr, beta1, beta2, eps, weight_decay,
+                        P_KIND: tl.constexpr, G_KIND: tl.constexpr, HAS_MASTER: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    t = tl.load(TENSOR_OF_BLOCK + pid)
+    offsets = tl.load(BLOCK_START + pid) + tl.arange(0, BLOCK)
+    inside = offsets < tl.load(SIZES + t)
+    p_ptr = _pointer(P_PTRS, t, P_KIND)
+    g_ptr = _pointer(G_PTRS, t, G_KIND)
+    m_ptr = _pointer(M_PTRS, t, 0)
+    v_ptr = _pointer(V_PTRS, t, 0)
+    if HAS_MASTER:
+        master_ptr = _pointer(MASTER_PTRS, t, 0)
+        p = tl.load(master_ptr + offsets, mask=inside, other=0.0)
+    else:
+        p = tl.load(p_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+    m = tl.load(m_ptr + offsets, mask=inside, other=0.0)
+    v = tl.load(v_ptr + offsets, mask=inside, other=0.0)
     p = p * (1.0 - lr * weight_decay)
     m = m + (1.0 - beta1) * (g - m)  # lerp, as torch: m·β1 + g·(1-β1)
     v = v * beta2 + (1.0 - beta2) * g * g
-    p = p - step_size * m / (tl.sqrt(v) * inv_sqrt_c2 + eps)
-    tl.store(M + offsets, m, mask=inside)
-    tl.store(V + offsets, v, mask=inside)
+    p = p - tl.load(STEP_SIZE + t) * m / (tl.sqrt(v) * tl.load(INV_SQRT_C2 + t) + eps)
+    tl.store(m_ptr + offsets, m, mask=inside)
+    tl.store(v_ptr + offsets, v, mask=inside)
     if HAS_MASTER:
-        tl.store(MASTER + offsets, p, mask=inside)
-    tl.store(P + offsets, p.to(P.dtype.element_ty), mask=inside)
+        tl.store(master_ptr + offsets, p, mask=inside)
+    tl.store(p_ptr + offsets, p.to(p_ptr.dtype.element_ty), mask=inside)
 
 
 class FusedAdamW(torch.optim.Optimizer):
@@ -76,25 +98,48 @@ class FusedAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            buckets: dict[tuple, list] = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("FusedAdamW does not take sparse gradients")
-                check_device(p, p.grad)
-                if not p.is_contiguous():
-                    raise ValueError(f"FusedAdamW needs contiguous parameters, got strides {p.stride()}")
-                if p.dtype != torch.float32 and not self.master_weights:
-                    raise TypeError(f"{p.dtype} parameters need master_weights=True (an fp32 copy to update)")
+                self._check(p)
                 state = self._init_state(p)
                 state["step"] += 1
-                t = float(state["step"])
-                grad = p.grad.contiguous()
                 master = state.get("master_param")
-                n = p.numel()
-                _adamw_kernel[(triton.cdiv(n, BLOCK),)](
-                    p, grad, state["exp_avg"], state["exp_avg_sq"], master if master is not None else p, n, lr,
-                    beta1, beta2, eps, wd, lr / (1 - beta1 ** t), 1.0 / math.sqrt(1 - beta2 ** t),
-                    HAS_MASTER=master is not None, BLOCK=BLOCK)
+                buckets.setdefault((p.device, p.dtype, p.grad.dtype, master is not None), []).append(p)
+            for (device, p_dtype, g_dtype, has_master), params in buckets.items():
+                self._launch(group, params, device, p_dtype, g_dtype, has_master)
         return loss
+
+    def _check(self, p):
+        if p.grad.is_sparse:
+            raise RuntimeError("FusedAdamW does not take sparse gradients")
+        check_device(p, p.grad)
+        if not p.is_contiguous() or not p.grad.is_contiguous():
+            raise ValueError(f"FusedAdamW needs contiguous parameters and gradients, got strides {p.stride()}")
+        if p.dtype not in ELEMENT or p.grad.dtype not in ELEMENT:
+            raise TypeError(f"unsupported parameter dtype {p.dtype}: the kernels take float32, float16 or bfloat16")
+        if p.dtype != torch.float32 and not self.master_weights:
+            raise TypeError(f"{p.dtype} parameters need master_weights=True (an fp32 copy to update)")
+
+    def _launch(self, group, params, device, p_dtype, g_dtype, has_master):
+        """One kernel for every tensor of the bucket: pointer tables, block -> tensor map, per-tensor steps."""
+        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        states = [self.state[p] for p in params]
+        steps = [float(st["step"]) for st in states]
+        blocks = [(i, start) for i, p in enumerate(params) for start in range(0, p.numel(), BLOCK)]
+
+        def table(values, dtype):
+            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+        masters = [st["master_param"].data_ptr() for st in states] if has_master else [0] * len(params)
+        _adamw_multi_kernel[(len(blocks),)](
+            table([p.data_ptr() for p in params], torch.int64), table([p.grad.data_ptr() for p in params], torch.int64),
+            table([st["exp_avg"].data_ptr() for st in states], torch.int64),
+            table([st["exp_avg_sq"].data_ptr() for st in states], torch.int64), table(masters, torch.int64),
+            table([b[0] for b in blocks], torch.int32), table([b[1] for b in blocks], torch.int32),
+            table([p.numel() for p in params], torch.int64),
+            table([lr / (1 - beta1 ** t) for t in steps], torch.float32),
+            table([1.0 / math.sqrt(1 - beta2 ** t) for t in steps], torch.float32),
+            lr, beta1, beta2, eps, wd, P_KIND=ELEMENT[p_dtype], G_KIND=ELEMENT[g_dtype], HAS_MASTER=has_master,
+            BLOCK=BLOCK)

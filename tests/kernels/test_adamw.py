@@ -69,3 +69,20 @@ def test_master_weights_and_bad_inputs():
     assert ((p.data.float() - master).abs() <= master.abs() * 2 ** -7 + 1e-6).all()
     with pytest.raises(ValueError, match="invalid AdamW"):
         adamw.FusedAdamW([p], lr=-1)
+
+
+def test_one_launch_per_group_whatever_the_tensor_count(monkeypatch):
+    kernel, launches = adamw._adamw_multi_kernel, []
+
+    class Counting:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(adamw, "_adamw_multi_kernel", Counting())
+    params = [torch.nn.Parameter(torch.randn(n)) for n in (3, 2000, 17, 1025, 64)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    adamw.FusedAdamW([{"params": params[:4]}, {"params": params[4:], "weight_decay": 0.0}]).step()
+    assert len(launches) == 2  # one per parameter group
+    assert launches[0] == (1 + 2 + 1 + 2,)  # blocks of 1024 over 3, 2000, 17, 1025 elements
