@@ -7,8 +7,8 @@ diagonal. A query head h reads key/value head h // (H / K) directly: repeated K/
 Backward (recompute, no stored probabilities): Δ = rowsum(dO ∘ O); one kernel per key/value block accumulates
 dV = Pᵀ dO and dK = scale · dSᵀ Q over the query blocks, another per query block dQ = scale · dS K, with
 P = exp(scale · QKᵀ - L) and dS = P ∘ (dO Vᵀ - Δ). Key/value gradients of a GQA group are summed over its heads.
-Head dims up to 256, any size (non-powers of two are padded in registers and masked). fp32 accumulation for
-fp32 / fp16 / bf16 inputs. FLOPs: forward 4·B·H·T²·E (half with causal), backward 2.5× that.
+Head dims up to 256, any size (non-powers of two are padded in registers and masked). Matmuls take the inputs'
+dtype (tensor cores for fp16 / bf16) and accumulate in fp32; softmax statistics are fp32. FLOPs: forward 4·B·H·T²·E (half with causal), backward 2.5× that.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def _attn_fwd_kernel(Q, K, V, OUT, L, MASK, scale, T, H, KV_GROUP, E,
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_e = tl.arange(0, BLOCK_E)
     q = tl.load(Q + bh * T * E + offs_m[:, None] * E + offs_e[None, :],
-                mask=(offs_m[:, None] < T) & (offs_e[None, :] < E), other=0.0).to(tl.float32)
+                mask=(offs_m[:, None] < T) & (offs_e[None, :] < E), other=0.0)
     m_i = tl.full([BLOCK_M], NEG, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)
@@ -61,8 +61,8 @@ def _attn_fwd_kernel(Q, K, V, OUT, L, MASK, scale, T, H, KV_GROUP, E,
     for start_n in range(0, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_mask = (offs_n[:, None] < T) & (offs_e[None, :] < E)
-        k = tl.load(K + kvh * T * E + offs_n[:, None] * E + offs_e[None, :], mask=kv_mask, other=0.0).to(tl.float32)
-        v = tl.load(V + kvh * T * E + offs_n[:, None] * E + offs_e[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+        k = tl.load(K + kvh * T * E + offs_n[:, None] * E + offs_e[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + kvh * T * E + offs_n[:, None] * E + offs_e[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k)) * scale
         ok = _allowed(offs_m, offs_n, T, MASK + b * T, CAUSAL, HAS_MASK)
         s = tl.where(ok, s, NEG)
@@ -70,7 +70,7 @@ def _attn_fwd_kernel(Q, K, V, OUT, L, MASK, scale, T, H, KV_GROUP, E,
         p = tl.where(ok, tl.exp(s - m_new[:, None]), 0.0)
         alpha = tl.exp(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p, v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     safe_l = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / safe_l[:, None]
@@ -90,25 +90,25 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, L, DELTA, DK, DV, MASK, scale, T, H, KV_G
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_e = tl.arange(0, BLOCK_E)
     kv_mask = (offs_n[:, None] < T) & (offs_e[None, :] < E)
-    k = tl.load(K + kvh * T * E + offs_n[:, None] * E + offs_e[None, :], mask=kv_mask, other=0.0).to(tl.float32)
-    v = tl.load(V + kvh * T * E + offs_n[:, None] * E + offs_e[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+    k = tl.load(K + kvh * T * E + offs_n[:, None] * E + offs_e[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + kvh * T * E + offs_n[:, None] * E + offs_e[None, :], mask=kv_mask, other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
     begin = (start_n // BLOCK_M) * BLOCK_M if CAUSAL else 0
     for start_m in range(begin, T, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q_mask = (offs_m[:, None] < T) & (offs_e[None, :] < E)
-        q = tl.load(Q + bh * T * E + offs_m[:, None] * E + offs_e[None, :], mask=q_mask, other=0.0).to(tl.float32)
-        do = tl.load(DO + bh * T * E + offs_m[:, None] * E + offs_e[None, :], mask=q_mask, other=0.0).to(tl.float32)
+        q = tl.load(Q + bh * T * E + offs_m[:, None] * E + offs_e[None, :], mask=q_mask, other=0.0)
+        do = tl.load(DO + bh * T * E + offs_m[:, None] * E + offs_e[None, :], mask=q_mask, other=0.0)
         lse = tl.load(L + bh * T + offs_m, mask=offs_m < T, other=0.0)
         delta = tl.load(DELTA + bh * T + offs_m, mask=offs_m < T, other=0.0)
         s = tl.dot(q, tl.trans(k)) * scale
         ok = _allowed(offs_m, offs_n, T, MASK + b * T, CAUSAL, HAS_MASK)
         p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)  # (M, N)
-        dv += tl.dot(tl.trans(p), do)
+        dv += tl.dot(tl.trans(p).to(do.dtype), do)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds), q)
+        dk += tl.dot(tl.trans(ds).to(q.dtype), q)
     out = bh * T * E + offs_n[:, None] * E + offs_e[None, :]
     tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kv_mask)
@@ -125,8 +125,8 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, L, DELTA, DQ, MASK, scale, T, H, KV_GROUP, 
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_e = tl.arange(0, BLOCK_E)
     q_mask = (offs_m[:, None] < T) & (offs_e[None, :] < E)
-    q = tl.load(Q + bh * T * E + offs_m[:, None] * E + offs_e[None, :], mask=q_mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + bh * T * E + offs_m[:, None] * E + offs_e[None, :], mask=q_mask, other=0.0).to(tl.float32)
+    q = tl.load(Q + bh * T * E + offs_m[:, None] * E + offs_e[None, :], mask=q_mask, other=0.0)
+    do = tl.load(DO + bh * T * E + offs_m[:, None] * E + offs_e[None, :], mask=q_mask, other=0.0)
     lse = tl.load(L + bh * T + offs_m, mask=offs_m < T, other=0.0)
     delta = tl.load(DELTA + bh * T + offs_m, mask=offs_m < T, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)
@@ -134,14 +134,14 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, L, DELTA, DQ, MASK, scale, T, H, KV_GROUP, 
     for start_n in range(0, end, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_mask = (offs_n[:, None] < T) & (offs_e[None, :] < E)
-        k = tl.load(K + kvh * T * E + offs_n[:, None] * E + offs_e[None, :], mask=kv_mask, other=0.0).to(tl.float32)
-        v = tl.load(V + kvh * T * E + offs_n[:, None] * E + offs_e[None, :], mask=kv_mask, other=0.0).to(tl.float32)
+        k = tl.load(K + kvh * T * E + offs_n[:, None] * E + offs_e[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + kvh * T * E + offs_n[:, None] * E + offs_e[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k)) * scale
         ok = _allowed(offs_m, offs_n, T, MASK + b * T, CAUSAL, HAS_MASK)
         p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds, k)
+        dq += tl.dot(ds.to(k.dtype), k)
     tl.store(DQ + bh * T * E + offs_m[:, None] * E + offs_e[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=q_mask)
 
