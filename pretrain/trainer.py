@@ -29,9 +29,9 @@ from pretrain.parallel.parallelize import Parallelized
 # batch entries the loader adds for bookkeeping, not model inputs
 META_KEYS = ("index", "skipped", "source")
 
-# model keys that change parameter shapes: a checkpoint with other values cannot be resumed
-SHAPE_KEYS = ("arch", "flavor", "n_layers", "d_model", "n_heads", "n_kv_heads", "ffn_hidden", "vocab_size",
-              "max_position_embeddings", "tie_embeddings", "type_vocab_size", "nsp_head")
+# what fixes parameter shapes (resolved values: ffn_hidden = 0 and its default width are the same model)
+SHAPE_KEYS = ("arch", "flavor", "n_layers", "d_model", "n_heads", "kv_heads", "ffn_dim", "vocab_size",
+              "tie_embeddings", "type_vocab_size", "nsp_head")
 
 
 def lr_at(step: int, cfg: Config) -> float:
@@ -107,7 +107,8 @@ def _plain(value: torch.Tensor) -> torch.Tensor:
 
 def check_resumable(saved_toml: str, cfg: Config, where: Path) -> None:
     saved = config_from_toml(saved_toml).model
-    for key in SHAPE_KEYS:
+    keys = SHAPE_KEYS + (("positions",) if cfg.model.learned_positions else ())
+    for key in keys:
         old, new = getattr(saved, key), getattr(cfg.model, key)
         if old != new:
             raise CheckpointError(
@@ -169,6 +170,9 @@ class Trainer:
             return False
         check_resumable(saved_config_toml(path), self.cfg, path.parent)
         state = self.checkpoints.load(path, self.raw_model, self.optimizer, self.engine)
+        if state.get("model_only"):  # weights to continue pretraining from (e.g. imported from Hugging Face)
+            self.metrics.console(f"initialised the model from {path}")
+            return True
         self.step = int(state["step"])
         self.losses = list(state.get("losses", []))
         self.data_skipped = int(state.get("data_skipped", 0))

@@ -166,9 +166,10 @@ class CheckpointManager:
             engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False)
         else:
             model_sd, optim_sd, _ = _model_and_optim_state(model, optimizer)
+            payload = {"model": model_sd} if optim_sd is None else {"model": model_sd, "optim": optim_sd}
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # single-process DCP warns that no process group exists
-                dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+                dcp.save(payload, checkpoint_id=str(tmp))
         torch.save(rng_state(), tmp / f"rng-rank{self.rank}.pt")
         distributed.barrier()
         if self.rank == 0:
@@ -197,6 +198,9 @@ class CheckpointManager:
         path = Path(path)
         if not is_complete(path):
             raise CheckpointError(f"checkpoint {path} is incomplete (no manifest.json); refusing to load it")
+        state = json.loads((path / "state.json").read_text())
+        if state.get("model_only"):  # an imported model: weights, no optimizer or data position
+            optimizer = None
         if engine is not None:
             if not (path / "deepspeed").is_dir():
                 raise CheckpointError(f"{path} was not written by the DeepSpeed engine; resume it with "
@@ -220,9 +224,9 @@ class CheckpointManager:
             else:
                 set_model_state_dict(model, model_sd)
         rng_file = path / f"rng-rank{self.rank}.pt"
-        if rng_file.is_file():
+        if rng_file.is_file() and not state.get("model_only"):
             set_rng_state(torch.load(rng_file, weights_only=True))
-        return json.loads((path / "state.json").read_text())
+        return state
 
 
 def saved_config_toml(path: Path) -> str:

@@ -1,0 +1,197 @@
+"""Hugging Face export / import: logits parity both ways, bit-identical round trips, greedy generation, the
+tokenizer, sharding, and every bad input as one clear line."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain.checkpoint.hf import export_hf, import_hf
+from pretrain.checkpoint.manager import CheckpointError
+from pretrain.config import load_config
+from pretrain.models import build_model
+
+transformers = pytest.importorskip("transformers")
+ROOT = Path(__file__).resolve().parents[2]
+
+ARCHS = {
+    "llama_gqa": ["model.flavor=llama", "model.n_kv_heads=2", "model.tie_embeddings=false"],
+    "llama_tied": ["model.flavor=llama", "model.tie_embeddings=true"],
+    "gpt2": ["model.flavor=gpt2", "model.tie_embeddings=true"],
+    "gpt2_untied": ["model.flavor=gpt2", "model.tie_embeddings=false"],
+    "bert": ["model.arch=bert"],
+}
+HF_CLASSES = {"gpt": None, "bert": "BertForMaskedLM"}
+
+
+def model_cfg(name):
+    return load_config(None, ["model.n_layers=2", "model.d_model=32", "model.n_heads=4", "model.vocab_size=96",
+                              "model.seq_len=24", "model.norm_eps=1e-5", *ARCHS[name]]).model
+
+
+def random_model(cfg, seed=0):
+    torch.manual_seed(seed)
+    model = build_model(cfg).eval()
+    with torch.no_grad():  # randomise everything, norms and biases too, so no mapping error hides
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def hf_logits(hf, tokens, mask=None):
+    with torch.no_grad():
+        return hf(input_ids=tokens, attention_mask=mask).logits
+
+
+@pytest.mark.parametrize("name", list(ARCHS))
+def test_export_logits_parity_and_bit_identical_round_trip(tmp_path, name):
+    cfg = model_cfg(name)
+    ours = random_model(cfg)
+    out = export_hf(ours, cfg, tmp_path / "hf")
+    hf = transformers.AutoModelForMaskedLM.from_pretrained(out) if cfg.arch == "bert" else \
+        transformers.AutoModelForCausalLM.from_pretrained(out)
+    hf.eval()
+    tokens = torch.randint(0, cfg.vocab_size, (2, 19))
+    mask = None
+    if cfg.arch == "bert":
+        mask = torch.ones(2, 19, dtype=torch.long)
+        mask[1, 13:] = 0
+        with torch.no_grad():
+            theirs, mine = hf_logits(hf, tokens, mask), ours(tokens, mask.bool())
+        keep = mask.bool()
+        assert (theirs[keep] - mine[keep]).abs().max() <= 1e-5
+    else:
+        with torch.no_grad():
+            assert (hf_logits(hf, tokens) - ours(tokens)).abs().max() <= 1e-5
+    back, back_cfg = import_hf(out)
+    expected = {k: v for k, v in ours.state_dict().items() if not k.startswith(("pooler", "nsp_head"))}
+    got = back.state_dict()
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "gpt2", "bert"])
+def test_import_from_transformers_gives_its_logits(tmp_path, name):
+    from pretrain.checkpoint.hf import hf_config
+
+    cfg = model_cfg(name)
+    torch.manual_seed(1)
+    config = hf_config(cfg)
+    hf = (transformers.BertForMaskedLM(config) if cfg.arch == "bert" else
+          transformers.AutoModelForCausalLM.from_config(config)).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    ours, _ = import_hf(tmp_path / "hf")
+    tokens = torch.randint(0, cfg.vocab_size, (2, 17))
+    with torch.no_grad():
+        assert (hf_logits(hf, tokens) - ours(tokens)).abs().max() <= 1e-5
+
+
+def test_greedy_generation_is_identical_through_transformers(tmp_path):
+    cfg = model_cfg("llama_gqa")
+    ours = random_model(cfg, seed=3)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(export_hf(ours, cfg, tmp_path / "hf")).eval()
+    prompt = torch.randint(7, cfg.vocab_size, (1, 5))
+    mine = ours.generate(prompt, max_new_tokens=12)
+    theirs = hf.generate(prompt, max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert mine.tolist() == theirs.tolist()
+
+
+def test_tokenizer_ships_and_autotokenizer_encodes_like_ours(tmp_path, prepared):
+    from pretrain.data.tokenizer import Tokenizer
+
+    cfg = load_config(None, ["model.n_layers=1", "model.d_model=32", "model.n_heads=4", "model.vocab_size=512",
+                             "model.seq_len=16"]).model
+    out = export_hf(random_model(cfg), cfg, tmp_path / "hf", tokenizer_path=prepared / "tokenizer.model")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    ours = Tokenizer.load(prepared / "tokenizer.model")
+    text = "def add(a, b):\n    return a + b\n"
+    assert hf_tok.encode(text, add_special_tokens=False) == ours.encode(text)
+    with pytest.raises(CheckpointError, match="more than the model's vocab"):
+        small = load_config(None, ["model.n_layers=1", "model.d_model=32", "model.n_heads=4", "model.vocab_size=64",
+                                   "model.seq_len=16"]).model
+        export_hf(random_model(small), small, tmp_path / "hf2", tokenizer_path=prepared / "tokenizer.model")
+
+
+def test_sharded_export_and_import(tmp_path):
+    cfg = model_cfg("llama_gqa")
+    ours = random_model(cfg)
+    out = export_hf(ours, cfg, tmp_path / "hf", shard_bytes=20_000)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2 and not (out / "model.safetensors").exists()
+    back, _ = import_hf(out)
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in ours.state_dict().items())
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    tokens = torch.randint(0, cfg.vocab_size, (1, 9))
+    with torch.no_grad():
+        assert (hf_logits(hf, tokens) - ours(tokens)).abs().max() <= 1e-5
+
+
+def test_bad_inputs_are_one_clear_line(tmp_path):
+    cfg = model_cfg("llama_gqa")
+    good = export_hf(random_model(cfg), cfg, tmp_path / "good")
+    with pytest.raises(CheckpointError, match="exists and is not empty"):
+        export_hf(random_model(cfg), cfg, good)
+    assert (good / "model.safetensors").is_file()  # untouched
+    bad_arch = tmp_path / "mamba"
+    bad_arch.mkdir()
+    (bad_arch / "config.json").write_text(json.dumps({"architectures": ["MambaForCausalLM"]}))
+    with pytest.raises(CheckpointError, match="unsupported Hugging Face architecture 'MambaForCausalLM': supported"):
+        import_hf(bad_arch)
+    with pytest.raises(CheckpointError, match="has no config.json"):
+        import_hf(tmp_path)
+    no_weights = tmp_path / "noweights"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text((good / "config.json").read_text())
+    with pytest.raises(CheckpointError, match="has no weights"):
+        import_hf(no_weights)
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    (truncated / "config.json").write_text((good / "config.json").read_text())
+    data = (good / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors is unreadable"):
+        import_hf(truncated)
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((good / "config.json").read_text())
+    hf = transformers.AutoModelForCausalLM.from_pretrained(good)
+    torch.save(hf.state_dict(), pickled / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="only pickled weights .*--allow-pickle"):
+        import_hf(pickled)
+    model, _ = import_hf(pickled, allow_pickle=True)
+    assert torch.equal(model.embed_tokens.weight, hf.model.embed_tokens.weight)
+
+
+def test_cli_round_trip_and_continue_pretraining(tmp_path, prepared):
+    run = tmp_path / "run"
+    common = ["model.n_layers=2", "model.d_model=32", "model.n_heads=4", "model.vocab_size=512", "model.seq_len=16",
+              "train.micro_batch_size=4", "schedule.warmup_steps=1", "logging.tensorboard=false", "eval.interval=0",
+              "data.source=shards", f"data.path={prepared}", "model.tie_embeddings=false"]
+    subprocess.run([sys.executable, "-m", "pretrain.train", "--set", *common, "train.steps=2",
+                    "checkpoint.interval=2", f"logging.run_dir={run}"], cwd=ROOT, check=True, capture_output=True)
+    hf_dir, native = tmp_path / "hf", tmp_path / "native"
+    to_hf = subprocess.run([sys.executable, "tools/convert_checkpoint.py", "--to", "hf", "--input",
+                            str(run / "checkpoints"), "--output", str(hf_dir)], cwd=ROOT, capture_output=True, text=True)
+    assert to_hf.returncode == 0, to_hf.stderr
+    assert (hf_dir / "tokenizer.model").is_file() and (hf_dir / "config.json").is_file()
+    again = subprocess.run([sys.executable, "tools/convert_checkpoint.py", "--to", "hf", "--input",
+                            str(run / "checkpoints"), "--output", str(hf_dir)], cwd=ROOT, capture_output=True, text=True)
+    assert again.returncode == 2 and again.stderr.strip().startswith("error: output") and \
+        len(again.stderr.strip().splitlines()) == 1
+    to_native = subprocess.run([sys.executable, "tools/convert_checkpoint.py", "--to", "native", "--input",
+                                str(hf_dir), "--output", str(native)], cwd=ROOT, capture_output=True, text=True)
+    assert to_native.returncode == 0, to_native.stderr
+    step = native / "step-00000000"
+    cont = subprocess.run([sys.executable, "-m", "pretrain.train", "--set", *common, "train.steps=2",
+                           f"checkpoint.resume={step}", f"logging.run_dir={tmp_path / 'continued'}"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert cont.returncode == 0, cont.stderr
+    assert f"initialised the model from {step}" in cont.stdout + cont.stderr
+    from pretrain.checkpoint import load_model
+
+    original, _ = load_model(run / "checkpoints")
+    imported, _ = load_model(step)
+    assert all(torch.equal(imported.state_dict()[k], v) for k, v in original.state_dict().items())

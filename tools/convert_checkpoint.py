@@ -1,0 +1,64 @@
+#!/usr/bin/env python3
+"""Convert between our checkpoints and Hugging Face model directories (see pretrain/checkpoint/hf.py).
+
+    python tools/convert_checkpoint.py --to hf --input runs/gpt_tiny/checkpoints --output hf/gpt_tiny
+    python tools/convert_checkpoint.py --to native --input hf/gpt_tiny --output runs/from_hf/checkpoints
+
+``--to hf`` takes a checkpoint directory (its newest complete step) or a step directory and writes config.json,
+safetensors weights and the tokenizer (the run's, or --tokenizer). ``--to native`` writes a model-only checkpoint
+(step 0) that a run continues pretraining from with ``--set checkpoint.resume=OUTPUT/step-00000000``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pretrain.checkpoint.manager import CheckpointError  # noqa: E402
+
+
+def tokenizer_of(cfg, explicit: str | None) -> Path | None:
+    if explicit:
+        return Path(explicit)
+    for candidate in (cfg.data.tokenizer, Path(cfg.data.path) / "tokenizer.model" if cfg.data.path else ""):
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    return None
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--to", required=True, choices=("hf", "native"))
+    parser.add_argument("--input", required=True)
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--tokenizer", help="sentencepiece model to ship with the HF export (default: the run's)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="read HF pytorch_model.bin (with torch.load(weights_only=True))")
+    args = parser.parse_args(argv)
+    try:
+        if args.to == "hf":
+            from pretrain.checkpoint import load_model
+            from pretrain.checkpoint.hf import export_hf
+
+            model, cfg = load_model(args.input)
+            out = export_hf(model, cfg.model, args.output, tokenizer_of(cfg, args.tokenizer), overwrite=args.overwrite)
+            print(f"wrote {out} ({cfg.model.arch}/{cfg.model.flavor}, {sum(p.numel() for p in model.parameters()):,} "
+                  "parameters)")
+        else:
+            from pretrain.checkpoint.hf import import_hf, save_native
+
+            model, model_cfg = import_hf(args.input, allow_pickle=args.allow_pickle)
+            path = save_native(model, model_cfg, args.output, overwrite=args.overwrite)
+            print(f"wrote {path}: continue with --set checkpoint.resume={path}")
+    except (CheckpointError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
