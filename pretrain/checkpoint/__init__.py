@@ -28,7 +28,7 @@ def load_model(ckpt_dir: str | Path) -> tuple[torch.nn.Module, Config]:
     path = resolve_checkpoint(ckpt_dir)
     cfg = config_from_toml(saved_config_toml(path))
     model = build_model(cfg.model)
-    CheckpointManager(path.parent).load(path, model, None)
+    CheckpointManager(path.parent).load(path, model, None, local=True)
     return model.eval(), cfg
 
 

@@ -193,7 +193,7 @@ class CheckpointManager:
 
     # --- loading ------------------------------------------------------------------------------------------
     def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-             engine=None) -> dict[str, Any]:
+             engine=None, local: bool = False) -> dict[str, Any]:
         """Restore model (+ optimizer, RNG) from ``path``; returns state.json (step, data, scheduler)."""
         path = Path(path)
         if not is_complete(path):
@@ -214,7 +214,8 @@ class CheckpointManager:
             to_load = {"model": model_sd} if optim_sd is None else {"model": model_sd, "optim": optim_sd}
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                dcp.load(to_load, checkpoint_id=str(path))
+                # local: this process alone reads the whole model (load_model), even inside a distributed job
+                dcp.load(to_load, checkpoint_id=str(path), no_dist=local)
             model_sd, optim_sd = _restore_names(to_load["model"], to_load.get("optim"), names)
             if optimizer is not None and _is_zero1(optimizer):
                 set_model_state_dict(model, model_sd)  # the optimizer state was loaded in place

@@ -121,10 +121,29 @@ def run(overrides: list[str], dist_info: DistInfo, run_dir: str, stop_after: int
     return losses, params
 
 
-def resumed_losses(overrides: list[str], dist_info: DistInfo, run_dir: str) -> list[float]:
+# layout -> the layout that resumes its step-2 checkpoint (same world size, other TP / PP / ZeRO split)
+RESHARD = {
+    "tp2_sp": ["train.micro_batch_size=4", "parallel.zero_stage=2"],
+    "pp2_interleaved": ["train.micro_batch_size=8", "parallel.tp=2"],
+    "tp2_pp2": ["train.micro_batch_size=2", "parallel.zero_stage=3"],
+    "pp2_dp2_zero3": ["train.micro_batch_size=4", "parallel.tp=2", "parallel.zero_stage=2"],
+}
+
+
+def resumed_losses(overrides: list[str], dist_info: DistInfo, run_dir: str,
+                   resume_overrides: list[str] | None = None) -> list[float]:
     checkpointing = ["checkpoint.interval=2", "checkpoint.resume=auto"]
     run([*overrides, *checkpointing], dist_info, run_dir, stop_after=2)
-    return run([*overrides, *checkpointing], dist_info, run_dir)[0]
+    return run([*(resume_overrides or overrides), *checkpointing], dist_info, run_dir)[0]
+
+
+def consolidated_matches(run_dir: str, reference: dict[str, torch.Tensor]) -> float:
+    """Max difference between the step-2 checkpoint of a parallel run, consolidated on CPU by one process (what
+    the HF export reads), and one process's parameters after the same 2 steps."""
+    from pretrain.checkpoint import load_model
+
+    ours, _ = load_model(f"{run_dir}/checkpoints/step-00000002")
+    return max((ours.state_dict()[k] - v).abs().max().item() for k, v in reference.items() if k != "grad_norms")
 
 
 def main(names: list[str]) -> int:
@@ -150,6 +169,20 @@ def main(names: list[str]) -> int:
             ok = loss_diff <= TOLERANCE and param_diff <= TOLERANCE
             if "parallel.meta_init=true" in overrides:  # shards drawn on their own: same distribution, not values
                 ok = all(abs(a - b) < 0.05 for a, b in zip(reference, losses)) and 0 < param_diff < 1.0
+            if name in RESHARD:  # saved under this layout, resumed under another
+                again = resumed_losses(overrides, info, f"{tmp}/{name}-reshard", RESHARD[name])
+                reshard_diff = max(abs(a - b) for a, b in zip(losses, again))
+                ok &= len(again) == STEPS and reshard_diff <= TOLERANCE
+                _, at_two = run([f"train.micro_batch_size={GLOBAL_BATCH}", *arch], DistInfo(0, 1, 0, torch.device("cpu")),
+                                f"{tmp}/{name}-ref2-{info.rank}", stop_after=2)
+                if info.rank == 0:
+                    consolidated = consolidated_matches(f"{tmp}/{name}-reshard", at_two)
+                    ok &= consolidated <= TOLERANCE
+                    print(f"RESHARD {name} diff={reshard_diff:.2e} consolidated_vs_one_process={consolidated:.2e}",
+                          flush=True)
+                ok_all = torch.tensor(float(ok))
+                dist.all_reduce(ok_all, op=dist.ReduceOp.MIN)
+                ok = bool(ok_all)
             if name in RESUME:
                 again = resumed_losses(overrides, info, f"{tmp}/{name}-resume")
                 resume_diff = max(abs(a - b) for a, b in zip(losses, again))
