@@ -150,7 +150,8 @@ class CheckpointConfig:
     dir: str = ""  # "" = RUN_DIR/checkpoints
     interval: int = 0  # 0 = off (a final checkpoint is still written when dir is set explicitly)
     keep_last: int = 3
-    async_save: bool = False
+    keep_every: int = 0  # also keep every step divisible by this for good (0 = off)
+    async_save: bool = False  # write in the background (at most one save in flight); training goes on
     resume: str = "auto"  # auto (latest in dir, if any) | never | a step directory
 
 
@@ -271,7 +272,8 @@ class Config:
             raise ConfigError("schedule.warmup_steps must be >= 0")
         if not 0.0 < self.schedule.decay_fraction <= 1.0:
             raise ConfigError("schedule.decay_fraction must be in (0, 1]")
-        for key in ("eval.interval", "eval.steps", "checkpoint.interval", "checkpoint.keep_last", "logging.interval"):
+        for key in ("eval.interval", "eval.steps", "checkpoint.interval", "checkpoint.keep_last", "checkpoint.keep_every",
+                    "logging.interval"):
             section, name = key.split(".")
             if getattr(getattr(self, section), name) < 0:
                 raise ConfigError(f"{key} must be >= 0")

@@ -158,7 +158,8 @@ class Trainer:
         self.checkpoints = None
         if cfg.checkpoint.interval > 0 or cfg.checkpoint.resume != "never" and (
                 cfg.checkpoint.resume != "auto" or cfg.checkpoint_dir.is_dir()):
-            self.checkpoints = CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint.keep_last, dist.rank)
+            self.checkpoints = CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint.keep_last, dist.rank,
+                                                 cfg.checkpoint.keep_every)
 
     # --- checkpoints --------------------------------------------------------------------------------------
     def maybe_resume(self) -> bool:

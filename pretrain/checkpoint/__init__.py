@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from pretrain.checkpoint.manager import CheckpointError, CheckpointManager, is_complete, saved_config_toml
+from pretrain.checkpoint.manager import CheckpointError, CheckpointManager, is_complete, saved_config_toml, verify
 from pretrain.config import Config, config_from_toml
 
 
@@ -26,10 +26,11 @@ def load_model(ckpt_dir: str | Path) -> tuple[torch.nn.Module, Config]:
     from pretrain.models import build_model
 
     path = resolve_checkpoint(ckpt_dir)
+    verify(path)
     cfg = config_from_toml(saved_config_toml(path))
     model = build_model(cfg.model)
     CheckpointManager(path.parent).load(path, model, None, local=True)
     return model.eval(), cfg
 
 
-__all__ = ["CheckpointError", "CheckpointManager", "load_model", "resolve_checkpoint"]
+__all__ = ["CheckpointError", "CheckpointManager", "load_model", "resolve_checkpoint", "verify"]

@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import warnings
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -127,10 +128,46 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
             torch.cuda.set_rng_state_all(cuda)
 
 
+def _crc32(path: Path) -> str:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+def _checksums(directory: Path) -> dict[str, str]:
+    """CRC-32 of every file below ``directory``, the files split over the ranks and the results gathered."""
+    import torch.distributed as dist
+
+    names = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine = {name: _crc32(directory / name) for name in names[rank::world]}
+    if world == 1:
+        return mine
+    everyone: list = [None] * world
+    dist.all_gather_object(everyone, mine)
+    return {k: v for part in everyone for k, v in part.items()}
+
+
+def verify(path: Path) -> None:
+    """Sizes and CRC-32s of a checkpoint's files against its manifest; CheckpointError names the first bad one."""
+    manifest = json.loads((path / "manifest.json").read_text())
+    for name, info in manifest["files"].items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint {path}: {name} is missing")
+        if isinstance(info, dict):
+            if file.stat().st_size != info["bytes"] or _crc32(file) != info["crc32"]:
+                raise CheckpointError(f"checkpoint {path}: {name} does not match its manifest (truncated or corrupt)")
+        elif file.stat().st_size != info:
+            raise CheckpointError(f"checkpoint {path}: {name} has the wrong size (truncated?)")
+
+
 class CheckpointManager:
-    def __init__(self, directory: str | Path, keep_last: int = 3, rank: int = 0):
+    def __init__(self, directory: str | Path, keep_last: int = 3, rank: int = 0, keep_every: int = 0):
         self.directory = Path(directory)
-        self.keep_last = keep_last
+        self.keep_last, self.keep_every = keep_last, keep_every
         self.rank = rank
         if rank == 0 and self.directory.is_dir():
             for stale in self.directory.glob("step-*.tmp"):
@@ -171,11 +208,13 @@ class CheckpointManager:
                 warnings.simplefilter("ignore")  # single-process DCP warns that no process group exists
                 dcp.save(payload, checkpoint_id=str(tmp))
         torch.save(rng_state(), tmp / f"rng-rank{self.rank}.pt")
-        distributed.barrier()
         if self.rank == 0:
             (tmp / "config.toml").write_text(config_toml)
             (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=1))
-            files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        distributed.barrier()
+        checksums = _checksums(tmp)  # every rank hashes its share of the files
+        if self.rank == 0:
+            files = {name: {"bytes": (tmp / name).stat().st_size, "crc32": crc} for name, crc in checksums.items()}
             (tmp / "manifest.json").write_text(json.dumps({"step": step, "files": files}, indent=1))
             if final.exists():  # a re-save of the same step replaces the old one only once complete
                 shutil.rmtree(final)
@@ -189,6 +228,8 @@ class CheckpointManager:
         if self.keep_last <= 0:
             return
         for old in self.complete_steps()[:-self.keep_last]:
+            if self.keep_every and int(STEP_DIR.match(old.name).group(1)) % self.keep_every == 0:
+                continue  # a permanent one
             shutil.rmtree(old, ignore_errors=True)
 
     # --- loading ------------------------------------------------------------------------------------------
