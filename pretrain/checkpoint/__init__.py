@@ -6,7 +6,13 @@ from pathlib import Path
 
 import torch
 
-from pretrain.checkpoint.manager import CheckpointError, CheckpointManager, is_complete, saved_config_toml, verify
+from pretrain.checkpoint.manager import (
+    CheckpointError,
+    CheckpointManager,
+    is_complete,
+    saved_config_toml,
+    verify,
+)
 from pretrain.config import Config, config_from_toml
 
 
