@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Everything on CPU: tokenizer + shards from this Python's standard library, train gpt_tiny until the validation
-# loss has clearly fallen, checkpoint, print the loss curve and a generated sample. Re-running reuses what is
-# built (data, checkpoints). Extra arguments are --set overrides, e.g. tools/demo.sh train.steps=100
+# loss has clearly fallen, checkpoint, print the loss curve and a generated sample, then export to Hugging Face
+# and generate the same prompt through transformers. Re-running reuses what is built (data, checkpoints).
+# Extra arguments are --set overrides, e.g. tools/demo.sh train.steps=100
 set -euo pipefail
-. "$(dirname "$0")/env.sh"
+. "$(dirname "$0")/env.sh" hf
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 DATA="${DATA:-data/builtin}"
 RUN_DIR="${RUN_DIR:-runs/gpt_tiny}"
@@ -16,3 +17,16 @@ python -m pretrain.train --config configs/gpt_tiny.toml --set "data.path=$DATA" 
 python -c "from pretrain.metrics import summarize; print(summarize('$RUN_DIR'))"
 echo "--- sample (prompt: 'def ') ---"
 python tools/sample.py --checkpoint "$RUN_DIR/checkpoints" --prompt "def " --tokens 120
+echo "--- export to Hugging Face: $RUN_DIR/hf ---"
+python tools/convert_checkpoint.py --to hf --input "$RUN_DIR/checkpoints" --output "$RUN_DIR/hf" --overwrite
+echo "--- the same prompt through transformers (greedy) ---"
+python - "$RUN_DIR/hf" <<'PY'
+import sys
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+ids = torch.tensor([tok.encode("def ", add_special_tokens=False)])
+out = model.generate(ids, max_new_tokens=120, do_sample=False, eos_token_id=3, pad_token_id=0)
+print(tok.decode(out[0].tolist()))
+PY

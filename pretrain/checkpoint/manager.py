@@ -128,6 +128,15 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
             torch.cuda.set_rng_state_all(cuda)
 
 
+def _has_flat_optimizer(path: Path) -> bool:
+    """Whether the checkpoint's optimizer entries use flattened names (``optim.param_groups.<param>.lr``)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    keys = FileSystemReader(str(path)).read_metadata().state_dict_metadata.keys()
+    groups = [k for k in keys if k.startswith("optim.param_groups.")]
+    return not groups or not groups[0].split(".")[2].isdigit()
+
+
 def _crc32(path: Path) -> str:
     crc = 0
     with open(path, "rb") as f:
@@ -253,6 +262,11 @@ class CheckpointManager:
         else:
             model_sd, optim_sd, names = _model_and_optim_state(model, optimizer)
             to_load = {"model": model_sd} if optim_sd is None else {"model": model_sd, "optim": optim_sd}
+            options = OPTIONS
+            if optim_sd is not None and not _is_zero1(optimizer) and not _has_flat_optimizer(path):
+                # written before optimizer state was flattened: read it in the nested layout
+                model_sd, optim_sd = get_state_dict(model, optimizer)
+                to_load, options, names = {"model": model_sd, "optim": optim_sd}, StateDictOptions(), {}
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 # local: this process alone reads the whole model (load_model), even inside a distributed job
@@ -262,7 +276,7 @@ class CheckpointManager:
                 set_model_state_dict(model, model_sd)  # the optimizer state was loaded in place
             elif optimizer is not None:
                 set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
-                               options=OPTIONS)
+                               options=options)
             else:
                 set_model_state_dict(model, model_sd)
         rng_file = path / f"rng-rank{self.rank}.pt"
