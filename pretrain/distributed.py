@@ -92,6 +92,12 @@ def all_reduce_sum(value: torch.Tensor, group=None) -> torch.Tensor:
     return value
 
 
+def all_reduce_min(value: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return value
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

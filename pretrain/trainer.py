@@ -183,7 +183,8 @@ class Trainer:
 
     def save(self) -> Path:
         state = {"data": self.data.state_dict(), "losses": self.losses, "data_skipped": self.data_skipped}
-        return self.checkpoints.save(self.step, self.raw_model, self.optimizer, state, self.cfg.to_toml(), self.engine)
+        return self.checkpoints.save(self.step, self.raw_model, self.optimizer, state, self.cfg.to_toml(), self.engine,
+                                     async_save=self.cfg.checkpoint.async_save)
 
     def _loss_context(self):
         """``loss_parallel`` around forward and backward when the head's logits are sharded over the vocab."""
@@ -356,6 +357,8 @@ class Trainer:
             self._eval_and_log()  # the starting point of the validation curve
         while self.step < last_step:
             result = self.train_step()
+            if self.checkpoints is not None:
+                self.checkpoints.poll()  # completes a background save once every rank has written it
             self.losses.append(result.loss)
             self.data_skipped += result.skipped
             window_tokens += result.tokens
@@ -370,7 +373,10 @@ class Trainer:
             if self.checkpoints and cfg.checkpoint.interval and (
                     self.step % cfg.checkpoint.interval == 0 or self.step == last_step):
                 path = self.save()
-                self.metrics.console(f"saved checkpoint {path}")
+                self.metrics.console(f"saved checkpoint {path}" + (" (writing in the background)"
+                                                                    if cfg.checkpoint.async_save else ""))
+        if self.checkpoints is not None:
+            self.checkpoints.wait()
         return self.losses
 
     def _eval_and_log(self) -> None:

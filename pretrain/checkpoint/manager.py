@@ -178,6 +178,7 @@ class CheckpointManager:
         self.directory = Path(directory)
         self.keep_last, self.keep_every = keep_last, keep_every
         self.rank = rank
+        self.pending = None  # (future, tmp dir, final dir, step) of a save still being written
         if rank == 0 and self.directory.is_dir():
             for stale in self.directory.glob("step-*.tmp"):
                 shutil.rmtree(stale, ignore_errors=True)
@@ -200,7 +201,11 @@ class CheckpointManager:
 
     # --- saving -------------------------------------------------------------------------------------------
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
-             config_toml: str, engine=None) -> Path:
+             config_toml: str, engine=None, async_save: bool = False) -> Path:
+        """Write step ``step``. With ``async_save`` the shards are staged to CPU memory here and written by a
+        background thread; ``poll()`` / ``wait()`` complete the save (manifest, rename, ``latest``) once every rank
+        has finished. At most one save is in flight: a new one first waits for the previous."""
+        self.wait()
         final = self.directory / step_dir_name(step)
         tmp = self.directory / (step_dir_name(step) + ".tmp")
         if self.rank == 0:
@@ -208,6 +213,7 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
         distributed.barrier()
+        future = None
         if engine is not None:
             engine.save_checkpoint(str(tmp / "deepspeed"), tag="state", save_latest=False)
         else:
@@ -215,11 +221,40 @@ class CheckpointManager:
             payload = {"model": model_sd} if optim_sd is None else {"model": model_sd, "optim": optim_sd}
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # single-process DCP warns that no process group exists
-                dcp.save(payload, checkpoint_id=str(tmp))
+                if async_save:
+                    future = dcp.async_save(payload, checkpoint_id=str(tmp))
+                else:
+                    dcp.save(payload, checkpoint_id=str(tmp))
         torch.save(rng_state(), tmp / f"rng-rank{self.rank}.pt")
         if self.rank == 0:
             (tmp / "config.toml").write_text(config_toml)
             (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=1))
+        self.pending = (future, tmp, final, step)
+        if future is None:
+            self._finish()
+        return final
+
+    def poll(self) -> bool:
+        """Complete an asynchronous save if every rank's write is done (call from all ranks, e.g. each step);
+        returns whether one is still in flight."""
+        if self.pending is None:
+            return False
+        done = torch.tensor(float(self.pending[0].done()))
+        distributed.all_reduce_min(done)
+        if done.item() == 1.0:
+            self._finish()
+        return self.pending is not None
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is complete."""
+        if getattr(self, "pending", None) is not None:
+            self._finish()
+
+    def _finish(self) -> None:
+        future, tmp, final, step = self.pending
+        self.pending = None
+        if future is not None:
+            future.result()  # re-raises a failed write
         distributed.barrier()
         checksums = _checksums(tmp)  # every rank hashes its share of the files
         if self.rank == 0:
@@ -231,7 +266,6 @@ class CheckpointManager:
             _atomic_write(self.directory / "latest", final.name)
             self._prune()
         distributed.barrier()
-        return final
 
     def _prune(self) -> None:
         if self.keep_last <= 0:

@@ -80,3 +80,20 @@ def test_keep_last_and_every_mth_for_good(tmp_path):
     for step in range(1, 10):
         manager.save(step, model, opt, {}, cfg.to_toml())
     assert [p.name for p in manager.complete_steps()] == ["step-00000004", "step-00000008", "step-00000009"]
+
+
+def test_async_save_completes_and_resumes_like_sync(tmp_path):
+    from pretrain.distributed import DistInfo
+    from pretrain.train import build_trainer
+    from tests.conftest import tiny_config
+
+    runs = {}
+    for mode in ("false", "true"):
+        extra = ("checkpoint.interval=2", f"checkpoint.async_save={mode}", "train.steps=4", "eval.interval=0")
+        first = build_trainer(tiny_config(tmp_path / mode, *extra), DistInfo())
+        first.fit(stop_after=3)
+        steps = [p.name for p in first.checkpoints.complete_steps()]
+        assert steps == ["step-00000002", "step-00000003"], steps
+        verify(first.checkpoints.latest())
+        runs[mode] = build_trainer(tiny_config(tmp_path / mode, *extra), DistInfo()).fit()
+    assert runs["true"] == runs["false"]
