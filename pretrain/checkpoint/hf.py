@@ -21,6 +21,7 @@ import torch
 
 from pretrain.checkpoint.manager import CheckpointError
 from pretrain.config import ModelConfig
+from pretrain.files import replace_dir
 
 SUPPORTED = {"LlamaForCausalLM": ("gpt", "llama"), "GPT2LMHeadModel": ("gpt", "gpt2"), "BertForMaskedLM": ("bert", "")}
 SHARD_BYTES = 5 * 10 ** 9
@@ -124,16 +125,6 @@ def _check_output(out: Path, overwrite: bool) -> Path:
     return tmp
 
 
-def _replace(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
-
-
 def export_hf(model: torch.nn.Module, cfg: ModelConfig, out_dir: str | Path, tokenizer_path: str | Path | None = None,
               overwrite: bool = False, shard_bytes: int = SHARD_BYTES) -> Path:
     """Write ``model`` (native, on CPU) as a Hugging Face model directory; returns it."""
@@ -165,7 +156,7 @@ def export_hf(model: torch.nn.Module, cfg: ModelConfig, out_dir: str | Path, tok
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
         if tokenizer_path:
             write_tokenizer(Path(tokenizer_path), tmp, cfg)
-        _replace(tmp, out)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

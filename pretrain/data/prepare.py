@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from pretrain.data.tokenizer import Tokenizer, train_tokenizer
+from pretrain.files import replace_dir
 
 MANIFEST_FORMAT = "pretrain-shards"
 MEGATRON_FORMAT = "pretrain-megatron"
@@ -325,7 +326,7 @@ def prepare(
     try:
         manifest = _write_shards(files, tok, tmp, dtype, jsonl_field, val_fraction, shard_tokens, workers, progress,
                                  inputs, fmt)
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return manifest
@@ -414,13 +415,3 @@ def _encode_pipelined(submit, chunks, window: int):
     while pending:
         chunk, job = pending.popleft()
         yield chunk, job.result() if hasattr(job, "result") else job.get()
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
