@@ -72,7 +72,7 @@ def parallelize(cfg: Config, dims: ParallelDims, mesh, device: torch.device) -> 
         return single(model)
     dp_rank = mesh["dp"].get_local_rank()
     if cfg.parallel.engine == "deepspeed":  # the engine (made by the trainer with its optimizer) does the rest
-        model = build_model(cfg.model)
+        model = _build(cfg)  # the same initial values as one process with the same meta_init
         _apply_local(model, cfg)
         _materialise(model, device)
         return Parallelized(model, model, dims, mesh, dp_rank, parts=[model])

@@ -86,3 +86,31 @@ def test_tensor_parallel_split_matches_megatron_core():
                            "tests/parallel/megatron_peer.py"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
     assert re.search(r"^PEER ok ", proc.stdout, re.M), proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_checkpoint_converts_like_a_native_one(tmp_path, stage):
+    """ZeRO-2 / ZeRO-3 under the DeepSpeed engine on 2 ranks and one native process train the same 2 steps;
+    both checkpoints consolidate to the same weights and export to Hugging Face."""
+    pytest.importorskip("deepspeed")
+    from pretrain.checkpoint import load_model
+    from pretrain.checkpoint.hf import export_hf
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = ["model.n_layers=2", "model.d_model=32", "model.n_heads=4", "model.vocab_size=64", "model.seq_len=16",
+              "train.steps=2", "data.source=synthetic", "eval.interval=0", "checkpoint.interval=2",
+              "logging.tensorboard=false", "schedule.warmup_steps=1"]
+    ds = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                         "-m", "pretrain.train", "--set", *common, "train.micro_batch_size=2",
+                         "parallel.engine=deepspeed", f"parallel.zero_stage={stage}", f"logging.run_dir={tmp_path / 'ds'}"],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert ds.returncode == 0, ds.stderr[-3000:]
+    native = subprocess.run([sys.executable, "-m", "pretrain.train", "--set", *common, "train.micro_batch_size=4",
+                             f"logging.run_dir={tmp_path / 'native'}"], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert native.returncode == 0, native.stderr[-3000:]
+    from_ds, cfg = load_model(tmp_path / "ds" / "checkpoints")
+    from_native, _ = load_model(tmp_path / "native" / "checkpoints")
+    assert cfg.parallel.engine == "deepspeed"
+    assert max((from_ds.state_dict()[k] - v).abs().max().item() for k, v in from_native.state_dict().items()) < 1e-5
+    assert (export_hf(from_ds, cfg.model, tmp_path / "hf") / "model.safetensors").is_file()
