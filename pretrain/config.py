@@ -137,6 +137,7 @@ class TrainConfig:
     dtype: str = "fp32"  # fp32 | bf16 (autocast on CUDA)
     compile: bool = False
     device: str = "auto"  # auto | cpu | cuda
+    max_nonfinite_steps: int = 5  # a non-finite loss or grad norm skips the update; this many in a row aborts
 
 
 @dataclass
@@ -259,6 +260,8 @@ class Config:
         if not 0.0 <= m.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
         t = self.train
+        if t.max_nonfinite_steps < 1:
+            raise ConfigError("train.max_nonfinite_steps must be >= 1")
         if t.steps <= 0 or t.micro_batch_size <= 0 or t.grad_accum <= 0:
             raise ConfigError("train.steps, train.micro_batch_size and train.grad_accum must be positive")
         o = self.optim

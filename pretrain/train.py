@@ -21,7 +21,7 @@ from pretrain.metrics import MetricsLogger
 from pretrain.parallel.dims import ParallelDims
 from pretrain.parallel.parallelize import parallelize
 from pretrain.tasks import task_for
-from pretrain.trainer import Trainer
+from pretrain.trainer import PREEMPTED_EXIT, Trainer, TrainingError
 
 USER_ERRORS = (ConfigError, DataError, TokenizerError, CheckpointError)
 
@@ -66,11 +66,17 @@ def main(argv=None) -> int:
     except USER_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except TrainingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     except RuntimeError as exc:
         if "pip install" not in str(exc) and "validation split" not in str(exc):
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if trainer.preempted:
+        distributed.destroy()
+        return PREEMPTED_EXIT  # saved; the launcher requeues the job and it resumes from latest
     if dist.is_main and losses:
         print(f"done: {len(losses)} steps, final loss {losses[-1]:.4f}")
     distributed.destroy()

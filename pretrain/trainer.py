@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +99,13 @@ def build_optimizer(model: nn.Module, cfg: Config, device: torch.device, zero1_g
     return torch.optim.AdamW(groups, **kwargs)
 
 
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss stays non-finite); the message is one line for the user."""
+
+
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped by a signal after saving; the launcher requeues and the run resumes
+
+
 def _plain(value: torch.Tensor) -> torch.Tensor:
     """A replicated DTensor (a loss under loss_parallel) as an ordinary tensor."""
     from torch.distributed.tensor import DTensor
@@ -152,6 +160,10 @@ class Trainer:
         self.metrics = metrics or MetricsLogger(cfg.logging.run_dir, enabled=False)
         self.step = 0
         self.data_skipped = 0  # samples masked out as bad (data.on_bad_sample = "skip"), all ranks
+        self.skipped_updates = 0  # steps whose update was skipped for a non-finite loss or gradient norm
+        self.nonfinite_in_a_row = 0
+        self.stop_requested = False  # set by SIGUSR1 / SIGTERM: save at the end of the step and stop
+        self.preempted = False
         self.losses: list[float] = []
         self.flops_per_token = flops_per_token(cfg.model)
         self.peak = peak_flops(self.device, cfg.logging.peak_tflops)
@@ -296,11 +308,22 @@ class Trainer:
             tied.sync_gradients()
         grad_norm = clip_grad_norm(list(self.raw_model.parameters()), max_norm, self.parallel.pp_group(),
                                    tied.not_counted() if tied is not None else ())
-        self.optimizer.step()
+        loss = float(loss_total / count.clamp(min=1))
+        # every rank sees the same reduced loss and norm, so all skip or none does
+        if math.isfinite(loss) and math.isfinite(float(grad_norm)):
+            self.optimizer.step()
+            self.nonfinite_in_a_row = 0
+        else:
+            self.nonfinite_in_a_row += 1
+            self.skipped_updates += 1
+            if self.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
+                raise TrainingError(f"loss or gradient norm non-finite for {self.nonfinite_in_a_row} steps in a row "
+                                    f"(up to step {self.step + 1}): lower optim.lr or check the data")
+            self.metrics.console(f"step {self.step + 1}: non-finite loss ({loss}) or grad norm ({float(grad_norm)}); "
+                                 "update skipped")
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         tokens = sum(b["tokens"].numel() for b in micro_batches) * self.dp_size
-        loss = float(loss_total / count.clamp(min=1))
         return StepResult(loss, float(grad_norm), lr, tokens, time.perf_counter() - start, int(skipped))
 
     # --- evaluation ---------------------------------------------------------------------------------------
@@ -350,11 +373,32 @@ class Trainer:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "config.toml").write_text(cfg.to_toml())
         total_steps = cfg.train.steps
-        window_tokens, window_time, fit_start = 0, 0.0, time.perf_counter()
+        fit_start = time.perf_counter()
         start_step = self.step
         last_step = total_steps if stop_after is None else min(total_steps, stop_after)
         if cfg.eval.interval and self.val_data_factory and self.step == 0:
             self._eval_and_log()  # the starting point of the validation curve
+        previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+        try:
+            return self._loop(last_step, total_steps, start_step, fit_start)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _request_stop(self, signum, frame) -> None:
+        self.stop_requested = True
+
+    def _agree_to_stop(self) -> bool:
+        """Whether any rank got a stop signal (they may arrive at different moments): all stop together."""
+        flag = torch.tensor(float(self.stop_requested))
+        if self.dist.world_size > 1:
+            flag = flag.to(self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _loop(self, last_step: int, total_steps: int, start_step: int, fit_start: float) -> list[float]:
+        cfg = self.cfg
+        window_tokens, window_time = 0, 0.0
         while self.step < last_step:
             result = self.train_step()
             if self.checkpoints is not None:
@@ -370,6 +414,16 @@ class Trainer:
             if cfg.eval.interval and self.val_data_factory and (
                     self.step % cfg.eval.interval == 0 or self.step == total_steps):
                 self._eval_and_log()
+            if self._agree_to_stop():
+                if self.checkpoints is None:
+                    self.checkpoints = CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint.keep_last,
+                                                         self.dist.rank, cfg.checkpoint.keep_every)
+                path = self.save()
+                self.checkpoints.wait()
+                self.metrics.console(f"stop signal: saved checkpoint {path} at step {self.step}; exiting to be "
+                                     "requeued")
+                self.preempted = True
+                break
             if self.checkpoints and cfg.checkpoint.interval and (
                     self.step % cfg.checkpoint.interval == 0 or self.step == last_step):
                 path = self.save()
@@ -393,6 +447,7 @@ class Trainer:
             "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
             "tokens_per_s": tokens_per_s, "tokens_per_s_per_device": tokens_per_s / self.dist.world_size,
             "mfu": mfu, "step_time_s": result.seconds, "data_skipped": self.data_skipped,
+            "skipped_updates": self.skipped_updates,
             **memory_stats(self.device),
         }
         self.metrics.log(self.step, values)
