@@ -138,6 +138,7 @@ class TrainConfig:
     compile: bool = False
     device: str = "auto"  # auto | cpu | cuda
     max_nonfinite_steps: int = 5  # a non-finite loss or grad norm skips the update; this many in a row aborts
+    collective_timeout_s: float = 600.0  # a collective waiting longer fails the run instead of hanging it
 
 
 @dataclass
@@ -163,6 +164,7 @@ class LoggingConfig:
     tensorboard: bool = True
     wandb_project: str = ""
     peak_tflops: float = 0.0  # 0 = look the device up in the table (MFU is null when unknown)
+    heartbeat_s: float = 300.0  # a "still in step N" line when a step runs longer than this (0 = off)
 
 
 SECTIONS: dict[str, type] = {
@@ -262,6 +264,8 @@ class Config:
         t = self.train
         if t.max_nonfinite_steps < 1:
             raise ConfigError("train.max_nonfinite_steps must be >= 1")
+        if t.collective_timeout_s <= 0 or self.logging.heartbeat_s < 0:
+            raise ConfigError("train.collective_timeout_s must be > 0 and logging.heartbeat_s >= 0")
         if t.steps <= 0 or t.micro_batch_size <= 0 or t.grad_accum <= 0:
             raise ConfigError("train.steps, train.micro_batch_size and train.grad_accum must be positive")
         o = self.optim

@@ -86,8 +86,8 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in values.items() if v is not None}, step=step)
 
-    def console(self, line: str) -> None:
-        if self.enabled:
+    def console(self, line: str, every_rank: bool = False) -> None:
+        if self.enabled or every_rank:
             print(line, flush=True)
 
     def close(self) -> None:

@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, overrides)
         dims = ParallelDims.from_config(cfg, distributed.launched_world_size())  # before any process group
-        dist = distributed.init_distributed(cfg.train.device)
+        dist = distributed.init_distributed(cfg.train.device, cfg.train.collective_timeout_s)
         trainer = build_trainer(cfg, dist, dims)
         try:
             losses = trainer.fit()

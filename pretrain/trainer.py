@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -379,11 +380,36 @@ class Trainer:
         if cfg.eval.interval and self.val_data_factory and self.step == 0:
             self._eval_and_log()  # the starting point of the validation curve
         previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+        heartbeat = self._start_heartbeat()
         try:
             return self._loop(last_step, total_steps, start_step, fit_start)
         finally:
+            if heartbeat is not None:
+                stop, thread = heartbeat
+                stop.set()
+                thread.join()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+    def _start_heartbeat(self):
+        """A thread printing "still in step N" while one step takes longer than ``logging.heartbeat_s``: a hung
+        collective shows in the log instead of silence."""
+        every = self.cfg.logging.heartbeat_s
+        if not every:
+            return None
+        stop = threading.Event()
+        self._step_started = time.monotonic()
+
+        def beat():
+            while not stop.wait(every):
+                waited = time.monotonic() - self._step_started
+                if waited >= every:
+                    self.metrics.console(f"heartbeat: rank {self.dist.rank} still in step {self.step + 1} after "
+                                         f"{waited:.0f} s", every_rank=True)
+
+        thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
+        thread.start()
+        return stop, thread
 
     def _request_stop(self, signum, frame) -> None:
         self.stop_requested = True
@@ -400,6 +426,7 @@ class Trainer:
         cfg = self.cfg
         window_tokens, window_time = 0, 0.0
         while self.step < last_step:
+            self._step_started = time.monotonic()
             result = self.train_step()
             if self.checkpoints is not None:
                 self.checkpoints.poll()  # completes a background save once every rank has written it

@@ -87,3 +87,18 @@ def test_runaway_learning_rate_aborts_with_one_line(tmp_path):
     assert last.startswith("error: loss or gradient norm non-finite for 3 steps in a row")
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert logged[-1]["skipped_updates"] >= 2
+
+
+def test_heartbeat_shows_a_long_step(tmp_path, capsys):
+    cfg = tiny_config(tmp_path, "train.steps=2", "eval.interval=0", "logging.heartbeat_s=0.2")
+    trainer = build_trainer(cfg, DistInfo())
+    step = trainer.train_step
+
+    def slow_step():
+        time.sleep(0.7)  # a stuck collective, as the log would see it
+        return step()
+
+    trainer.train_step = slow_step
+    trainer.fit()
+    beats = [line for line in capsys.readouterr().out.splitlines() if line.startswith("heartbeat:")]
+    assert beats and beats[0].startswith("heartbeat: rank 0 still in step 1 after")
