@@ -267,7 +267,7 @@ def check() -> list[str]:
     ok &= close("cross_entropy", linear_cross_entropy(h, wt, t), reference.linear_cross_entropy(h, wt, t))
     p1, p2 = torch.nn.Parameter(torch.randn(100)), torch.nn.Parameter(torch.randn(100))
     p2.data.copy_(p1.data)
-    p1.grad, p2.grad = torch.randn(100), None
+    p1.grad = torch.randn(100)
     p2.grad = p1.grad.clone()
     FusedAdamW([p1], lr=1e-2).step()
     torch.optim.AdamW([p2], lr=1e-2).step()

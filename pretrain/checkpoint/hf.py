@@ -21,7 +21,7 @@ import torch
 
 from pretrain.checkpoint.manager import CheckpointError
 from pretrain.config import ModelConfig
-from pretrain.files import replace_dir
+from pretrain.files import is_occupied, replace_dir
 
 SUPPORTED = {"LlamaForCausalLM": ("gpt", "llama"), "GPT2LMHeadModel": ("gpt", "gpt2"), "BertForMaskedLM": ("bert", "")}
 SHARD_BYTES = 5 * 10 ** 9
@@ -117,7 +117,7 @@ def to_hf_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig):
 
 
 def _check_output(out: Path, overwrite: bool) -> Path:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+    if is_occupied(out) and not overwrite:
         raise CheckpointError(f"output {out} exists and is not empty (pass --overwrite to replace it)")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -320,7 +320,7 @@ def save_native(model: torch.nn.Module, cfg: ModelConfig, out_dir: str | Path, o
     from pretrain.config import Config
 
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+    if is_occupied(out) and not overwrite:
         raise CheckpointError(f"output {out} exists and is not empty (pass --overwrite to replace it)")
     if out.exists() and overwrite:
         shutil.rmtree(out)

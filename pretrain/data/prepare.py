@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from pretrain.data.tokenizer import Tokenizer, train_tokenizer
-from pretrain.files import replace_dir
+from pretrain.files import is_occupied, replace_dir
 
 MANIFEST_FORMAT = "pretrain-shards"
 MEGATRON_FORMAT = "pretrain-megatron"
@@ -301,7 +301,7 @@ def prepare(
 ) -> dict:
     """Build shards + manifest in ``output``; returns the manifest. Raises DataError with one clear line."""
     out = Path(output)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+    if is_occupied(out) and not overwrite:
         raise DataError(f"output {out} exists and is not empty (pass --overwrite to replace it)")
     if not 0.0 <= val_fraction < 0.5:
         raise DataError(f"val fraction must be in [0, 0.5), got {val_fraction}")
@@ -406,12 +406,14 @@ def _write_shards(files, tok, tmp, dtype, jsonl_field, val_fraction, shard_token
 def _encode_pipelined(submit, chunks, window: int):
     """Keep ``window`` chunks being encoded (a thread or a process pool); yield them in input order, so the
     output does not depend on the worker count, and memory stays bounded."""
+    def finished(item):
+        chunk, job = item  # a thread's Future or a pool's AsyncResult
+        return chunk, job.result() if hasattr(job, "result") else job.get()
+
     pending: collections.deque = collections.deque()
     for chunk in chunks:
         pending.append((chunk, submit(_encode_chunk, ([d.text for d in chunk],))))
         if len(pending) >= window:
-            chunk, job = pending.popleft()
-            yield chunk, job.result() if hasattr(job, "result") else job.get()
+            yield finished(pending.popleft())
     while pending:
-        chunk, job = pending.popleft()
-        yield chunk, job.result() if hasattr(job, "result") else job.get()
+        yield finished(pending.popleft())
