@@ -139,6 +139,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     max_nonfinite_steps: int = 5  # a non-finite loss or grad norm skips the update; this many in a row aborts
     collective_timeout_s: float = 600.0  # a collective waiting longer fails the run instead of hanging it
+    inject_nan_steps: list = field(default_factory=list)  # fault drill: these steps' loss is NaN on every rank
 
 
 @dataclass
@@ -266,6 +267,10 @@ class Config:
             raise ConfigError("train.max_nonfinite_steps must be >= 1")
         if t.collective_timeout_s <= 0 or self.logging.heartbeat_s < 0:
             raise ConfigError("train.collective_timeout_s must be > 0 and logging.heartbeat_s >= 0")
+        if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in t.inject_nan_steps):
+            raise ConfigError(f"train.inject_nan_steps must be a list of step numbers >= 1, got {t.inject_nan_steps!r}")
+        if t.inject_nan_steps and self.parallel.engine == "deepspeed":
+            raise ConfigError('train.inject_nan_steps drills the native engine: it needs parallel.engine = "native"')
         if t.steps <= 0 or t.micro_batch_size <= 0 or t.grad_accum <= 0:
             raise ConfigError("train.steps, train.micro_batch_size and train.grad_accum must be positive")
         o = self.optim

@@ -7,6 +7,7 @@ with one line on stderr naming the cause, and exit status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -31,6 +32,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--config", help="TOML preset (configs/*.toml); defaults apply when omitted")
     parser.add_argument("--set", dest="overrides", action="append", nargs="+", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set optim.lr=3e-4 train.steps=100")
+    parser.add_argument("--check", action="store_true",
+                        help="validate the config and the parallel layout for the launched world size (WORLD_SIZE "
+                             "or SLURM_NTASKS), print the layout and exit; the batch scripts run this before srun")
     return parser.parse_args(argv)
 
 
@@ -56,7 +60,12 @@ def main(argv=None) -> int:
     overrides = [item for group in args.overrides for item in group]
     try:
         cfg = load_config(args.config, overrides)
-        dims = ParallelDims.from_config(cfg, distributed.launched_world_size())  # before any process group
+        world = distributed.launched_world_size()
+        dims = ParallelDims.from_config(cfg, world)  # before any process group
+        if args.check:
+            print(f"config ok: {args.config or 'defaults'}, {world} processes = dp_replicate {dims.dp_replicate} × "
+                  f"dp_shard {dims.dp_shard} × tp {dims.tp} × pp {dims.pp}, run dir {cfg.logging.run_dir}")
+            return 0
         dist = distributed.init_distributed(cfg.train.device, cfg.train.collective_timeout_s)
         trainer = build_trainer(cfg, dist, dims)
         try:
@@ -76,7 +85,12 @@ def main(argv=None) -> int:
         return 2
     if trainer.preempted:
         distributed.destroy()
-        return PREEMPTED_EXIT  # saved; the launcher requeues the job and it resumes from latest
+        # Saved; the job is requeued and resumes from latest. A process on its own exits 75 for its launcher to
+        # requeue on. One of many exits 0: torchrun restarts its workers after any non-zero exit (and reports 1,
+        # not their code), and srun --kill-on-bad-exit kills the other ranks the moment one exits non-zero. The
+        # batch scripts in slurm/ forwarded the signal themselves, so they requeue on 0.
+        alone = dist.world_size == 1 and "TORCHELASTIC_RUN_ID" not in os.environ
+        return PREEMPTED_EXIT if alone else 0
     if dist.is_main and losses:
         print(f"done: {len(losses)} steps, final loss {losses[-1]:.4f}")
     distributed.destroy()

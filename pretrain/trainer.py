@@ -303,6 +303,8 @@ class Trainer:
                     (out.loss_sum * scale).backward()
                 loss_total += _plain(out.loss_sum.detach()).to(torch.float64)
         loss_total = self._dp_sum(loss_total)
+        if self.step + 1 in cfg.train.inject_nan_steps:  # fault drill for the guard below and the launchers
+            loss_total = loss_total * float("nan")
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         tied = self.parallel.tied
         if tied is not None:

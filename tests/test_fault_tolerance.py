@@ -102,3 +102,45 @@ def test_heartbeat_shows_a_long_step(tmp_path, capsys):
     trainer.fit()
     beats = [line for line in capsys.readouterr().out.splitlines() if line.startswith("heartbeat:")]
     assert beats and beats[0].startswith("heartbeat: rank 0 still in step 1 after")
+
+
+def test_injected_nan_steps_are_skipped_like_real_ones(tmp_path):
+    cfg = tiny_config(tmp_path, "train.steps=4", "eval.interval=0", "train.inject_nan_steps=[2]")
+    trainer = build_trainer(cfg, DistInfo())
+    trainer.fit(stop_after=1)
+    before = {k: v.clone() for k, v in trainer.raw_model.state_dict().items()}
+    trainer.fit(stop_after=2)
+    assert all(torch.equal(before[k], v) for k, v in trainer.raw_model.state_dict().items())
+    trainer.fit()
+    assert trainer.skipped_updates == 1 and math.isnan(trainer.losses[1])
+    assert all(math.isfinite(x) for i, x in enumerate(trainer.losses) if i != 1)
+
+
+@pytest.mark.parametrize("value, message", [
+    ("[0]", "train.inject_nan_steps must be a list of step numbers >= 1, got [0]"),
+    ('["a"]', "train.inject_nan_steps must be a list of step numbers >= 1, got ['a']"),
+    ("3", "train.inject_nan_steps expects list, got int 3"),
+])
+def test_bad_nan_drill_is_one_line(tmp_path, value, message):
+    proc = subprocess.run([sys.executable, "-m", "pretrain.train", "--set", *COMMON,
+                           f"train.inject_nan_steps={value}", f"logging.run_dir={tmp_path / 'run'}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"error: {message}"
+    assert not (tmp_path / "run").exists()
+
+
+def test_check_validates_the_layout_for_the_launched_world(tmp_path):
+    def check(world, *extra):
+        env = {**os.environ, "WORLD_SIZE": str(world)}
+        return subprocess.run([sys.executable, "-m", "pretrain.train", "--config", "configs/gpt_7b.toml", "--check",
+                               "--set", f"logging.run_dir={tmp_path / 'run'}", *extra], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=120)
+
+    ok = check(64)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.startswith("config ok: configs/gpt_7b.toml, 64 processes = dp_replicate 1 × dp_shard 64 × "
+                                "tp 1 × pp 1")
+    bad = check(6, "parallel.tp=4")
+    assert bad.returncode == 2 and bad.stderr.strip() == ("error: world size 6 is not divisible by dp_replicate × "
+                                                          "tp × pp = 1 × 4 × 1 = 4")
+    assert not (tmp_path / "run").exists()  # nothing started, nothing written

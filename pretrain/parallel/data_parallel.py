@@ -35,8 +35,14 @@ def apply_fsdp(model: nn.Module, dp_mesh, *, reshard_after_forward: bool, bf16: 
 
 
 def apply_ddp(model: nn.Module, dp_mesh, device: torch.device) -> nn.Module:
+    # find_unused_parameters keeps DDP's first bucket layout for good. Without it DDP reduces the first step in one
+    # bucket and then re-buckets by gradient-ready order; the summation order inside a ring all-reduce depends on
+    # where an element sits in its bucket, so a resumed run (whose first step is again one bucket) would drift from
+    # an uninterrupted one in the last bits. The price is one walk over the autograd graph per step, and a one-time
+    # "did not find any unused parameters" warning from each rank.
     return nn.parallel.DistributedDataParallel(
-        model, process_group=dp_mesh.get_group(), device_ids=[device.index] if device.type == "cuda" else None)
+        model, process_group=dp_mesh.get_group(), device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=True)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,25 @@
+#!/bin/bash
+# BERT-large (configs/bert_large.toml: 24 layers, d_model 1024, MLM) on 1 node × 8 GPUs.
+#
+#   sbatch slurm/bert_large.sh                                  # from the repository root, environment activated
+#   sbatch --nodes=4 slurm/bert_large.sh                        # any #SBATCH line can be overridden on the command line
+#   CONFIG=configs/other.toml EXTRA_ARGS="train.steps=1000" RUN_DIR=runs/x DATA=data/corpus sbatch slurm/bert_large.sh
+#   sbatch --nodes=2 --gpus-per-node=0 --cpus-per-task=8 --export=ALL,PROCS_PER_NODE=4 slurm/bert_large.sh  # CPU nodes
+#
+# Environment knobs and the stop/requeue protocol: slurm/common.sh. Logs: logs/<job name>-<job id>.out.
+#SBATCH --job-name=bert_large
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=64
+#SBATCH --exclusive
+#SBATCH --time=24:00:00
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --signal=B:USR1@180
+#SBATCH --output=logs/%x-%j.out
+
+ROOT=${PRETRAIN_ROOT:-${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}}
+CONFIG=${CONFIG:-$ROOT/configs/bert_large.toml}
+[ -f "$ROOT/slurm/common.sh" ] || { echo "error: $ROOT/slurm/common.sh not found: submit from the repository root or set PRETRAIN_ROOT" >&2; exit 1; }
+. "$ROOT/slurm/common.sh"
