@@ -51,11 +51,14 @@ class Cluster:
         return subprocess.run(["bash", str(ROOT / "tools" / "local_slurm.sh"), action], env=self.env,
                               capture_output=True, text=True, timeout=300)
 
-    def submit(self, out_dir: Path, run_dir: Path, extra=(), steps: int = STEPS, sbatch_args=(), **env) -> str:
+    def submit(self, out_dir: Path | None, run_dir: Path, extra=(), steps: int = STEPS, sbatch_args=(), **env) -> str:
+        """sbatch slurm/gpt_1b.sh from the repository root; the log goes to ``out_dir`` (None: the script's
+        default, logs/ in the checkout)."""
         job_env = {**self.env, "CONFIG": str(ROOT / "configs" / "gpt_tiny.toml"), "RUN_DIR": str(run_dir),
                    "PROCS_PER_NODE": "2", "EXTRA_ARGS": " ".join([*MICRO, f"train.steps={steps}", *extra]), **env}
-        cmd = ["sbatch", "--parsable", "--nodes=2", "--gpus-per-node=0", "--cpus-per-task=2",
-               f"--output={out_dir}/%x-%j.out", *sbatch_args, "slurm/gpt_1b.sh"]
+        output = [] if out_dir is None else [f"--output={out_dir}/%x-%j.out"]
+        cmd = ["sbatch", "--parsable", "--nodes=2", "--gpus-per-node=0", "--cpus-per-task=2", *output, *sbatch_args,
+               "slurm/gpt_1b.sh"]
         done = subprocess.run(cmd, cwd=ROOT, env=job_env, capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
         return done.stdout.strip().split(";")[0]
@@ -129,8 +132,11 @@ def wait_for_step(run_dir: Path, step: int, timeout: float = 120.0) -> None:
 def reference(cluster, tmp_path_factory):
     """An uninterrupted run: the trajectory the interrupted ones must reproduce."""
     tmp = tmp_path_factory.mktemp("reference")
-    job = cluster.submit(tmp, tmp / "run")
+    job = cluster.submit(None, tmp / "run")  # the script's own --output=logs/%x-%j.out
     info = cluster.wait(job)
+    log = ROOT / "logs" / f"gpt_1b-{job}.out"
+    if log.is_file():
+        shutil.move(log, tmp / log.name)
     return job, info, tmp
 
 
