@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -166,6 +167,8 @@ class LoggingConfig:
     wandb_project: str = ""
     peak_tflops: float = 0.0  # 0 = look the device up in the table (MFU is null when unknown)
     heartbeat_s: float = 300.0  # a "still in step N" line when a step runs longer than this (0 = off)
+    measure_peak: bool = False  # MFU over this device's measured dense-matmul TFLOP/s instead of the table's
+    profile_steps: str = ""  # "5-7": a torch profiler trace of steps 5 to 7 in RUN_DIR/profile/ ("" = off)
 
 
 SECTIONS: dict[str, type] = {
@@ -273,6 +276,9 @@ class Config:
             raise ConfigError('train.inject_nan_steps drills the native engine: it needs parallel.engine = "native"')
         if t.steps <= 0 or t.micro_batch_size <= 0 or t.grad_accum <= 0:
             raise ConfigError("train.steps, train.micro_batch_size and train.grad_accum must be positive")
+        profile_range(self.logging.profile_steps)
+        if self.logging.peak_tflops < 0:
+            raise ConfigError("logging.peak_tflops must be >= 0 (0 = look the device up)")
         o = self.optim
         if o.lr <= 0 or o.min_lr < 0 or o.min_lr > o.lr:
             raise ConfigError(f"optim.lr must be > 0 and 0 <= optim.min_lr <= optim.lr (lr={o.lr}, min_lr={o.min_lr})")
@@ -327,6 +333,17 @@ class Config:
         return self
 
 
+def profile_range(text: str) -> tuple[int, int] | None:
+    """``logging.profile_steps``: "5-7" -> (5, 7), "5" -> (5, 5), "" -> None."""
+    if not text:
+        return None
+    match = re.fullmatch(r"(\d+)(?:-(\d+))?", text.strip())
+    span = (int(match[1]), int(match[2] or match[1])) if match else (0, 0)
+    if not 1 <= span[0] <= span[1]:
+        raise ConfigError(f'logging.profile_steps must be "A-B" or "A" with 1 <= A <= B, got {text!r}')
+    return span
+
+
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -352,6 +369,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     kind = {"int": int, "float": float, "bool": bool, "str": str, "list": list}.get(str(annotation))
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is str and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)  # --set logging.profile_steps=5 reads 5 as a TOML integer
     if kind is None or (isinstance(value, kind) and not (kind is int and isinstance(value, bool))):
         return value
     raise ConfigError(f"{key} expects {kind.__name__}, got {type(value).__name__} {value!r}")

@@ -1,8 +1,13 @@
 """Metrics: ``RUN_DIR/metrics.jsonl`` (one object per logged step / eval), TensorBoard, W&B when configured.
 
+Each logged step carries STEP_FIELDS plus the memory fields of ``memory_stats`` (CUDA: ``mem_allocated_gb``,
+``mem_reserved_gb``, peaks since the start; CPU: ``mem_rss_gb``); each evaluation carries EVAL_FIELDS. Both also
+have ``step`` and ``time`` (Unix seconds).
+
 MFU = model FLOPs per token (``models/flops.py``) × tokens per second / (peak FLOP/s × devices). Peak is
-looked up from the device name (dense bf16 tensor-core figures) or set by ``logging.peak_tflops``; it is unknown,
-and MFU null, on CPU unless set.
+looked up from the device name (dense bf16 tensor-core figures), set by ``logging.peak_tflops``, or measured at
+the start with ``logging.measure_peak`` (a dense matmul); it is unknown, and MFU null, on CPU unless set or
+measured.
 """
 
 from __future__ import annotations
@@ -15,6 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+STEP_FIELDS = ("loss", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_device", "mfu", "step_time_s",
+               "data_wait_s", "data_skipped", "skipped_updates")
+EVAL_FIELDS = ("val_loss", "val_ppl", "accuracy")
 
 # dense bf16 peak TFLOP/s by device-name fragment (vendor datasheets), most specific first
 PEAK_TFLOPS = (
@@ -40,6 +49,27 @@ def peak_flops(device: torch.device, override_tflops: float = 0.0) -> float | No
             if fragment in name:
                 return tflops * 1e12
     return None
+
+
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> float:
+    """Dense matmul FLOP/s this device reaches (square products, 8192 on CUDA, 1024 on CPU): an MFU peak that
+    reflects the clocks and power limit the device actually runs at."""
+    n, iters = (8192, 20) if device.type == "cuda" else (1024, 5)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    for _ in range(3):
+        a @ b
+    sync()
+    start = time.perf_counter()
+    for _ in range(iters):
+        a @ b
+    sync()
+    return 2 * n**3 * iters / (time.perf_counter() - start)
 
 
 def memory_stats(device: torch.device) -> dict[str, float]:

@@ -21,9 +21,9 @@ import torch.nn as nn
 
 from pretrain import distributed
 from pretrain.checkpoint.manager import CheckpointError, CheckpointManager, saved_config_toml
-from pretrain.config import Config, ConfigError, config_from_toml
+from pretrain.config import Config, ConfigError, config_from_toml, profile_range
 from pretrain.distributed import DistInfo
-from pretrain.metrics import MetricsLogger, memory_stats, peak_flops
+from pretrain.metrics import MetricsLogger, measure_matmul_flops, memory_stats, peak_flops
 from pretrain.models.flops import flops_per_token
 from pretrain.parallel.data_parallel import clip_grad_norm, no_gradient_sync
 from pretrain.parallel.parallelize import Parallelized
@@ -134,6 +134,7 @@ class StepResult:
     tokens: int
     seconds: float
     skipped: int = 0
+    data_wait_s: float = 0.0  # of ``seconds``, waiting for the loader
 
 
 class Trainer:
@@ -168,6 +169,13 @@ class Trainer:
         self.losses: list[float] = []
         self.flops_per_token = flops_per_token(cfg.model)
         self.peak = peak_flops(self.device, cfg.logging.peak_tflops)
+        if cfg.logging.measure_peak:
+            self.peak = measure_matmul_flops(self.device, torch.bfloat16 if cfg.train.dtype == "bf16" and
+                                             self.device.type == "cuda" else torch.float32)
+            self.metrics.console(f"MFU peak: measured {self.peak / 1e12:.1f} TFLOP/s (dense matmul on "
+                                 f"{self.device.type})")
+        self.profile = profile_range(cfg.logging.profile_steps)
+        self._profiler = None
         self.checkpoints = None
         if cfg.checkpoint.interval > 0 or cfg.checkpoint.resume != "never" and (
                 cfg.checkpoint.resume != "auto" or cfg.checkpoint_dir.is_dir()):
@@ -246,7 +254,8 @@ class Trainer:
             loss_total += self._run_pipeline(batch, scale, train=True)["loss"]
         return distributed.all_reduce_sum(loss_total, self.parallel.pp_group())  # only the last stage has it
 
-    def _deepspeed_step(self, micro_batches, scale, count, lr: float, start: float, skipped) -> StepResult:
+    def _deepspeed_step(self, micro_batches, scale, count, lr: float, start: float, skipped,
+                        data_wait: float) -> StepResult:
         loss_total = torch.zeros((), dtype=torch.float64, device=self.device)
         self.engine.train()
         for batch in micro_batches:
@@ -261,7 +270,7 @@ class Trainer:
         grad_norm = self.engine.get_global_grad_norm()
         tokens = sum(b["tokens"].numel() for b in micro_batches) * self.dp_size
         return StepResult(float(loss_total / count.clamp(min=1)), float(grad_norm or 0.0), lr, tokens,
-                          time.perf_counter() - start, int(skipped))
+                          time.perf_counter() - start, int(skipped), data_wait)
 
     def _dp_sum(self, value: torch.Tensor) -> torch.Tensor:
         """Sum over the data-parallel ranks (the ones holding different samples)."""
@@ -280,6 +289,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loaded = [self.data.next_batch() for _ in range(cfg.train.grad_accum)]
+        data_wait = time.perf_counter() - start
         skipped = sum(int(b["skipped"].sum()) for b in loaded if "skipped" in b)
         micro_batches = [{k: v.to(self.device, non_blocking=True) for k, v in b.items() if k not in META_KEYS}
                          for b in loaded]
@@ -291,7 +301,7 @@ class Trainer:
         if self.parallel.schedule is not None:
             loss_total = self._pipeline_forward_backward(micro_batches, scale)
         elif self.engine is not None:
-            return self._deepspeed_step(micro_batches, scale, count, lr, start, skipped)
+            return self._deepspeed_step(micro_batches, scale, count, lr, start, skipped, data_wait)
         else:
             loss_total = torch.zeros((), dtype=torch.float64, device=self.device)
             self.model.train()
@@ -327,7 +337,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         tokens = sum(b["tokens"].numel() for b in micro_batches) * self.dp_size
-        return StepResult(loss, float(grad_norm), lr, tokens, time.perf_counter() - start, int(skipped))
+        return StepResult(loss, float(grad_norm), lr, tokens, time.perf_counter() - start, int(skipped), data_wait)
 
     # --- evaluation ---------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -429,7 +439,9 @@ class Trainer:
         window_tokens, window_time = 0, 0.0
         while self.step < last_step:
             self._step_started = time.monotonic()
+            self._profile_before_step()
             result = self.train_step()
+            self._profile_after_step()
             if self.checkpoints is not None:
                 self.checkpoints.poll()  # completes a background save once every rank has written it
             self.losses.append(result.loss)
@@ -458,9 +470,39 @@ class Trainer:
                 path = self.save()
                 self.metrics.console(f"saved checkpoint {path}" + (" (writing in the background)"
                                                                     if cfg.checkpoint.async_save else ""))
+        if self._profiler is not None:  # stopped inside the profiled range
+            self._finish_profile()
         if self.checkpoints is not None:
             self.checkpoints.wait()
         return self.losses
+
+    # --- profiler -----------------------------------------------------------------------------------------
+    def _profile_before_step(self) -> None:
+        if self.profile and self.step + 1 == self.profile[0]:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if self.device.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self._profiler = torch.profiler.profile(activities=activities, record_shapes=True)
+            self._profiler.__enter__()
+
+    def _profile_after_step(self) -> None:
+        if self._profiler is not None:
+            self._profiler.step()
+            if self.step >= self.profile[1]:
+                self._finish_profile()
+
+    def _finish_profile(self) -> None:
+        prof, self._profiler = self._profiler, None
+        prof.__exit__(None, None, None)
+        first, last = self.profile
+        last = min(last, self.step)
+        out = Path(self.cfg.logging.run_dir) / "profile" / f"steps-{first}-{last}-rank{self.dist.rank}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial = out.with_name(out.name + ".partial")
+        prof.export_chrome_trace(str(partial))
+        partial.replace(out)
+        self.metrics.console(f"profiler trace of steps {first}-{last}: {out} (open in chrome://tracing or "
+                             "ui.perfetto.dev)")
 
     def _eval_and_log(self) -> None:
         values = self.evaluate()
@@ -475,7 +517,8 @@ class Trainer:
         values = {
             "loss": result.loss, "lr": result.lr, "grad_norm": result.grad_norm,
             "tokens_per_s": tokens_per_s, "tokens_per_s_per_device": tokens_per_s / self.dist.world_size,
-            "mfu": mfu, "step_time_s": result.seconds, "data_skipped": self.data_skipped,
+            "mfu": mfu, "step_time_s": result.seconds, "data_wait_s": result.data_wait_s,
+            "data_skipped": self.data_skipped,
             "skipped_updates": self.skipped_updates,
             **memory_stats(self.device),
         }

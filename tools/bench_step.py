@@ -5,11 +5,14 @@ same machine state. Prints median step time, tokens/s and the ratio (goal: ours 
 
     python tools/bench_step.py                 # gpt_tiny shape on CPU
     python tools/bench_step.py --config configs/gpt_125m.toml --set model.flavor=llama --batch 2 --seq 512
+    python tools/bench_step.py --config configs/gpt_1b.toml --batch 2 --dtype bf16 --json out.json   # on a GPU
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import statistics
 import sys
 import time
@@ -40,11 +43,14 @@ def hf_llama(cfg, ours):
     return model
 
 
-def make_step(model, forward, device):
+def make_step(model, forward, device, dtype: str = "fp32"):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
 
     def step(tokens, targets):
-        logits = forward(model, tokens)
+        autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bf16"
+                    else contextlib.nullcontext())
+        with autocast:
+            logits = forward(model, tokens)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
         loss.backward()
         optimizer.step()
@@ -63,6 +69,9 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per model")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                        help="bf16: both models under torch.autocast (weights and AdamW stay fp32)")
+    parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides).model
@@ -81,8 +90,8 @@ def main(argv=None) -> int:
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     with torch.no_grad():
         diff = (ours(inputs) - hf(inputs).logits).abs().max().item()
-    steps = {"pretrain": make_step(ours, lambda m, x: m(x), device),
-             "hf": make_step(hf, lambda m, x: m(x).logits, device)}
+    steps = {"pretrain": make_step(ours, lambda m, x: m(x), device, args.dtype),
+             "hf": make_step(hf, lambda m, x: m(x).logits, device, args.dtype)}
     times = {name: [] for name in steps}
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for i in range(args.warmup + args.steps):
@@ -100,7 +109,15 @@ def main(argv=None) -> int:
           f"max |logit diff| {diff:.1e}")
     for name, t in median.items():
         print(f"{name:>9}: median step {1e3 * t:8.1f} ms  {n_tokens / t:10.0f} tokens/s")
-    print(f"ratio pretrain/hf step time: {median['pretrain'] / median['hf']:.3f} (goal <= 1.0)")
+    ratio = median['pretrain'] / median['hf']
+    print(f"ratio pretrain/hf step time: {ratio:.3f} (goal <= 1.0)")
+    if args.json:
+        result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                  "torch": torch.__version__, "dtype": args.dtype, "kernels": cfg.kernels, "batch": args.batch,
+                  "seq": seq, "params": sum(p.numel() for p in ours.parameters()), "max_logit_diff": diff,
+                  "tokens_per_s": {name: n_tokens / t for name, t in median.items()},
+                  "step_time_ratio": ratio}
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
     return 0
 
 

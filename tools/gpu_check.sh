@@ -1,0 +1,109 @@
+#!/usr/bin/env bash
+# Everything we measure on a GPU, in one call that fits a short loan (default budget 480 s, one GPU), in this order:
+#   1. the gpu-marked tests (bf16 / fp16 kernels on CUDA)
+#   2. gpt_1b on this GPU, 30 steps of synthetic data, bf16: every Triton kernel + FusedAdamW, then torch kernels
+#      (tokens/s and MFU from the trainer's own metrics)
+#   3. tools/bench_step.py at gpt_1b: our model against transformers' LlamaForCausalLM of the same config (SDPA,
+#      fused AdamW, bf16 autocast), interleaved in one process (Triton kernels; torch kernels after step 4)
+#   4. tools/bench_kernels.py --op all (CSV + PNG)
+#   5. gpt_1b with Triton kernels and torch.compile, if the budget still allows
+# and writes OUT/gpu_report.md (tools/gpu_report.py) beside the logs, CSVs and the device facts.
+#
+#   tools/gpu_check.sh --dry-run            # on CPU: print the plan, validate every config and the report writer
+#   tools/gpu_check.sh --out "$OUT"         # on the GPU (default out: runs/gpu_check)
+#
+# Environment: PYTHON (default python), GPU_CHECK_BUDGET_S (480). Each step has its own timeout, shortened to what
+# is left of the budget (exit 124 in the report when it hit it); once under 20 s are left the rest is skipped.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+DRY=0
+OUT=runs/gpu_check
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --dry-run) DRY=1 ;;
+        --out) OUT=${2:?--out needs a directory}; shift ;;
+        --out=*) OUT=${1#--out=} ;;
+        -h | --help) sed -n '2,17p' "$0"; exit 0 ;;
+        *) echo "error: unknown argument $1 (use --dry-run, --out DIR)" >&2; exit 2 ;;
+    esac
+    shift
+done
+
+PY=${PYTHON:-python}
+BUDGET=${GPU_CHECK_BUDGET_S:-480}
+[[ "$BUDGET" =~ ^[0-9]+$ ]] || { echo "error: GPU_CHECK_BUDGET_S=$BUDGET is not a number of seconds" >&2; exit 2; }
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
+export PYTHONUNBUFFERED=1
+if [ "$DRY" = 1 ]; then export TRITON_INTERPRET=1; else export TRITON_INTERPRET=0; fi
+
+TRAIN=(-m pretrain.train --config configs/gpt_1b.toml --set data.source=synthetic train.steps=30 train.grad_accum=4
+       train.dtype=bf16 train.device=cuda eval.interval=0 checkpoint.interval=0 checkpoint.resume=never
+       logging.interval=1 logging.tensorboard=false logging.heartbeat_s=0)
+VARIANT_torch=(model.kernels=torch optim.impl=torch)
+VARIANT_triton=(model.kernels=triton optim.impl=triton)
+VARIANT_compiled=(model.kernels=triton optim.impl=triton train.compile=true)
+BENCH_STEP=(tools/bench_step.py --config configs/gpt_1b.toml --batch 2 --seq 4096 --dtype bf16 --steps 8 --warmup 2)
+
+# name | timeout (s) | command
+plan=(  # most wanted first: the goals' numbers, then the kernel table
+    "facts|30|$PY tools/gpu_report.py --facts $OUT/facts.json"
+    "gpu_tests|120|$PY -m pytest -p no:cacheprovider -q -m gpu tests/kernels"
+    "train_triton|120|$PY ${TRAIN[*]} ${VARIANT_triton[*]} logging.run_dir=$OUT/train-triton"
+    "train_torch|120|$PY ${TRAIN[*]} ${VARIANT_torch[*]} logging.run_dir=$OUT/train-torch"
+    "hf_triton|90|$PY ${BENCH_STEP[*]} --set model.kernels=triton --json $OUT/hf-triton.json"
+    "bench_kernels|150|$PY tools/bench_kernels.py --op all --dtype bf16 --out $OUT/kernels"
+    "hf_torch|90|$PY ${BENCH_STEP[*]} --set model.kernels=torch --json $OUT/hf-torch.json"
+    "train_compiled|180|$PY ${TRAIN[*]} ${VARIANT_compiled[*]} logging.run_dir=$OUT/train-compiled"
+)
+
+if [ "$DRY" = 1 ]; then
+    echo "plan (budget ${BUDGET} s; each limit is cut to what is left of it, steps are skipped once it is spent):"
+    total=0
+    for entry in "${plan[@]}"; do
+        IFS='|' read -r name limit cmd <<< "$entry"
+        total=$((total + limit))
+        printf '  %-15s <= %4s s  %s\n' "$name" "$limit" "$cmd"
+    done
+    echo "  sum of step limits: ${total} s"
+    fail=0
+    check() {  # label, command...
+        local label=$1; shift
+        if out=$("$@" 2>&1); then echo "ok    $label: $(tail -n 1 <<< "$out")"
+        else echo "FAIL  $label: $(tail -n 3 <<< "$out")"; fail=1; fi
+    }
+    for variant in torch triton compiled; do
+        eval "extra=(\"\${VARIANT_$variant[@]}\")"
+        check "config train_$variant" "$PY" "${TRAIN[@]}" "${extra[@]}" train.device=auto \
+            "logging.run_dir=$OUT/train-$variant" --check
+    done
+    check "bench_step config" "$PY" -m pretrain.train --config configs/gpt_1b.toml --set model.kernels=triton --check
+    check "gpu tests collected" bash -c "$PY -m pytest -p no:cacheprovider -q --collect-only -m gpu tests/kernels \
+        | grep -E '^[0-9]+(/[0-9]+)? tests? (collected|selected)'"
+    check "kernel ops" "$PY" -c "from kernels.bench import OPS; print('ops:', ', '.join(OPS))"
+    check "report writer" "$PY" tools/gpu_report.py --self-test
+    [ "$fail" = 0 ] && echo "dry run ok" || echo "dry run FAILED"
+    exit "$fail"
+fi
+
+command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1 \
+    || { echo "error: no NVIDIA GPU here (nvidia-smi -L failed); on CPU use --dry-run" >&2; exit 2; }
+mkdir -p "$OUT"
+: > "$OUT/steps.tsv"
+for entry in "${plan[@]}"; do
+    IFS='|' read -r name limit cmd <<< "$entry"
+    left=$((BUDGET - SECONDS))
+    if [ "$left" -lt 20 ]; then
+        printf '%s\tskipped\t0\tbudget: %s s used of %s\n' "$name" "$SECONDS" "$BUDGET" >> "$OUT/steps.tsv"
+        echo "== $name: skipped (budget spent)"
+        continue
+    fi
+    [ "$limit" -le "$left" ] || limit=$left  # cut short; a training run reports the steps it logged
+    echo "== $name (<= ${limit} s): $cmd"
+    start=$SECONDS
+    timeout --kill-after=10 "$limit" bash -c "$cmd" > "$OUT/$name.log" 2>&1
+    rc=$?
+    printf '%s\t%s\t%s\t\n' "$name" "$rc" "$((SECONDS - start))" >> "$OUT/steps.tsv"
+    echo "   exit $rc after $((SECONDS - start)) s; $(tail -n 1 "$OUT/$name.log")"
+done
+"$PY" tools/gpu_report.py "$OUT" && cat "$OUT/gpu_report.md"
