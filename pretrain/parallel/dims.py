@@ -1,7 +1,7 @@
 """``ParallelDims``: the parallel degrees, checked before any process group exists, and the one DeviceMesh.
 
 Mesh dimensions, outermost first (torchtitan's order): ``pp``, ``dp_replicate``, ``dp_shard``, ``cp``, ``tp``.
-``dp = dp_replicate × dp_shard`` is also available flattened as ``mesh["dp"]``: the ranks that see different
+``dp = dp_replicate × dp_shard`` is also available flattened as ``dp_mesh(mesh)``: the ranks that see different
 data. Ranks that differ only in ``tp`` or ``pp`` see the same samples. ``cp`` (context parallel) is reserved
 and must be 1 for now.
 """
@@ -103,5 +103,11 @@ class ParallelDims:
         names = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
         sizes = (self.pp, self.dp_replicate, self.dp_shard, self.cp, self.tp)
         mesh = init_device_mesh(device_type, sizes, mesh_dim_names=names)
-        mesh[("dp_replicate", "dp_shard")]._flatten("dp")
+        # kept on the mesh: slicing a flattened dim back out of the root mesh is deprecated
+        mesh.pretrain_dp = mesh[("dp_replicate", "dp_shard")]._flatten("dp")
         return mesh
+
+
+def dp_mesh(mesh):
+    """The flattened ``dp`` mesh (dp_replicate × dp_shard) of a mesh from ``ParallelDims.build_mesh``."""
+    return mesh.pretrain_dp

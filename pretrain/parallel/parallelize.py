@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from pretrain.config import Config
 from pretrain.models import build_model
-from pretrain.parallel.dims import ParallelDims
+from pretrain.parallel.dims import ParallelDims, dp_mesh
 
 
 class PipelineLoss:
@@ -54,7 +54,7 @@ class Parallelized:
         return self.dims.dp
 
     def dp_group(self):
-        return None if self.mesh is None or self.dims.dp == 1 else self.mesh["dp"].get_group()
+        return None if self.mesh is None or self.dims.dp == 1 else dp_mesh(self.mesh).get_group()
 
     def pp_group(self):
         return None if self.mesh is None or self.dims.pp == 1 else self.mesh["pp"].get_group()
@@ -70,7 +70,7 @@ def parallelize(cfg: Config, dims: ParallelDims, mesh, device: torch.device) -> 
         _apply_local(model, cfg)
         _materialise(model, device)
         return single(model)
-    dp_rank = mesh["dp"].get_local_rank()
+    dp_rank = dp_mesh(mesh).get_local_rank()
     if cfg.parallel.engine == "deepspeed":  # the engine (made by the trainer with its optimizer) does the rest
         model = _build(cfg)  # the same initial values as one process with the same meta_init
         _apply_local(model, cfg)
@@ -101,15 +101,15 @@ def _shard(model: nn.Module, cfg: Config, dims: ParallelDims, mesh, device) -> t
     if sharded:
         from pretrain.parallel.data_parallel import apply_fsdp
 
-        dp_mesh = mesh[("dp_replicate", "dp_shard")] if dims.dp_replicate > 1 else mesh["dp"]
-        apply_fsdp(model, dp_mesh, reshard_after_forward=p.zero_stage == 3, bf16=cfg.train.dtype == "bf16",
+        fsdp_mesh = mesh[("dp_replicate", "dp_shard")] if dims.dp_replicate > 1 else dp_mesh(mesh)
+        apply_fsdp(model, fsdp_mesh, reshard_after_forward=p.zero_stage == 3, bf16=cfg.train.dtype == "bf16",
                    cpu_offload=p.cpu_offload)
     _materialise(model, device)
     runner = model
     if not sharded and dims.dp > 1:
         from pretrain.parallel.data_parallel import apply_ddp
 
-        runner = apply_ddp(model, mesh["dp"], device)
+        runner = apply_ddp(model, dp_mesh(mesh), device)
     return model, runner
 
 
