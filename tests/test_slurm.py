@@ -1,8 +1,10 @@
 """The batch scripts in slurm/ on a real SLURM cluster: tools/local_slurm.sh starts one on this machine (two
 nodes, node1 and node2, each running its own slurmd) and stops it afterwards.
 
-Every job is `sbatch slurm/gpt_1b.sh` with the overrides a CPU cluster needs (--gpus-per-node=0, PROCS_PER_NODE=2)
-and a micro GPT on synthetic data through EXTRA_ARGS: 2 nodes × 2 processes, gloo. The runs are compared with an
+Every job is `sbatch slurm/gpt_1b.sh` with a micro GPT on synthetic data through EXTRA_ARGS, 2 nodes × 2
+processes, gloo: the reference run as on a GPU cluster (--gpus-per-node=2 of the nodes' fake GPUs, one process per
+GPU by default; nothing can use them, so the processes train on the CPU), the others as on CPU nodes
+(--gpus-per-node=0, PROCS_PER_NODE=2). The runs are compared with an
 uninterrupted run step for step, exactly: on CPU a resumed run is bit-identical to one that never stopped.
 """
 
@@ -51,13 +53,14 @@ class Cluster:
         return subprocess.run(["bash", str(ROOT / "tools" / "local_slurm.sh"), action], env=self.env,
                               capture_output=True, text=True, timeout=300)
 
-    def submit(self, out_dir: Path | None, run_dir: Path, extra=(), steps: int = STEPS, sbatch_args=(), **env) -> str:
+    def submit(self, out_dir: Path | None, run_dir: Path, extra=(), steps: int = STEPS, sbatch_args=(), gpus: int = 0,
+               **env) -> str:
         """sbatch slurm/gpt_1b.sh from the repository root; the log goes to ``out_dir`` (None: the script's
         default, logs/ in the checkout)."""
         job_env = {**self.env, "CONFIG": str(ROOT / "configs" / "gpt_tiny.toml"), "RUN_DIR": str(run_dir),
-                   "PROCS_PER_NODE": "2", "EXTRA_ARGS": " ".join([*MICRO, f"train.steps={steps}", *extra]), **env}
+                   **({} if gpus else {"PROCS_PER_NODE": "2"}), "EXTRA_ARGS": " ".join([*MICRO, f"train.steps={steps}", *extra]), **env}
         output = [] if out_dir is None else [f"--output={out_dir}/%x-%j.out"]
-        cmd = ["sbatch", "--parsable", "--nodes=2", "--gpus-per-node=0", "--cpus-per-task=2", *output, *sbatch_args,
+        cmd = ["sbatch", "--parsable", "--nodes=2", f"--gpus-per-node={gpus}", "--cpus-per-task=2", *output, *sbatch_args,
                "slurm/gpt_1b.sh"]
         done = subprocess.run(cmd, cwd=ROOT, env=job_env, capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
@@ -132,7 +135,7 @@ def wait_for_step(run_dir: Path, step: int, timeout: float = 120.0) -> None:
 def reference(cluster, tmp_path_factory):
     """An uninterrupted run: the trajectory the interrupted ones must reproduce."""
     tmp = tmp_path_factory.mktemp("reference")
-    job = cluster.submit(None, tmp / "run")  # the script's own --output=logs/%x-%j.out
+    job = cluster.submit(None, tmp / "run", gpus=2)  # the script's own --output=logs/%x-%j.out
     info = cluster.wait(job)
     log = ROOT / "logs" / f"gpt_1b-{job}.out"
     if log.is_file():
@@ -230,15 +233,17 @@ def test_fails_fast_with_one_line(cluster, tmp_path):
     cases = {
         "config": ({"CONFIG": str(tmp_path / "missing.toml")}, (),
                    f"error: config file not found: {tmp_path / 'missing.toml'}"),
-        "gpus": ({"GPUS_PER_NODE": "8"}, (), "error: GPUS_PER_NODE=8 but the allocation has 0 GPUs per node"),
-        "procs": ({"PROCS_PER_NODE": ""}, (), "error: no GPUs in the allocation and no PROCS_PER_NODE"),
+        "gpus": ({"GPUS_PER_NODE": "4"}, (), "error: GPUS_PER_NODE=4 but the allocation has 2 GPUs per node"),
+        # a node held --exclusive comes with all its GPUs whatever --gpus-per-node says: share it to get none
+        "procs": ({"PROCS_PER_NODE": ""}, ("--exclusive=user",), "error: no GPUs in the allocation and no PROCS_PER_NODE"),
         "run_dir": ({"RUN_DIR": "/proc/no-such-run"}, (), "error: run dir /proc/no-such-run is not writable"),
         "layout": ({}, (), "error: world size 4 is not divisible by dp_replicate × tp × pp = 1 × 3 × 1 = 3"),
     }
     jobs = {}
     for name, (env, args, _) in cases.items():
         extra = ["parallel.tp=3"] if name == "layout" else []
-        jobs[name] = cluster.submit(tmp_path, tmp_path / f"run-{name}", extra, sbatch_args=args, **env)
+        jobs[name] = cluster.submit(tmp_path, tmp_path / f"run-{name}", extra, sbatch_args=args,
+                                    gpus=2 if name == "gpus" else 0, **env)
     for name, job in jobs.items():
         info = cluster.wait(job)
         log = log_of(tmp_path, job)

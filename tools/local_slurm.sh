@@ -7,16 +7,20 @@
 #   tools/local_slurm.sh stop             cancel jobs, stop the daemons, kill whatever their jobs left behind
 #
 # Environment: LOCAL_SLURM_DIR (state, logs, config; default /tmp/pretrain-slurm), LOCAL_SLURM_NODES (2),
-# LOCAL_SLURM_CPUS (CPUs each node claims; 8), LOCAL_SLURM_PORT (slurmctld port; nodes use the ports after it).
+# LOCAL_SLURM_CPUS (CPUs each node claims; 8), LOCAL_SLURM_GPUS (fake GPUs each node offers as gres; 2),
+# LOCAL_SLURM_PORT (slurmctld port; nodes use the ports after it).
 #
 # How it works: Debian's slurm has MULTIPLE_SLURMD, so several slurmd share 127.0.0.1 on different ports. The
 # daemons run in a private mount namespace whose /etc/hosts also names node1..nodeN, so a job can use the node
-# names as rendezvous addresses; job steps inherit that namespace. Everything is stopped by pid, never by name.
+# names as rendezvous addresses; job steps inherit that namespace. The fake GPUs are character devices cloned
+# from /dev/null: SLURM allocates them (CUDA_VISIBLE_DEVICES, SLURM_GPUS_ON_NODE) and nothing can use them, so a
+# job's processes train on the CPU. Everything is stopped by pid, never by name.
 set -euo pipefail
 
 DIR=${LOCAL_SLURM_DIR:-/tmp/pretrain-slurm}
 NODES=${LOCAL_SLURM_NODES:-2}
 CPUS=${LOCAL_SLURM_CPUS:-8}
+GPUS=${LOCAL_SLURM_GPUS:-2}
 PORT=${LOCAL_SLURM_PORT:-6817}
 CONF=$DIR/slurm.conf
 
@@ -76,12 +80,22 @@ write_conf() {
         echo "SlurmdPidFile=$DIR/run/slurmd-%n.pid"
         echo "SlurmctldLogFile=$DIR/log/slurmctld.log"
         echo "SlurmdLogFile=$DIR/log/slurmd-%n.log"
+        [ "$GPUS" = 0 ] || echo "GresTypes=gpu"
         for i in $(seq 1 "$NODES"); do
-            echo "NodeName=node$i NodeHostname=localhost NodeAddr=127.0.0.1 Port=$((PORT + i)) CPUs=$CPUS State=UNKNOWN"
+            echo "NodeName=node$i NodeHostname=localhost NodeAddr=127.0.0.1 Port=$((PORT + i)) CPUs=$CPUS" \
+                "$([ "$GPUS" = 0 ] || echo "Gres=gpu:$GPUS") State=UNKNOWN"
         done
         echo "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP"
     } > "$CONF.tmp"
     mv "$CONF.tmp" "$CONF"
+    : > "$DIR/gres.conf"
+    for i in $(seq 1 "$NODES"); do
+        [ "$GPUS" = 0 ] && break
+        for g in $(seq 0 $((GPUS - 1))); do  # fake GPUs: /dev/null's device numbers
+            [ -e "$DIR/dev/node$i-gpu$g" ] || mknod "$DIR/dev/node$i-gpu$g" c 1 3
+        done
+        echo "NodeName=node$i Name=gpu File=$DIR/dev/node$i-gpu[0-$((GPUS - 1))]" >> "$DIR/gres.conf"
+    done
 }
 
 start() {
@@ -92,7 +106,7 @@ start() {
         return 0
     fi
     [ "$(id -u)" = 0 ] || die "the local cluster runs its daemons as root"
-    mkdir -p "$DIR"/{munge,state,run,log,spool}
+    mkdir -p "$DIR"/{munge,state,run,log,spool,dev}
     chmod 755 "$DIR" "$DIR/munge"
     if ! alive "$DIR/munge/munged.pid"; then
         [ -s "$DIR/munge/munge.key" ] || mungekey -c -k "$DIR/munge/munge.key" >/dev/null
