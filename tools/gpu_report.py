@@ -77,8 +77,8 @@ def kernel_rows(out: Path) -> list[dict]:
     return rows
 
 
-def fmt(value, spec: str, missing: str = "—") -> str:
-    return missing if value is None else format(value, spec)
+def fmt(value, spec: str, unit: str = "") -> str:
+    return "—" if value is None else format(value, spec) + unit
 
 
 def build(out: Path) -> str:
@@ -103,8 +103,8 @@ def build(out: Path) -> str:
         lines.append("")
     tests_log = out / "gpu_tests.log"
     if tests_log.is_file():
-        summary = [line for line in tests_log.read_text().splitlines() if " passed" in line or " failed" in line
-                   or " error" in line]
+        summary = [line for line in tests_log.read_text().splitlines()
+                   if " in " in line and any(w in line for w in ("passed", "failed", "skipped", "error"))]
         lines += [f"gpu tests: {summary[-1].strip('= ') if summary else 'no summary line (see gpu_tests.log)'}", ""]
 
     results = {}
@@ -116,8 +116,8 @@ def build(out: Path) -> str:
         if s is None:
             lines.append(f"| {label} | not run | | | | | |")
             continue
-        lines.append(f"| {label} | {s['tokens_per_s']:,.0f} | {fmt(s['mfu'] and 100 * s['mfu'], '.1f')} % | "
-                     f"{1e3 * s['step_time_s']:.0f} ms | {fmt(s['data_wait_s'] and 1e3 * s['data_wait_s'], '.1f')} ms | "
+        lines.append(f"| {label} | {s['tokens_per_s']:,.0f} | {fmt(s['mfu'] and 100 * s['mfu'], '.1f', ' %')} | "
+                     f"{1e3 * s['step_time_s']:.0f} ms | {fmt(s['data_wait_s'] and 1e3 * s['data_wait_s'], '.1f', ' ms')} | "
                      f"{s['mem_gib']:.1f} | {s['final_loss']:.3f} |")
     lines.append("")
 
@@ -139,9 +139,9 @@ def build(out: Path) -> str:
     best_mfu = max((s["mfu"] for s in results.values() if s and s["mfu"] is not None), default=None)
     best_hf = max((r["tokens_per_s"]["pretrain"] / r["tokens_per_s"]["hf"] for r in hf.values()), default=None)
     lines += ["## goals", "", "| goal | measured | met |", "|---|---|---|",
-              f"| gpt_1b MFU ≥ {100 * MFU_GOAL:.0f} % | {fmt(best_mfu and 100 * best_mfu, '.1f')} % | "
+              f"| gpt_1b MFU ≥ {100 * MFU_GOAL:.0f} % | {fmt(best_mfu and 100 * best_mfu, '.1f', ' %')} | "
               f"{'—' if best_mfu is None else ('yes' if best_mfu >= MFU_GOAL else 'no')} |",
-              f"| tokens/s ≥ {HF_GOAL}× HF Llama | {fmt(best_hf, '.2f')}× | "
+              f"| tokens/s ≥ {HF_GOAL}× HF Llama | {fmt(best_hf, '.2f', '×')} | "
               f"{'—' if best_hf is None else ('yes' if best_hf >= HF_GOAL else 'no')} |", ""]
 
     rows = kernel_rows(out)
@@ -168,6 +168,7 @@ def self_test() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         (out / "facts.json").write_text(json.dumps({"device": "NVIDIA H200", "torch": "2.11", "triton": "3.6"}))
+        (out / "gpu_tests.log").write_text("....\n4 passed, 44 deselected in 31.02s\n")
         (out / "steps.tsv").write_text("train_torch\t0\t61\t\ntrain_compiled\tskipped\t0\tbudget\n")
         run = out / "train-triton"
         run.mkdir()
@@ -184,7 +185,7 @@ def self_test() -> int:
         expected = ["NVIDIA H200", "| Triton kernels + FusedAdamW | 50,018 | 51.8 % |", "| 1.30× |",
                     "| gpt_1b MFU ≥ 55 % | 51.8 % | no |", "| tokens/s ≥ 1.3× HF Llama | 1.30× | yes |",
                     "| attention | b1h16s4096d128 | triton | 1.5 |", "| train_compiled | skipped | 0 | budget |",
-                    "| torch kernels, torch AdamW | not run |"]
+                    "| torch kernels, torch AdamW | not run |", "gpu tests: 4 passed, 44 deselected in 31.02s"]
         missing = [e for e in expected if e not in text]
         if missing:
             print(f"report self-test failed: missing {missing}\n{text}", file=sys.stderr)
