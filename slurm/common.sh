@@ -49,7 +49,8 @@ fi
 GPUS_PER_NODE=${GPUS_PER_NODE:-${alloc_gpus:-0}}
 [[ "$GPUS_PER_NODE" =~ ^[0-9]+$ ]] || fail "GPUS_PER_NODE=$GPUS_PER_NODE is not a number"
 PROCS_PER_NODE=${PROCS_PER_NODE:-$GPUS_PER_NODE}
-[[ "$PROCS_PER_NODE" =~ ^[0-9]+$ ]] && [ "$PROCS_PER_NODE" -ge 1 ] \
+[[ "$PROCS_PER_NODE" =~ ^[0-9]+$ ]] || fail "PROCS_PER_NODE=$PROCS_PER_NODE is not a number"
+[ "$PROCS_PER_NODE" -ge 1 ] \
     || fail "no GPUs in the allocation and no PROCS_PER_NODE: set PROCS_PER_NODE (processes per node) for CPU nodes"
 if [ "$GPUS_PER_NODE" -gt 0 ] && [ "$PROCS_PER_NODE" -gt "$GPUS_PER_NODE" ]; then
     fail "PROCS_PER_NODE=$PROCS_PER_NODE is more than the $GPUS_PER_NODE GPUs per node"
