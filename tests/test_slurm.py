@@ -72,17 +72,14 @@ class Cluster:
         return dict(field.split("=", 1) for field in out.split() if "=" in field)
 
     def wait(self, job_id: str, timeout: float = 180.0) -> dict[str, str]:
-        """Until the job ends. A requeued job is held by SLURM for a fixed two minutes before it may start
-        again; the wait releases it at once."""
+        """Until the job ends. (A requeued job waits the credential lifetime before it starts again: 10 s on
+        the local cluster, 120 s by default. Releasing it sooner races the nodes' clean-up of its first run,
+        and SLURM then fails it: "Job credential revoked".)"""
         deadline = time.time() + timeout
         while time.time() < deadline:
             info = self.job(job_id)
-            state = info.get("JobState", "")
-            if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            if info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
                 return info
-            if state == "PENDING" and info.get("Reason") == "BeginTime" and info.get("Restarts", "0") != "0":
-                subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], env=self.env,
-                               capture_output=True, timeout=30)
             time.sleep(0.5)
         subprocess.run(["scancel", job_id], env=self.env, timeout=30)
         raise AssertionError(f"job {job_id} still {self.job(job_id).get('JobState')} after {timeout:.0f} s")

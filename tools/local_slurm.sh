@@ -58,7 +58,8 @@ write_conf() {
         echo "SlurmdUser=root"
         echo "AuthType=auth/munge"
         echo "CredType=cred/munge"
-        echo "AuthInfo=socket=$DIR/munge/munge.socket"
+        # cred_expire: how long a requeued job waits before it may start again (SLURM default 120 s)
+        echo "AuthInfo=socket=$DIR/munge/munge.socket,cred_expire=10"
         echo "ProctrackType=proctrack/linuxproc"
         echo "TaskPlugin=task/none"
         echo "SelectType=select/cons_tres"
