@@ -131,11 +131,20 @@ class MetricsLogger:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Every record of ``RUN_DIR/metrics.jsonl`` ([] and a line on stderr when there is none); a line that is
+    not JSON raises ValueError naming the file and line."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         print(f"no metrics.jsonl in {run_dir}", file=sys.stderr)
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise ValueError(f"{path} line {n} is not JSON") from None
+    return records
 
 
 def summarize(run_dir: str | Path) -> str:

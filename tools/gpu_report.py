@@ -22,6 +22,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pretrain.metrics import read_metrics  # noqa: E402
+
 WARMUP = 5
 MFU_GOAL = 0.55
 HF_GOAL = 1.3
@@ -54,11 +58,9 @@ def facts() -> dict:
 
 
 def train_summary(run_dir: Path) -> dict | None:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
+    if not (run_dir / "metrics.jsonl").is_file():
         return None
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    steps = [r for r in rows if "loss" in r and r["step"] > WARMUP]
+    steps = [r for r in read_metrics(run_dir) if "loss" in r and r["step"] > WARMUP]
     if not steps:
         return None
     median = lambda key: statistics.median(r[key] for r in steps) if all(r.get(key) is not None for r in steps) \

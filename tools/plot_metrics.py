@@ -13,26 +13,18 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pretrain.metrics import read_metrics  # noqa: E402
 
 
 def fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return 2
-
-
-def read_run(path: Path) -> list[dict]:
-    records = []
-    for n, line in enumerate((path / "metrics.jsonl").read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise ValueError(f"{path / 'metrics.jsonl'} line {n} is not JSON") from None
-    return records
 
 
 def last_per_step(records: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -117,7 +109,7 @@ def main(argv=None) -> int:
             if not (path / "metrics.jsonl").is_file():
                 return fail(f"{path} has no metrics.jsonl (is it a run directory?)")
             try:
-                records = read_run(path)
+                records = read_metrics(path)
             except ValueError as exc:
                 return fail(str(exc))
             if not any("loss" in r for r in records):
