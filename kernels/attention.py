@@ -2,38 +2,110 @@
 
 Forward, per (batch, head, block of BLOCK_M queries): stream the key/value blocks, keep a running max m, sum l
 and output accumulator (online softmax, Milakov & Gimelshein 2018), never materialising the T × T scores; store
-O = acc / l and the log-sum-exp L = m + log l (4 bytes a row) for the backward. Causal programs stop at the
-diagonal. A query head h reads key/value head h // (H / K) directly: repeated K/V never exist.
-Backward (recompute, no stored probabilities): Δ = rowsum(dO ∘ O); one kernel per key/value block accumulates
-dV = Pᵀ dO and dK = scale · dSᵀ Q over the query blocks, another per query block dQ = scale · dS K, with
-P = exp(scale · QKᵀ - L) and dS = P ∘ (dO Vᵀ - Δ). Key/value gradients of a GQA group are summed over its heads.
-Head dims up to 256, any size (non-powers of two are padded in registers and masked). Matmuls take the inputs'
-dtype (tensor cores for fp16 / bf16) and accumulate in fp32; softmax statistics are fp32. FLOPs: forward 4·B·H·T²·E (half with causal), backward 2.5× that.
+O = acc / l and the log-sum-exp L = m + log l (natural log, 4 bytes a row) for the backward. Scores live in the
+log2 domain (log2 e folded into the scale, ``exp2``). Causal programs stop at the diagonal, and the key blocks
+left of it run without any mask: only the diagonal blocks (and, bidirectionally, the last partial block) build
+the element-wise mask. A query head h reads key/value head h // (H / K) directly: repeated K/V never exist.
+Backward (recompute, no stored probabilities): Δ = rowsum(dO ∘ O) in its own kernel; one kernel per key/value
+block and kv head accumulates dV = Pᵀ dO and dK = scale · dSᵀ Q over the query blocks of every query head of
+its GQA group (no per-query-head temporaries), another per query block dQ = scale · dS K, with
+P = exp(scale · QKᵀ - L) and dS = P ∘ (dO Vᵀ - Δ). Both are computed transposed where that keeps the long tile
+dimension first (the M of Hopper's warpgroup MMA).
+Layout: q, k, v are (B, H, T, E) views with any strides whose last one is 1 — the model's transposed
+(B, T, H, E) projections go in without a copy, and the output is written (B, T, H, E)-contiguous, so the
+model's reshape back to (B, T, H·E) is free. Head dims up to 256 (non-powers of two are padded in registers
+and masked). Matmuls take the inputs' dtype (tensor cores for fp16 / bf16) and accumulate in fp32; fp32
+inputs use full-precision (IEEE) dots. Block sizes are autotuned per target from candidate lists that the
+compile gate (``kernels.compile_check``) compiles for sm_80, sm_90a and sm_100a.
+FLOPs: forward 4·B·H·T²·E (half with causal), backward 2.5× that.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from kernels._common import check_device, check_dtypes, next_power_of_2, require_triton
+from kernels._common import (autotuned, check_device, check_dtypes, interpreting, next_power_of_2, require_triton,
+                             seq_bucket)
 
 require_triton()
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 MAX_HEAD_DIM = 256
-NEG = -1.0e30  # a finite "minus infinity": fully masked rows stay NaN-free
+NEG = tl.constexpr(-1.0e30)  # a finite "minus infinity": fully masked rows stay NaN-free
+LOG2E = 1.4426950408889634
+LOG2E_C = tl.constexpr(LOG2E)
+LN2_C = tl.constexpr(0.6931471805599453)
 
 
-def _block() -> int:
-    return 16 if os.environ.get("TRITON_INTERPRET") == "1" else 64
+def _cfg(block_m: int, block_n: int, warps: int, stages: int):
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+
+
+# Candidates per (arch class, head-dim class). Sources: FlashAttention-2 (Dao 2023, §3.3: 128-row query tiles
+# with 4–8 warps, smaller key tiles as the head dim grows) and the Triton fused-attention tutorial's Hopper
+# configs (BLOCK_M 128, BLOCK_N 64/128, 8 warps, 3 stages); the backward follows its 32×128 (dK/dV) and 128×32
+# (dQ) split. Each list was pruned to what the compile gate shows fitting without spills: head dim 256 takes
+# smaller tiles and fewer stages (its tiles alone are 4× the head-dim-64 ones). Rules the kernels rely on:
+# forward and dQ need BLOCK_M % BLOCK_N == 0, dK/dV needs BLOCK_N % BLOCK_M == 0 (the causal split).
+FWD_CONFIGS = {
+    (80, 64): [_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3)],
+    (80, 128): [_cfg(128, 32, 8, 3), _cfg(64, 32, 4, 3)],
+    (80, 256): [_cfg(64, 32, 4, 2), _cfg(64, 32, 8, 2)],
+    (90, 64): [_cfg(128, 128, 8, 3), _cfg(128, 64, 8, 3)],
+    (90, 128): [_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3)],
+    (90, 256): [_cfg(128, 32, 8, 2), _cfg(64, 32, 8, 2)],
+    (100, 64): [_cfg(128, 128, 8, 3), _cfg(128, 64, 8, 3)],
+    (100, 128): [_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3)],
+    (100, 256): [_cfg(128, 32, 8, 2), _cfg(64, 32, 8, 2)],
+}
+DKDV_CONFIGS = {
+    (80, 64): [_cfg(32, 128, 8, 2), _cfg(32, 64, 8, 3)],
+    (80, 128): [_cfg(32, 64, 8, 2), _cfg(16, 64, 8, 2)],
+    (80, 256): [_cfg(16, 32, 4, 1), _cfg(16, 32, 8, 1)],
+    (90, 64): [_cfg(32, 128, 8, 3), _cfg(32, 64, 4, 3)],
+    (90, 128): [_cfg(32, 64, 8, 2), _cfg(32, 128, 8, 2)],
+    (90, 256): [_cfg(32, 32, 8, 2), _cfg(16, 32, 8, 2)],
+    (100, 64): [_cfg(32, 128, 8, 3), _cfg(32, 64, 4, 3)],
+    (100, 128): [_cfg(16, 64, 8, 2), _cfg(32, 128, 8, 2)],
+    (100, 256): [_cfg(32, 32, 8, 2), _cfg(16, 32, 8, 2)],
+}
+DQ_CONFIGS = {
+    (80, 64): [_cfg(128, 32, 8, 3), _cfg(64, 64, 4, 2)],
+    (80, 128): [_cfg(128, 32, 8, 2), _cfg(64, 32, 4, 2)],
+    (80, 256): [_cfg(64, 16, 4, 1), _cfg(32, 32, 4, 1)],
+    (90, 64): [_cfg(128, 32, 4, 3), _cfg(128, 64, 8, 3)],
+    (90, 128): [_cfg(128, 32, 8, 3), _cfg(64, 64, 4, 3)],
+    (90, 256): [_cfg(64, 32, 4, 2), _cfg(64, 16, 4, 2)],
+    (100, 64): [_cfg(128, 32, 4, 3), _cfg(128, 64, 8, 3)],
+    (100, 128): [_cfg(128, 32, 8, 3), _cfg(64, 64, 4, 3)],
+    (100, 256): [_cfg(64, 32, 4, 2), _cfg(64, 16, 4, 2)],
+}
+INTERPRETER_CONFIG = _cfg(16, 16, 4, 1)
+
+
+def arch_class(arch: int) -> int:
+    """Hopper (sm_90) and data-centre Blackwell (sm_100 / 103) have their own lists (228 KiB of shared memory a
+    block; warpgroup MMA, tcgen05); everything else from sm_80 on takes the A100 ones (sm_86 / 89 / 120 have less
+    shared memory: their picks are not in the compile gate)."""
+    return 90 if arch == 90 else 100 if 100 <= arch < 110 else 80
+
+
+def head_dim_class(block_e: int) -> int:
+    return 64 if block_e <= 64 else 128 if block_e <= 128 else 256
+
+
+def _choose(arch, named_args, kwargs):
+    return arch_class(arch), head_dim_class(kwargs["BLOCK_E"])
+
+
+KEY = ["T_BUCKET", "BLOCK_E", "CAUSAL", "HAS_MASK"]  # and the tensors' dtypes, which triton.autotune adds
 
 
 @triton.jit
-def _allowed(offs_m, offs_n, T, MASK_ROW, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
-    ok = (offs_n[None, :] < T) & (offs_m[:, None] < T)
+def _score_mask(offs_m, offs_n, T, MASK_ROW, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
+    """(M, N) keep-mask of queries offs_m against keys offs_n: keys inside T, causal, key padding."""
+    ok = offs_n[None, :] < T
     if CAUSAL:
         ok = ok & (offs_n[None, :] <= offs_m[:, None])
     if HAS_MASK:
@@ -43,107 +115,233 @@ def _allowed(offs_m, offs_n, T, MASK_ROW, CAUSAL: tl.constexpr, HAS_MASK: tl.con
 
 
 @triton.jit
-def _attn_fwd_kernel(Q, K, V, OUT, L, MASK, scale, T, H, KV_GROUP, E,
-                     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+def _fwd_blocks(acc, l_i, m_i, q, K_BASE, V_BASE, MASK_ROW, stride_kt, stride_vt, offs_m, offs_e, lo, hi, T,
+                qk_scale, E, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+                BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_mask = (offs_n[:, None] < T) & (offs_e[None, :] < E)
+        k = tl.load(K_BASE + offs_n[:, None] * stride_kt + offs_e[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V_BASE + offs_n[:, None] * stride_vt + offs_e[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (M, N), log2 domain
+        if MASKED or HAS_MASK:
+            ok = _score_mask(offs_m, offs_n, T, MASK_ROW, CAUSAL and MASKED, HAS_MASK)
+            s = tl.where(ok, s, NEG)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.exp2(s - m_new[:, None])
+        if MASKED or HAS_MASK:
+            p = tl.where(ok, p, 0.0)  # a row masked so far has m_new = NEG and would give exp2(0)
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["H", "KV_GROUP", "T_BUCKET"])
+def _attn_fwd_kernel(Q, K, V, OUT, LSE, MASK, qk_scale, T, H, KV_GROUP, E,
+                     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                     stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot, T_BUCKET,
+                     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b = bh // H
-    kvh = b * (H // KV_GROUP) + (bh % H) // KV_GROUP
+    h = bh % H
+    kvh = h // KV_GROUP
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_e = tl.arange(0, BLOCK_E)
-    q = tl.load(Q + bh * T * E + offs_m[:, None] * E + offs_e[None, :],
-                mask=(offs_m[:, None] < T) & (offs_e[None, :] < E), other=0.0)
+    q_mask = (offs_m[:, None] < T) & (offs_e[None, :] < E)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_e[None, :], mask=q_mask,
+                other=0.0)
+    k_base = K + b * stride_kb + kvh * stride_kh
+    v_base = V + b * stride_vb + kvh * stride_vh
+    mask_row = MASK + b * T
     m_i = tl.full([BLOCK_M], NEG, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)
-    end = tl.minimum(start_m + BLOCK_M, T) if CAUSAL else T
-    for start_n in range(0, end, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_mask = (offs_n[:, None] < T) & (offs_e[None, :] < E)
-        k = tl.load(K + kvh * T * E + offs_n[:, None] * E + offs_e[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + kvh * T * E + offs_n[:, None] * E + offs_e[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale
-        ok = _allowed(offs_m, offs_n, T, MASK + b * T, CAUSAL, HAS_MASK)
-        s = tl.where(ok, s, NEG)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        p = tl.where(ok, tl.exp(s - m_new[:, None]), 0.0)
-        alpha = tl.exp(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    if CAUSAL:  # whole key blocks left of this query block, then the diagonal
+        full_end = start_m
+        end = tl.minimum(start_m + BLOCK_M, T)
+    else:  # whole key blocks, then the partial last one
+        full_end = (T // BLOCK_N) * BLOCK_N
+        end = T
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, mask_row, stride_kt, stride_vt, offs_m, offs_e,
+                                0, full_end, T, qk_scale, E, False, CAUSAL, HAS_MASK, BLOCK_N, PRECISION)
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, mask_row, stride_kt, stride_vt, offs_m, offs_e,
+                                full_end, end, T, qk_scale, E, True, CAUSAL, HAS_MASK, BLOCK_N, PRECISION)
     safe_l = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / safe_l[:, None]
-    tl.store(OUT + bh * T * E + offs_m[:, None] * E + offs_e[None, :], out.to(OUT.dtype.element_ty),
-             mask=(offs_m[:, None] < T) & (offs_e[None, :] < E))
-    tl.store(L + bh * T + offs_m, m_i + tl.log(safe_l), mask=offs_m < T)
+    tl.store(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_e[None, :],
+             out.to(OUT.dtype.element_ty), mask=q_mask)
+    tl.store(LSE + bh * T + offs_m, (m_i + tl.log2(safe_l)) * LN2_C, mask=offs_m < T)
+
+
+@triton.jit(do_not_specialize=["H"])
+def _attn_bwd_delta_kernel(OUT, DO, DELTA, T, H, E, stride_ob, stride_oh, stride_ot, stride_db, stride_dh,
+                           stride_dt, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Δ = rowsum(dO ∘ O), fp32, (B, H, T)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_e = tl.arange(0, BLOCK_E)
+    inside = (offs_m[:, None] < T) & (offs_e[None, :] < E)
+    o = tl.load(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_e[None, :], mask=inside,
+                other=0.0).to(tl.float32)
+    do = tl.load(DO + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dt + offs_e[None, :], mask=inside,
+                 other=0.0).to(tl.float32)
+    tl.store(DELTA + bh * T + offs_m, tl.sum(o * do, axis=1), mask=offs_m < T)
 
 
 @triton.jit
-def _attn_bwd_dkdv_kernel(Q, K, V, DO, L, DELTA, DK, DV, MASK, scale, T, H, KV_GROUP, E,
-                          CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+def _dkdv_blocks(dk, dv, k, v, Q_BASE, DO_BASE, LSE_ROW, DELTA_ROW, MASK_ROW, stride_qt, stride_dot, offs_n,
+                 offs_e, lo, hi, T, qk_scale, E, MASKED: tl.constexpr, HAS_MASK: tl.constexpr,
+                 BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
+    """Key block offs_n against query blocks [lo, hi), transposed: (N, M) scores. Queries past T load as zero
+    (q, dO, L, Δ), which makes their contributions exactly zero."""
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q_mask = (offs_m[:, None] < T) & (offs_e[None, :] < E)
+        q = tl.load(Q_BASE + offs_m[:, None] * stride_qt + offs_e[None, :], mask=q_mask, other=0.0)
+        do = tl.load(DO_BASE + offs_m[:, None] * stride_dot + offs_e[None, :], mask=q_mask, other=0.0)
+        lse = tl.load(LSE_ROW + offs_m, mask=offs_m < T, other=0.0) * LOG2E_C
+        delta = tl.load(DELTA_ROW + offs_m, mask=offs_m < T, other=0.0)
+        st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (N, M)
+        pt = tl.exp2(st - lse[None, :])
+        if MASKED or HAS_MASK:
+            ok = tl.trans(_score_mask(offs_m, offs_n, T, MASK_ROW, MASKED, HAS_MASK))
+            pt = tl.where(ok, pt, 0.0)
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
+        dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (N, M)
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["H", "KV_GROUP", "T_BUCKET"])
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, qk_scale, scale, T, H, KV_GROUP, E,
+                          stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                          stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
+                          stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt, T_BUCKET,
+                          CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
     start_n = tl.program_id(0) * BLOCK_N
-    bh = tl.program_id(1)
-    b = bh // H
-    kvh = b * (H // KV_GROUP) + (bh % H) // KV_GROUP
+    bk = tl.program_id(1)  # b · K + kv head
+    kv_heads = H // KV_GROUP
+    b = bk // kv_heads
+    kvh = bk % kv_heads
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_e = tl.arange(0, BLOCK_E)
     kv_mask = (offs_n[:, None] < T) & (offs_e[None, :] < E)
-    k = tl.load(K + kvh * T * E + offs_n[:, None] * E + offs_e[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + kvh * T * E + offs_n[:, None] * E + offs_e[None, :], mask=kv_mask, other=0.0)
+    k = tl.load(K + b * stride_kb + kvh * stride_kh + offs_n[:, None] * stride_kt + offs_e[None, :], mask=kv_mask,
+                other=0.0)
+    v = tl.load(V + b * stride_vb + kvh * stride_vh + offs_n[:, None] * stride_vt + offs_e[None, :], mask=kv_mask,
+                other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
-    begin = (start_n // BLOCK_M) * BLOCK_M if CAUSAL else 0
-    for start_m in range(begin, T, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        q_mask = (offs_m[:, None] < T) & (offs_e[None, :] < E)
-        q = tl.load(Q + bh * T * E + offs_m[:, None] * E + offs_e[None, :], mask=q_mask, other=0.0)
-        do = tl.load(DO + bh * T * E + offs_m[:, None] * E + offs_e[None, :], mask=q_mask, other=0.0)
-        lse = tl.load(L + bh * T + offs_m, mask=offs_m < T, other=0.0)
-        delta = tl.load(DELTA + bh * T + offs_m, mask=offs_m < T, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale
-        ok = _allowed(offs_m, offs_n, T, MASK + b * T, CAUSAL, HAS_MASK)
-        p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)  # (M, N)
-        dv += tl.dot(tl.trans(p).to(do.dtype), do)
-        dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds).to(q.dtype), q)
-    out = bh * T * E + offs_n[:, None] * E + offs_e[None, :]
-    tl.store(DK + out, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + out, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    mask_row = MASK + b * T
+    for g in range(KV_GROUP):  # every query head of this kv head's group, summed in registers
+        h = kvh * KV_GROUP + g
+        q_base = Q + b * stride_qb + h * stride_qh
+        do_base = DO + b * stride_dob + h * stride_doh
+        lse_row = LSE + (b * H + h) * T
+        delta_row = DELTA + (b * H + h) * T
+        if CAUSAL:  # the diagonal query blocks (masked), then every later one (unmasked)
+            diag_end = start_n + BLOCK_N
+            dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_row, delta_row, mask_row, stride_qt,
+                                  stride_dot, offs_n, offs_e, start_n, tl.minimum(diag_end, T), T, qk_scale, E, True,
+                                  HAS_MASK, BLOCK_M, PRECISION)
+            dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_row, delta_row, mask_row, stride_qt,
+                                  stride_dot, offs_n, offs_e, diag_end, T, T, qk_scale, E, False, HAS_MASK, BLOCK_M,
+                                  PRECISION)
+        else:
+            dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_row, delta_row, mask_row, stride_qt,
+                                  stride_dot, offs_n, offs_e, 0, T, T, qk_scale, E, False, HAS_MASK, BLOCK_M,
+                                  PRECISION)
+    tl.store(DK + b * stride_dkb + kvh * stride_dkh + offs_n[:, None] * stride_dkt + offs_e[None, :],
+             (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + b * stride_dvb + kvh * stride_dvh + offs_n[:, None] * stride_dvt + offs_e[None, :],
+             dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(Q, K, V, DO, L, DELTA, DQ, MASK, scale, T, H, KV_GROUP, E,
-                        CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+def _dq_blocks(dq, q, do, lse, delta, K_BASE, V_BASE, MASK_ROW, stride_kt, stride_vt, offs_m, offs_e, lo, hi, T,
+               qk_scale, E, MASKED: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr,
+               PRECISION: tl.constexpr):
+    """Query block offs_m against key blocks [lo, hi). Keys past T load as zero and add nothing to dQ."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        kv_mask = (offs_n[:, None] < T) & (offs_e[None, :] < E)
+        k = tl.load(K_BASE + offs_n[:, None] * stride_kt + offs_e[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V_BASE + offs_n[:, None] * stride_vt + offs_e[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        p = tl.exp2(s - lse[:, None])
+        if MASKED or HAS_MASK:
+            p = tl.where(_score_mask(offs_m, offs_n, T, MASK_ROW, MASKED, HAS_MASK), p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    return dq
+
+
+@triton.jit(do_not_specialize=["H", "KV_GROUP", "T_BUCKET"])
+def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, MASK, qk_scale, scale, T, H, KV_GROUP, E,
+                        stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+                        stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
+                        stride_dqb, stride_dqh, stride_dqt, T_BUCKET,
+                        CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b = bh // H
-    kvh = b * (H // KV_GROUP) + (bh % H) // KV_GROUP
+    h = bh % H
+    kvh = h // KV_GROUP
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_e = tl.arange(0, BLOCK_E)
     q_mask = (offs_m[:, None] < T) & (offs_e[None, :] < E)
-    q = tl.load(Q + bh * T * E + offs_m[:, None] * E + offs_e[None, :], mask=q_mask, other=0.0)
-    do = tl.load(DO + bh * T * E + offs_m[:, None] * E + offs_e[None, :], mask=q_mask, other=0.0)
-    lse = tl.load(L + bh * T + offs_m, mask=offs_m < T, other=0.0)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_e[None, :], mask=q_mask,
+                other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_e[None, :],
+                 mask=q_mask, other=0.0)
+    lse = tl.load(LSE + bh * T + offs_m, mask=offs_m < T, other=0.0) * LOG2E_C
     delta = tl.load(DELTA + bh * T + offs_m, mask=offs_m < T, other=0.0)
+    k_base = K + b * stride_kb + kvh * stride_kh
+    v_base = V + b * stride_vb + kvh * stride_vh
+    mask_row = MASK + b * T
     dq = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)
-    end = tl.minimum(start_m + BLOCK_M, T) if CAUSAL else T
-    for start_n in range(0, end, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_mask = (offs_n[:, None] < T) & (offs_e[None, :] < E)
-        k = tl.load(K + kvh * T * E + offs_n[:, None] * E + offs_e[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + kvh * T * E + offs_n[:, None] * E + offs_e[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale
-        ok = _allowed(offs_m, offs_n, T, MASK + b * T, CAUSAL, HAS_MASK)
-        p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
-    tl.store(DQ + bh * T * E + offs_m[:, None] * E + offs_e[None, :], (dq * scale).to(DQ.dtype.element_ty),
-             mask=q_mask)
+    if CAUSAL:
+        dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, mask_row, stride_kt, stride_vt, offs_m, offs_e,
+                        0, start_m, T, qk_scale, E, False, HAS_MASK, BLOCK_N, PRECISION)
+        dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, mask_row, stride_kt, stride_vt, offs_m, offs_e,
+                        start_m, tl.minimum(start_m + BLOCK_M, T), T, qk_scale, E, True, HAS_MASK, BLOCK_N, PRECISION)
+    else:
+        dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, mask_row, stride_kt, stride_vt, offs_m, offs_e,
+                        0, T, T, qk_scale, E, False, HAS_MASK, BLOCK_N, PRECISION)
+    tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_e[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+
+
+_attn_fwd = autotuned(FWD_CONFIGS, _choose, KEY, INTERPRETER_CONFIG)(_attn_fwd_kernel)
+_attn_bwd_dkdv = autotuned(DKDV_CONFIGS, _choose, KEY, INTERPRETER_CONFIG)(_attn_bwd_dkdv_kernel)
+_attn_bwd_dq = autotuned(DQ_CONFIGS, _choose, KEY, INTERPRETER_CONFIG)(_attn_bwd_dq_kernel)
+TUNED = {"attention_fwd": _attn_fwd, "attention_bwd_dkdv": _attn_bwd_dkdv, "attention_bwd_dq": _attn_bwd_dq}
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x as the kernels read it: any (B, H, T) strides, unit stride along E (copied only when that is not so)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _bht(x: torch.Tensor) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _meta(q: torch.Tensor, causal: bool, has_mask: bool) -> dict:
+    e = q.shape[-1]
+    # head dims up to 64 share the 64-wide build on GPUs (one compile, the gate's); 16 in the interpreter
+    return {"BLOCK_E": max(16 if interpreting() else 64, next_power_of_2(e)), "CAUSAL": causal, "HAS_MASK": has_mask,
+            "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32"}
 
 
 def _check(q, k, v, key_padding_mask):
@@ -159,9 +357,16 @@ def _check(q, k, v, key_padding_mask):
     if q.dtype != k.dtype or q.dtype != v.dtype:
         raise TypeError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
     if e > MAX_HEAD_DIM:
-        raise ValueError(f"head dim {e} exceeds the supported maximum {MAX_HEAD_DIM}")
+        raise ValueError(f"head dim {e} exceeds the Triton attention's maximum {MAX_HEAD_DIM} (the largest whose "
+                         "tiles fit shared memory on sm_80); use model.kernels = \"torch\"")
     if key_padding_mask is not None and key_padding_mask.shape != (b, t):
         raise ValueError(f"key_padding_mask must be (B, T) = ({b}, {t}), got {tuple(key_padding_mask.shape)}")
+
+
+def _out_like(q: torch.Tensor) -> torch.Tensor:
+    """A (B, H, T, E) view of a (B, T, H, E)-contiguous tensor: the model's reshape to (B, T, H·E) is free."""
+    b, h, t, e = q.shape
+    return q.new_empty(b, t, h, e).transpose(1, 2)
 
 
 # The launches are registered as custom ops so torch.compile treats them as opaque calls.
@@ -169,18 +374,17 @@ def _check(q, k, v, key_padding_mask):
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, causal: bool,
                   has_mask: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     b, h, t, e = q.shape
-    out = torch.empty_like(q)
+    out = _out_like(q)
     lse = torch.empty(b, h, t, dtype=torch.float32, device=q.device)
-    block = _block()
-    _attn_fwd_kernel[(triton.cdiv(t, block), b * h)](q, k, v, out, lse, mask, scale, t, h, h // k.shape[1], e,
-                                                     CAUSAL=causal, HAS_MASK=has_mask, BLOCK_M=block, BLOCK_N=block,
-                                                     BLOCK_E=max(16, next_power_of_2(e)))
+    grid = lambda meta: (triton.cdiv(t, meta["BLOCK_M"]), b * h)
+    _attn_fwd[grid](q, k, v, out, lse, mask, scale * LOG2E, t, h, h // k.shape[1], e, *_bht(q), *_bht(k), *_bht(v),
+                    *_bht(out), seq_bucket(t), **_meta(q, causal, has_mask))
     return out, lse
 
 
 @attention_fwd.register_fake
 def _(q, k, v, mask, causal, has_mask, scale):
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return _out_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("pretrain::flash_attention_bwd", mutates_args=())
@@ -189,19 +393,19 @@ def attention_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
                   scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, h, t, e = q.shape
     kv_heads = k.shape[1]
-    group = h // kv_heads
-    delta = (dout.float() * out.float()).sum(-1)  # (B, H, T)
-    dq = torch.empty_like(q)
-    dk_heads = torch.empty(b, h, t, e, dtype=q.dtype, device=q.device)  # per query head, summed below
-    dv_heads = torch.empty_like(dk_heads)
-    block = _block()
-    meta = {"CAUSAL": causal, "HAS_MASK": has_mask, "BLOCK_M": block, "BLOCK_N": block,
-            "BLOCK_E": max(16, next_power_of_2(e))}
-    _attn_bwd_dkdv_kernel[(triton.cdiv(t, block), b * h)](q, k, v, dout, lse, delta, dk_heads, dv_heads, mask,
-                                                         scale, t, h, group, e, **meta)
-    _attn_bwd_dq_kernel[(triton.cdiv(t, block), b * h)](q, k, v, dout, lse, delta, dq, mask, scale, t, h, group, e,
-                                                       **meta)
-    return dq, dk_heads.view(b, kv_heads, group, t, e).sum(2), dv_heads.view(b, kv_heads, group, t, e).sum(2)
+    meta = _meta(q, causal, has_mask)
+    delta = torch.empty(b, h, t, dtype=torch.float32, device=q.device)
+    rows = 16 if interpreting() else 64
+    _attn_bwd_delta_kernel[(triton.cdiv(t, rows), b * h)](out, dout, delta, t, h, e, *_bht(out), *_bht(dout),
+                                                          BLOCK_M=rows, BLOCK_E=meta["BLOCK_E"], num_warps=4)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    common = (scale * LOG2E, scale, t, h, h // kv_heads, e, *_bht(q), *_bht(k), *_bht(v), *_bht(dout))
+    grid = lambda meta: (triton.cdiv(t, meta["BLOCK_N"]), b * kv_heads)
+    _attn_bwd_dkdv[grid](q, k, v, dout, lse, delta, dk, dv, mask, *common, *_bht(dk), *_bht(dv), seq_bucket(t),
+                         **meta)
+    grid = lambda meta: (triton.cdiv(t, meta["BLOCK_M"]), b * h)
+    _attn_bwd_dq[grid](q, k, v, dout, lse, delta, dq, mask, *common, *_bht(dq), seq_bucket(t), **meta)
+    return dq, dk, dv
 
 
 @attention_bwd.register_fake
@@ -213,7 +417,7 @@ class FlashAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, key_padding_mask, scale):
         _check(q, k, v, key_padding_mask)
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        q, k, v = _rows(q), _rows(k), _rows(v)
         scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
         has_mask = key_padding_mask is not None
         mask = key_padding_mask.to(torch.int8).contiguous() if has_mask else q.new_zeros(1, dtype=torch.int8)
@@ -225,12 +429,13 @@ class FlashAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, mask = ctx.saved_tensors
-        dq, dk, dv = attention_bwd(q, k, v, out, lse, mask, dout.contiguous(), ctx.causal, ctx.has_mask, ctx.scale)
+        dq, dk, dv = attention_bwd(q, k, v, out, lse, mask, _rows(dout), ctx.causal, ctx.has_mask, ctx.scale)
         return dq, dk, dv, None, None, None
 
 
 def flash_attention(q, k, v, causal: bool = True, key_padding_mask=None, scale=None, dropout_p: float = 0.0):
-    """q (B, H, T, E); k, v (B, K, T, E) with K dividing H; key_padding_mask (B, T) bool, True = keep."""
+    """q (B, H, T, E); k, v (B, K, T, E) with K dividing H, any strides with a unit last one (e.g. transposed
+    (B, T, H, E) views); key_padding_mask (B, T) bool, True = keep. Returns (B, H, T, E), stored (B, T, H, E)."""
     if dropout_p:
         raise ValueError("the Triton attention has no dropout: set model.dropout = 0 or model.kernels = \"torch\"")
     return FlashAttentionFunction.apply(q, k, v, causal, key_padding_mask, scale)

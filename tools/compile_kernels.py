@@ -1,0 +1,106 @@
+#!/usr/bin/env python3
+"""The compile gate over every arch: each Triton kernel, autotune candidate and dtype compiled for sm_80, sm_90a and
+sm_100a on this machine (no GPU), with registers, spills, shared memory and tensor-core instructions checked.
+
+    python tools/compile_kernels.py                       # all archs in parallel; the table; exit 1 on a problem
+    python tools/compile_kernels.py --arch sm_90a --only attention --markdown table.md
+    python tools/compile_kernels.py --full                # fp16 on every family too (several times longer)
+
+One process per arch (kernels.compile_check), each with a fresh triton cache; TRITON_INTERPRET is cleared for
+them. Exit 0: every kernel passed; 1: a problem (the table says which); 2: bad arguments or a crashed arch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from kernels.compile_check import ARCHS  # noqa: E402  (imports no triton)
+
+
+def run_archs(archs: list[str], full: bool, only: str | None, cases: str | None) -> tuple[list[dict], list[str]]:
+    """Rows of every arch, and one line per arch whose process failed without rows."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    with tempfile.TemporaryDirectory(prefix="compile-kernels-") as tmp:
+        procs = {}
+        for arch in archs:
+            cmd = [sys.executable, "-m", "kernels.compile_check", "--arch", arch, "--json", f"{tmp}/{arch}.json"]
+            cmd += ["--full"] if full else []
+            cmd += ["--only", only] if only else []
+            cmd += ["--cases", cases] if cases else []
+            procs[arch] = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                           text=True)
+        rows, crashed = [], []
+        for arch, proc in procs.items():
+            output = proc.communicate()[0]
+            path = Path(f"{tmp}/{arch}.json")
+            if not path.exists():
+                tail = [line for line in output.strip().splitlines() if "Warning" not in line][-1:] or ["no output"]
+                crashed.append(f"{arch}: the gate process exited {proc.returncode}: {tail[0]}")
+                continue
+            result = json.loads(path.read_text())
+            rows += result["rows"]
+            print(f"{arch}: {len(result['rows'])} kernels compiled in {result['seconds']} s", file=sys.stderr)
+    return rows, crashed
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| arch | kernel | config | dtype | regs | spill B | smem B (limit) | MMA | families | result |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        families = "; ".join(f.split("/", 1)[1] for f in r["families"])
+        smem = f"{r['smem']:,} ({r['smem_limit']:,})" if r["smem_limit"] else ""
+        result = "ok" if not r["problems"] else "FAIL: " + "; ".join(r["problems"])
+        lines.append(f"| {r['arch']} | {r['kernel'].lstrip('_')} | {r['config']} | {r['dtype']} | {r['regs']} | "
+                     f"{r['spill_bytes']} | {smem} | {r['mma'] or '-'} | {families} | {result} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", nargs="+", default=list(ARCHS), help=f"some of {', '.join(ARCHS)} (default all)")
+    parser.add_argument("--full", action="store_true", help="fp16 on every family, and head dim 256 with padding")
+    parser.add_argument("--only", help="only the families whose name contains this (e.g. attention, rms_norm)")
+    parser.add_argument("--cases", help="a Python file defining CASES to compile instead of the project's kernels")
+    parser.add_argument("--markdown", help="also write the table to this file")
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args(argv)
+    unknown = [a for a in args.arch if a not in ARCHS]
+    if unknown:
+        print(f"error: unknown arch {', '.join(unknown)} (known: {', '.join(ARCHS)})", file=sys.stderr)
+        return 2
+    if args.cases and not Path(args.cases).is_file():
+        print(f"error: --cases {args.cases} is not a file", file=sys.stderr)
+        return 2
+    start = time.time()
+    rows, crashed = run_archs(args.arch, args.full, args.only, args.cases and str(Path(args.cases).resolve()))
+    text = table(rows)
+    print(text)
+    for path, content in ((args.markdown, text + "\n"), (args.json, json.dumps(rows, indent=1))):
+        if path:
+            tmp = Path(path).with_name(Path(path).name + ".tmp")
+            tmp.write_text(content)
+            tmp.replace(path)
+    failed = [r for r in rows if r["problems"]]
+    for line in crashed:
+        print(f"error: {line}", file=sys.stderr)
+    print(f"compile gate: {len(rows)} kernels on {', '.join(args.arch)}, {len(failed)} failed, "
+          f"{time.time() - start:.0f} s", file=sys.stderr)
+    if crashed:
+        return 2
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
