@@ -5,7 +5,10 @@ Per element, with bias corrections c1 = 1 - β1^t, c2 = 1 - β2^t:
 exactly ``torch.optim.AdamW``'s arithmetic, in one pass over p, g, m, v (16 bytes read + 12 written per fp32
 element, vs several passes unfused). Multi-tensor: one launch per parameter group and dtype, whatever the
 number of tensors — each program finds its tensor through tables of data pointers and block offsets, and
-each tensor keeps its own step count (bias correction). Parameters may be fp32, or bf16/fp16
+each tensor keeps its own step count (bias correction). The pointer and block tables are built once and kept
+on the device while the storages behind them stay where they are (a changed address rebuilds them), and
+when every tensor of a launch has the same step count — the usual case — the bias corrections are scalar
+arguments: a step then copies nothing from host to device. Parameters may be fp32, or bf16/fp16
 with ``master_weights=True`` keeping an fp32 copy in the state that the update is applied to. The state dict
 (``step``, ``exp_avg``, ``exp_avg_sq`` per parameter; group hyper-parameters) loads into and from
 ``torch.optim.AdamW``.
@@ -40,8 +43,9 @@ def _pointer(TABLE, t, KIND: tl.constexpr):
 
 @triton.jit
 def _adamw_multi_kernel(P_PTRS, G_PTRS, M_PTRS, V_PTRS, MASTER_PTRS, TENSOR_OF_BLOCK, BLOCK_START, SIZES,
-                        STEP_SIZE, INV_SQRT_C2, lr, beta1, beta2, eps, weight_decay,
-                        P_KIND: tl.constexpr, G_KIND: tl.constexpr, HAS_MASTER: tl.constexpr, BLOCK: tl.constexpr):
+                        STEP_SIZE, INV_SQRT_C2, step_size, inv_sqrt_c2, lr, beta1, beta2, eps, weight_decay,
+                        P_KIND: tl.constexpr, G_KIND: tl.constexpr, HAS_MASTER: tl.constexpr,
+                        PER_TENSOR_STEP: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     t = tl.load(TENSOR_OF_BLOCK + pid)
     offsets = tl.load(BLOCK_START + pid) + tl.arange(0, BLOCK)
@@ -61,7 +65,10 @@ def _adamw_multi_kernel(P_PTRS, G_PTRS, M_PTRS, V_PTRS, MASTER_PTRS, TENSOR_OF_B
     p = p * (1.0 - lr * weight_decay)
     m = m + (1.0 - beta1) * (g - m)  # lerp, as torch: m·β1 + g·(1-β1)
     v = v * beta2 + (1.0 - beta2) * g * g
-    p = p - tl.load(STEP_SIZE + t) * m / (tl.sqrt(v) * tl.load(INV_SQRT_C2 + t) + eps)
+    if PER_TENSOR_STEP:
+        step_size = tl.load(STEP_SIZE + t)
+        inv_sqrt_c2 = tl.load(INV_SQRT_C2 + t)
+    p = p - step_size * m / (tl.sqrt(v) * inv_sqrt_c2 + eps)
     tl.store(m_ptr + offsets, m, mask=inside)
     tl.store(v_ptr + offsets, v, mask=inside)
     if HAS_MASTER:
@@ -80,6 +87,8 @@ class FusedAdamW(torch.optim.Optimizer):
                     "fused": None, "decoupled_weight_decay": True}
         super().__init__(params, defaults)
         self.master_weights = master_weights
+        self._tables: dict[tuple, tuple] = {}  # launch -> (addresses it was built for, device tables)
+        self.table_builds = 0  # how many times tables were copied to the device (tests, benchmarks)
 
     def _init_state(self, p):
         state = self.state[p]
@@ -122,24 +131,42 @@ class FusedAdamW(torch.optim.Optimizer):
         if p.dtype != torch.float32 and not self.master_weights:
             raise TypeError(f"{p.dtype} parameters need master_weights=True (an fp32 copy to update)")
 
-    def _launch(self, group, params, device, p_dtype, g_dtype, has_master):
-        """One kernel for every tensor of the bucket: pointer tables, block -> tensor map, per-tensor steps."""
-        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        states = [self.state[p] for p in params]
-        steps = [float(st["step"]) for st in states]
+    def _pointer_tables(self, params, states, device, has_master):
+        """Device tables of the bucket's addresses, block map and sizes; rebuilt only when an address moved."""
+        addresses = tuple((p.data_ptr(), p.grad.data_ptr(), st["exp_avg"].data_ptr(), st["exp_avg_sq"].data_ptr(),
+                           st["master_param"].data_ptr() if has_master else 0, p.numel())
+                          for p, st in zip(params, states))
+        key = (device, tuple(id(p) for p in params))
+        cached = self._tables.get(key)
+        if cached is not None and cached[0] == addresses:
+            return cached[1]
         blocks = [(i, start) for i, p in enumerate(params) for start in range(0, p.numel(), BLOCK)]
 
         def table(values, dtype):
             return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
-        masters = [st["master_param"].data_ptr() for st in states] if has_master else [0] * len(params)
-        _adamw_multi_kernel[(len(blocks),)](
-            table([p.data_ptr() for p in params], torch.int64), table([p.grad.data_ptr() for p in params], torch.int64),
-            table([st["exp_avg"].data_ptr() for st in states], torch.int64),
-            table([st["exp_avg_sq"].data_ptr() for st in states], torch.int64), table(masters, torch.int64),
-            table([b[0] for b in blocks], torch.int32), table([b[1] for b in blocks], torch.int32),
-            table([p.numel() for p in params], torch.int64),
-            table([lr / (1 - beta1 ** t) for t in steps], torch.float32),
-            table([1.0 / math.sqrt(1 - beta2 ** t) for t in steps], torch.float32),
-            lr, beta1, beta2, eps, wd, P_KIND=ELEMENT[p_dtype], G_KIND=ELEMENT[g_dtype], HAS_MASTER=has_master,
-            BLOCK=BLOCK)
+        tables = (*(table([a[j] for a in addresses], torch.int64) for j in range(5)),
+                  table([b[0] for b in blocks], torch.int32), table([b[1] for b in blocks], torch.int32),
+                  table([a[5] for a in addresses], torch.int64))
+        self._tables[key] = (addresses, tables)
+        self.table_builds += 1
+        return tables
+
+    def _launch(self, group, params, device, p_dtype, g_dtype, has_master):
+        """One kernel for every tensor of the bucket: pointer tables, block -> tensor map, per-tensor steps."""
+        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        states = [self.state[p] for p in params]
+        steps = [float(st["step"]) for st in states]
+        tables = self._pointer_tables(params, states, device, has_master)
+        n_blocks = tables[5].numel()
+        uniform = len(set(steps)) == 1
+        step_sizes = [lr / (1 - beta1 ** t) for t in steps]
+        inv_sqrt_c2 = [1.0 / math.sqrt(1 - beta2 ** t) for t in steps]
+        if uniform:
+            per_tensor = (tables[0], tables[0])  # unused pointers
+        else:
+            per_tensor = (torch.tensor(step_sizes, dtype=torch.float32).to(device, non_blocking=True),
+                          torch.tensor(inv_sqrt_c2, dtype=torch.float32).to(device, non_blocking=True))
+        _adamw_multi_kernel[(n_blocks,)](*tables, *per_tensor, step_sizes[0], inv_sqrt_c2[0], lr, beta1, beta2, eps,
+                                         wd, P_KIND=ELEMENT[p_dtype], G_KIND=ELEMENT[g_dtype], HAS_MASTER=has_master,
+                                         PER_TENSOR_STEP=not uniform, BLOCK=BLOCK)

@@ -63,11 +63,11 @@ DKDV_CONFIGS = {
     (80, 64): [_cfg(32, 128, 8, 2), _cfg(32, 64, 8, 3)],
     (80, 128): [_cfg(32, 64, 8, 2), _cfg(16, 64, 8, 2)],
     (80, 256): [_cfg(16, 32, 4, 1), _cfg(16, 32, 8, 1)],
-    (90, 64): [_cfg(32, 128, 8, 3), _cfg(32, 64, 4, 3)],
-    (90, 128): [_cfg(32, 64, 8, 2), _cfg(32, 128, 8, 2)],
+    (90, 64): [_cfg(32, 128, 8, 3), _cfg(32, 64, 8, 3)],
+    (90, 128): [_cfg(32, 64, 8, 2), _cfg(16, 64, 8, 2)],
     (90, 256): [_cfg(32, 32, 8, 2), _cfg(16, 32, 8, 2)],
     (100, 64): [_cfg(32, 128, 8, 3), _cfg(32, 64, 4, 3)],
-    (100, 128): [_cfg(16, 64, 8, 2), _cfg(32, 128, 8, 2)],
+    (100, 128): [_cfg(16, 64, 8, 2), _cfg(16, 32, 4, 2)],
     (100, 256): [_cfg(32, 32, 8, 2), _cfg(16, 32, 8, 2)],
 }
 DQ_CONFIGS = {
@@ -395,7 +395,7 @@ def attention_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
     kv_heads = k.shape[1]
     meta = _meta(q, causal, has_mask)
     delta = torch.empty(b, h, t, dtype=torch.float32, device=q.device)
-    rows = 16 if interpreting() else 64
+    rows = 16 if interpreting() else 32
     _attn_bwd_delta_kernel[(triton.cdiv(t, rows), b * h)](out, dout, delta, t, h, e, *_bht(out), *_bht(dout),
                                                           BLOCK_M=rows, BLOCK_E=meta["BLOCK_E"], num_warps=4)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)

@@ -12,7 +12,7 @@ A compiled kernel fails the gate on: a compile error, any spill (stack frame or 
 over the arch's per-block limit, or — for a kernel with a ``tt.dot`` — no tensor-core instruction of the
 arch's family (HMMA on sm_80, HGMMA on sm_90a, tcgen05 ``UTC*MMA`` or HMMA on sm_100a).
 
-    python -m kernels.compile_check --arch sm_90a --json out.json   # one arch, in this process
+    python -m kernels.compile_check --arch sm_90a --json out.json   # in this process (--shard I/N: a part)
     python tools/compile_kernels.py                                 # every arch, in parallel, with the table
 """
 
@@ -75,8 +75,8 @@ class CompileOnlyDriver:
     def get_current_target(self):
         return self.target
 
-    def get_current_device(self):
-        return 0
+    def get_current_device(self):  # one device per arch: triton keeps a kernel cache per device
+        return self.target.arch
 
     def get_current_stream(self, device=None):
         return 0
@@ -110,7 +110,8 @@ class Recorder:
 
     def __init__(self):
         self.label = ""
-        self.compiled: list[tuple[str, str, object, dict]] = []  # (case label, kernel name, CompiledKernel, meta)
+        self.arch = ""
+        self.compiled: list[tuple] = []  # (arch name, case label, kernel name, CompiledKernel, meta)
 
     def install(self):
         from triton.runtime.autotuner import Autotuner
@@ -122,7 +123,7 @@ class Recorder:
             kernel = jit_run(fn, *args, grid=grid, warmup=True, **kwargs)
             meta = {k: v for k, v in kwargs.items() if k.startswith("BLOCK")}
             meta.update(num_warps=kwargs.get("num_warps", 4), num_stages=kwargs.get("num_stages", 3))
-            recorder.compiled.append((recorder.label, fn.__name__, kernel, meta))
+            recorder.compiled.append((recorder.arch, recorder.label, fn.__name__, kernel, meta))
             return kernel
 
         def tuned_run(tuner, *args, **kwargs):  # every candidate kept for this target, none timed
@@ -158,14 +159,15 @@ def inspect_cubin(cubin: bytes, name: str) -> tuple[int, int, str]:
     return int(fields.get("REG", 0)), int(fields.get("STACK", 0)) + int(fields.get("LOCAL", 0)), "+".join(mma)
 
 
-def analyse(arch_name: str, arch: int, records, errors) -> list[Row]:
+def analyse(records, errors) -> list[Row]:
     rows: dict[tuple, Row] = {}
-    for label, name, kernel, meta in records:
+    for arch_name, label, name, kernel, meta in records:
+        arch = ARCHS[arch_name]
         dtype = label.split("/")[0]
         config = " ".join(f"{k.removeprefix('BLOCK_')}={v}" for k, v in meta.items() if k.startswith("BLOCK")
                           and k != "BLOCK_E")
         config = f"{config} w{meta['num_warps']} s{meta['num_stages']}".strip()
-        key = (name, kernel.hash if hasattr(kernel, "hash") else id(kernel))
+        key = (arch_name, name, kernel.hash if hasattr(kernel, "hash") else id(kernel))
         if key in rows:
             if label not in rows[key].families:
                 rows[key].families.append(label)
@@ -183,7 +185,7 @@ def analyse(arch_name: str, arch: int, records, errors) -> list[Row]:
             row.problems.append(f"no tensor-core instruction of {arch_name} ({'/'.join(wanted)}) in the SASS")
         rows[key] = row
     out = list(rows.values())
-    for label, message in errors:
+    for arch_name, label, message in errors:
         out.append(Row(arch_name, label.split("/", 1)[1], "", label.split("/")[0], [label],
                        problems=[f"compile error: {message}"]))
     return out
@@ -273,16 +275,16 @@ def cases(full: bool = False) -> list[tuple[str, Callable, tuple[str, ...]]]:
     Head dims are runtime values too (80, 96 and 128 share the 128-wide build; up to 64, the 64-wide one), so
     one family stands for several. fp16 compiles to the same tiles as bf16 (16-bit operands, fp32 accumulators):
     it is checked on the main GPT family and every small kernel, and on every family with ``full`` (which also
-    adds head dim 256 with padding) — the default keeps the gate within about three minutes on two cores.
+    adds the padded 128- and 256-wide builds) — the default keeps the gate within about three minutes on two cores.
     """
     both, bf16 = DTYPES, ("bf16",) if not full else DTYPES
     return [
         ("attention E128 causal (gpt_1b/7b MHA 32; GQA 32:8; E80)", attention_case(128, 32, 8, True, False), both),
         ("attention E64 causal (gpt_125m, gpt_tiny: E <= 64 share it)", attention_case(64, 12, 12, True, False), bf16),
         ("attention E64 padded (bert_base/large/tiny)", attention_case(64, 16, 16, False, True), bf16),
-        ("attention E96 padded (E80-128 bidirectional)", attention_case(96, 8, 8, False, True), bf16),
         ("attention E256 causal", attention_case(256, 4, 4, True, False), bf16),
-        *([("attention E256 padded", attention_case(256, 4, 4, False, True), both)] if full else []),
+        *([("attention E96 padded (E80-128 bidirectional)", attention_case(96, 8, 8, False, True), both),
+           ("attention E256 padded", attention_case(256, 4, 4, False, True), both)] if full else []),
         *[(f"rms_norm D{d}", norm_case(d, True), both) for d in (256, 2048, 4096, 8192)],
         *[(f"layer_norm D{d}", norm_case(d, False), both) for d in (128, 768, 1024)],
         *[(f"rotary E{e}", rotary_case(e, 4), both) for e in (32, 128)],
@@ -301,31 +303,52 @@ def load_extra(path: str) -> list:
     return module.CASES
 
 
-def check_arch(arch_name: str, full: bool = False, extra: str | None = None, only: str | None = None) -> list[Row]:
-    """Compile every case for one arch in this process. Must run without TRITON_INTERPRET (a fresh process)."""
+def jobs(archs: list[str], full: bool = False, extra: str | None = None, only: str | None = None) -> list[tuple]:
+    """(arch, family, run, dtype) for every compile the gate makes, heaviest first (for sharding)."""
+    chosen = load_extra(extra) if extra else cases(full)
+    out = [(arch, family, run, dtype) for arch in archs for family, run, dtypes in chosen for dtype in dtypes
+           if not only or only in family]
+    return sorted(out, key=lambda job: -_weight(job[0], job[1]))
+
+
+def _weight(arch: str, family: str) -> float:
+    """Rough compile seconds (measured here): attention families ~6 kernels of ~2–4 s; sm_100a is the slowest."""
+    return (20.0 if family.startswith("attention") else 2.0) * (1.5 if arch == "sm_100a" else 1.0)
+
+
+def shard(all_jobs: list[tuple], index: int, count: int) -> list[tuple]:
+    """The jobs of shard ``index`` of ``count``: greedy balance of the weights, deterministic."""
+    loads, mine = [0.0] * count, []
+    for job in all_jobs:
+        target = loads.index(min(loads))
+        loads[target] += _weight(job[0], job[1])
+        if target == index:
+            mine.append(job)
+    return mine
+
+
+def check(archs: list[str], full: bool = False, extra: str | None = None, only: str | None = None,
+          shard_index: int = 0, shard_count: int = 1) -> list[Row]:
+    """Compile this shard's jobs in this process. Must run without TRITON_INTERPRET (a fresh process)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("the compile gate needs TRITON_INTERPRET unset: the interpreter compiles nothing")
-    arch = ARCHS[arch_name]
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="pretrain-compile-check-")
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     try:
         from triton.runtime.driver import driver
 
-        driver.set_active(CompileOnlyDriver(arch))
+        drivers = {arch: CompileOnlyDriver(ARCHS[arch]) for arch in archs}
         recorder = Recorder()
         recorder.install()
         errors = []
-        chosen = load_extra(extra) if extra else cases(full)
-        for family, run, dtypes in chosen:
-            if only and only not in family:
-                continue
-            for dtype in dtypes:
-                recorder.label = f"{dtype}/{family}"
-                try:
-                    run(_dtype(dtype))
-                except Exception as exc:  # a compile error: report it, go on with the rest
-                    errors.append((recorder.label, _first_line(exc)))
-        return analyse(arch_name, arch, recorder.compiled, errors)
+        for arch, family, run, dtype in shard(jobs(archs, full, extra, only), shard_index, shard_count):
+            driver.set_active(drivers[arch])
+            recorder.arch, recorder.label = arch, f"{dtype}/{family}"
+            try:
+                run(_dtype(dtype))
+            except Exception as exc:  # a compile error: report it, go on with the rest
+                errors.append((arch, recorder.label, _first_line(exc)))
+        return analyse(recorder.compiled, errors)
     finally:
         shutil.rmtree(os.environ["TRITON_CACHE_DIR"], ignore_errors=True)
 
@@ -339,15 +362,17 @@ def _first_line(exc: Exception) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="compile every Triton kernel for one NVIDIA arch, without a GPU")
-    parser.add_argument("--arch", required=True, choices=sorted(ARCHS))
+    parser = argparse.ArgumentParser(description="compile every Triton kernel for NVIDIA archs, without a GPU")
+    parser.add_argument("--arch", nargs="+", required=True, choices=sorted(ARCHS))
+    parser.add_argument("--shard", default="0/1", help="I/N: the I-th of N balanced parts of the jobs")
     parser.add_argument("--json", required=True, help="where to write the rows")
     parser.add_argument("--full", action="store_true", help="fp16 on every family too")
     parser.add_argument("--cases", help="a Python file defining CASES, instead of the project's kernels")
     parser.add_argument("--only", help="only the families whose name contains this")
     args = parser.parse_args(argv)
     start = time.time()
-    rows = check_arch(args.arch, args.full, args.cases, args.only)
+    index, count = (int(x) for x in args.shard.split("/"))
+    rows = check(args.arch, args.full, args.cases, args.only, index, count)
     tmp = Path(args.json).with_suffix(".tmp")
     tmp.write_text(json.dumps({"arch": args.arch, "seconds": round(time.time() - start, 1),
                                "rows": [asdict(r) for r in rows]}, indent=1))

@@ -51,7 +51,21 @@ def main(argv=None) -> int:
         print(f"error: unknown op {unknown[0]!r}: one of {', '.join(OPS)}, all", file=sys.stderr)
         return 2
     run(ops, getattr(torch, DTYPES[args.dtype]), args.seq, Path(args.out))
+    write_autotune_picks(Path(args.out) / "autotune_picks.json")
     return 0
+
+
+def write_autotune_picks(path: Path) -> None:
+    """What triton.autotune chose for each attention kernel and key (T bucket, head dim, causal, mask, dtypes)."""
+    import json
+
+    from kernels.attention import TUNED
+
+    picks = {name: {str(key): str(config) for key, config in getattr(tuner, "cache", {}).items()}
+             for name, tuner in TUNED.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(picks, indent=1))
+    print(f"autotune picks -> {path}")
 
 
 if __name__ == "__main__":

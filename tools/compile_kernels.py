@@ -6,7 +6,7 @@ sm_100a on this machine (no GPU), with registers, spills, shared memory and tens
     python tools/compile_kernels.py --arch sm_90a --only attention --markdown table.md
     python tools/compile_kernels.py --full                # fp16 on every family too (several times longer)
 
-One process per arch (kernels.compile_check), each with a fresh triton cache; TRITON_INTERPRET is cleared for
+One worker process per core (kernels.compile_check --shard), each with a fresh triton cache; TRITON_INTERPRET is cleared for
 them. Exit 0: every kernel passed; 1: a problem (the table says which); 2: bad arguments or a crashed arch.
 """
 
@@ -34,25 +34,36 @@ def run_archs(archs: list[str], full: bool, only: str | None, cases: str | None)
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     with tempfile.TemporaryDirectory(prefix="compile-kernels-") as tmp:
         procs = {}
-        for arch in archs:
-            cmd = [sys.executable, "-m", "kernels.compile_check", "--arch", arch, "--json", f"{tmp}/{arch}.json"]
+        workers = max(1, min(os.cpu_count() or 1, 8))
+        for index in range(workers):  # each worker a balanced share of (arch, family, dtype) compiles
+            cmd = [sys.executable, "-m", "kernels.compile_check", "--arch", *archs, "--shard", f"{index}/{workers}",
+                   "--json", f"{tmp}/{index}.json"]
             cmd += ["--full"] if full else []
             cmd += ["--only", only] if only else []
             cmd += ["--cases", cases] if cases else []
-            procs[arch] = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            procs[index] = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                            text=True)
         rows, crashed = [], []
-        for arch, proc in procs.items():
+        for index, proc in procs.items():
             output = proc.communicate()[0]
-            path = Path(f"{tmp}/{arch}.json")
+            path = Path(f"{tmp}/{index}.json")
             if not path.exists():
                 tail = [line for line in output.strip().splitlines() if "Warning" not in line][-1:] or ["no output"]
-                crashed.append(f"{arch}: the gate process exited {proc.returncode}: {tail[0]}")
+                crashed.append(f"worker {index}: the gate process exited {proc.returncode}: {tail[0]}")
                 continue
             result = json.loads(path.read_text())
             rows += result["rows"]
-            print(f"{arch}: {len(result['rows'])} kernels compiled in {result['seconds']} s", file=sys.stderr)
-    return rows, crashed
+            print(f"worker {index}: {len(result['rows'])} kernels compiled in {result['seconds']} s", file=sys.stderr)
+    merged: dict[tuple, dict] = {}  # one kernel build compiled by two workers (shared by their families) is one row
+    for row in rows:
+        key = (row["arch"], row["kernel"], row["config"], row["dtype"], row["regs"], row["smem"], row["spill_bytes"],
+               tuple(row["problems"]))
+        if key in merged:
+            merged[key]["families"] += [f for f in row["families"] if f not in merged[key]["families"]]
+        else:
+            merged[key] = row
+    order = {arch: i for i, arch in enumerate(ARCHS)}
+    return sorted(merged.values(), key=lambda r: (order[r["arch"]], r["kernel"], r["dtype"], r["config"])), crashed
 
 
 def table(rows: list[dict]) -> str:

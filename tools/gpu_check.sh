@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Everything we measure on a GPU, in one call that fits a short loan (default budget 480 s, one GPU), in this order:
+#   0. the compile gate (tools/compile_kernels.py: every kernel for sm_80 / sm_90a / sm_100a, no launch)
 #   1. the gpu-marked tests (bf16 / fp16 kernels on CUDA)
 #   2. gpt_1b on this GPU, 30 steps of synthetic data, bf16: every Triton kernel + FusedAdamW, then torch kernels
 #      (tokens/s and MFU from the trainer's own metrics)
 #   3. tools/bench_step.py at gpt_1b: our model against transformers' LlamaForCausalLM of the same config (SDPA,
 #      fused AdamW, bf16 autocast), interleaved in one process (Triton kernels; torch kernels after step 4)
-#   4. tools/bench_kernels.py --op all (CSV + PNG)
+#   4. tools/bench_kernels.py --op all (CSV + PNG, TFLOP/s or GB/s with % of the measured roofline, and the
+#      autotune picks in kernels/autotune_picks.json)
 #   5. gpt_1b with Triton kernels and torch.compile, if the budget still allows
 # and writes OUT/gpu_report.md (tools/gpu_report.py) beside the logs, CSVs and the device facts.
 #
@@ -24,7 +26,7 @@ while [ $# -gt 0 ]; do
         --dry-run) DRY=1 ;;
         --out) OUT=${2:?--out needs a directory}; shift ;;
         --out=*) OUT=${1#--out=} ;;
-        -h | --help) sed -n '2,17p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,19p' "$0"; exit 0 ;;
         *) echo "error: unknown argument $1 (use --dry-run, --out DIR)" >&2; exit 2 ;;
     esac
     shift
@@ -48,6 +50,7 @@ BENCH_STEP=(tools/bench_step.py --config configs/gpt_1b.toml --batch 2 --seq 409
 # name | timeout (s) | command
 plan=(  # most wanted first: the goals' numbers, then the kernel table
     "facts|30|$PY tools/gpu_report.py --facts $OUT/facts.json"
+    "compile_gate|90|$PY tools/compile_kernels.py --markdown $OUT/compile_gate.md"
     "gpu_tests|120|$PY -m pytest -p no:cacheprovider -q -m gpu tests/kernels"
     "train_triton|120|$PY ${TRAIN[*]} ${VARIANT_triton[*]} logging.run_dir=$OUT/train-triton"
     "train_torch|120|$PY ${TRAIN[*]} ${VARIANT_torch[*]} logging.run_dir=$OUT/train-torch"
@@ -67,6 +70,7 @@ if [ "$DRY" = 1 ]; then
     done
     echo "  sum of step limits: ${total} s"
     fail=0
+    mkdir -p "$OUT"
     check() {  # label, command...
         local label=$1; shift
         if out=$("$@" 2>&1); then echo "ok    $label: $(tail -n 1 <<< "$out")"
@@ -81,6 +85,7 @@ if [ "$DRY" = 1 ]; then
     check "gpu tests collected" bash -c "$PY -m pytest -p no:cacheprovider -q --collect-only -m gpu tests/kernels \
         | grep -E '^[0-9]+(/[0-9]+)? tests? (collected|selected)'"
     check "kernel ops" "$PY" -c "from kernels.bench import OPS; print('ops:', ', '.join(OPS))"
+    check "compile gate" "$PY" tools/compile_kernels.py --markdown "$OUT/compile_gate.md"
     check "report writer" "$PY" tools/gpu_report.py --self-test
     [ "$fail" = 0 ] && echo "dry run ok" || echo "dry run FAILED"
     exit "$fail"

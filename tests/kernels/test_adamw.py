@@ -86,3 +86,31 @@ def test_one_launch_per_group_whatever_the_tensor_count(monkeypatch):
     adamw.FusedAdamW([{"params": params[:4]}, {"params": params[4:], "weight_decay": 0.0}]).step()
     assert len(launches) == 2  # one per parameter group
     assert launches[0] == (1 + 2 + 1 + 2,)  # blocks of 1024 over 3, 2000, 17, 1025 elements
+
+
+def test_pointer_tables_are_built_once_while_storages_stay():
+    """Gradients updated in place (what DDP / FSDP buckets do): one table build for many steps; a gradient that
+    moves to a new storage rebuilds them, and the updates still equal torch's AdamW."""
+    ours_p, ref_p = make_params(3), make_params(3)
+    ours = adamw.FusedAdamW(ours_p, lr=1e-2, weight_decay=0.1)
+    ref = torch.optim.AdamW(ref_p, lr=1e-2, weight_decay=0.1)
+    for p, q in zip(ours_p, ref_p):
+        p.grad, q.grad = torch.zeros_like(p), torch.zeros_like(q)
+    for step in range(4):
+        torch.manual_seed(step)
+        for p, q in zip(ours_p, ref_p):
+            g = torch.randn_like(p)
+            p.grad.copy_(g)
+            q.grad.copy_(g)
+        ours.step()
+        ref.step()
+    assert ours.table_builds == 1
+    kept = ours_p[0].grad
+    ours_p[0].grad = kept.clone()  # a new storage for one gradient
+    ref_p[0].grad = kept.clone()
+    del kept
+    ours.step()
+    ref.step()
+    assert ours.table_builds == 2
+    for p, q in zip(ours_p, ref_p):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-6)

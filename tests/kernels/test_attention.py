@@ -5,21 +5,33 @@ from kernels import reference
 
 attention = pytest.importorskip("kernels.attention")
 
-CASES = [  # (B, H, K, T, E, causal, padded)
-    (1, 2, 2, 37, 48, True, False),
-    (2, 4, 2, 37, 32, False, True),   # GQA, padding, bidirectional (BERT)
-    (1, 2, 1, 1, 80, True, False),    # one token, MQA
-    (1, 1, 1, 130, 16, True, True),   # several blocks, causal + padding
-    (1, 2, 2, 20, 96, False, False),
+CASES = [  # (B, H, K, T, E, causal, padded, layout)
+    (1, 2, 2, 37, 48, True, False, "bhte"),
+    (2, 4, 2, 37, 32, False, True, "bthe"),    # GQA 2:1, padding, bidirectional (BERT), the model's layout
+    (1, 2, 1, 1, 80, True, False, "bthe"),     # one token, MQA
+    (1, 1, 1, 130, 16, True, True, "bhte"),    # several blocks, causal + padding
+    (1, 2, 2, 20, 96, False, False, "bhte"),
+    (1, 8, 1, 29, 64, True, False, "bthe"),    # GQA 8:1, T not a multiple of any block
+    (2, 4, 1, 129, 16, True, False, "bthe"),   # GQA 4:1, causal split with a partial last block
+    (1, 2, 2, 37, 128, True, True, "bthe"),
+    (1, 1, 1, 17, 256, True, False, "bhte"),
+    (1, 1, 1, 18, 256, False, True, "bthe"),
 ]
 
 
-@pytest.mark.parametrize("b, h, kv, t, e, causal, padded", CASES)
-def test_flash_attention_matches_reference(b, h, kv, t, e, causal, padded):
+def _qkv(b, h, kv, t, e, layout):
+    """q (B, H, T, E) and k, v (B, K, T, E); "bthe" makes them as the model does: transposed views of one
+    (B, T, H + 2K, E) projection, so every stride but the last is foreign."""
+    if layout == "bhte":
+        return (torch.randn(b, n, t, e, requires_grad=True) for n in (h, kv, kv))
+    x = torch.randn(b, t, h + 2 * kv, e)
+    return (y.transpose(1, 2).requires_grad_() for y in x.split([h, kv, kv], dim=2))
+
+
+@pytest.mark.parametrize("b, h, kv, t, e, causal, padded, layout", CASES)
+def test_flash_attention_matches_reference(b, h, kv, t, e, causal, padded, layout):
     torch.manual_seed(t * e + h)
-    q = torch.randn(b, h, t, e, requires_grad=True)
-    k = torch.randn(b, kv, t, e, requires_grad=True)
-    v = torch.randn(b, kv, t, e, requires_grad=True)
+    q, k, v = _qkv(b, h, kv, t, e, layout)
     mask = None
     if padded:
         lengths = torch.randint(max(1, t // 2), t + 1, (b,))
@@ -27,6 +39,7 @@ def test_flash_attention_matches_reference(b, h, kv, t, e, causal, padded):
     ours = attention.flash_attention(q, k, v, causal=causal, key_padding_mask=mask)
     ref = reference.attention(q, k, v, causal=causal, key_padding_mask=mask)
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+    assert ours.transpose(1, 2).is_contiguous()  # written (B, T, H, E): the model's reshape is a view
     dout = torch.randn_like(ours)
     got = torch.autograd.grad(ours, (q, k, v), dout)
     want = torch.autograd.grad(ref, (q, k, v), dout)

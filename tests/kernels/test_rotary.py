@@ -38,3 +38,18 @@ def test_rotary_with_arbitrary_tables():
     dy = torch.randn_like(ref)
     torch.testing.assert_close(torch.autograd.grad(ours, x, dy)[0], torch.autograd.grad(ref, x, dy)[0],
                                atol=1e-5, rtol=1e-5)
+
+
+def test_rotary_reads_and_keeps_the_models_transposed_layout():
+    """q as the model makes it, a (B, H, T, E) view of (B, T, H, E): no copy in, the same layout out."""
+    torch.manual_seed(1)
+    b, t, h, e = 2, 37, 3, 16
+    x = torch.randn(b, t, h * e).view(b, t, h, e).transpose(1, 2).requires_grad_()
+    tables = Rotary(e, 10000.0, 64)
+    ours = rotary.rotary(x, tables.cos, tables.sin)
+    assert ours.stride() == x.stride()  # (B, T, H, E) memory: the reshape back to (B, T, H·E) is free
+    ref = reference.rotary(x, tables.cos[:t], tables.sin[:t])
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    dy = torch.randn(b, t, h, e).transpose(1, 2)  # a strided incoming gradient too
+    torch.testing.assert_close(torch.autograd.grad(ours, x, dy)[0], torch.autograd.grad(ref, x, dy)[0],
+                               atol=1e-5, rtol=1e-5)
