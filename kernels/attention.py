@@ -24,8 +24,15 @@ from __future__ import annotations
 
 import torch
 
-from kernels._common import (autotuned, check_device, check_dtypes, interpreting, next_power_of_2, require_triton,
-                             seq_bucket)
+from kernels._common import (
+    autotuned,
+    check_device,
+    check_dtypes,
+    interpreting,
+    next_power_of_2,
+    require_triton,
+    seq_bucket,
+)
 
 require_triton()
 import triton  # noqa: E402

@@ -17,9 +17,6 @@ require_triton()
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-
-
-
 ROWS = 16  # tokens a program rotates
 
 
