@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import csv
 import datetime
+import os
 import subprocess
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,6 +175,94 @@ def adamw_cases(numel: int) -> list[Case]:
     except ImportError:
         pass
     return cases
+
+
+class PeakLiveBytes:
+    """Peak bytes of tensor storage made inside the block and alive at once (any device, CPU included).
+
+    A ``TorchDispatchMode`` sees every op's outputs; a storage counts from the op that made it until its last
+    reference dies. Storages of ``keep`` (the inputs) and in-place results are not new. Custom ops listed in
+    ``expand`` (op -> its Python body) are run inside the mode, so their own temporaries count too.
+    """
+
+    def __init__(self, keep=(), expand=None):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+
+        tracker = self
+        self.live = self.peak = 0
+        self.seen = {t.untyped_storage().data_ptr() for t in keep}
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                body = (expand or {}).get(func)
+                if body is not None:
+                    with self:
+                        out = body(*args, **(kwargs or {}))
+                else:
+                    out = func(*args, **(kwargs or {}))
+                for t in tree_flatten(out)[0]:
+                    if isinstance(t, torch.Tensor):
+                        tracker._made(t.untyped_storage())
+                return out
+
+        self.mode = Mode()
+
+    def _made(self, storage) -> None:
+        ptr, size = storage.data_ptr(), storage.nbytes()
+        if size and ptr not in self.seen:
+            self.seen.add(ptr)
+            self.live += size
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._freed, ptr, size)
+
+    def _freed(self, ptr: int, size: int) -> None:
+        self.seen.discard(ptr)
+        self.live -= size
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
+def cross_entropy_memory(tokens: int, dim: int, vocab: int, dtype=torch.bfloat16) -> dict[str, int]:
+    """Peak bytes above the inputs of one forward + backward: fused ``linear_cross_entropy`` against unfused
+    ``F.linear`` + ``F.cross_entropy`` (logits upcast to fp32, as a model computing its loss in fp32 does).
+
+    Without a GPU the Triton launches are made compile-only for sm_90a (``kernels.compile_check``): the kernels
+    write into buffers the host code has already allocated, so skipping their arithmetic changes no allocation,
+    and the full-size shapes take seconds instead of hours in the interpreter. The gradients are then not values.
+    """
+    from kernels import cross_entropy
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            raise RuntimeError("cross_entropy_memory on CPU needs TRITON_INTERPRET unset (launches compile only)")
+        os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+        from triton.runtime.driver import driver
+
+        from kernels.compile_check import CompileOnlyDriver, Recorder
+
+        driver.set_active(CompileOnlyDriver(90))
+        Recorder().install()
+    torch.manual_seed(0)
+    h = torch.randn(tokens, dim, device=device, dtype=dtype, requires_grad=True)
+    w = (0.02 * torch.randn(vocab, dim, device=device, dtype=dtype)).requires_grad_()
+    t = torch.randint(0, vocab, (tokens,), device=device)
+    expand = {torch.ops.pretrain.linear_cross_entropy_fwd.default: cross_entropy.forward_and_gradients}
+    variants = {"fused": lambda: cross_entropy.linear_cross_entropy(h, w, t),
+                "unfused": lambda: F.cross_entropy(F.linear(h, w).float(), t)}
+    peaks = {}
+    for name, loss_fn in variants.items():
+        with PeakLiveBytes(keep=(h, w, t), expand=expand) as tracker:
+            grads = torch.autograd.grad(loss_fn(), (h, w))
+            del grads
+        peaks[name] = tracker.peak
+    return peaks
 
 
 def cases_for(op: str, dtype, seq_lens: list[int]) -> list[Case]:

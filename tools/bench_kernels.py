@@ -5,6 +5,7 @@ kernels/bench.py): TFLOP/s, GB/s and % of the measured copy-bandwidth / matmul p
     python tools/bench_kernels.py --op attention --dtype bf16 --seq 4096 8192 16384
     python tools/bench_kernels.py --op all
     python tools/bench_kernels.py --check          # correctness only; runs on CPU through the interpreter
+    python tools/bench_kernels.py --ce-memory 4096 2048 128256   # fused vs unfused CE peak memory (CPU ok)
 """
 
 from __future__ import annotations
@@ -27,9 +28,22 @@ def main(argv=None) -> int:
     parser.add_argument("--seq", type=int, nargs="+", default=[4096, 8192, 16384], help="attention lengths")
     parser.add_argument("--out", default="runs/bench_kernels", help="directory for the CSV and PNG")
     parser.add_argument("--check", action="store_true", help="correctness only (small shapes; CPU interpreter ok)")
+    parser.add_argument("--ce-memory", nargs=3, type=int, metavar=("TOKENS", "DIM", "VOCAB"), const=None,
+                        help="peak memory above the inputs of fused vs unfused linear + cross-entropy forward + "
+                             "backward at this shape (e.g. 4096 2048 128256); runs on CPU without the interpreter")
     args = parser.parse_args(argv)
 
     import torch
+
+    if args.ce_memory:
+        from kernels.bench import cross_entropy_memory
+
+        tokens, dim, vocab = args.ce_memory
+        peaks = cross_entropy_memory(tokens, dim, vocab, getattr(torch, DTYPES[args.dtype]))
+        print(f"linear + cross-entropy N{tokens} D{dim} V{vocab} {args.dtype}, peak MiB above the inputs: "
+              f"fused {peaks['fused'] / 2 ** 20:.1f}, unfused {peaks['unfused'] / 2 ** 20:.1f}, "
+              f"ratio {peaks['fused'] / peaks['unfused']:.3f}")
+        return 0
 
     if args.check:
         if not torch.cuda.is_available():

@@ -70,7 +70,8 @@ if [ "$DRY" = 1 ]; then
     done
     echo "  sum of step limits: ${total} s"
     fail=0
-    mkdir -p "$OUT"
+    scratch=$(mktemp -d)  # a dry run writes nothing under OUT
+    trap 'rm -rf "$scratch"' EXIT
     check() {  # label, command...
         local label=$1; shift
         if out=$("$@" 2>&1); then echo "ok    $label: $(tail -n 1 <<< "$out")"
@@ -79,13 +80,13 @@ if [ "$DRY" = 1 ]; then
     for variant in torch triton compiled; do
         eval "extra=(\"\${VARIANT_$variant[@]}\")"
         check "config train_$variant" "$PY" "${TRAIN[@]}" "${extra[@]}" train.device=auto \
-            "logging.run_dir=$OUT/train-$variant" --check
+            "logging.run_dir=$scratch/train-$variant" --check
     done
     check "bench_step config" "$PY" -m pretrain.train --config configs/gpt_1b.toml --set model.kernels=triton --check
     check "gpu tests collected" bash -c "$PY -m pytest -p no:cacheprovider -q --collect-only -m gpu tests/kernels \
         | grep -E '^[0-9]+(/[0-9]+)? tests? (collected|selected)'"
     check "kernel ops" "$PY" -c "from kernels.bench import OPS; print('ops:', ', '.join(OPS))"
-    check "compile gate" "$PY" tools/compile_kernels.py --markdown "$OUT/compile_gate.md"
+    check "compile gate" "$PY" tools/compile_kernels.py --markdown "$scratch/compile_gate.md"
     check "report writer" "$PY" tools/gpu_report.py --self-test
     [ "$fail" = 0 ] && echo "dry run ok" || echo "dry run FAILED"
     exit "$fail"

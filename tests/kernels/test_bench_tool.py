@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -31,3 +32,18 @@ def test_no_gpu_and_no_interpreter_is_refused(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(RuntimeError, match="Triton kernels run on CUDA; on cpu set TRITON_INTERPRET=1"):
         rms_norm(torch.randn(2, 8), torch.ones(8))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU path (compile-only launches)")
+def test_cross_entropy_memory_counts_the_logits_the_fused_op_never_makes():
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "tools/bench_kernels.py", "--ce-memory", "512", "256", "32000",
+                           "--dtype", "fp32"], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    fused, unfused = (float(x) for x in re.findall(r"(?:fused|unfused) ([0-9.]+)", proc.stdout))
+    logits_mib = 512 * 32000 * 4 / 2 ** 20
+    # unfused: the fp32 logits, their log-softmax and their gradient are alive at once
+    assert unfused >= 3 * logits_mib - 0.1
+    # fused: the weight gradient (and its scaled copy) and one (N, 1024) chunk, never (N, V)
+    weight_mib = 32000 * 256 * 4 / 2 ** 20
+    assert fused < 2 * weight_mib + logits_mib / 4
