@@ -199,6 +199,45 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+# Valid ranges of numeric fields: (low, high), each None (unbounded) or (bound, inclusive). Cross-field rules
+# (min_lr <= lr, d_model divisible by n_heads, ...) are in Config.validate.
+POSITIVE, NON_NEGATIVE, AT_LEAST_1 = ((0, False), None), ((0, True), None), ((1, True), None)
+UNIT_OPEN = ((0, True), (1, False))  # [0, 1)
+RANGES: dict[str, tuple] = {
+    "model.n_layers": AT_LEAST_1, "model.d_model": AT_LEAST_1, "model.n_heads": AT_LEAST_1,
+    "model.n_kv_heads": NON_NEGATIVE, "model.ffn_hidden": NON_NEGATIVE, "model.vocab_size": ((2, True), None),
+    "model.seq_len": AT_LEAST_1, "model.max_position_embeddings": NON_NEGATIVE, "model.rope_theta": POSITIVE,
+    "model.norm_eps": POSITIVE, "model.dropout": UNIT_OPEN, "model.type_vocab_size": AT_LEAST_1,
+    "model.init_std": POSITIVE,
+    "data.num_workers": NON_NEGATIVE, "data.prefetch_factor": AT_LEAST_1, "data.seed": NON_NEGATIVE,
+    "data.shuffle_window": AT_LEAST_1, "data.mlm_probability": ((0, False), (1, False)),
+    "data.max_predictions_per_seq": NON_NEGATIVE,
+    "parallel.dp_replicate": AT_LEAST_1, "parallel.tp": AT_LEAST_1, "parallel.pp": AT_LEAST_1,
+    "parallel.n_microbatches": NON_NEGATIVE, "parallel.stages_per_rank": AT_LEAST_1,
+    "parallel.activation_checkpointing_every": AT_LEAST_1,
+    "optim.lr": POSITIVE, "optim.min_lr": NON_NEGATIVE, "optim.weight_decay": NON_NEGATIVE,
+    "optim.beta1": UNIT_OPEN, "optim.beta2": UNIT_OPEN, "optim.eps": POSITIVE, "optim.grad_clip": NON_NEGATIVE,
+    "schedule.warmup_steps": NON_NEGATIVE, "schedule.decay_fraction": ((0, False), (1, True)),
+    "train.steps": AT_LEAST_1, "train.micro_batch_size": AT_LEAST_1, "train.grad_accum": AT_LEAST_1,
+    "train.seed": NON_NEGATIVE, "train.max_nonfinite_steps": AT_LEAST_1, "train.collective_timeout_s": POSITIVE,
+    "eval.interval": NON_NEGATIVE, "eval.steps": NON_NEGATIVE,
+    "checkpoint.interval": NON_NEGATIVE, "checkpoint.keep_last": NON_NEGATIVE, "checkpoint.keep_every": NON_NEGATIVE,
+    "logging.interval": NON_NEGATIVE, "logging.peak_tflops": NON_NEGATIVE, "logging.heartbeat_s": NON_NEGATIVE,
+}
+
+
+def _in_range(value, low, high) -> bool:
+    if low is not None and (value < low[0] or (value == low[0] and not low[1])):
+        return False
+    return high is None or value < high[0] or (value == high[0] and high[1])
+
+
+def _describe_range(low, high) -> str:
+    if high is None:
+        return f"{'>=' if low[1] else '>'} {low[0]}"
+    return f"in {'[' if low[1] else '('}{low[0]}, {high[0]}{']' if high[1] else ')'}"
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -228,6 +267,16 @@ class Config:
 
     def validate(self) -> Config:
         """Every cross-field check, each failing with one line that names the key."""
+        for section in SECTIONS:
+            for f in dataclasses.fields(getattr(self, section)):
+                value = getattr(getattr(self, section), f.name)
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise ConfigError(f"{section}.{f.name} must be a finite number, got {value}")
+        for key, (low, high) in RANGES.items():
+            section, name = key.split(".")
+            value = getattr(getattr(self, section), name)
+            if not _in_range(value, low, high):
+                raise ConfigError(f"{key} must be {_describe_range(low, high)}, got {value}")
         for key, allowed in CHOICES.items():
             section, name = key.split(".")
             value = getattr(getattr(self, section), name)
