@@ -21,3 +21,98 @@ def replace_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(out)
+
+
+class LockError(RuntimeError):
+    """Another live process holds a directory this run needs for itself."""
+
+
+class DirLock:
+    """One run at a time in a directory: an advisory ``flock`` on ``DIR/.lock``, whose text names the holder
+    (host, pid, start time). The kernel drops the lock when its process dies, so a lock left by a killed run is
+    free to take; its text is still there, and :meth:`acquire` says it took it over."""
+
+    def __init__(self, directory: Path, what: str):
+        self.directory, self.what = Path(directory), what
+        self.fd: int | None = None
+
+    def acquire(self) -> str | None:
+        """Take the lock or raise LockError naming the holder; returns a line when a dead run's lock was taken."""
+        import fcntl
+        import socket
+        import time
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "a process that has not written its name"
+            os.close(fd)
+            raise LockError(f"{self.what} {self.directory} is in use by another run ({holder}); wait for it to end "
+                            "or use another directory") from None
+        previous = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()} since "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        self.fd = fd
+        if previous:
+            return f"{self.what} {self.directory}: took over the lock of {previous}, which is no longer running"
+        return None
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        import fcntl
+
+        os.ftruncate(self.fd, 0)  # an empty lock file: the last holder ended cleanly
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+        self.fd = None
+
+
+def check_writable(directory: Path, what: str) -> None:
+    """Create ``directory`` if needed and write a probe file in it: a read-only mount, a path that is a file, or a
+    missing permission fails now with one line (OSError's reason), not at the first save hours later."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise LockError(f"{what} {directory} is a file, not a directory")
+    probe = directory / f".write-probe-{os.getpid()}"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"x" * 4096)
+    except OSError as exc:
+        raise LockError(f"{what} {directory} is not writable: {exc.strerror}") from None
+    finally:
+        try:
+            probe.unlink(missing_ok=True)
+        except OSError:
+            pass
+
+
+def check_output(out: Path, inputs, overwrite: bool, what: str, ours, error=ValueError) -> None:
+    """The one rule for every tool that writes a directory: refuse (raising ``error`` with one line) an output that
+    is, contains or lies inside one of ``inputs`` — ``--overwrite`` or not —, an occupied output without
+    ``overwrite``, and, with it, an output whose contents ``ours(out)`` does not recognise as an earlier ``what``
+    (a tool replaces only what it wrote itself). The caller then writes beside it and renames (replace_dir)."""
+    out = Path(out)
+    target = out.resolve()
+    for given in inputs:
+        source = Path(given).resolve()
+        if target == source:
+            raise error(f"output {out} is the input {given}: choose an output outside the inputs")
+        if target in source.parents:
+            raise error(f"output {out} contains the input {given}: choose an output outside the inputs")
+        if source in target.parents:
+            raise error(f"output {out} lies inside the input {given}: choose an output outside the inputs")
+    if not is_occupied(out):
+        return
+    if not out.is_dir():
+        raise error(f"output {out} is an existing file, not a directory: choose another output")
+    if not ours(out):
+        entries = sorted(p.name for p in out.iterdir())
+        shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+        raise error(f"output {out} holds files that are not an earlier {what} ({shown}): refusing to replace it, "
+                    "--overwrite or not; choose another output")
+    if not overwrite:
+        raise error(f"output {out} holds an earlier {what} (pass --overwrite to replace it)")

@@ -18,13 +18,14 @@ from pretrain.config import Config, ConfigError, load_config
 from pretrain.data import build_stream
 from pretrain.data.prepare import DataError
 from pretrain.data.tokenizer import TokenizerError
+from pretrain.files import LockError
 from pretrain.metrics import MetricsLogger
 from pretrain.parallel.dims import ParallelDims
 from pretrain.parallel.parallelize import parallelize
 from pretrain.tasks import task_for
 from pretrain.trainer import PREEMPTED_EXIT, Trainer, TrainingError
 
-USER_ERRORS = (ConfigError, DataError, TokenizerError, CheckpointError)
+USER_ERRORS = (ConfigError, DataError, TokenizerError, CheckpointError, LockError)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -55,9 +56,17 @@ def build_trainer(cfg: Config, dist: distributed.DistInfo, dims: ParallelDims | 
     return Trainer(cfg, parallel, task_for(cfg.model.arch), train_data, dist, val_factory, metrics)
 
 
+def _launched_rank() -> int:
+    for key in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(key, "").isdigit():
+            return int(os.environ[key])
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     overrides = [item for group in args.overrides for item in group]
+    training = False  # before training, every rank meets the same user error: rank 0 alone says it
     try:
         cfg = load_config(args.config, overrides)
         world = distributed.launched_world_size()
@@ -69,11 +78,16 @@ def main(argv=None) -> int:
         dist = distributed.init_distributed(cfg.train.device, cfg.train.collective_timeout_s)
         trainer = build_trainer(cfg, dist, dims)
         try:
+            training = True
             losses = trainer.fit()
         finally:
             trainer.metrics.close()
+    except KeyboardInterrupt:
+        print("interrupted (a second Ctrl-C): stopped without saving", file=sys.stderr)
+        return 130
     except USER_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if training or _launched_rank() == 0:
+            print(f"error: {exc}", file=sys.stderr)
         return 2
     except TrainingError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -81,7 +95,8 @@ def main(argv=None) -> int:
     except RuntimeError as exc:
         if "pip install" not in str(exc) and "validation split" not in str(exc):
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        if training or _launched_rank() == 0:
+            print(f"error: {exc}", file=sys.stderr)
         return 2
     if trainer.preempted:
         distributed.destroy()

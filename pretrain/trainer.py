@@ -20,9 +20,10 @@ import torch
 import torch.nn as nn
 
 from pretrain import distributed
-from pretrain.checkpoint.manager import CheckpointError, CheckpointManager, saved_config_toml
+from pretrain.checkpoint.manager import CheckpointError, CheckpointManager, saved_config_toml, verify
 from pretrain.config import Config, ConfigError, config_from_toml, profile_range
 from pretrain.distributed import DistInfo
+from pretrain.files import DirLock, LockError, check_writable
 from pretrain.metrics import MetricsLogger, measure_matmul_flops, memory_stats, peak_flops
 from pretrain.models.flops import flops_per_token
 from pretrain.parallel.data_parallel import clip_grad_norm, no_gradient_sync
@@ -180,17 +181,31 @@ class Trainer:
         if cfg.checkpoint.interval > 0 or cfg.checkpoint.resume != "never" and (
                 cfg.checkpoint.resume != "auto" or cfg.checkpoint_dir.is_dir()):
             self.checkpoints = CheckpointManager(cfg.checkpoint_dir, cfg.checkpoint.keep_last, dist.rank,
-                                                 cfg.checkpoint.keep_every)
+                                                 cfg.checkpoint.keep_every, clean=False)
 
     # --- checkpoints --------------------------------------------------------------------------------------
     def maybe_resume(self) -> bool:
         resume = self.cfg.checkpoint.resume
         if self.checkpoints is None or resume == "never":
             return False
-        path = self.checkpoints.latest() if resume == "auto" else Path(resume)
+        if resume == "auto":  # the newest step that verifies, the others reported
+            path = self.checkpoints.newest_verified(self.metrics.console, distributed_hash=True)
+        else:  # a step named by the user: verified, no fallback
+            path = Path(resume)
+            if not path.is_dir():
+                raise CheckpointError(f"checkpoint.resume = {resume}: no such step directory")
+            if not (path / "manifest.json").is_file() and CheckpointManager(path, clean=False).steps_on_disk():
+                path = CheckpointManager(path, clean=False).newest_verified(self.metrics.console,
+                                                                            distributed_hash=True)
+            else:
+                verify(path, distributed_hash=True)
         if path is None:
             return False
-        check_resumable(saved_config_toml(path), self.cfg, path.parent)
+        try:
+            saved_toml = saved_config_toml(path)
+            check_resumable(saved_toml, self.cfg, path.parent)
+        except ConfigError as exc:
+            raise CheckpointError(f"{path / 'config.toml'}: {exc}") from None
         state = self.checkpoints.load(path, self.raw_model, self.optimizer, self.engine)
         if state.get("model_only"):  # weights to continue pretraining from (e.g. imported from Hugging Face)
             self.metrics.console(f"initialised the model from {path}")
@@ -378,7 +393,75 @@ class Trainer:
     # --- the loop -----------------------------------------------------------------------------------------
     def fit(self, stop_after: int | None = None) -> list[float]:
         """Train to ``train.steps`` (or stop early after update ``stop_after``, as a preempted job would);
-        returns the loss of every step of the run so far."""
+        returns the loss of every step of the run so far. The run dir (and checkpoint dir) are this run's alone
+        while it lasts (an advisory lock), and checked writable before the first step."""
+        locks = self._claim_dirs()
+        try:
+            return self._fit(stop_after)
+        finally:
+            for lock in locks:
+                lock.release()
+
+    def _claim_dirs(self) -> list[DirLock]:
+        """Rank 0 locks and probes the run and checkpoint dirs; every rank learns whether that worked, so a
+        refusal ends all of them with one line (printed by rank 0) instead of leaving the others in a collective."""
+        cfg, locks, error = self.cfg, [], ""
+        if self.dist.is_main:
+            run, ckpt = Path(cfg.logging.run_dir), cfg.checkpoint_dir
+            dirs = [(run, "run dir (logging.run_dir)", True)]
+            if cfg.checkpoint.interval:
+                inside = run.resolve() == ckpt.resolve() or run.resolve() in ckpt.resolve().parents
+                dirs.append((ckpt, "checkpoint dir (checkpoint.dir)", not inside))
+            try:
+                for directory, what, lock_it in dirs:
+                    check_writable(directory, what)
+                    if not lock_it:  # inside the run dir, whose lock covers it
+                        continue
+                    lock = DirLock(directory, what)
+                    note = lock.acquire()
+                    locks.append(lock)
+                    if note:
+                        self.metrics.console(note)
+                self._refuse_foreign_steps()
+                self._warn_free_space()
+            except (LockError, CheckpointError) as exc:
+                for lock in locks:
+                    lock.release()
+                locks, error = [], str(exc)
+        failed = torch.tensor(float(bool(error)))
+        if self.dist.world_size > 1:
+            failed = failed.to(self.device)
+            torch.distributed.all_reduce(failed, op=torch.distributed.ReduceOp.MAX)
+        if failed.item():
+            raise LockError(error or "rank 0 could not claim the run's directories (its message says why)")
+        if self.checkpoints is not None and self.dist.is_main:
+            self.checkpoints.remove_stale()  # half-written saves of a run that is no longer running
+        return locks
+
+    def _refuse_foreign_steps(self) -> None:
+        """``resume = "never"`` starts a new run: it must not write into (and prune) another run's steps."""
+        cfg = self.cfg
+        if cfg.checkpoint.resume != "never" or not cfg.checkpoint.interval:
+            return
+        steps = CheckpointManager(cfg.checkpoint_dir, clean=False).steps_on_disk()
+        if steps:
+            raise CheckpointError(f'checkpoint.resume = "never" but {cfg.checkpoint_dir} already holds {len(steps)} '
+                                  f"step(s) of another run (newest {steps[-1].name}): use another checkpoint.dir, or "
+                                  'checkpoint.resume = "auto" to continue that run')
+
+    def _warn_free_space(self) -> None:
+        """A checkpoint holds the fp32 weights and two fp32 moments: 12 bytes a parameter. Warn when short."""
+        if not self.cfg.checkpoint.interval:
+            return
+        import shutil
+
+        need = 12 * sum(p.numel() for p in self.raw_model.parameters())
+        free = shutil.disk_usage(self.cfg.checkpoint_dir).free
+        if free < need:
+            self.metrics.console(f"warning: {self.cfg.checkpoint_dir} has {free / 2 ** 30:.2f} GiB free, one "
+                                 f"checkpoint needs about {need / 2 ** 30:.2f} GiB")
+
+    def _fit(self, stop_after: int | None) -> list[float]:
         cfg = self.cfg
         self.maybe_resume()
         if self.dist.is_main:
@@ -391,7 +474,8 @@ class Trainer:
         last_step = total_steps if stop_after is None else min(total_steps, stop_after)
         if cfg.eval.interval and self.val_data_factory and self.step == 0:
             self._eval_and_log()  # the starting point of the validation curve
-        previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+        previous = {sig: signal.signal(sig, self._request_stop)
+                    for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)}
         heartbeat = self._start_heartbeat()
         try:
             return self._loop(last_step, total_steps, start_step, fit_start)
@@ -424,6 +508,9 @@ class Trainer:
         return stop, thread
 
     def _request_stop(self, signum, frame) -> None:
+        """Save at the end of this step and stop; a second Ctrl-C stops at once, without saving."""
+        if signum == signal.SIGINT and self.stop_requested:
+            raise KeyboardInterrupt
         self.stop_requested = True
 
     def _agree_to_stop(self) -> bool:

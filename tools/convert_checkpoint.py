@@ -17,7 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pretrain.checkpoint.hf import is_hf_export, is_native_import  # noqa: E402
 from pretrain.checkpoint.manager import CheckpointError  # noqa: E402
+from pretrain.files import check_output  # noqa: E402
 
 
 def tokenizer_of(cfg, explicit: str | None) -> Path | None:
@@ -44,15 +46,20 @@ def main(argv=None) -> int:
             from pretrain.checkpoint import load_model
             from pretrain.checkpoint.hf import export_hf
 
+            check_output(Path(args.output), [args.input], args.overwrite, "Hugging Face export", is_hf_export,
+                         CheckpointError)  # before reading anything
             model, cfg = load_model(args.input)
-            out = export_hf(model, cfg.model, args.output, tokenizer_of(cfg, args.tokenizer), overwrite=args.overwrite)
+            out = export_hf(model, cfg.model, args.output, tokenizer_of(cfg, args.tokenizer), overwrite=args.overwrite,
+                            inputs=[args.input])
             print(f"wrote {out} ({cfg.model.arch}/{cfg.model.flavor}, {sum(p.numel() for p in model.parameters()):,} "
                   "parameters)")
         else:
             from pretrain.checkpoint.hf import import_hf, save_native
 
+            check_output(Path(args.output), [args.input], args.overwrite, "model-only checkpoint (--to native)",
+                         is_native_import, CheckpointError)  # before reading anything
             model, model_cfg = import_hf(args.input, allow_pickle=args.allow_pickle)
-            path = save_native(model, model_cfg, args.output, overwrite=args.overwrite)
+            path = save_native(model, model_cfg, args.output, overwrite=args.overwrite, inputs=[args.input])
             print(f"wrote {path}: continue with --set checkpoint.resume={path}")
     except (CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -17,7 +17,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--input", nargs="+", required=True,
                         help="files, directories, globs, or 'builtin' (this Python's standard library sources)")
-    parser.add_argument("--output", required=True, help="directory to create (refused if it exists and is not empty)")
+    parser.add_argument("--output", required=True, help="directory to create (an earlier prepared set there is replaced only with --overwrite; anything else, or an input, never)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--tokenizer", help="an existing sentencepiece model")
     group.add_argument("--vocab-size", type=int, default=8192, help="train a BPE tokenizer of this size (default 8192)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -9,22 +10,31 @@ import torch
 from pretrain.checkpoint.manager import (
     CheckpointError,
     CheckpointManager,
-    is_complete,
     saved_config_toml,
     verify,
 )
 from pretrain.config import Config, config_from_toml
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A step directory, or a checkpoint directory (its newest complete step)."""
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def resolve_checkpoint(path: str | Path, say=_stderr) -> Path:
+    """A step directory (verified against its manifest), or a checkpoint directory (its newest step that
+    verifies; the ones skipped are reported through ``say``). Nothing is unpickled before verification."""
     path = Path(path)
-    if is_complete(path):
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    if (path / "manifest.json").is_file():
+        verify(path)
         return path
-    latest = CheckpointManager(path).latest() if path.is_dir() else None
-    if latest is None:
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is a file, not a checkpoint directory")
+    found = CheckpointManager(path, clean=False).newest_verified(say)
+    if found is None:
         raise CheckpointError(f"no complete checkpoint at {path}")
-    return latest
+    return found
 
 
 def load_model(ckpt_dir: str | Path) -> tuple[torch.nn.Module, Config]:
@@ -32,8 +42,10 @@ def load_model(ckpt_dir: str | Path) -> tuple[torch.nn.Module, Config]:
     from pretrain.models import build_model
 
     path = resolve_checkpoint(ckpt_dir)
-    verify(path)
-    cfg = config_from_toml(saved_config_toml(path))
+    try:
+        cfg = config_from_toml(saved_config_toml(path))
+    except ValueError as exc:
+        raise CheckpointError(f"{path / 'config.toml'}: {exc}") from None
     model = build_model(cfg.model)
     if (path / "deepspeed").is_dir():
         model.load_state_dict(_deepspeed_module_state(path, cfg))

@@ -21,7 +21,7 @@ import torch
 
 from pretrain.checkpoint.manager import CheckpointError
 from pretrain.config import ModelConfig
-from pretrain.files import is_occupied, replace_dir
+from pretrain.files import check_output, replace_dir
 
 SUPPORTED = {"LlamaForCausalLM": ("gpt", "llama"), "GPT2LMHeadModel": ("gpt", "gpt2"), "BertForMaskedLM": ("bert", "")}
 SHARD_BYTES = 5 * 10 ** 9
@@ -116,9 +116,25 @@ def to_hf_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig):
         yield hf, t.t().contiguous() if conv1d else t
 
 
-def _check_output(out: Path, overwrite: bool) -> Path:
-    if is_occupied(out) and not overwrite:
-        raise CheckpointError(f"output {out} exists and is not empty (pass --overwrite to replace it)")
+HF_EXPORT_FILES = re.compile(r"^(config\.json|generation_config\.json|model(-\d{5}-of-\d{5})?\.safetensors|"
+                             r"model\.safetensors\.index\.json|tokenizer\.model|tokenizer\.json|"
+                             r"tokenizer_config\.json|special_tokens_map\.json)$")
+
+
+def is_hf_export(path: Path) -> bool:
+    """Whether ``path`` holds only what :func:`export_hf` writes (the only thing ``--overwrite`` may replace)."""
+    names = [p.name for p in Path(path).iterdir()]
+    return "config.json" in names and all(HF_EXPORT_FILES.match(n) for n in names)
+
+
+def is_native_import(path: Path) -> bool:
+    """Whether ``path`` holds only model-only checkpoints as :func:`save_native` writes them."""
+    names = [p.name for p in Path(path).iterdir()]
+    return "step-00000000" in names and all(n in ("step-00000000", "latest") for n in names)
+
+
+def _check_output(out: Path, overwrite: bool, inputs=()) -> Path:
+    check_output(out, inputs, overwrite, "Hugging Face export", is_hf_export, CheckpointError)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -126,12 +142,13 @@ def _check_output(out: Path, overwrite: bool) -> Path:
 
 
 def export_hf(model: torch.nn.Module, cfg: ModelConfig, out_dir: str | Path, tokenizer_path: str | Path | None = None,
-              overwrite: bool = False, shard_bytes: int = SHARD_BYTES) -> Path:
-    """Write ``model`` (native, on CPU) as a Hugging Face model directory; returns it."""
+              overwrite: bool = False, shard_bytes: int = SHARD_BYTES, inputs=()) -> Path:
+    """Write ``model`` (native, on CPU) as a Hugging Face model directory; returns it. ``inputs`` (the checkpoint
+    it came from) may not be, contain or hold the output."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
-    tmp = _check_output(out, overwrite)
+    tmp = _check_output(out, overwrite, [*inputs, *([tokenizer_path] if tokenizer_path else [])])
     try:
         hf_config(cfg).save_pretrained(tmp)
         shards: list[dict[str, torch.Tensor]] = [{}]
@@ -314,15 +331,21 @@ def _reverse_names(expected: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[
     return reverse
 
 
-def save_native(model: torch.nn.Module, cfg: ModelConfig, out_dir: str | Path, overwrite: bool = False) -> Path:
-    """A model-only native checkpoint (step 0) of ``model``: the start of a run that continues pretraining."""
-    from pretrain.checkpoint.manager import CheckpointManager
+def save_native(model: torch.nn.Module, cfg: ModelConfig, out_dir: str | Path, overwrite: bool = False,
+                inputs=()) -> Path:
+    """A model-only native checkpoint (step 0) of ``model``: the start of a run that continues pretraining.
+    Written beside ``out_dir`` and renamed into place; an earlier import there is replaced only at the end."""
+    from pretrain.checkpoint.manager import CheckpointManager, step_dir_name
     from pretrain.config import Config
 
     out = Path(out_dir)
-    if is_occupied(out) and not overwrite:
-        raise CheckpointError(f"output {out} exists and is not empty (pass --overwrite to replace it)")
-    if out.exists() and overwrite:
-        shutil.rmtree(out)
-    config = Config(model=cfg)
-    return CheckpointManager(out).save(0, model, None, {"model_only": True}, config.to_toml())
+    check_output(out, inputs, overwrite, "model-only checkpoint (--to native)", is_native_import, CheckpointError)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        CheckpointManager(tmp).save(0, model, None, {"model_only": True}, Config(model=cfg).to_toml())
+        replace_dir(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out / step_dir_name(0)

@@ -159,27 +159,113 @@ def _checksums(directory: Path) -> dict[str, str]:
     return {k: v for part in everyone for k, v in part.items()}
 
 
-def verify(path: Path) -> None:
-    """Sizes and CRC-32s of a checkpoint's files against its manifest; CheckpointError names the first bad one."""
-    manifest = json.loads((path / "manifest.json").read_text())
-    for name, info in manifest["files"].items():
+def read_manifest(path: Path) -> dict:
+    """A step's manifest.json, checked for shape (plain JSON: nothing in it is executed)."""
+    file = Path(path) / "manifest.json"
+    try:
+        manifest = json.loads(file.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is not a checkpoint step (no manifest.json)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{file} is unreadable ({type(exc).__name__}): the step is damaged") from None
+    if isinstance(manifest, dict) and "shards" in manifest:
+        raise CheckpointError(f"{path} is a prepared data set (tools/prepare_data.py), not a checkpoint")
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) or "step" not in manifest:
+        raise CheckpointError(f"{file} is not a checkpoint manifest (no step / files)")
+    return manifest
+
+
+def problems(path: Path, checksums: dict[str, str] | None = None) -> list[str]:
+    """What is wrong with a step against its manifest (missing, resized or changed files, unlisted DCP metadata),
+    before anything in it is unpickled or read as tensors. ``checksums`` (name -> CRC-32) saves re-hashing."""
+    path = Path(path)
+    try:
+        manifest = read_manifest(path)
+    except CheckpointError as exc:
+        return [str(exc)]
+    found = []
+    listed = manifest["files"]
+    for required in ("config.toml", "state.json"):
+        if required not in listed:
+            found.append(f"{path}: {required} is not in its manifest")
+    if (path / ".metadata").exists() and ".metadata" not in listed:
+        found.append(f"{path}: .metadata is not in its manifest (foreign file)")
+    for name, info in listed.items():
         file = path / name
-        if not file.is_file():
-            raise CheckpointError(f"checkpoint {path}: {name} is missing")
-        if isinstance(info, dict):
-            if file.stat().st_size != info["bytes"] or _crc32(file) != info["crc32"]:
-                raise CheckpointError(f"checkpoint {path}: {name} does not match its manifest (truncated or corrupt)")
-        elif file.stat().st_size != info:
-            raise CheckpointError(f"checkpoint {path}: {name} has the wrong size (truncated?)")
+        if not isinstance(name, str) or ".." in Path(name).parts or not file.is_file():
+            found.append(f"{file} is missing")
+            continue
+        size = info["bytes"] if isinstance(info, dict) else info
+        if file.stat().st_size != size:
+            found.append(f"{file} has {file.stat().st_size} bytes, its manifest says {size} (truncated?)")
+        elif isinstance(info, dict):
+            crc = checksums[name] if checksums and name in checksums else _crc32(file)
+            if crc != info.get("crc32"):
+                found.append(f"{file} does not match its manifest's CRC-32 (corrupt or replaced)")
+    if not found:
+        found += _unparsable(path)
+    return found
+
+
+def _unparsable(path: Path) -> list[str]:
+    """config.toml and state.json must parse (plain text formats: nothing is executed reading them)."""
+    import tomllib
+
+    try:
+        tomllib.loads((path / "config.toml").read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        return [f"{path / 'config.toml'} does not parse ({type(exc).__name__})"]
+    try:
+        state = json.loads((path / "state.json").read_text())
+        if not isinstance(state, dict) or "step" not in state:
+            raise ValueError("no step")
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        return [f"{path / 'state.json'} does not parse ({type(exc).__name__})"]
+    return []
+
+
+def verify(path: Path, distributed_hash: bool = False) -> None:
+    """Sizes and CRC-32s of a checkpoint's files against its manifest; CheckpointError names the first bad file.
+    With ``distributed_hash`` every rank of the job hashes its share of the files (all ranks must call it)."""
+    checksums = _checksums(Path(path)) if distributed_hash and Path(path).is_dir() else None
+    found = problems(path, checksums)
+    if found:
+        raise CheckpointError(found[0])
+
+
+def _write_failure(exc: BaseException, where: Path) -> str:
+    """One line for a failed write: the OS error (no space, read-only, permission) when there is one."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.strerror:
+            return f"cannot write checkpoint {where}: {e.strerror}" + (f" ({e.filename})" if e.filename else "")
+        todo += [e.__cause__, e.__context__, *getattr(e, "failures", {}).values()]
+    try:
+        free = shutil.disk_usage(where.parent if where.parent.exists() else ".").free
+    except OSError:
+        free = None
+    if free is not None and free < (64 << 20):
+        return f"cannot write checkpoint {where}: no space left on the device ({free >> 20} MiB free)"
+    return f"cannot write checkpoint {where}: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
 
 
 class CheckpointManager:
-    def __init__(self, directory: str | Path, keep_last: int = 3, rank: int = 0, keep_every: int = 0):
+    def __init__(self, directory: str | Path, keep_last: int = 3, rank: int = 0, keep_every: int = 0,
+                 clean: bool = True):
         self.directory = Path(directory)
         self.keep_last, self.keep_every = keep_last, keep_every
         self.rank = rank
         self.pending = None  # (future, tmp dir, final dir, step) of a save still being written
-        if rank == 0 and self.directory.is_dir():
+        if clean and rank == 0:
+            self.remove_stale()
+
+    def remove_stale(self) -> None:
+        """Remove half-written saves (``step-*.tmp``) — only ever those. Call it from the run that owns the dir."""
+        if self.directory.is_dir():
             for stale in self.directory.glob("step-*.tmp"):
                 shutil.rmtree(stale, ignore_errors=True)
 
@@ -199,6 +285,38 @@ class CheckpointManager:
         steps = self.complete_steps()  # pointer missing or stale: newest complete one
         return steps[-1] if steps else None
 
+    def newest_verified(self, say=print, distributed_hash: bool = False) -> Path | None:
+        """The newest step whose files match its manifest, checked before anything in it is unpickled or read as
+        tensors. A step that fails is reported (``say``, one line naming the file) and the next older one tried;
+        steps without a manifest are reported and left alone. None when there are no steps; CheckpointError when
+        there are some and none verifies. With ``distributed_hash`` all ranks call this together and share the
+        hashing (each rank reads its part of the files)."""
+        if not self.directory.is_dir():
+            return None
+        for path in sorted(self.directory.iterdir()):
+            if STEP_DIR.match(path.name) and path.is_dir() and not is_complete(path):
+                say(f"checkpoint: {path} has no manifest.json (an unfinished or foreign save): not loaded, left "
+                    "in place")
+        rejected = []
+        for path in reversed(self.complete_steps()):
+            found = problems(path, _checksums(path) if distributed_hash else None)
+            if not found:
+                if rejected:
+                    say(f"checkpoint: using {path}, the newest step that verifies")
+                return path
+            say(f"checkpoint: skipping {path}: {found[0]}")
+            rejected.append(found[0])
+        if rejected:
+            raise CheckpointError(f"no checkpoint in {self.directory} verifies ({len(rejected)} tried; newest: "
+                                  f"{rejected[0]})")
+        return None
+
+    def steps_on_disk(self) -> list[Path]:
+        """Every step directory, complete or not (what a new run would write over)."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(p for p in self.directory.iterdir() if STEP_DIR.match(p.name))
+
     # --- saving -------------------------------------------------------------------------------------------
     def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
              config_toml: str, engine=None, async_save: bool = False) -> Path:
@@ -208,6 +326,21 @@ class CheckpointManager:
         self.wait()
         final = self.directory / step_dir_name(step)
         tmp = self.directory / (step_dir_name(step) + ".tmp")
+        try:
+            return self._save(step, model, optimizer, state, config_toml, engine, async_save, final, tmp)
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            self._discard(tmp)
+            raise CheckpointError(_write_failure(exc, tmp)) from exc
+
+    def _discard(self, tmp: Path) -> None:
+        """A failed save leaves nothing behind (a partial .tmp on a full disk would only make it fuller)."""
+        self.pending = None
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _save(self, step, model, optimizer, state, config_toml, engine, async_save, final: Path, tmp: Path) -> Path:
         if self.rank == 0:
             self.directory.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
@@ -251,6 +384,16 @@ class CheckpointManager:
             self._finish()
 
     def _finish(self) -> None:
+        tmp = self.pending[1]
+        try:
+            self._complete()
+        except CheckpointError:
+            raise
+        except Exception as exc:
+            self._discard(tmp)
+            raise CheckpointError(_write_failure(exc, tmp)) from exc
+
+    def _complete(self) -> None:
         future, tmp, final, step = self.pending
         self.pending = None
         if future is not None:
@@ -260,19 +403,28 @@ class CheckpointManager:
         if self.rank == 0:
             files = {name: {"bytes": (tmp / name).stat().st_size, "crc32": crc} for name, crc in checksums.items()}
             (tmp / "manifest.json").write_text(json.dumps({"step": step, "files": files}, indent=1))
-            if final.exists():  # a re-save of the same step replaces the old one only once complete
+            if final.exists() and not is_complete(final):  # not ours to delete: set aside, said aloud
+                aside = final.with_name(f"{final.name}.no-manifest-{os.getpid()}")
+                final.rename(aside)
+                print(f"checkpoint: {final} had no manifest.json (an unfinished or foreign save); kept as {aside}",
+                      flush=True)
+            elif final.exists():  # a re-save of the same step replaces the old one only once complete
                 shutil.rmtree(final)
             os.replace(tmp, final)
             _atomic_write(self.directory / "latest", final.name)
-            self._prune()
+            self._prune(keep=final)
         distributed.barrier()
 
-    def _prune(self) -> None:
+    def _prune(self, keep: Path) -> None:
+        """Drop complete steps beyond the newest ``keep_last``; never ``keep`` (the step just written, which
+        ``latest`` names) nor a permanent one."""
         if self.keep_last <= 0:
             return
-        for old in self.complete_steps()[:-self.keep_last]:
-            if self.keep_every and int(STEP_DIR.match(old.name).group(1)) % self.keep_every == 0:
-                continue  # a permanent one
+        others = [p for p in self.complete_steps() if p != keep]
+        survivors = others[len(others) - (self.keep_last - 1):] if self.keep_last > 1 else []
+        for old in others:
+            if old in survivors or self.keep_every and int(STEP_DIR.match(old.name).group(1)) % self.keep_every == 0:
+                continue  # among the newest, or a permanent one
             shutil.rmtree(old, ignore_errors=True)
 
     # --- loading ------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from pretrain.data.tokenizer import Tokenizer, train_tokenizer
-from pretrain.files import is_occupied, replace_dir
+from pretrain.files import check_output, replace_dir
 
 MANIFEST_FORMAT = "pretrain-shards"
 MEGATRON_FORMAT = "pretrain-megatron"
@@ -301,8 +301,8 @@ def prepare(
 ) -> dict:
     """Build shards + manifest in ``output``; returns the manifest. Raises DataError with one clear line."""
     out = Path(output)
-    if is_occupied(out) and not overwrite:
-        raise DataError(f"output {out} exists and is not empty (pass --overwrite to replace it)")
+    sources = [p for p in inputs if p != "builtin"] + ([tokenizer] if tokenizer else [])
+    check_output(out, sources, overwrite, "prepared data set", is_prepared_dir, DataError)
     if not 0.0 <= val_fraction < 0.5:
         raise DataError(f"val fraction must be in [0, 0.5), got {val_fraction}")
     if shard_tokens <= 0 or workers <= 0:
@@ -333,6 +333,16 @@ def prepare(
 
 
 WRITERS = {"shards": (ShardWriter, MANIFEST_FORMAT), "megatron": (MegatronWriter, MEGATRON_FORMAT)}
+
+
+def is_prepared_dir(path: Path) -> bool:
+    """Whether ``path`` holds what :func:`prepare` writes (its manifest says so): the only thing
+    ``--overwrite`` may replace."""
+    try:
+        manifest = json.loads((Path(path) / "manifest.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") in (MANIFEST_FORMAT, MEGATRON_FORMAT)
 
 
 def _write_shards(files, tok, tmp, dtype, jsonl_field, val_fraction, shard_tokens, workers, progress, inputs,

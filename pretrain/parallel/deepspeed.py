@@ -9,6 +9,7 @@ an optional extra: ``pip install 'pretrain[deepspeed]'``.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -68,6 +69,14 @@ def initialize(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, 
         builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
         if builder is not None:
             deepspeed.ops.__compatible_ops__[builder.NAME] = False
+    if not torch.distributed.is_initialized() and "RANK" not in os.environ:
+        # plain `python -m pretrain.train`: a one-process group of our own, or DeepSpeed goes looking for MPI
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config(cfg, dp_size))
     return engine

@@ -132,7 +132,7 @@ def test_sharded_export_and_import(tmp_path):
 def test_bad_inputs_are_one_clear_line(tmp_path):
     cfg = model_cfg("llama_gqa")
     good = export_hf(random_model(cfg), cfg, tmp_path / "good")
-    with pytest.raises(CheckpointError, match="exists and is not empty"):
+    with pytest.raises(CheckpointError, match="holds an earlier Hugging Face export"):
         export_hf(random_model(cfg), cfg, good)
     assert (good / "model.safetensors").is_file()  # untouched
     bad_arch = tmp_path / "mamba"

@@ -105,8 +105,9 @@ def test_bad_inputs(tmp_path, prepared, small_corpus):
     keep = tmp_path / "keep"
     keep.mkdir()
     (keep / "precious.txt").write_text("mine")
-    with pytest.raises(DataError, match="exists and is not empty"):
-        prepare([str(small_corpus)], keep, tokenizer=tok, progress=False)
+    for overwrite in (False, True):  # not a prepared data set: never replaced
+        with pytest.raises(DataError, match="holds files that are not an earlier prepared data set"):
+            prepare([str(small_corpus)], keep, tokenizer=tok, progress=False, overwrite=overwrite)
     assert (keep / "precious.txt").read_text() == "mine"
 
 
