@@ -206,6 +206,7 @@ class Trainer:
             check_resumable(saved_toml, self.cfg, path.parent)
         except ConfigError as exc:
             raise CheckpointError(f"{path / 'config.toml'}: {exc}") from None
+        self._check_same_tokenizer(path)
         state = self.checkpoints.load(path, self.raw_model, self.optimizer, self.engine)
         if state.get("model_only"):  # weights to continue pretraining from (e.g. imported from Hugging Face)
             self.metrics.console(f"initialised the model from {path}")
@@ -217,8 +218,25 @@ class Trainer:
         self.metrics.console(f"resumed from {path} at step {self.step}")
         return True
 
+    def _check_same_tokenizer(self, path: Path) -> None:
+        """Token ids mean nothing under another tokenizer: a checkpoint continues only on data prepared with the
+        tokenizer it was trained on (recorded in state.json since checkpoints carry it)."""
+        import json
+
+        from pretrain.data.documents import short
+
+        saved = json.loads((path / "state.json").read_text()).get("tokenizer_hash")
+        here = getattr(self.data, "tokenizer_hash", None)
+        if saved and here and saved != here:
+            d = self.cfg.data
+            data = d.path or ", ".join(src["path"] for src in d.sources)
+            raise CheckpointError(f"{path} was trained on data tokenized with {short(saved)}, but {data} was "
+                                  f"prepared with {short(here)}: use data prepared with that tokenizer, or another "
+                                  "checkpoint.dir")
+
     def save(self) -> Path:
-        state = {"data": self.data.state_dict(), "losses": self.losses, "data_skipped": self.data_skipped}
+        state = {"data": self.data.state_dict(), "losses": self.losses, "data_skipped": self.data_skipped,
+                 "tokenizer_hash": getattr(self.data, "tokenizer_hash", None)}
         return self.checkpoints.save(self.step, self.raw_model, self.optimizer, state, self.cfg.to_toml(), self.engine,
                                      async_save=self.cfg.checkpoint.async_save)
 

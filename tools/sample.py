@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -11,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from pretrain.checkpoint import CheckpointError, load_model  # noqa: E402
+from pretrain.checkpoint import CheckpointError, load_model, resolve_checkpoint  # noqa: E402
 from pretrain.data.documents import ShardDataset  # noqa: E402
 from pretrain.data.prepare import DataError  # noqa: E402
 from pretrain.data.tokenizer import Tokenizer, TokenizerError  # noqa: E402
@@ -31,7 +32,15 @@ def main(argv=None) -> int:
         model, cfg = load_model(args.checkpoint)
         if cfg.model.arch != "gpt":
             raise CheckpointError(f"{args.checkpoint} holds a {cfg.model.arch} model; sampling needs a gpt")
+        if args.tokens < 1 or args.top_k < 0 or not args.temperature >= 0:
+            raise CheckpointError(f"--tokens must be >= 1, --top-k >= 0 and --temperature >= 0 (got {args.tokens}, "
+                                  f"{args.top_k}, {args.temperature})")
         tok = Tokenizer.load(args.tokenizer) if args.tokenizer else ShardDataset(cfg.data.path, "train").tokenizer()
+        trained_on = json.loads((resolve_checkpoint(args.checkpoint, say=lambda line: None) / "state.json")
+                                .read_text()).get("tokenizer_hash")
+        if trained_on and tok.hash != trained_on:
+            raise TokenizerError(f"tokenizer {args.tokenizer} ({tok.hash[:12]}) is not the one {args.checkpoint} "
+                                 f"was trained with ({trained_on[:12]})")
     except (CheckpointError, TokenizerError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

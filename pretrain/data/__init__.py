@@ -33,14 +33,29 @@ def build_samples(cfg: Config, split: str = "train"):
                                pairs=d.bert_pairs)
 
     if not d.sources:
-        return samples_of(d.path)
-    return Blend([samples_of(src["path"]) for src in d.sources], [src.get("weight", 1.0) for src in d.sources])
+        samples = samples_of(d.path)
+        samples.tokenizer_hash = samples.store.tokenizer_hash
+        return samples
+    sets = [samples_of(src["path"]) for src in d.sources]
+    hashes = [s.store.tokenizer_hash for s in sets]
+    for i, digest in enumerate(hashes[1:], 1):
+        if digest != hashes[0]:
+            from pretrain.data.documents import short
+
+            raise DataError(f"data.sources[{i}] {d.sources[i]['path']} was prepared with tokenizer {short(digest)}, "
+                            f"data.sources[0] {d.sources[0]['path']} with {short(hashes[0])}: a blend needs one "
+                            "tokenizer")
+    blend = Blend(sets, [src.get("weight", 1.0) for src in d.sources])
+    blend.tokenizer_hash = hashes[0]
+    return blend
 
 
 def build_stream(cfg: Config, split: str = "train", rank: int = 0, world: int = 1, pin_memory: bool = False):
     """The batch loader a run trains (split="train") or evaluates (split="val") on, for one DP rank."""
     from pretrain.data.stream import Loader
 
-    return Loader(build_samples(cfg, split), cfg.train.micro_batch_size, rank=rank, world=world,
-                  num_workers=cfg.data.num_workers, pin_memory=pin_memory,
-                  prefetch_factor=cfg.data.prefetch_factor)
+    samples = build_samples(cfg, split)
+    loader = Loader(samples, cfg.train.micro_batch_size, rank=rank, world=world, num_workers=cfg.data.num_workers,
+                    pin_memory=pin_memory, prefetch_factor=cfg.data.prefetch_factor)
+    loader.tokenizer_hash = getattr(samples, "tokenizer_hash", None)  # None: synthetic tokens
+    return loader

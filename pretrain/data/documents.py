@@ -41,6 +41,38 @@ def read_manifest(path: Path) -> dict:
         raise DataError(f"{manifest_path} is not valid JSON: {exc}") from None
 
 
+def short(digest: str | None) -> str:
+    return (digest or "unknown")[:12]
+
+
+def validate_manifest(path: Path, manifest: dict, tokenizer_path: str | None = None) -> None:
+    """A prepared directory's manifest against what reading it relies on: token dtype, vocab size, eos id in
+    range, the bundled tokenizer present and equal to ``tokenizer_hash`` — and, when the run names its own
+    ``data.tokenizer``, that one too. One DataError line naming the file and the value."""
+    where = path / "manifest.json"
+    missing = [k for k in ("dtype", "vocab_size", "eos_id", "tokenizer", "tokenizer_hash", "splits") if k not in manifest]
+    if missing:
+        raise DataError(f"{where} lacks {', '.join(missing)}: re-prepare the data with tools/prepare_data.py")
+    limits = {"uint16": 1 << 16, "uint32": 1 << 32}
+    if manifest["dtype"] not in limits:
+        raise DataError(f"{where}: dtype {manifest['dtype']!r} is not uint16 or uint32")
+    vocab, eos = manifest["vocab_size"], manifest["eos_id"]
+    if not isinstance(vocab, int) or isinstance(vocab, bool) or not 2 <= vocab <= limits[manifest["dtype"]]:
+        raise DataError(f"{where}: vocab_size {vocab!r} is not an integer in [2, {limits[manifest['dtype']]}]")
+    if not isinstance(eos, int) or isinstance(eos, bool) or not 0 <= eos < vocab:
+        raise DataError(f"{where}: eos_id {eos!r} is outside the vocabulary [0, {vocab})")
+    own = path / str(manifest["tokenizer"])
+    bundled = Tokenizer.load(own) if own.is_file() else None  # reading tokens does not need it; sampling does
+    if bundled is not None and (bundled.hash != manifest["tokenizer_hash"] or bundled.vocab_size != vocab):
+        raise DataError(f"{own} is not the tokenizer {where} records (tokenizer_hash {short(manifest['tokenizer_hash'])}"
+                        f", vocab {vocab}; the file has {short(bundled.hash)}, vocab {bundled.vocab_size})")
+    if tokenizer_path:
+        configured = Tokenizer.load(tokenizer_path)
+        if configured.hash != manifest["tokenizer_hash"]:
+            raise DataError(f"data.tokenizer {tokenizer_path} (tokenizer_hash {short(configured.hash)}) is not the one "
+                            f"{path} was prepared with ({short(manifest['tokenizer_hash'])})")
+
+
 def scan_shard(tar_path: Path, itemsize: int) -> np.ndarray:
     """Build a shard index by walking the tar (for shards prepared without one)."""
     rows = []
@@ -78,8 +110,10 @@ class ShardDataset:
         if not self.path.is_dir():
             raise DataError(f"data dir {self.path} does not exist (make it with tools/prepare_data.py)")
         self.manifest = read_manifest(self.path)
-        if self.manifest.get("format") != MANIFEST_FORMAT:
+        if not isinstance(self.manifest, dict) or self.manifest.get("format") != MANIFEST_FORMAT:
             raise DataError(f"{self.path / 'manifest.json'} is not a {MANIFEST_FORMAT} manifest")
+        validate_manifest(self.path, self.manifest, tokenizer_path)
+        self.tokenizer_hash = self.manifest["tokenizer_hash"]
         if split not in self.manifest["splits"]:
             raise DataError(f"{self.path / 'manifest.json'} has no {split!r} split")
         info = self.manifest["splits"][split]
@@ -92,11 +126,6 @@ class ShardDataset:
         self.dtype = np.dtype(self.manifest["dtype"]).newbyteorder("<")
         self.vocab_size, self.eos_id = self.manifest["vocab_size"], self.manifest["eos_id"]
         self.tokenizer_path = self.path / self.manifest["tokenizer"]
-        if tokenizer_path:
-            configured = Tokenizer.load(tokenizer_path)
-            if configured.hash != self.manifest["tokenizer_hash"]:
-                raise DataError(f"tokenizer {tokenizer_path} differs from the one {self.path} was prepared with "
-                                "(manifest tokenizer_hash)")
         if on_bad_sample not in ("error", "skip"):
             raise DataError(f'on_bad_sample must be "error" or "skip", got {on_bad_sample!r}')
         self.on_bad_sample = on_bad_sample

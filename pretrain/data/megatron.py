@@ -47,22 +47,23 @@ class MegatronDocuments:
             raise DataError(f"Megatron dataset {prefix} holds zero tokens")
         self.tokenizer_path = tokenizer_path
         tok = Tokenizer.load(tokenizer_path) if tokenizer_path else None
+        self.tokenizer_hash = tok.hash if tok else None
         self.vocab_size = vocab_size if vocab_size is not None else (tok.vocab_size if tok else None)
         self.eos_id = eos_id if eos_id is not None else (tok.eos_id if tok else None)
 
     @classmethod
     def from_prepared(cls, path: Path, split: str, tokenizer_path: str | None = None) -> MegatronDocuments:
-        from pretrain.data.documents import read_manifest
+        from pretrain.data.documents import read_manifest, validate_manifest
 
         manifest = read_manifest(path)
+        validate_manifest(path, manifest, tokenizer_path)
         if split not in manifest["splits"] or manifest["splits"][split]["tokens"] == 0:
             raise DataError(f"the {split} split of {path} holds zero tokens")
         own = path / manifest["tokenizer"]
-        if tokenizer_path and Tokenizer.load(tokenizer_path).hash != manifest["tokenizer_hash"]:
-            raise DataError(f"tokenizer {tokenizer_path} differs from the one {path} was prepared with "
-                            "(manifest tokenizer_hash)")
-        return cls(str(path / manifest["splits"][split]["prefix"]), str(own), manifest["vocab_size"],
-                   manifest["eos_id"])
+        store = cls(str(path / manifest["splits"][split]["prefix"]), str(own), manifest["vocab_size"],
+                    manifest["eos_id"])
+        store.tokenizer_hash = manifest["tokenizer_hash"]
+        return store
 
     @property
     def num_shards(self) -> int:

@@ -128,7 +128,7 @@ def test_stream_bad_inputs(tmp_path, prepared, small_corpus):
 
     other = train_tokenizer((p.read_text(errors="replace") for p in sorted(small_corpus.iterdir())[:5]), 400)
     other.save(tmp_path / "other.model")
-    with pytest.raises(DataError, match=r"tokenizer .*other.model differs from the one .* was prepared with"):
+    with pytest.raises(DataError, match=r"data.tokenizer .*other.model \(tokenizer_hash \w{12}\) is not the one .* was prepared with \(\w{12}\)"):
         ShardDataset(prepared, tokenizer_path=str(tmp_path / "other.model"))
 
 
