@@ -200,12 +200,28 @@ def native_config(hf_dir: Path) -> tuple[ModelConfig, dict]:
     config_file = hf_dir / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{hf_dir} has no config.json: not a Hugging Face model directory")
-    raw = json.loads(config_file.read_text())
+    try:
+        raw = json.loads(config_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{config_file} is not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{config_file} is not a JSON object")
     arch = (raw.get("architectures") or [None])[0]
     if arch not in SUPPORTED:
         raise CheckpointError(f"unsupported Hugging Face architecture {arch!r}: supported are "
                               f"{', '.join(SUPPORTED)}")
     family, flavor = SUPPORTED[arch]
+    _refuse_unimplemented(raw, "bert" if family == "bert" else flavor, config_file)
+    try:
+        cfg = _model_config(raw, family, flavor)
+    except KeyError as exc:
+        raise CheckpointError(f"{config_file} lacks {exc.args[0]!r}, which a {arch} needs") from None
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{config_file} has a value of the wrong type ({exc})") from None
+    return cfg, raw
+
+
+def _model_config(raw: dict, family: str, flavor: str) -> ModelConfig:
     if family == "bert":
         cfg = ModelConfig(arch="bert", n_layers=raw["num_hidden_layers"], d_model=raw["hidden_size"],
                           n_heads=raw["num_attention_heads"], ffn_hidden=raw["intermediate_size"],
@@ -229,7 +245,59 @@ def native_config(hf_dir: Path) -> tuple[ModelConfig, dict]:
                           rope_theta=float(raw.get("rope_theta", (raw.get("rope_parameters") or {}).get("rope_theta",
                                                                                                      10000.0))),
                           norm_eps=raw.get("rms_norm_eps", 1e-6), tie_embeddings=raw.get("tie_word_embeddings", False))
-    return cfg, raw
+    return cfg
+
+
+def _absent_or(*allowed):
+    return lambda value: value is None or value in allowed
+
+
+def _default_rope(value) -> bool:
+    return value is None or isinstance(value, dict) and value.get("rope_type", value.get("type", "default")) == "default"
+
+
+# Config fields that change what the model computes, per family, with the values our models implement: anything
+# else is refused by name rather than dropped (an import that loads but computes something else is the worst
+# outcome). Fields that only affect speed, memory or generation defaults are not listed.
+IMPLEMENTED: dict[str, dict[str, tuple]] = {
+    "llama": {
+        "hidden_act": (_absent_or("silu", "swish"), "silu"),
+        "rope_scaling": (_default_rope, "none (plain RoPE)"),
+        "rope_parameters": (_default_rope, 'rope_type "default"'),
+        "attention_bias": (_absent_or(False), "false"),
+        "mlp_bias": (_absent_or(False), "false"),
+        "pretraining_tp": (_absent_or(1), "1"),
+        "sliding_window": (_absent_or(), "none"),
+        "attention_dropout": (_absent_or(0, 0.0), "0"),
+        "head_dim": (None, "hidden_size / num_attention_heads"),  # checked below against the two
+    },
+    "gpt2": {
+        "activation_function": (_absent_or("gelu_new", "gelu_pytorch_tanh"), "gelu_new (tanh GELU)"),
+        "scale_attn_weights": (_absent_or(True), "true"),
+        "scale_attn_by_inverse_layer_idx": (_absent_or(False), "false"),
+        "add_cross_attention": (_absent_or(False), "false"),
+    },
+    "bert": {
+        "hidden_act": (_absent_or("gelu"), "gelu (erf)"),
+        "position_embedding_type": (_absent_or("absolute"), "absolute"),
+        "is_decoder": (_absent_or(False), "false"),
+        "add_cross_attention": (_absent_or(False), "false"),
+    },
+}
+
+
+def _refuse_unimplemented(raw: dict, family: str, config_file: Path) -> None:
+    for key, (accepts, supported) in IMPLEMENTED[family].items():
+        if key not in raw:
+            continue
+        value = raw[key]
+        if key == "head_dim":
+            ok = value is None or value * raw.get("num_attention_heads", 0) == raw.get("hidden_size")
+        else:
+            ok = accepts(value)
+        if not ok:
+            raise CheckpointError(f"{config_file}: {key} = {json.dumps(value)} is not implemented by the converter "
+                                  f"(supported: {supported}); importing it would change the model's outputs")
 
 
 def _weight_files(hf_dir: Path, allow_pickle: bool) -> list[Path]:
