@@ -35,6 +35,11 @@ def main(argv=None) -> int:
 
     import torch
 
+    from kernels.bench import OPS
+
+    if args.op != "all" and args.op not in OPS:
+        print(f"error: unknown op {args.op!r}: one of {', '.join(OPS)}, all", file=sys.stderr)
+        return 2
     if args.ce_memory:
         from kernels.bench import cross_entropy_memory
 

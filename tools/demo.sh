@@ -4,6 +4,15 @@
 # and generate the same prompt through transformers. Re-running reuses what is built (data, checkpoints).
 # Extra arguments are --set overrides, e.g. tools/demo.sh train.steps=100
 set -euo pipefail
+for arg in "$@"; do
+    case "$arg" in
+        -h | --help) sed -n '2,5p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -*) echo "error: unknown option $arg: the demo takes only section.key=value overrides (see --help)" >&2
+            exit 2 ;;
+        *=*) ;;
+        *) echo "error: $arg is not a section.key=value override (see --help)" >&2; exit 2 ;;
+    esac
+done
 . "$(dirname "$0")/env.sh" hf
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 DATA="${DATA:-data/builtin}"

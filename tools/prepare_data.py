@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -32,6 +33,11 @@ def main(argv=None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
+
+    def terminate(signum, frame):  # unwind so the temporary output is removed, as Ctrl-C does
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
     try:
         manifest = prepare(args.input, args.output, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
                            jsonl_field=args.jsonl_field, val_fraction=args.val_fraction,
@@ -40,6 +46,9 @@ def main(argv=None) -> int:
     except (DataError, TokenizerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing written (the temporary output was removed)", file=sys.stderr)
+        return 130
     splits = manifest["splits"]
     where = f"in {len(splits['train']['shards'])} shards" if "shards" in splits["train"] else "in train.bin"
     print(f"wrote {args.output}: train {splits['train']['tokens']:,} tokens {where}, "

@@ -128,7 +128,11 @@ def iter_documents(files: list[Path], jsonl_field: str = "text") -> Iterator[Doc
                             raise DataError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
                         if not isinstance(record, dict) or jsonl_field not in record:
                             raise DataError(f"{path}:{lineno}: record has no field {jsonl_field!r} (set --jsonl-field)")
-                        yield Document(f"{path}:{lineno}", str(record[jsonl_field]), replaced, len(raw))
+                        text = record[jsonl_field]
+                        if not isinstance(text, str):  # never tokenize a repr of null / 3 / [..]
+                            raise DataError(f"{path}:{lineno}: field {jsonl_field!r} is {json.dumps(text)[:40]} "
+                                            f"({type(text).__name__}), not a string")
+                        yield Document(f"{path}:{lineno}", text, replaced, len(raw))
                 else:
                     data = f.read()
                     text, replaced = _decode(data)
@@ -320,6 +324,7 @@ def prepare(
     dtype = np.dtype("<u2") if tok.vocab_size <= 65535 else np.dtype("<u4")
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_orphans(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -330,6 +335,21 @@ def prepare(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return manifest
+
+
+def remove_orphans(out: Path) -> None:
+    """Remove ``.NAME.tmp-PID`` directories beside ``out`` whose process is gone (a prepare killed by SIGKILL)."""
+    for tmp in out.parent.glob(f".{out.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or not tmp.is_dir():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            sys.stderr.write(f"prepare: removed {tmp}, left by an interrupted run (pid {pid})\n")
+        except PermissionError:
+            pass  # alive, someone else's
 
 
 WRITERS = {"shards": (ShardWriter, MANIFEST_FORMAT), "megatron": (MegatronWriter, MEGATRON_FORMAT)}
