@@ -77,7 +77,14 @@ def check_writable(directory: Path, what: str) -> None:
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise LockError(f"{what} {directory} is a file, not a directory")
-    probe = directory / f".write-probe-{os.getpid()}"
+    for parent in directory.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise LockError(f"{what} {directory} is not writable: {parent} is a file")
+            break
+    import socket
+
+    probe = directory / f".write-probe-{socket.gethostname()}-{os.getpid()}"
     try:
         directory.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"x" * 4096)

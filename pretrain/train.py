@@ -18,7 +18,7 @@ from pretrain.config import Config, ConfigError, load_config
 from pretrain.data import build_stream
 from pretrain.data.prepare import DataError
 from pretrain.data.tokenizer import TokenizerError
-from pretrain.files import LockError
+from pretrain.files import LockError, check_writable
 from pretrain.metrics import MetricsLogger
 from pretrain.parallel.dims import ParallelDims
 from pretrain.parallel.parallelize import parallelize
@@ -51,6 +51,7 @@ def build_trainer(cfg: Config, dist: distributed.DistInfo, dims: ParallelDims | 
     if cfg.eval.interval:
         build_stream(cfg, "val", rank, world)  # fail now, not at the first eval
         val_factory = lambda: build_stream(cfg, "val", rank, world, pin_memory=pin)
+    check_writable(cfg.logging.run_dir, "run dir (logging.run_dir)")  # every rank: before anything is written
     metrics = MetricsLogger(cfg.logging.run_dir, enabled=dist.is_main, tensorboard=cfg.logging.tensorboard,
                             wandb_project=cfg.logging.wandb_project, config=cfg.to_dict())
     return Trainer(cfg, parallel, task_for(cfg.model.arch), train_data, dist, val_factory, metrics)

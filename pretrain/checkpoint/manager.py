@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -168,7 +169,7 @@ def read_manifest(path: Path) -> dict:
         raise CheckpointError(f"{path} is not a checkpoint step (no manifest.json)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{file} is unreadable ({type(exc).__name__}): the step is damaged") from None
-    if isinstance(manifest, dict) and "shards" in manifest:
+    if isinstance(manifest, dict) and "splits" in manifest and "format" in manifest:
         raise CheckpointError(f"{path} is a prepared data set (tools/prepare_data.py), not a checkpoint")
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) or "step" not in manifest:
         raise CheckpointError(f"{file} is not a checkpoint manifest (no step / files)")
@@ -238,7 +239,10 @@ def _write_failure(exc: BaseException, where: Path) -> str:
     seen, todo = set(), [exc]
     while todo:
         e = todo.pop()
-        if e is None or id(e) in seen:
+        if isinstance(e, tuple):  # DCP's per-rank failures: (exception, traceback)
+            todo += [x for x in e if isinstance(x, BaseException)]
+            continue
+        if not isinstance(e, BaseException) or id(e) in seen:
             continue
         seen.add(id(e))
         if isinstance(e, OSError) and e.strerror:
@@ -330,7 +334,7 @@ class CheckpointManager:
             return self._save(step, model, optimizer, state, config_toml, engine, async_save, final, tmp)
         except CheckpointError:
             raise
-        except Exception as exc:
+        except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
             self._discard(tmp)
             raise CheckpointError(_write_failure(exc, tmp)) from exc
 
@@ -389,7 +393,7 @@ class CheckpointManager:
             self._complete()
         except CheckpointError:
             raise
-        except Exception as exc:
+        except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
             self._discard(tmp)
             raise CheckpointError(_write_failure(exc, tmp)) from exc
 
