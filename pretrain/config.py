@@ -377,9 +377,28 @@ class Config:
                 raise ConfigError(f"data.{key} must be >= 0")
         if d.prefetch_factor < 1 or d.shuffle_window < 1:
             raise ConfigError("data.prefetch_factor and data.shuffle_window must be >= 1")
+        data_paths = [d.path] if d.path else [src["path"] for src in d.sources]
+        for key, where in (("logging.run_dir", Path(self.logging.run_dir)), ("checkpoint.dir", self.checkpoint_dir)):
+            for data in data_paths + ([d.tokenizer] if d.tokenizer else []):
+                relation = _relation(where, Path(data))
+                if relation:
+                    raise ConfigError(f"{key} {where} {relation} the data {data}: checkpoints and metrics would be "
+                                      "written into it; choose a run dir outside the data")
         if d.bert_pairs != "none" and not (self.model.arch == "bert" and self.model.nsp_head):
             raise ConfigError(f'data.bert_pairs = "{d.bert_pairs}" needs model.arch = "bert" and model.nsp_head = true')
         return self
+
+
+def _relation(path: Path, other: Path) -> str:
+    """How ``path`` sits against ``other``: "is", "contains", "lies inside", or "" (apart)."""
+    a, b = path.resolve(), other.resolve()
+    if a == b:
+        return "is"
+    if a in b.parents:
+        return "contains"
+    if b in a.parents:
+        return "lies inside"
+    return ""
 
 
 def profile_range(text: str) -> tuple[int, int] | None:
