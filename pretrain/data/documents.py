@@ -36,9 +36,12 @@ def read_manifest(path: Path) -> dict:
             raise DataError(f"data dir {path} is empty (make it with tools/prepare_data.py)")
         raise DataError(f"data dir {path} has no manifest.json (make it with tools/prepare_data.py)")
     try:
-        return json.loads(manifest_path.read_text())
+        manifest = json.loads(manifest_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{manifest_path} is not valid JSON: {exc}") from None
+    if not isinstance(manifest, dict):
+        raise DataError(f"{manifest_path} is not a pretrain-shards manifest (a JSON {type(manifest).__name__})")
+    return manifest
 
 
 def short(digest: str | None) -> str:
