@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from pretrain.checkpoint.manager import CheckpointError
-from pretrain.config import ModelConfig
+from pretrain.config import Config, ConfigError, ModelConfig
 from pretrain.files import check_output, replace_dir
 
 SUPPORTED = {"LlamaForCausalLM": ("gpt", "llama"), "GPT2LMHeadModel": ("gpt", "gpt2"), "BertForMaskedLM": ("bert", "")}
@@ -214,6 +214,9 @@ def native_config(hf_dir: Path) -> tuple[ModelConfig, dict]:
     _refuse_unimplemented(raw, "bert" if family == "bert" else flavor, config_file)
     try:
         cfg = _model_config(raw, family, flavor)
+        Config(model=cfg).validate()
+    except ConfigError as exc:
+        raise CheckpointError(f"{config_file}: {exc}") from None
     except KeyError as exc:
         raise CheckpointError(f"{config_file} lacks {exc.args[0]!r}, which a {arch} needs") from None
     except (TypeError, ValueError) as exc:
@@ -292,7 +295,8 @@ def _refuse_unimplemented(raw: dict, family: str, config_file: Path) -> None:
             continue
         value = raw[key]
         if key == "head_dim":
-            ok = value is None or value * raw.get("num_attention_heads", 0) == raw.get("hidden_size")
+            heads, width = raw.get("num_attention_heads"), raw.get("hidden_size")
+            ok = value is None or not all(isinstance(x, int) for x in (value, heads, width)) or value * heads == width
         else:
             ok = accepts(value)
         if not ok:
@@ -404,7 +408,6 @@ def save_native(model: torch.nn.Module, cfg: ModelConfig, out_dir: str | Path, o
     """A model-only native checkpoint (step 0) of ``model``: the start of a run that continues pretraining.
     Written beside ``out_dir`` and renamed into place; an earlier import there is replaced only at the end."""
     from pretrain.checkpoint.manager import CheckpointManager, step_dir_name
-    from pretrain.config import Config
 
     out = Path(out_dir)
     check_output(out, inputs, overwrite, "model-only checkpoint (--to native)", is_native_import, CheckpointError)

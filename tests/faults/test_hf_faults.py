@@ -1,0 +1,138 @@
+"""Hugging Face directories the converter would get wrong or cannot read: refused naming the field or the file,
+nothing written. (Parity of what is implemented: tests/checkpoint/test_hf.py.)"""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from pretrain.checkpoint.hf import export_hf
+from pretrain.config import load_config
+from pretrain.models import build_model
+
+from .helpers import call, refused, tool
+
+FAMILIES = {
+    "llama": ["model.flavor=llama", "model.n_kv_heads=2"],
+    "gpt2": ["model.flavor=gpt2", "model.tie_embeddings=true"],
+    "bert": ["model.arch=bert"],
+}
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf")
+    out = {}
+    for name, extra in FAMILIES.items():
+        cfg = load_config(None, ["model.n_layers=1", "model.d_model=32", "model.n_heads=4", "model.vocab_size=96",
+                                 "model.seq_len=16", *extra]).model
+        torch.manual_seed(0)
+        out[name] = export_hf(build_model(cfg), cfg, root / name)
+    return out
+
+
+@pytest.fixture
+def hf(exports, tmp_path):
+    def copy(name):
+        target = tmp_path / name
+        shutil.copytree(exports[name], target)
+        return target
+    return copy
+
+
+def to_native(src, tmp_path, capsys, *flags):
+    return call(tool("convert_checkpoint").main, ["--to", "native", "--input", str(src), "--output",
+                                                  str(tmp_path / "native"), *flags], capsys)
+
+
+def set_config(path, **fields):
+    config = json.loads((path / "config.json").read_text())
+    config.update(fields)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+UNIMPLEMENTED = [
+    ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling"),
+    ("llama", {"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling"),
+    ("llama", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling"),
+    ("llama", {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0}}, "rope_parameters"),
+    ("llama", {"hidden_act": "gelu"}, "hidden_act"),
+    ("llama", {"hidden_act": "relu"}, "hidden_act"),
+    ("llama", {"attention_bias": True}, "attention_bias"),
+    ("llama", {"mlp_bias": True}, "mlp_bias"),
+    ("llama", {"pretraining_tp": 2}, "pretraining_tp"),
+    ("llama", {"sliding_window": 4096}, "sliding_window"),
+    ("llama", {"head_dim": 16}, "head_dim"),
+    ("llama", {"attention_dropout": 0.1}, "attention_dropout"),
+    ("gpt2", {"activation_function": "relu"}, "activation_function"),
+    ("gpt2", {"activation_function": "gelu"}, "activation_function"),
+    ("gpt2", {"scale_attn_weights": False}, "scale_attn_weights"),
+    ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
+    ("gpt2", {"add_cross_attention": True}, "add_cross_attention"),
+    ("bert", {"hidden_act": "gelu_new"}, "hidden_act"),
+    ("bert", {"hidden_act": "relu"}, "hidden_act"),
+    ("bert", {"position_embedding_type": "relative_key"}, "position_embedding_type"),
+    ("bert", {"is_decoder": True}, "is_decoder"),
+    ("bert", {"add_cross_attention": True}, "add_cross_attention"),
+]
+
+
+@pytest.mark.parametrize("family, fields, name", UNIMPLEMENTED, ids=[f"{c[0]}-{c[2]}-{i}" for i, c in
+                                                                     enumerate(UNIMPLEMENTED)])
+def test_unimplemented_config_field_is_refused_by_name(hf, tmp_path, capsys, family, fields, name):
+    src = hf(family)
+    set_config(src, **fields)
+    refused(to_native(src, tmp_path, capsys),
+            rf"config.json: {name} = .* is not implemented by the converter \(supported: .*\); importing it would "
+            r"change the model's outputs")
+    assert not (tmp_path / "native").exists()
+
+
+def test_implemented_spellings_still_import(hf, tmp_path, capsys):
+    src = hf("llama")
+    set_config(src, hidden_act="silu", rope_scaling=None, attention_bias=False, head_dim=8, pretraining_tp=1)
+    code, out, err = to_native(src, tmp_path, capsys)
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("config_garbage", r"config.json is not valid JSON"),
+    ("config_list", r"config.json is not a JSON object"),
+    ("config_missing_key", r"config.json lacks 'num_hidden_layers', which a LlamaForCausalLM needs"),
+    ("config_wrong_type", r"config.json has a value of the wrong type|must be"),
+    ("no_config", r"has no config.json: not a Hugging Face model directory"),
+    ("architecture", r"unsupported Hugging Face architecture 'MambaForCausalLM'"),
+    ("truncated_weights", r"model.safetensors is unreadable \(truncated or corrupt\?\)"),
+    ("no_weights", r"has no weights"),
+    ("pickle_only", r"holds only pickled weights \(pytorch_model.bin\); pass --allow-pickle"),
+    ("shape", r"weight .* has shape .*, the config implies"),
+])
+def test_unreadable_hf_directories(hf, tmp_path, capsys, damage, message):
+    src = hf("llama")
+    config = json.loads((src / "config.json").read_text())
+    if damage == "config_garbage":
+        (src / "config.json").write_text("{")
+    elif damage == "config_list":
+        (src / "config.json").write_text("[]")
+    elif damage == "config_missing_key":
+        del config["num_hidden_layers"]
+        (src / "config.json").write_text(json.dumps(config))
+    elif damage == "config_wrong_type":
+        set_config(src, hidden_size="thirty-two")
+    elif damage == "no_config":
+        (src / "config.json").unlink()
+    elif damage == "architecture":
+        set_config(src, architectures=["MambaForCausalLM"])
+    elif damage == "truncated_weights":
+        weights = src / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:200])
+    elif damage == "no_weights":
+        (src / "model.safetensors").unlink()
+    elif damage == "pickle_only":
+        (src / "model.safetensors").unlink()
+        (src / "pytorch_model.bin").write_bytes(b"not read")
+    elif damage == "shape":
+        set_config(src, intermediate_size=config["intermediate_size"] * 2)
+    refused(to_native(src, tmp_path, capsys), message)
+    assert not (tmp_path / "native").exists()
