@@ -34,21 +34,25 @@ def main(argv=None) -> int:
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
 
-    def terminate(signum, frame):  # unwind so the temporary output is removed, as Ctrl-C does
-        raise SystemExit(128 + signum)
+    received: list[int] = []
 
-    signal.signal(signal.SIGTERM, terminate)
+    def stop(signum, frame):  # unwind so the temporary output is removed
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     try:
         manifest = prepare(args.input, args.output, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
                            jsonl_field=args.jsonl_field, val_fraction=args.val_fraction,
                            shard_tokens=args.shard_tokens, workers=args.workers, overwrite=args.overwrite,
-                           progress=not args.quiet, fmt=args.format)
+                           progress=not args.quiet, fmt=args.format, stopped=lambda: bool(received))
     except (DataError, TokenizerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: nothing written (the temporary output was removed)", file=sys.stderr)
-        return 130
+        return 128 + (received[0] if received else signal.SIGINT)
     splits = manifest["splits"]
     where = f"in {len(splits['train']['shards'])} shards" if "shards" in splits["train"] else "in train.bin"
     print(f"wrote {args.output}: train {splits['train']['tokens']:,} tokens {where}, "

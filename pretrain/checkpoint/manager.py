@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 import warnings
@@ -129,11 +130,62 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
             torch.cuda.set_rng_state_all(cuda)
 
 
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP's ``.metadata`` is a pickle: read it with only the classes DCP itself writes there, so a file crafted
+    to run code on load (and even a manifest forged to match it) fails instead of executing."""
+
+    MODULES = ("torch.distributed.checkpoint.metadata",)
+    NAMES = {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+             ("torch.serialization", "_get_layout"), ("torch._utils", "_get_layout"), ("pathlib", "PosixPath"),
+             ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
+             ("collections", "OrderedDict")}
+
+    def find_class(self, module, name):
+        allowed = (module, name) in self.NAMES or module in self.MODULES and not name.startswith("__")
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            allowed = True
+        if not allowed:
+            raise CheckpointError(f"refers to {module}.{name}, which DCP never writes there: not loaded")
+        return super().find_class(module, name)
+
+
+class SafeReader(dcp.FileSystemReader):
+    """A FileSystemReader whose metadata goes through :class:`_MetadataUnpickler` (tensors are already read with
+    ``weights_only=True`` by DCP)."""
+
+    def read_metadata(self, *args, **kwargs):
+        rank = kwargs.get("rank")
+        if hasattr(self, "_get_metadata_path"):
+            path = self._get_metadata_path(rank)
+        else:  # older torch
+            path = self.fs.concat_path(self.path, ".metadata")
+        with self.fs.create_stream(path, "rb") as f:
+            try:
+                metadata = _MetadataUnpickler(f).load()
+            except CheckpointError as exc:
+                raise CheckpointError(f"{path} {exc}") from None
+        if hasattr(metadata, "storage_meta") and hasattr(self, "load_id"):
+            from torch.distributed.checkpoint.metadata import StorageMeta
+
+            if metadata.storage_meta is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def _unwrap(exc: BaseException, path: Path) -> CheckpointError:
+    """The CheckpointError inside DCP's CheckpointException (per-rank (exception, traceback) pairs), or one line."""
+    for failure in getattr(exc, "failures", {}).values():
+        inner = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(inner, CheckpointError):
+            return inner
+    first = str(exc).strip().splitlines()
+    return CheckpointError(f"cannot load checkpoint {path}: {first[0] if first else type(exc).__name__}")
+
+
 def _has_flat_optimizer(path: Path) -> bool:
     """Whether the checkpoint's optimizer entries use flattened names (``optim.param_groups.<param>.lr``)."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    keys = FileSystemReader(str(path)).read_metadata().state_dict_metadata.keys()
+    keys = SafeReader(str(path)).read_metadata().state_dict_metadata.keys()
     groups = [k for k in keys if k.startswith("optim.param_groups.")]
     return not groups or not groups[0].split(".")[2].isdigit()
 
@@ -460,7 +512,10 @@ class CheckpointManager:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 # local: this process alone reads the whole model (load_model), even inside a distributed job
-                dcp.load(to_load, checkpoint_id=str(path), no_dist=local)
+                try:
+                    dcp.load(to_load, storage_reader=SafeReader(str(path)), no_dist=local)
+                except CheckpointException as exc:  # DCP wraps every rank's failure: surface ours
+                    raise _unwrap(exc, path) from None
             model_sd, optim_sd = _restore_names(to_load["model"], to_load.get("optim"), names)
             if optimizer is not None and _is_zero1(optimizer):
                 set_model_state_dict(model, model_sd)  # the optimizer state was loaded in place

@@ -302,8 +302,11 @@ def prepare(
     overwrite: bool = False,
     progress: bool = True,
     fmt: str = "shards",
+    stopped=None,
 ) -> dict:
-    """Build shards + manifest in ``output``; returns the manifest. Raises DataError with one clear line."""
+    """Build shards + manifest in ``output``; returns the manifest. Raises DataError with one clear line.
+    ``stopped()`` (optional) is asked before the output is put in place: a signal that a library swallowed
+    (sentencepiece catches exceptions raised in its callbacks) still stops the run with nothing written."""
     out = Path(output)
     sources = [p for p in inputs if p != "builtin"] + ([tokenizer] if tokenizer else [])
     check_output(out, sources, overwrite, "prepared data set", is_prepared_dir, DataError)
@@ -331,6 +334,8 @@ def prepare(
     try:
         manifest = _write_shards(files, tok, tmp, dtype, jsonl_field, val_fraction, shard_tokens, workers, progress,
                                  inputs, fmt)
+        if stopped is not None and stopped():
+            raise KeyboardInterrupt
         replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

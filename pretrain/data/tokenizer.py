@@ -85,9 +85,18 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, max_lines: int = 2_00
     if vocab_size < 300:
         raise TokenizerError(f"vocab size {vocab_size} is too small: byte fallback alone needs 256 + 8 pieces")
     buffer = io.BytesIO()
+    stopped: list[BaseException] = []
+
+    def feed():  # sentencepiece ends its input quietly on an exception from the iterator: remember it
+        try:
+            yield from _lines(texts, max_lines)
+        except BaseException as exc:
+            stopped.append(exc)
+            raise
+
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=_lines(texts, max_lines),
+            sentence_iterator=feed(),
             model_writer=buffer,
             vocab_size=vocab_size,
             model_type="bpe",
@@ -107,5 +116,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, max_lines: int = 2_00
             minloglevel=2,
         )
     except RuntimeError as exc:
+        if stopped:
+            raise stopped[0] from None
         raise TokenizerError(f"tokenizer training failed: {exc}") from None
+    if stopped:  # Ctrl-C / SIGTERM / a bad document while reading: not a tokenizer of part of the corpus
+        raise stopped[0]
     return Tokenizer(buffer.getvalue())

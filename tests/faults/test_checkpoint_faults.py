@@ -88,6 +88,22 @@ def test_every_step_poisoned_is_one_line_and_nothing_runs(run, tmp_path, capsys)
     assert digest(run / "checkpoints") == before  # reported, not deleted
 
 
+def test_pickle_with_a_forged_manifest_is_refused_by_the_unpickler(run, tmp_path, capsys):
+    """An attacker who rewrites the manifest to match still gets nothing run: .metadata is read with only the
+    classes DCP writes there."""
+    from pretrain.checkpoint.manager import _checksums
+
+    marker = tmp_path / "pwned"
+    step = ckpt(run, 4)
+    poison(step, marker)
+    manifest = json.loads((step / "manifest.json").read_text())
+    manifest["files"] = {name: {"bytes": (step / name).stat().st_size, "crc32": crc}
+                         for name, crc in _checksums(step).items() if name != "manifest.json"}
+    (step / "manifest.json").write_text(json.dumps(manifest))
+    refused(resume(run, capsys), r"\.metadata refers to posix.system, which DCP never writes there: not loaded")
+    assert not marker.exists()
+
+
 def _shard(step_dir: Path) -> Path:
     return sorted(step_dir.glob("*.distcp"))[0]
 

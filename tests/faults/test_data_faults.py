@@ -155,3 +155,15 @@ def test_prepare_bad_numbers(small_corpus, tmp_path, capsys):
         refused(call(tool("prepare_data").main, ["--input", str(small_corpus), "--output", str(tmp_path / "o"),
                                                  "--quiet", *flags], capsys), message)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_bad_record_stops_tokenizer_training_too(small_corpus, tmp_path, capsys):
+    """A bad record met while the tokenizer trains on the corpus is refused like one met while encoding."""
+    corpus = tmp_path / "c.jsonl"
+    text = "".join(p.read_text(errors="replace") for p in sorted(small_corpus.glob("*.py"))[:10])
+    corpus.write_text("".join(json.dumps({"text": line}) + "\n" for line in text.splitlines()[:3000])
+                      + '{"text": null}\n')
+    refused(call(tool("prepare_data").main, ["--input", str(corpus), "--output", str(tmp_path / "o"),
+                                             "--vocab-size", "512", "--quiet"], capsys),
+            r"c.jsonl:3001: field 'text' is null \(NoneType\), not a string")
+    assert not (tmp_path / "o").exists()

@@ -158,7 +158,7 @@ def main(names: list[str]) -> int:
             assert world == info.world_size, f"{name} needs {world} ranks"
             arch = [o for o in overrides if o.startswith(("model.arch", "model.flavor", "model.tie"))]
             reference, ref_params = run([f"train.micro_batch_size={GLOBAL_BATCH}", *arch],
-                                        DistInfo(0, 1, 0, torch.device("cpu")), f"{tmp}/ref")
+                                        DistInfo(0, 1, 0, torch.device("cpu")), f"{tmp}/ref-{info.rank}")
             losses, params = run(overrides, info, f"{tmp}/{name}")
             loss_diff = max(abs(a - b) for a, b in zip(reference, losses))
             assert len(losses) == len(reference) == STEPS
