@@ -7,7 +7,7 @@ also for BERT, whose micro-batches mask different numbers of tokens.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,11 @@ class LossOutput:
     loss_sum: torch.Tensor  # scalar, differentiable
     count: torch.Tensor  # number of targets the loss is summed over
     correct: torch.Tensor  # argmax == target among them
+    # a task's own terms (an MoE balancing loss, ...), summed over the batch like loss_sum: back-propagated with it
+    # (normalised by the same global count) and logged by name as their per-target mean; every engine carries
+    # them. The task lists their names in ``extra_names`` (pipeline stages without a loss must know them).
+    extra_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # statistics only, logged the same way
 
 
 def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor, accuracy: bool = True) -> LossOutput:
@@ -46,6 +51,8 @@ def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor, accuracy: bool =
 
 class GPTTask:
     """Next-token prediction: batch {"tokens", "targets"} (B, T)."""
+
+    extra_names: tuple[str, ...] = ()
 
     @staticmethod
     def count(batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -78,6 +85,8 @@ class BERTTask:
     is added as a mean over the micro-batch's pairs, scaled to the masked-token count so that the trainer's
     division by the global count leaves ``mean MLM + mean NSP`` (Devlin et al.'s sum of the two means).
     """
+
+    extra_names: tuple[str, ...] = ()
 
     @staticmethod
     def count(batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -40,7 +40,7 @@ def build_samples(cfg: Config, split: str = "train"):
     hashes = [s.store.tokenizer_hash for s in sets]
     for i, digest in enumerate(hashes[1:], 1):
         if digest != hashes[0]:
-            from pretrain.data.documents import short
+            from pretrain.data.manifest import short
 
             raise DataError(f"data.sources[{i}] {d.sources[i]['path']} was prepared with tokenizer {short(digest)}, "
                             f"data.sources[0] {d.sources[0]['path']} with {short(hashes[0])}: a blend needs one "

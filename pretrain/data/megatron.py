@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pretrain.data.manifest import read_manifest, validate_manifest
 from pretrain.data.prepare import DataError
 from pretrain.data.tokenizer import Tokenizer
 
@@ -53,8 +54,6 @@ class MegatronDocuments:
 
     @classmethod
     def from_prepared(cls, path: Path, split: str, tokenizer_path: str | None = None) -> MegatronDocuments:
-        from pretrain.data.documents import read_manifest, validate_manifest
-
         manifest = read_manifest(path)
         validate_manifest(path, manifest, tokenizer_path)
         if split not in manifest["splits"] or manifest["splits"][split]["tokens"] == 0:

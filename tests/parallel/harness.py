@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from pretrain.config import load_config  # noqa: E402
 from pretrain.distributed import DistInfo, init_distributed  # noqa: E402
 from pretrain.parallel.dims import ParallelDims  # noqa: E402
+from pretrain.tasks import GPTTask, _cross_entropy  # noqa: E402
 from pretrain.train import build_trainer  # noqa: E402
 
 TOLERANCE = 1e-5
@@ -80,7 +81,48 @@ LAYOUTS = {
                         "parallel.pp_schedule=interleaved_1f1b"]),
     "bert_tp2_dp2": (4, ["train.micro_batch_size=4", "parallel.tp=2", "parallel.sequence_parallel=false",
                          "parallel.zero_stage=3", "model.arch=bert"]),
+    # a task with an extra loss term and a metric (AuxTask) under each step engine: local (the one-process
+    # reference, and DDP), pipeline, DeepSpeed; the terms must reach metrics.jsonl equal to the reference's
+    "aux_dp2": (2, ["train.micro_batch_size=4", "task=aux"]),
+    "aux_pp2": (2, ["train.micro_batch_size=4", "train.grad_accum=2", "parallel.pp=2", "task=aux"]),
+    "aux_ds_zero1": (2, ["train.micro_batch_size=4", "parallel.engine=deepspeed", "parallel.zero_stage=1",
+                         "task=aux"]),
 }
+
+
+class AuxTask(GPTTask):
+    """GPT plus a toy auxiliary loss (a z-loss, 1e-3 · logsumexp² per target: it changes the gradients) and a
+    statistic (the mean squared logit per target): what an MoE balancing loss and expert-load metric will be."""
+
+    extra_names = ("aux_zloss", "logit_sq")
+
+    def loss(self, model, batch, accuracy=True):
+        return self._with_aux(model(batch["tokens"]), batch["targets"], accuracy)
+
+    def loss_from_output(self, logits, targets, accuracy=True):
+        return self._with_aux(logits, targets, accuracy)
+
+    @staticmethod
+    def _with_aux(logits, targets, accuracy):
+        out = _cross_entropy(logits, targets, accuracy)
+        flat = logits.reshape(-1, logits.shape[-1]).float()
+        keep = targets.reshape(-1) != -100
+        out.extra_losses["aux_zloss"] = 1e-3 * (torch.logsumexp(flat, -1).square() * keep).sum()
+        out.metrics["logit_sq"] = (flat.detach().square().mean(-1) * keep).sum()
+        return out
+
+
+def extras_diff(run_dir: str, ref_dir: str) -> float:
+    """Largest difference of the extra terms between two runs' metrics.jsonl (inf if either lacks them)."""
+    from pretrain.metrics import read_metrics
+
+    runs = [[r for r in read_metrics(Path(d)) if "loss" in r] for d in (run_dir, ref_dir)]
+    if len(runs[0]) != STEPS or len(runs[1]) != STEPS:
+        return float("inf")
+    try:
+        return max(abs(a[k] - b[k]) for a, b in zip(*runs) for k in AuxTask.extra_names)
+    except KeyError:
+        return float("inf")
 
 
 def full_params(parts: list[torch.nn.Module], gather: bool) -> dict[str, torch.Tensor]:
@@ -104,9 +146,13 @@ RESUME = {"bert_pp2", "zero1_2", "pp2_interleaved", "ds_zero2_2", "tp2_sp", "tp2
 
 
 def run(overrides: list[str], dist_info: DistInfo, run_dir: str, stop_after: int | None = None):
+    aux = "task=aux" in overrides
+    overrides = [o for o in overrides if o != "task=aux"] + (["logging.interval=1"] if aux else [])
     cfg = load_config(None, [*BASE, *overrides, f"logging.run_dir={run_dir}"])
     dims = ParallelDims.from_config(cfg, dist_info.world_size)
     trainer = build_trainer(cfg, dist_info, dims)
+    if aux:
+        trainer.task = AuxTask()
     norms, train_step = [], trainer.train_step
 
     def recorded_step():
@@ -156,9 +202,9 @@ def main(names: list[str]) -> int:
         for name in names:
             world, overrides = LAYOUTS[name]
             assert world == info.world_size, f"{name} needs {world} ranks"
-            arch = [o for o in overrides if o.startswith(("model.arch", "model.flavor", "model.tie"))]
+            arch = [o for o in overrides if o.startswith(("model.arch", "model.flavor", "model.tie", "task="))]
             reference, ref_params = run([f"train.micro_batch_size={GLOBAL_BATCH}", *arch],
-                                        DistInfo(0, 1, 0, torch.device("cpu")), f"{tmp}/ref-{info.rank}")
+                                        DistInfo(0, 1, 0, torch.device("cpu")), f"{tmp}/{name}-ref-{info.rank}")
             losses, params = run(overrides, info, f"{tmp}/{name}")
             loss_diff = max(abs(a - b) for a, b in zip(reference, losses))
             assert len(losses) == len(reference) == STEPS
@@ -167,6 +213,11 @@ def main(names: list[str]) -> int:
             norm_diff = (params["grad_norms"] - ref_params["grad_norms"]).abs().max().item()
             assert params.keys() == ref_params.keys()
             ok = loss_diff <= TOLERANCE and param_diff <= TOLERANCE
+            extra = ""
+            if "task=aux" in overrides and info.rank == 0:  # rank 0 writes the run's metrics
+                diff = extras_diff(f"{tmp}/{name}", f"{tmp}/{name}-ref-0")
+                ok &= diff <= TOLERANCE
+                extra = f" extras_diff={diff:.2e}"
             if "parallel.meta_init=true" in overrides:  # shards drawn on their own: same distribution, not values
                 ok = all(abs(a - b) < 0.05 for a, b in zip(reference, losses)) and 0 < param_diff < 1.0
             if name in RESHARD:  # saved under this layout, resumed under another
@@ -192,7 +243,8 @@ def main(names: list[str]) -> int:
             failed |= not ok
             if info.rank == 0:
                 print(f"LAYOUT {name} {'ok' if ok else 'FAILED'} loss_diff={loss_diff:.2e} "
-                      f"param_diff={param_diff:.2e} ({worst_key}) grad_norm_diff={norm_diff:.2e} losses={[round(x, 6) for x in losses]}", flush=True)
+                      f"param_diff={param_diff:.2e} ({worst_key}) grad_norm_diff={norm_diff:.2e}{extra} "
+                      f"losses={[round(x, 6) for x in losses]}", flush=True)
             dist.barrier()
         dist.barrier()  # rank 0's directory goes away last
     dist.destroy_process_group()

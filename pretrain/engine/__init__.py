@@ -1,0 +1,134 @@
+"""Step engines: how one optimizer step runs for a parallel layout. The trainer keeps the loop (schedule, cadence,
+signals, the non-finite guard, metrics) and hands each step's micro-batches to the engine chosen here, once.
+
+Every engine takes the step's micro-batches and the global normalisation ``scale`` (data-parallel size / targets
+in the whole global batch) and returns :class:`Totals` — the summed loss, target count, correct guesses and the
+task's extra terms (``LossOutput.extra_losses``, added to what is back-propagated, and ``LossOutput.metrics``),
+all as this rank's float64 sums — and owns its backward and optimizer step:
+
+- ``local``: one process, DDP or FSDP (and TP / SP inside them): forward + backward per micro-batch, gradient sync
+  only on the last one;
+- ``pipeline``: ``torch.distributed.pipelining`` schedules over this rank's stages;
+- ``deepspeed``: the DeepSpeed engine, which also clips and steps inside its backward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+
+from pretrain.config import Config
+from pretrain.parallel.data_parallel import clip_grad_norm
+
+
+@dataclass
+class Totals:
+    loss: torch.Tensor  # float64 sums over this rank's micro-batches
+    count: torch.Tensor
+    correct: torch.Tensor
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def zeros(cls, device) -> Totals:
+        zero = lambda: torch.zeros((), dtype=torch.float64, device=device)  # noqa: E731
+        return cls(zero(), zero(), zero())
+
+    def add(self, out, loss_sum: torch.Tensor | None = None) -> None:
+        """Fold one micro-batch's LossOutput in (``loss_sum``: a replicated DTensor's plain value, when so)."""
+        self.loss += plain(out.loss_sum if loss_sum is None else loss_sum).detach().to(torch.float64)
+        self.count += out.count.detach().to(torch.float64)
+        self.correct += out.correct.detach().to(torch.float64)
+        for name, value in {**out.extra_losses, **out.metrics}.items():
+            value = plain(value).detach().to(torch.float64)
+            self.extras[name] = self.extras[name] + value if name in self.extras else value
+
+
+def plain(value: torch.Tensor) -> torch.Tensor:
+    """A replicated DTensor (a loss under loss_parallel) as an ordinary tensor."""
+    from torch.distributed.tensor import DTensor
+
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+def objective(out, scale) -> torch.Tensor:
+    """What one micro-batch back-propagates: its summed loss plus the task's extra terms, globally normalised."""
+    total = out.loss_sum
+    for term in out.extra_losses.values():
+        total = total + term
+    return total * scale
+
+
+class Engine:
+    """The local engine's shape, which the others follow. ``model`` runs forward and backward, ``module`` is what
+    the optimizer, checkpoints and evaluation see; ``checkpoint_engine`` is handed to the checkpoint manager
+    (DeepSpeed writes its own files); ``can_skip_update`` says whether a non-finite step can still be skipped
+    (DeepSpeed has stepped by the time the loss is known)."""
+
+    checkpoint_engine = None
+    can_skip_update = True
+
+    def __init__(self, cfg: Config, parallel, task, optimizer: torch.optim.Optimizer, device: torch.device):
+        self.cfg, self.parallel, self.task, self.optimizer, self.device = cfg, parallel, task, optimizer, device
+        self.model, self.module = parallel.model, parallel.module
+
+    # shared pieces -------------------------------------------------------------------------------------------
+    def autocast(self):
+        if self.cfg.train.dtype == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def loss_context(self):
+        """``loss_parallel`` around forward and backward when the head's logits are sharded over the vocab."""
+        m = self.cfg.model
+        if self.parallel.dims.tp > 1 and m.arch == "gpt" and not m.tie_embeddings:
+            from torch.distributed.tensor.parallel import loss_parallel
+
+            return loss_parallel()
+        return contextlib.nullcontext()
+
+    # the step ------------------------------------------------------------------------------------------------
+    def forward_backward(self, micro_batches: list[dict], scale: torch.Tensor) -> Totals:
+        raise NotImplementedError
+
+    def clip(self, max_norm: float) -> torch.Tensor:
+        """Sync tied gradients, clip by the global norm (counted once over every shard); returns the norm."""
+        tied = self.parallel.tied
+        if tied is not None:
+            tied.sync_gradients()
+        return clip_grad_norm(list(self.module.parameters()), max_norm, self.parallel.pp_group(),
+                              tied.not_counted() if tied is not None else ())
+
+    def step(self) -> None:
+        self.optimizer.step()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # evaluation ----------------------------------------------------------------------------------------------
+    def eval_batch(self, batch: dict) -> Totals:
+        totals = Totals.zeros(self.device)
+        with self.autocast(), self.loss_context():
+            out = self.task.loss(self.module, batch, accuracy=True)
+        totals.add(out)
+        return totals
+
+    def eval_mode(self) -> None:
+        for part in self.parallel.parts or [self.module]:
+            part.eval()
+
+
+def build_engine(cfg: Config, parallel, task, optimizer, device: torch.device, dp_size: int) -> Engine:
+    """The engine for this layout: chosen once, never branched on again."""
+    if cfg.parallel.engine == "deepspeed":
+        from pretrain.engine.deepspeed import DeepSpeedEngine
+
+        return DeepSpeedEngine(cfg, parallel, task, optimizer, device, dp_size)
+    if parallel.schedule is not None:
+        from pretrain.engine.pipeline import PipelineEngine
+
+        return PipelineEngine(cfg, parallel, task, optimizer, device)
+    from pretrain.engine.local import LocalEngine
+
+    return LocalEngine(cfg, parallel, task, optimizer, device)

@@ -1,0 +1,22 @@
+"""One process, DDP or FSDP (with TP / SP inside): forward and backward per micro-batch, the gradient sync
+deferred to the last micro-batch of the step."""
+
+from __future__ import annotations
+
+from pretrain.engine import Engine, Totals, objective
+from pretrain.parallel.data_parallel import no_gradient_sync
+
+
+class LocalEngine(Engine):
+    def forward_backward(self, micro_batches, scale) -> Totals:
+        totals = Totals.zeros(self.device)
+        self.model.train()
+        sync_every = self.parallel.dp_size > 1
+        for i, batch in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            with no_gradient_sync(self.model, active=not last and sync_every), self.loss_context():
+                with self.autocast():
+                    out = self.task.loss(self.model, batch, accuracy=False)
+                objective(out, scale).backward()
+            totals.add(out)
+        return totals
