@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -123,3 +124,26 @@ def check_output(out: Path, inputs, overwrite: bool, what: str, ours, error=Valu
                     "--overwrite or not; choose another output")
     if not overwrite:
         raise error(f"output {out} holds an earlier {what} (pass --overwrite to replace it)")
+
+
+DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM}
+
+
+def disk_error(exc: BaseException, where=None) -> str | None:
+    """One line for a write the file system refused (full, read-only, quota, permission), or None if ``exc`` is
+    something else (a bug, which keeps its traceback). ``where`` names the output when the error does not."""
+    if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
+        return f"cannot write {exc.filename or where or 'a file'}: {exc.strerror}"
+    return None
+
+
+def as_os_error(exc: BaseException, path) -> BaseException:
+    """Libraries that report an OS error in their own exception (safetensors: "I/O error: ... (os error 28)")
+    as the OSError it is, so :func:`disk_error` can name it; anything else unchanged."""
+    import re
+
+    found = re.search(r"\(os error (\d+)\)", str(exc))
+    if found and not isinstance(exc, OSError):
+        code = int(found.group(1))
+        return OSError(code, os.strerror(code), str(path))
+    return exc

@@ -18,7 +18,7 @@ from pretrain.config import Config, ConfigError, load_config
 from pretrain.data import build_stream
 from pretrain.data.prepare import DataError
 from pretrain.data.tokenizer import TokenizerError
-from pretrain.files import LockError, check_writable
+from pretrain.files import LockError, check_writable, disk_error
 from pretrain.metrics import MetricsLogger
 from pretrain.parallel.dims import ParallelDims
 from pretrain.parallel.parallelize import parallelize
@@ -89,6 +89,11 @@ def main(argv=None) -> int:
     except USER_ERRORS as exc:
         if training or _launched_rank() == 0:
             print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if disk_error(exc) is None:
+            raise
+        print(f"error: {disk_error(exc)}", file=sys.stderr)
         return 2
     except TrainingError as exc:
         print(f"error: {exc}", file=sys.stderr)

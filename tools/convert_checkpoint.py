@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pretrain.checkpoint.hf import is_hf_export, is_native_import  # noqa: E402
 from pretrain.checkpoint.manager import CheckpointError  # noqa: E402
-from pretrain.files import check_output  # noqa: E402
+from pretrain.files import check_output, disk_error  # noqa: E402
 
 
 def tokenizer_of(cfg, explicit: str | None) -> Path | None:
@@ -63,6 +63,11 @@ def main(argv=None) -> int:
             print(f"wrote {path}: continue with --set checkpoint.resume={path}")
     except (CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a full or read-only disk: the temporary output is already removed
+        if disk_error(exc) is None:
+            raise
+        print(f"error: {disk_error(exc, args.output)}", file=sys.stderr)
         return 2
     return 0
 

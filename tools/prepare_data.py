@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pretrain.data.prepare import DataError, prepare  # noqa: E402
 from pretrain.data.tokenizer import TokenizerError  # noqa: E402
+from pretrain.files import disk_error  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -49,6 +50,11 @@ def main(argv=None) -> int:
                            progress=not args.quiet, fmt=args.format, stopped=lambda: bool(received))
     except (DataError, TokenizerError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a full or read-only disk: the temporary output is already removed
+        if disk_error(exc) is None:
+            raise
+        print(f"error: {disk_error(exc, args.output)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: nothing written (the temporary output was removed)", file=sys.stderr)

@@ -21,7 +21,7 @@ import torch
 
 from pretrain.checkpoint.manager import CheckpointError
 from pretrain.config import Config, ConfigError, ModelConfig
-from pretrain.files import check_output, replace_dir
+from pretrain.files import as_os_error, check_output, replace_dir
 
 SUPPORTED = {"LlamaForCausalLM": ("gpt", "llama"), "GPT2LMHeadModel": ("gpt", "gpt2"), "BertForMaskedLM": ("bert", "")}
 SHARD_BYTES = 5 * 10 ** 9
@@ -145,7 +145,6 @@ def export_hf(model: torch.nn.Module, cfg: ModelConfig, out_dir: str | Path, tok
               overwrite: bool = False, shard_bytes: int = SHARD_BYTES, inputs=()) -> Path:
     """Write ``model`` (native, on CPU) as a Hugging Face model directory; returns it. ``inputs`` (the checkpoint
     it came from) may not be, contain or hold the output."""
-    from safetensors.torch import save_file
 
     out = Path(out_dir)
     tmp = _check_output(out, overwrite, [*inputs, *([tokenizer_path] if tokenizer_path else [])])
@@ -161,12 +160,12 @@ def export_hf(model: torch.nn.Module, cfg: ModelConfig, out_dir: str | Path, tok
             shards[-1][name] = tensor.detach().contiguous()
             size += nbytes
         if len(shards) == 1:
-            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            _save_safetensors(shards[0], tmp / "model.safetensors", out)
         else:
             weight_map, total = {}, 0
             for i, shard in enumerate(shards):
                 file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / file), metadata={"format": "pt"})
+                _save_safetensors(shard, tmp / file, out)
                 weight_map.update({name: file for name in shard})
                 total += sum(t.numel() * t.element_size() for t in shard.values())
             (tmp / "model.safetensors.index.json").write_text(
@@ -177,6 +176,15 @@ def export_hf(model: torch.nn.Module, cfg: ModelConfig, out_dir: str | Path, tok
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _save_safetensors(tensors: dict, file: Path, out: Path) -> None:
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(file), metadata={"format": "pt"})
+    except Exception as exc:  # safetensors reports a full disk as its own error type
+        raise as_os_error(exc, out) from exc
 
 
 def write_tokenizer(model_file: Path, out: Path, cfg: ModelConfig) -> None:

@@ -148,3 +148,27 @@ def test_training_run_dir_is_the_data(prepared, capsys):
                             f"data.path={prepared}", "model.vocab_size=512", "train.steps=1"], capsys)
     refused((code, out, err), r"logging.run_dir .* is the data .*: checkpoints and metrics would be written into it")
     assert digest(prepared) == before
+
+
+@pytest.mark.parametrize("what", ["prepare", "export"])
+def test_a_full_disk_under_a_writer_is_one_line_and_leaves_nothing(run, corpus, tmp_path, what):
+    """A 64 KiB tmpfs in a private mount namespace: the write fails with ENOSPC part-way."""
+    import os
+    import sys
+
+    from .helpers import process
+
+    if shutil.which("unshare") is None or process(["unshare", "-rm", "true"])[0] != 0:
+        pytest.skip("unshare -rm (user + mount namespaces) is not permitted here")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if what == "prepare":
+        cmd = [sys.executable, "tools/prepare_data.py", "--input", str(corpus), "--output", str(mnt / "out"),
+               "--vocab-size", "512", "--quiet"]
+    else:
+        cmd = [sys.executable, "tools/convert_checkpoint.py", "--to", "hf", "--input", str(run / "checkpoints"),
+               "--output", str(mnt / "out")]
+    script = f"mount -t tmpfs -o size=64k tmpfs {mnt} && {' '.join(cmd)}; rc=$?; ls -A {mnt}; exit $rc"
+    code, out, err = process(["unshare", "-rm", "sh", "-c", script], env={"PYTHONPATH": os.getcwd()})
+    refused((code, out, err), r"cannot write .*mnt/.*: No space left on device")
+    assert out.strip() == ""  # neither the output nor its temporary copy is left on the full disk
