@@ -99,9 +99,31 @@ class Profiler(Callback):
                                 "ui.perfetto.dev)")
 
 
-def default_callbacks(logging_cfg) -> list[Callback]:
-    """From ``[logging]``: the heartbeat (``heartbeat_s``) and the profiler (``profile_steps``)."""
+class RouterBias(Callback):
+    """DeepSeek-V3's aux-loss-free balancing after each optimizer step: every MoE layer's loads of the step are
+    summed over the data-parallel ranks, so the bias update is the same on every rank."""
+
+    def __init__(self, rate: float):
+        self.rate = rate
+
+    def step_end(self, trainer) -> None:
+        from pretrain import distributed
+        from pretrain.models.moe import MoE, update_router_bias
+
+        for module in trainer.raw_model.modules():
+            if isinstance(module, MoE):
+                load = module.load.clone()
+                if trainer.dp_size > 1:
+                    distributed.all_reduce_sum(load, trainer.dp_group)
+                update_router_bias(module, load, self.rate)
+
+
+def default_callbacks(logging_cfg, model_cfg=None) -> list[Callback]:
+    """From ``[logging]``: the heartbeat (``heartbeat_s``) and the profiler (``profile_steps``); from ``[model]``:
+    the MoE router bias (``moe_balance`` = bias | both)."""
     out: list[Callback] = []
+    if model_cfg is not None and model_cfg.n_experts and model_cfg.moe_balance in ("bias", "both"):
+        out.append(RouterBias(model_cfg.moe_bias_rate))
     if logging_cfg.heartbeat_s:
         out.append(Heartbeat(logging_cfg.heartbeat_s))
     span = profile_range(logging_cfg.profile_steps)

@@ -47,6 +47,21 @@ class ModelConfig:
     nsp_head: bool = False  # bert: next-sentence prediction head
     init_std: float = 0.02
     kernels: str = "torch"  # torch | triton | ops from triton, e.g. "attention,rms_norm,cross_entropy"
+    # Mixture-of-Experts (llama flavour; pretrain/models/moe.py). n_experts = 0: every layer dense
+    n_experts: int = 0
+    moe_top_k: int = 2
+    moe_ffn_hidden: int = 0  # each expert's SwiGLU width (0 = ffn_hidden's resolved width)
+    n_shared_experts: int = 0  # always-on experts of moe_ffn_hidden each (DeepSeek)
+    moe_dense_layers: int = 0  # the first k layers keep a dense MLP (DeepSeek's first_k_dense_replace)
+    moe_router: str = "softmax"  # softmax (Mixtral / Qwen-MoE) | sigmoid (DeepSeek-V3)
+    moe_balance: str = "aux_loss"  # aux_loss (Switch) | bias (DeepSeek-V3 aux-loss-free) | both
+    moe_aux_coef: float = 0.01  # weight of the auxiliary balancing loss
+    moe_z_coef: float = 0.001  # weight of the router z-loss (0 = off)
+    moe_bias_rate: float = 0.001  # step of the aux-loss-free bias update
+
+    @property
+    def expert_dim(self) -> int:
+        return self.moe_ffn_hidden or self.ffn_dim
 
     @property
     def kv_heads(self) -> int:
@@ -186,6 +201,8 @@ SECTIONS: dict[str, type] = {
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.arch": ("gpt", "bert"),
     "model.flavor": ("llama", "gpt2"),
+    "model.moe_router": ("softmax", "sigmoid"),
+    "model.moe_balance": ("aux_loss", "bias", "both"),
     "data.source": ("shards", "synthetic", "megatron"),
     "data.on_bad_sample": ("error", "skip"),
     "data.bert_pairs": ("none", "nsp", "sop"),
@@ -208,7 +225,10 @@ RANGES: dict[str, tuple] = {
     "model.n_kv_heads": NON_NEGATIVE, "model.ffn_hidden": NON_NEGATIVE, "model.vocab_size": ((2, True), None),
     "model.seq_len": AT_LEAST_1, "model.max_position_embeddings": NON_NEGATIVE, "model.rope_theta": POSITIVE,
     "model.norm_eps": POSITIVE, "model.dropout": UNIT_OPEN, "model.type_vocab_size": AT_LEAST_1,
-    "model.init_std": POSITIVE,
+    "model.init_std": POSITIVE, "model.n_experts": NON_NEGATIVE, "model.moe_top_k": AT_LEAST_1,
+    "model.moe_ffn_hidden": NON_NEGATIVE, "model.n_shared_experts": NON_NEGATIVE,
+    "model.moe_dense_layers": NON_NEGATIVE, "model.moe_aux_coef": NON_NEGATIVE, "model.moe_z_coef": NON_NEGATIVE,
+    "model.moe_bias_rate": NON_NEGATIVE,
     "data.num_workers": NON_NEGATIVE, "data.prefetch_factor": AT_LEAST_1, "data.seed": NON_NEGATIVE,
     "data.shuffle_window": AT_LEAST_1, "data.mlm_probability": ((0, False), (1, False)),
     "data.max_predictions_per_seq": NON_NEGATIVE,
@@ -312,6 +332,19 @@ class Config:
             )
         if m.arch == "bert" and m.flavor != "llama" and m.flavor != "gpt2":
             raise ConfigError(f"model.flavor = {m.flavor!r} is not one of llama, gpt2")
+        if m.n_experts:
+            if m.arch != "gpt" or m.flavor != "llama":
+                raise ConfigError(f"model.n_experts = {m.n_experts}: Mixture-of-Experts layers are for the llama-flavour "
+                                  f"GPT, not {m.arch}/{m.flavor}")
+            if m.moe_top_k > m.n_experts:
+                raise ConfigError(f"model.moe_top_k ({m.moe_top_k}) exceeds model.n_experts ({m.n_experts})")
+            if m.moe_dense_layers >= m.n_layers:
+                raise ConfigError(f"model.moe_dense_layers ({m.moe_dense_layers}) leaves no MoE layer of "
+                                  f"model.n_layers ({m.n_layers})")
+            p = self.parallel
+            if p.tp > 1 or p.pp > 1 or p.engine == "deepspeed":
+                raise ConfigError("MoE layers train with data parallelism (DDP / FSDP) so far: parallel.tp and "
+                                  'parallel.pp must be 1 and parallel.engine = "native"')
         if not 0.0 <= m.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
         t = self.train

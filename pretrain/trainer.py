@@ -80,7 +80,7 @@ class Trainer:
             self.peak = measure_matmul_flops(self.device, torch.bfloat16 if half else torch.float32)
             self.metrics.console(f"MFU peak: measured {self.peak / 1e12:.1f} TFLOP/s (dense matmul on "
                                  f"{self.device.type})")
-        self.callbacks = default_callbacks(cfg.logging)
+        self.callbacks = default_callbacks(cfg.logging, cfg.model)
         self.checkpoints = None
         c = cfg.checkpoint
         if c.interval > 0 or c.resume != "never" and (c.resume != "auto" or cfg.checkpoint_dir.is_dir()):

@@ -24,8 +24,19 @@ def layer_matmul_params(cfg: ModelConfig) -> int:
     return attention + mlp
 
 
+def moe_layer_params(cfg: ModelConfig, active: bool) -> int:
+    """A MoE feed-forward's matmul weights: router, experts (the k a token uses when ``active``), shared."""
+    d, i = cfg.d_model, cfg.expert_dim
+    experts = cfg.moe_top_k if active else cfg.n_experts
+    return d * cfg.n_experts + 3 * d * i * (experts + cfg.n_shared_experts)
+
+
 def matmul_params(cfg: ModelConfig) -> int:
+    """Weights a token multiplies by: with MoE only its k experts count (active parameters), so MFU is honest."""
     n = cfg.n_layers * layer_matmul_params(cfg) + cfg.d_model * cfg.vocab_size  # blocks + output head
+    if cfg.n_experts:
+        moe_layers = cfg.n_layers - cfg.moe_dense_layers
+        n += moe_layers * (moe_layer_params(cfg, active=True) - 3 * cfg.d_model * cfg.ffn_dim)
     if cfg.arch == "bert":
         n += cfg.d_model * cfg.d_model  # MLM transform
     return n
@@ -39,6 +50,9 @@ def num_params(cfg: ModelConfig) -> int:
     if cfg.arch == "gpt" and cfg.flavor == "llama":
         per_layer += 2 * d  # two RMSNorm weights
         total = v * d + cfg.n_layers * per_layer + d  # embedding, blocks, final norm
+        if cfg.n_experts:  # MoE layers hold every expert instead of the dense MLP
+            moe_layers = cfg.n_layers - cfg.moe_dense_layers
+            total += moe_layers * (moe_layer_params(cfg, active=False) - 3 * d * f)
         return total + (0 if cfg.tie_embeddings else d * v)
     # gpt2 and bert: biases on every projection, LayerNorm weight + bias
     per_layer += (h_e + 2 * k_e + d) + (f + d) + 2 * 2 * d

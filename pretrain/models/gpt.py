@@ -7,7 +7,8 @@
 Shapes: B batch, T tokens, D model dim, H heads, K kv heads, E head dim, V vocab.
 Parameter names: ``embed_tokens``, ``embed_positions``, ``layers.{i}.{input_layernorm, self_attn.{q,k,v,o}_proj,
 post_attention_layernorm, mlp.{gate,up,down}_proj}``, ``norm``, ``lm_head`` — HF Llama's names without the
-``model.`` prefix. Pipeline stages delete ``layers`` entries or set ``embed_tokens`` / ``norm`` / ``lm_head`` to None.
+``model.`` prefix. With ``model.n_experts`` the MLPs after the first ``moe_dense_layers`` are MoE layers
+(``models/moe.py``: ``mlp.gate``, ``mlp.experts.{gate_up_proj, down_proj}``, ``mlp.shared_experts``). Pipeline stages delete ``layers`` entries or set ``embed_tokens`` / ``norm`` / ``lm_head`` to None.
 """
 
 from __future__ import annotations
@@ -18,20 +19,24 @@ import torch.nn.functional as F
 
 from pretrain.config import ModelConfig
 from pretrain.models.layers import MLP, Attention, LayerNorm, RMSNorm, Rotary, init_weights
+from pretrain.models.moe import MoE
 from pretrain.models.ops import Ops
 
 
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig, ops: Ops):
+    def __init__(self, cfg: ModelConfig, ops: Ops, index: int = 0):
         super().__init__()
         llama = cfg.flavor == "llama"
         norm = RMSNorm if llama else LayerNorm
         self.input_layernorm = norm(cfg.d_model, cfg.norm_eps, ops)
         self.self_attn = Attention(cfg, ops, causal=True, bias=not llama)
         self.post_attention_layernorm = norm(cfg.d_model, cfg.norm_eps, ops)
-        self.mlp = MLP(cfg, gated=llama, bias=not llama, gelu_approximate="tanh")
+        if cfg.n_experts and index >= cfg.moe_dense_layers:
+            self.mlp = MoE(cfg)
+        else:
+            self.mlp = MLP(cfg, gated=llama, bias=not llama, gelu_approximate="tanh")
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
 
     def forward(self, x, rotary=None):
@@ -50,7 +55,7 @@ class GPT(nn.Module):
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.seq_len, ops) if llama else None
         self.ops = ops
         self.embed_dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
-        self.layers = nn.ModuleDict({str(i): Block(cfg, ops) for i in range(cfg.n_layers)})
+        self.layers = nn.ModuleDict({str(i): Block(cfg, ops, i) for i in range(cfg.n_layers)})
         self.norm = (RMSNorm if llama else LayerNorm)(cfg.d_model, cfg.norm_eps, ops)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.init_weights()

@@ -110,9 +110,10 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU (llama: down(silu(gate(x)) * up(x)), Shazeer 2020) or a plain GELU MLP (gpt2, bert)."""
 
-    def __init__(self, cfg: ModelConfig, *, gated: bool, bias: bool, gelu_approximate: str = "none"):
+    def __init__(self, cfg: ModelConfig, *, gated: bool, bias: bool, gelu_approximate: str = "none",
+                 hidden: int | None = None):
         super().__init__()
-        d, f = cfg.d_model, cfg.ffn_dim
+        d, f = cfg.d_model, hidden or cfg.ffn_dim
         self.gated, self.gelu_approximate = gated, gelu_approximate
         self.gate_proj = nn.Linear(d, f, bias=bias) if gated else None
         self.up_proj = nn.Linear(d, f, bias=bias)
@@ -137,3 +138,5 @@ def init_weights(model: nn.Module, std: float, n_layers: int) -> None:
             nn.init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, (RMSNorm, LayerNorm, Rotary)):
             module.reset_parameters()
+        elif hasattr(module, "reset_experts"):  # MoE: stacked expert weights and the router, not Linear modules
+            module.reset_experts(std, residual_std)

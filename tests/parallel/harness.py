@@ -35,6 +35,9 @@ BASE = ["model.n_layers=4", "model.d_model=32", "model.n_heads=4", "model.vocab_
         "checkpoint.resume=never", "data.source=synthetic", "parallel.meta_init=false", "model.tie_embeddings=false",
         "optim.grad_clip=0.05"]  # clipping active in every step: the norm must count every shard once
 
+MOE = ["model.n_experts=4", "model.moe_top_k=2", "model.moe_ffn_hidden=32", "model.n_shared_experts=1",
+       "model.moe_balance=bias", "model.moe_bias_rate=0.01", "model.moe_router=sigmoid"]
+
 # name -> (world size, overrides); micro_batch × grad_accum × dp = GLOBAL_BATCH in every one
 LAYOUTS = {
     "dp2": (2, ["train.micro_batch_size=4"]),
@@ -87,6 +90,10 @@ LAYOUTS = {
     "aux_pp2": (2, ["train.micro_batch_size=4", "train.grad_accum=2", "parallel.pp=2", "task=aux"]),
     "aux_ds_zero1": (2, ["train.micro_batch_size=4", "parallel.engine=deepspeed", "parallel.zero_stage=1",
                          "task=aux"]),
+    # MoE layers under DDP and FSDP: the aux-loss-free bias (loads summed over the dp ranks) must match one
+    # process exactly; the Switch aux loss is a per-micro-batch quantity (not additive), so it is off here
+    "moe_dp2": (2, ["train.micro_batch_size=4", *MOE]),
+    "moe_zero3_2": (2, ["train.micro_batch_size=2", "train.grad_accum=2", "parallel.zero_stage=3", *MOE]),
 }
 
 
@@ -202,7 +209,8 @@ def main(names: list[str]) -> int:
         for name in names:
             world, overrides = LAYOUTS[name]
             assert world == info.world_size, f"{name} needs {world} ranks"
-            arch = [o for o in overrides if o.startswith(("model.arch", "model.flavor", "model.tie", "task="))]
+            arch = [o for o in overrides if o.startswith(("model.arch", "model.flavor", "model.tie", "task=",
+                                                          "model.n_experts", "model.moe", "model.n_shared"))]
             reference, ref_params = run([f"train.micro_batch_size={GLOBAL_BATCH}", *arch],
                                         DistInfo(0, 1, 0, torch.device("cpu")), f"{tmp}/{name}-ref-{info.rank}")
             losses, params = run(overrides, info, f"{tmp}/{name}")

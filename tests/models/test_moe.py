@@ -1,0 +1,158 @@
+"""MoE layers (pretrain/models/moe.py): routing math, dropless dispatch, grouped GEMM against the per-expert loop,
+balancing terms, the aux-loss-free bias, active-parameter FLOPs, a MoE GPT that trains, and bad configs."""
+
+import json
+
+import pytest
+import torch
+
+from pretrain.config import ConfigError, load_config
+from pretrain.distributed import DistInfo
+from pretrain.models import build_model
+from pretrain.models.flops import matmul_params, num_params
+from pretrain.models.moe import MoE, update_router_bias
+from pretrain.train import build_trainer
+
+from ..conftest import tiny_config
+
+MOE = ["model.n_experts=4", "model.moe_top_k=2", "model.moe_ffn_hidden=48"]
+
+
+def moe_cfg(*extra):
+    return load_config(None, ["model.n_layers=2", "model.d_model=32", "model.n_heads=4", "model.vocab_size=64",
+                              "model.seq_len=16", *MOE, *extra]).model
+
+
+def layer(*extra, seed=0):
+    torch.manual_seed(seed)
+    model = build_model(moe_cfg(*extra))
+    return model.layers["1"].mlp
+
+
+@pytest.mark.parametrize("router", ["softmax", "sigmoid"])
+def test_dropless_routes_every_token_to_k_distinct_experts_with_normalised_weights(router):
+    moe = layer(f"model.moe_router={router}")
+    x = torch.randn(3, 37, 32)
+    weights, chosen, scores, _ = moe.gate(x.reshape(-1, 32))
+    assert chosen.shape == (111, 2) and all(len(set(row)) == 2 for row in chosen.tolist())
+    torch.testing.assert_close(weights.sum(-1), torch.ones(111))
+    assert torch.equal(torch.topk(scores, 2).indices.sort(-1).values, chosen.sort(-1).values)
+    y, counts = moe.dispatcher(x.reshape(-1, 32), weights, chosen, moe.experts)
+    assert int(counts.sum()) == 111 * 2 and y.shape == (111, 32)  # every token to exactly k experts, none dropped
+    assert counts.tolist() == torch.bincount(chosen.flatten(), minlength=4).tolist()
+
+
+def test_grouped_gemm_equals_the_per_expert_loop_forward_and_backward():
+    moe = layer("model.n_shared_experts=1")
+    x = torch.randn(2, 29, 32, requires_grad=True)
+    outs, grads = [], []
+    for grouped in (True, False):
+        moe.dispatcher.grouped = grouped
+        moe.zero_grad()
+        x.grad = None
+        y = moe(x)
+        (y * torch.randn_like(y, generator=torch.Generator().manual_seed(1))).sum().backward()
+        outs.append(y.detach())
+        grads.append([x.grad.clone()] + [p.grad.clone() for p in moe.parameters()])
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_the_layer_equals_its_definition_token_by_token():
+    moe = layer("model.moe_router=sigmoid", "model.n_shared_experts=1")
+    x = torch.randn(1, 9, 32)
+    y = moe(x)[0]
+    w = moe.gate.weight
+    for t in range(9):
+        scores = torch.sigmoid(w @ x[0, t])
+        top = torch.topk(scores, 2).indices
+        want = moe.shared_experts(x[0, t])
+        for e, s in zip(top.tolist(), (scores[top] / scores[top].sum()).tolist()):
+            gate, up = (moe.experts.gate_up_proj[e] @ x[0, t]).split(48)
+            want = want + s * (moe.experts.down_proj[e] @ (torch.nn.functional.silu(gate) * up))
+        torch.testing.assert_close(y[t], want, atol=1e-5, rtol=1e-5)
+
+
+def test_aux_loss_is_one_when_uniform_and_two_when_two_experts_take_everything():
+    moe = layer()
+    with torch.no_grad():
+        moe.gate.weight.zero_()  # every score equal (P uniform): E·Σ f·P = 1 whatever the picks
+    moe(torch.randn(1, 16, 32))
+    assert float(moe.stats["aux"]) == pytest.approx(1.0)
+    assert float(moe.stats["max_load"]) == pytest.approx(2.0)  # experts 0 and 1 took every slot
+    with torch.no_grad():  # experts 0 and 1 get all the probability and all the tokens: 4·(½·½ + ½·½) = 2
+        moe.gate.weight.copy_(torch.tensor([1.0, 1.0, -1.0, -1.0])[:, None].expand(4, 32))
+    moe(torch.rand(1, 16, 32) + 1.0)
+    assert float(moe.stats["aux"]) == pytest.approx(2.0, rel=1e-3)
+
+
+def test_bias_moves_selection_towards_idle_experts():
+    moe = layer("model.moe_balance=bias")
+    moe.train()
+    with torch.no_grad():
+        moe.gate.weight.zero_()
+    moe(torch.randn(1, 16, 32))
+    load = moe.load.clone()
+    busy = {e for e, n in enumerate(load.tolist()) if n}
+    assert sorted(load.tolist()) == [0, 0, 16, 16] and len(busy) == 2  # equal scores: two experts take all
+    update_router_bias(moe, load, 0.01)
+    assert moe.gate.e_score_correction_bias.tolist() == pytest.approx([-0.01 if e in busy else 0.01 for e in range(4)])
+    assert moe.load.sum() == 0
+    weights, chosen, _, _ = moe.gate(torch.randn(5, 32))
+    assert set(chosen.flatten().tolist()) == set(range(4)) - busy  # selection follows the bias
+    torch.testing.assert_close(weights, torch.full((5, 2), 0.5))  # the weights do not
+
+
+def test_active_parameters_for_flops():
+    cfg = moe_cfg("model.n_shared_experts=1", "model.moe_dense_layers=1")
+    model = build_model(cfg)
+    assert num_params(cfg) == sum(p.numel() for p in model.parameters())
+    dense = moe_cfg("model.n_experts=0")
+    per_token_moe = 32 * 4 + 3 * 32 * 48 * (2 + 1)  # router + k experts + shared, one MoE layer
+    assert matmul_params(cfg) == matmul_params(dense) - 3 * 32 * dense.ffn_dim + per_token_moe
+
+
+def test_moe_gpt_trains_and_logs_its_balancing_terms(tmp_path):
+    cfg = tiny_config(tmp_path, *MOE, "model.moe_balance=both", "train.steps=40", "logging.interval=10",
+                      "schedule.warmup_steps=2", "optim.weight_decay=0")
+    trainer = build_trainer(cfg, DistInfo())
+    batch = trainer.data.next_batch()
+
+    class SameBatch:
+        def next_batch(self):
+            return batch
+
+    trainer.data = SameBatch()
+    losses = trainer.fit()
+    assert losses[0] > 3.5 and losses[-1] < 1.5, (losses[0], losses[-1])
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for record in records:
+        assert record["moe_aux_loss"] > 0 and record["moe_z_loss"] > 0 and record["moe_max_load"] >= 1.0
+    biases = [m.gate.e_score_correction_bias for m in trainer.raw_model.modules() if isinstance(m, MoE)]
+    assert all(b.abs().sum() > 0 for b in biases)  # the aux-loss-free bias moved after the steps
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["model.moe_top_k=5"], r"model.moe_top_k \(5\) exceeds model.n_experts \(4\)"),
+    (["model.arch=bert"], r"Mixture-of-Experts layers are for the llama-flavour GPT, not bert"),
+    (["model.flavor=gpt2"], r"Mixture-of-Experts layers are for the llama-flavour GPT, not gpt/gpt2"),
+    (["model.moe_dense_layers=2"], r"model.moe_dense_layers \(2\) leaves no MoE layer"),
+    (["parallel.tp=2"], r"MoE layers train with data parallelism"),
+    (["model.moe_router=topk"], r"model.moe_router = 'topk' is not one of softmax, sigmoid"),
+    (["model.moe_balance=none"], r"model.moe_balance = 'none' is not one of aux_loss, bias, both"),
+    (["model.moe_aux_coef=-1"], r"model.moe_aux_coef must be >= 0"),
+])
+def test_bad_moe_configs(extra, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["model.n_layers=2", "model.d_model=32", "model.n_heads=4", *MOE, *extra])
+
+
+def test_resume_is_exact_with_router_biases(tmp_path):
+    extra = [*MOE, "model.moe_balance=both", "train.steps=4", "checkpoint.interval=2"]
+    straight = build_trainer(tiny_config(tmp_path / "a", *extra), DistInfo()).fit()
+    build_trainer(tiny_config(tmp_path / "b", *extra), DistInfo()).fit(stop_after=2)
+    resumed = build_trainer(tiny_config(tmp_path / "b", *extra), DistInfo())
+    assert resumed.fit() == straight
+    biases = [m.gate.e_score_correction_bias for m in resumed.raw_model.modules() if isinstance(m, MoE)]
+    assert biases and all(b.abs().sum() > 0 for b in biases)
