@@ -129,6 +129,24 @@ def check_output(out: Path, inputs, overwrite: bool, what: str, ours, error=Valu
 DISK_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM}
 
 
+def find_os_error(exc: BaseException) -> OSError | None:
+    """The OSError behind ``exc``: itself, its cause / context chain, or (DCP's CheckpointException) the
+    per-rank ``failures`` it wraps as (exception, traceback) pairs."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if isinstance(e, tuple):
+            todo += [x for x in e if isinstance(x, BaseException)]
+            continue
+        if not isinstance(e, BaseException) or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.strerror:
+            return e
+        todo += [e.__cause__, e.__context__, *getattr(e, "failures", {}).values()]
+    return None
+
+
 def disk_error(exc: BaseException, where=None) -> str | None:
     """One line for a write the file system refused (full, read-only, quota, permission), or None if ``exc`` is
     something else (a bug, which keeps its traceback). ``where`` names the output when the error does not."""

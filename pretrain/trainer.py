@@ -20,7 +20,7 @@ import torch
 from pretrain import distributed
 from pretrain.callbacks import default_callbacks
 from pretrain.checkpoint.manager import CheckpointManager
-from pretrain.checkpoint.session import SHAPE_KEYS, check_resumable, claim_dirs, resume_step  # noqa: F401
+from pretrain.checkpoint.session import claim_dirs, resume_step
 from pretrain.config import Config
 from pretrain.distributed import DistInfo
 from pretrain.engine import build_engine

@@ -13,6 +13,7 @@ own files (``deepspeed/``) inside the same atomic step directory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -35,6 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from pretrain import distributed
+from pretrain.files import find_os_error
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 
@@ -262,7 +264,7 @@ def problems(path: Path, checksums: dict[str, str] | None = None) -> list[str]:
 
 def _unparsable(path: Path) -> list[str]:
     """config.toml and state.json must parse (plain text formats: nothing is executed reading them)."""
-    import tomllib
+    from pretrain.config import tomllib  # tomli on Python 3.10
 
     try:
         tomllib.loads((path / "config.toml").read_text())
@@ -288,18 +290,9 @@ def verify(path: Path, distributed_hash: bool = False) -> None:
 
 def _write_failure(exc: BaseException, where: Path) -> str:
     """One line for a failed write: the OS error (no space, read-only, permission) when there is one."""
-    seen, todo = set(), [exc]
-    while todo:
-        e = todo.pop()
-        if isinstance(e, tuple):  # DCP's per-rank failures: (exception, traceback)
-            todo += [x for x in e if isinstance(x, BaseException)]
-            continue
-        if not isinstance(e, BaseException) or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.strerror:
-            return f"cannot write checkpoint {where}: {e.strerror}" + (f" ({e.filename})" if e.filename else "")
-        todo += [e.__cause__, e.__context__, *getattr(e, "failures", {}).values()]
+    e = find_os_error(exc)
+    if e is not None:
+        return f"cannot write checkpoint {where}: {e.strerror}" + (f" ({e.filename})" if e.filename else "")
     try:
         free = shutil.disk_usage(where.parent if where.parent.exists() else ".").free
     except OSError:
@@ -382,19 +375,22 @@ class CheckpointManager:
         self.wait()
         final = self.directory / step_dir_name(step)
         tmp = self.directory / (step_dir_name(step) + ".tmp")
-        try:
+        with self._cleaned_on_failure(tmp):
             return self._save(step, model, optimizer, state, config_toml, engine, async_save, final, tmp)
+
+    @contextlib.contextmanager
+    def _cleaned_on_failure(self, tmp: Path):
+        """A failed save leaves nothing behind (a partial .tmp on a full disk would only make it fuller) and ends
+        in one CheckpointError line naming the reason."""
+        try:
+            yield
         except CheckpointError:
             raise
         except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
-            self._discard(tmp)
+            self.pending = None
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
             raise CheckpointError(_write_failure(exc, tmp)) from exc
-
-    def _discard(self, tmp: Path) -> None:
-        """A failed save leaves nothing behind (a partial .tmp on a full disk would only make it fuller)."""
-        self.pending = None
-        if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
 
     def _save(self, step, model, optimizer, state, config_toml, engine, async_save, final: Path, tmp: Path) -> Path:
         if self.rank == 0:
@@ -440,14 +436,8 @@ class CheckpointManager:
             self._finish()
 
     def _finish(self) -> None:
-        tmp = self.pending[1]
-        try:
+        with self._cleaned_on_failure(self.pending[1]):
             self._complete()
-        except CheckpointError:
-            raise
-        except (Exception, CheckpointException) as exc:  # DCP's CheckpointException is a BaseException
-            self._discard(tmp)
-            raise CheckpointError(_write_failure(exc, tmp)) from exc
 
     def _complete(self) -> None:
         future, tmp, final, step = self.pending

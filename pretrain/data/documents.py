@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pretrain.data.manifest import read_manifest, short, validate_manifest  # noqa: F401  (short: re-exported)
+from pretrain.data.manifest import read_manifest, validate_manifest
 from pretrain.data.prepare import MANIFEST_FORMAT, MEGATRON_FORMAT, DataError, index_path_for
 from pretrain.data.tokenizer import Tokenizer
 
@@ -66,7 +66,7 @@ class ShardDataset:
         if not self.path.is_dir():
             raise DataError(f"data dir {self.path} does not exist (make it with tools/prepare_data.py)")
         self.manifest = read_manifest(self.path)
-        if not isinstance(self.manifest, dict) or self.manifest.get("format") != MANIFEST_FORMAT:
+        if self.manifest.get("format") != MANIFEST_FORMAT:
             raise DataError(f"{self.path / 'manifest.json'} is not a {MANIFEST_FORMAT} manifest")
         validate_manifest(self.path, self.manifest, tokenizer_path)
         self.tokenizer_hash = self.manifest["tokenizer_hash"]

@@ -35,13 +35,17 @@ class Totals:
         zero = lambda: torch.zeros((), dtype=torch.float64, device=device)  # noqa: E731
         return cls(zero(), zero(), zero())
 
-    def add(self, out, loss_sum: torch.Tensor | None = None) -> None:
-        """Fold one micro-batch's LossOutput in (``loss_sum``: a replicated DTensor's plain value, when so)."""
-        self.loss += plain(out.loss_sum if loss_sum is None else loss_sum).detach().to(torch.float64)
-        self.count += out.count.detach().to(torch.float64)
-        self.correct += out.correct.detach().to(torch.float64)
-        for name, value in {**out.extra_losses, **out.metrics}.items():
-            value = plain(value).detach().to(torch.float64)
+    def add(self, out) -> None:
+        """Fold one micro-batch's LossOutput in (replicated DTensors, as under loss_parallel, made plain)."""
+        self.merge(Totals(*(plain(v).detach().to(torch.float64) for v in (out.loss_sum, out.count, out.correct)),
+                          {n: plain(v).detach().to(torch.float64) for n, v in {**out.extra_losses,
+                                                                               **out.metrics}.items()}))
+
+    def merge(self, other: Totals) -> None:
+        self.loss += other.loss
+        self.count += other.count
+        self.correct += other.correct
+        for name, value in other.extras.items():
             self.extras[name] = self.extras[name] + value if name in self.extras else value
 
 

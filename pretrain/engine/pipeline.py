@@ -49,12 +49,7 @@ class PipelineEngine(Engine):
             part.train()
         totals = Totals.zeros(self.device)
         for batch in micro_batches:
-            step = self._run(batch, scale, train=True)
-            totals.loss += step.loss
-            totals.count += step.count
-            totals.correct += step.correct
-            for name, value in step.extras.items():
-                totals.extras[name] = totals.extras.get(name, 0) + value
+            totals.merge(self._run(batch, scale, train=True))
         return self._reduce(totals)
 
     def eval_batch(self, batch) -> Totals:

@@ -8,7 +8,8 @@ Shapes: B batch, T tokens, D model dim, H heads, K kv heads, E head dim, V vocab
 Parameter names: ``embed_tokens``, ``embed_positions``, ``layers.{i}.{input_layernorm, self_attn.{q,k,v,o}_proj,
 post_attention_layernorm, mlp.{gate,up,down}_proj}``, ``norm``, ``lm_head`` — HF Llama's names without the
 ``model.`` prefix. With ``model.n_experts`` the MLPs after the first ``moe_dense_layers`` are MoE layers
-(``models/moe.py``: ``mlp.gate``, ``mlp.experts.{gate_up_proj, down_proj}``, ``mlp.shared_experts``). Pipeline stages delete ``layers`` entries or set ``embed_tokens`` / ``norm`` / ``lm_head`` to None.
+(``models/moe.py``: ``mlp.gate``, ``mlp.experts.{gate_up_proj, down_proj}``, ``mlp.shared_experts``).
+Pipeline stages delete ``layers`` entries or set ``embed_tokens`` / ``norm`` / ``lm_head`` to None.
 """
 
 from __future__ import annotations

@@ -101,7 +101,7 @@ class MoE(nn.Module):
         self.gate = Router(cfg)
         self.experts = Experts(cfg)
         shared = cfg.n_shared_experts * cfg.expert_dim
-        self.shared_experts = MLP(cfg, gated=True, bias=False, hidden=shared) if shared else None  # (see reset)
+        self.shared_experts = MLP(cfg, gated=True, bias=False, hidden=shared) if shared else None
         self.dispatcher = LocalDispatcher()
         self.register_buffer("load", torch.zeros(cfg.n_experts), persistent=False)
         self.stats: dict[str, torch.Tensor] = {}
@@ -130,7 +130,7 @@ class MoE(nn.Module):
         normalised = scores / scores.sum(dim=-1, keepdim=True)  # P over experts, also for sigmoid scores
         self.stats = {"aux": e * (share * normalised.mean(dim=0)).sum(),
                       "z": torch.logsumexp(logits, dim=-1).square().mean(),
-                      "max_load": counts.max().float() / max(1.0, counts.float().mean().item())}
+                      "max_load": counts.max().float() / counts.float().mean().clamp(min=1.0)}  # no host sync
         return y.reshape(shape)
 
 
