@@ -99,31 +99,58 @@ class Profiler(Callback):
                                 "ui.perfetto.dev)")
 
 
-class RouterBias(Callback):
-    """DeepSeek-V3's aux-loss-free balancing after each optimizer step: every MoE layer's loads of the step are
-    summed over the data-parallel ranks, so the bias update is the same on every rank."""
+class MoEBalance(Callback):
+    """After each step, for the MoE layers: their step totals (routed slots per expert, Σ aux and z terms, tokens,
+    dropped slots) summed over the data-parallel ranks — and over the pipeline stages, each holding its own
+    layers — in one all-reduce; DeepSeek-V3's aux-loss-free bias updated from the summed loads (``moe_balance`` =
+    bias | both; the same on every rank, skipped with a skipped update); the step's metrics for the log:
+    ``moe_aux_loss``, ``moe_z_loss`` (coefficient · Σ over layers of the per-token means), ``moe_max_load`` (the
+    busiest expert over the mean, worst layer) and ``moe_max_load.{layer}``, ``moe_dropped`` (share of slots over
+    capacity), ``moe_bias_min`` / ``moe_bias_max``."""
 
-    def __init__(self, rate: float):
-        self.rate = rate
+    def __init__(self, model_cfg):
+        self.cfg = model_cfg
+        self.bias = model_cfg.moe_balance in ("bias", "both")
 
     def step_end(self, trainer) -> None:
         from pretrain import distributed
-        from pretrain.models.moe import MoE, update_router_bias
+        from pretrain.models.moe import update_router_bias
 
-        for module in trainer.raw_model.modules():
-            if isinstance(module, MoE):
-                load = module.load.clone()
-                if trainer.dp_size > 1:
-                    distributed.all_reduce_sum(load, trainer.dp_group)
-                update_router_bias(module, load, self.rate)
+        layers, e = trainer.moe_layers, self.cfg.n_experts
+        table = torch.zeros(self.cfg.n_layers, e + 6, dtype=torch.float64, device=trainer.device)
+        for m in layers:  # [loads..., Σaux, Σz, tokens, dropped, bias min, bias max (dp rank 0 only)]
+            table[m.index, :e + 4] = torch.cat([m.load, m.totals]).to(torch.float64)
+            if trainer.parallel.dp_rank == 0:
+                bias = m.gate.e_score_correction_bias
+                table[m.index, e + 4:] = torch.stack([bias.min(), bias.max()]).to(torch.float64)
+        if trainer.dp_size > 1:
+            distributed.all_reduce_sum(table, trainer.dp_group)
+        if trainer.parallel.pp_group() is not None:
+            distributed.all_reduce_sum(table, trainer.parallel.pp_group())
+        if self.bias and trainer.nonfinite_in_a_row == 0:
+            for m in layers:
+                update_router_bias(m, table[m.index, :e], self.cfg.moe_bias_rate)
+        for m in layers:
+            m.clear_step()
+        rows = table[self.cfg.moe_dense_layers:]
+        load, (aux, z, tokens, dropped, low, high) = rows[:, :e], rows[:, e:].unbind(1)
+        ratio = load.max(1).values / load.mean(1).clamp(min=1e-9)
+        aux_coef = self.cfg.moe_aux_coef if self.cfg.moe_balance in ("aux_loss", "both") else 0.0
+        per_token = tokens.clamp(min=1)
+        out = {"moe_aux_loss": float(aux_coef * (aux / per_token).sum()),
+               "moe_z_loss": float(self.cfg.moe_z_coef * (z / per_token).sum()),
+               "moe_max_load": float(ratio.max()), "moe_dropped": float(dropped.sum() / load.sum().clamp(min=1)),
+               "moe_bias_min": float(low.min()), "moe_bias_max": float(high.max())}
+        out.update({f"moe_max_load.{self.cfg.moe_dense_layers + i}": float(r) for i, r in enumerate(ratio)})
+        trainer.step_metrics.update(out)
 
 
 def default_callbacks(logging_cfg, model_cfg=None) -> list[Callback]:
     """From ``[logging]``: the heartbeat (``heartbeat_s``) and the profiler (``profile_steps``); from ``[model]``:
-    the MoE router bias (``moe_balance`` = bias | both)."""
+    the MoE layers' balancing and statistics."""
     out: list[Callback] = []
-    if model_cfg is not None and model_cfg.n_experts and model_cfg.moe_balance in ("bias", "both"):
-        out.append(RouterBias(model_cfg.moe_bias_rate))
+    if model_cfg is not None and model_cfg.n_experts:
+        out.append(MoEBalance(model_cfg))
     if logging_cfg.heartbeat_s:
         out.append(Heartbeat(logging_cfg.heartbeat_s))
     span = profile_range(logging_cfg.profile_steps)

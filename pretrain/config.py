@@ -58,6 +58,8 @@ class ModelConfig:
     moe_aux_coef: float = 0.01  # weight of the auxiliary balancing loss
     moe_z_coef: float = 0.001  # weight of the router z-loss (0 = off)
     moe_bias_rate: float = 0.001  # step of the aux-loss-free bias update
+    moe_aux_scope: str = "sequence"  # the aux loss's f and P per sequence (DeepSeek-V3) | per micro_batch (Switch)
+    moe_capacity_factor: float = 0.0  # 0 = dropless; else each expert takes ceil(cf · N·k / E) slots, the rest drop
 
     @property
     def expert_dim(self) -> int:
@@ -110,6 +112,7 @@ class DataConfig:
 class ParallelConfig:
     dp_replicate: int = 1
     dp_shard: int = -1  # -1 = whatever world size is left
+    ep: int = 1  # expert parallelism: MoE experts split over ep ranks taken from dp_shard
     tp: int = 1
     pp: int = 1
     pp_schedule: str = "1f1b"
@@ -203,6 +206,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.flavor": ("llama", "gpt2"),
     "model.moe_router": ("softmax", "sigmoid"),
     "model.moe_balance": ("aux_loss", "bias", "both"),
+    "model.moe_aux_scope": ("sequence", "micro_batch"),
     "data.source": ("shards", "synthetic", "megatron"),
     "data.on_bad_sample": ("error", "skip"),
     "data.bert_pairs": ("none", "nsp", "sop"),
@@ -228,11 +232,11 @@ RANGES: dict[str, tuple] = {
     "model.init_std": POSITIVE, "model.n_experts": NON_NEGATIVE, "model.moe_top_k": AT_LEAST_1,
     "model.moe_ffn_hidden": NON_NEGATIVE, "model.n_shared_experts": NON_NEGATIVE,
     "model.moe_dense_layers": NON_NEGATIVE, "model.moe_aux_coef": NON_NEGATIVE, "model.moe_z_coef": NON_NEGATIVE,
-    "model.moe_bias_rate": NON_NEGATIVE,
+    "model.moe_bias_rate": NON_NEGATIVE, "model.moe_capacity_factor": NON_NEGATIVE,
     "data.num_workers": NON_NEGATIVE, "data.prefetch_factor": AT_LEAST_1, "data.seed": NON_NEGATIVE,
     "data.shuffle_window": AT_LEAST_1, "data.mlm_probability": ((0, False), (1, False)),
     "data.max_predictions_per_seq": NON_NEGATIVE,
-    "parallel.dp_replicate": AT_LEAST_1, "parallel.tp": AT_LEAST_1, "parallel.pp": AT_LEAST_1,
+    "parallel.dp_replicate": AT_LEAST_1, "parallel.ep": AT_LEAST_1, "parallel.tp": AT_LEAST_1, "parallel.pp": AT_LEAST_1,
     "parallel.n_microbatches": NON_NEGATIVE, "parallel.stages_per_rank": AT_LEAST_1,
     "parallel.activation_checkpointing_every": AT_LEAST_1,
     "optim.lr": POSITIVE, "optim.min_lr": NON_NEGATIVE, "optim.weight_decay": NON_NEGATIVE,
@@ -337,10 +341,14 @@ class Config:
             if m.moe_dense_layers >= m.n_layers:
                 raise ConfigError(f"model.moe_dense_layers ({m.moe_dense_layers}) leaves no MoE layer of "
                                   f"model.n_layers ({m.n_layers})")
-            p = self.parallel
-            if p.tp > 1 or p.pp > 1 or p.engine == "deepspeed":
-                raise ConfigError("MoE layers train with data parallelism (DDP / FSDP) so far: parallel.tp and "
-                                  'parallel.pp must be 1 and parallel.engine = "native"')
+            if self.parallel.engine == "deepspeed":
+                raise ConfigError('MoE layers train with parallel.engine = "native" (DeepSpeed\'s engine does not '
+                                  "carry their balancing terms)")
+            if 0 < m.moe_capacity_factor < 1:
+                raise ConfigError(f"model.moe_capacity_factor = {m.moe_capacity_factor} would drop tokens even under "
+                                  "perfect balance: use 0 (dropless) or >= 1")
+        elif self.parallel.ep > 1:
+            raise ConfigError(f"parallel.ep = {self.parallel.ep} splits MoE experts, but model.n_experts = 0")
         t = self.train
         if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in t.inject_nan_steps):
             raise ConfigError(f"train.inject_nan_steps must be a list of step numbers >= 1, got {t.inject_nan_steps!r}")

@@ -114,31 +114,7 @@ class BERTTask:
         return out
 
 
-class MoEGPTTask(GPTTask):
-    """GPT with MoE layers: each micro-batch adds the layers' balancing terms — ``moe_aux_loss`` (coefficient ·
-    Σ_layers E·Σ f·P) and ``moe_z_loss`` — as extra losses, and logs ``moe_max_load`` (the busiest expert's
-    load over the mean, averaged over layers). Means per micro-batch, weighted by its target count so the
-    trainer's division by the global count gives their average."""
-
-    extra_names = ("moe_aux_loss", "moe_z_loss", "moe_max_load")
-
-    def __init__(self, model_cfg):
-        self.aux_coef = model_cfg.moe_aux_coef if model_cfg.moe_balance in ("aux_loss", "both") else 0.0
-        self.z_coef = model_cfg.moe_z_coef
-
-    def loss(self, model, batch, accuracy=True) -> LossOutput:
-        out = super().loss(model, batch, accuracy)
-        from pretrain.models.moe import MoE
-
-        layers = [m for m in model.modules() if isinstance(m, MoE)]
-        count = out.count.to(torch.float32)
-        out.extra_losses["moe_aux_loss"] = self.aux_coef * sum(m.stats["aux"] for m in layers) * count
-        out.extra_losses["moe_z_loss"] = self.z_coef * sum(m.stats["z"] for m in layers) * count
-        out.metrics["moe_max_load"] = sum(m.stats["max_load"] for m in layers) / max(1, len(layers)) * count
-        return out
-
-
-def task_for(arch: str, model_cfg=None):
-    if model_cfg is not None and model_cfg.n_experts:
-        return MoEGPTTask(model_cfg)
+def task_for(arch: str):
+    """The task of a model family. MoE layers need nothing of the task: their balancing losses enter the
+    backward inside the layers (``models/moe.py``), their statistics go through the ``MoEBalance`` callback."""
     return {"gpt": GPTTask, "bert": BERTTask}[arch]()

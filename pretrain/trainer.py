@@ -26,6 +26,7 @@ from pretrain.distributed import DistInfo
 from pretrain.engine import build_engine
 from pretrain.metrics import MetricsLogger, measure_matmul_flops, memory_stats, peak_flops
 from pretrain.models.flops import flops_per_token
+from pretrain.models.moe import MoE, set_loss_scale
 from pretrain.optim import build_optimizer, param_groups, set_lr  # noqa: F401  (param_groups: re-exported)
 from pretrain.optim import lr_at as schedule_lr
 from pretrain.parallel.parallelize import Parallelized
@@ -80,6 +81,8 @@ class Trainer:
             self.peak = measure_matmul_flops(self.device, torch.bfloat16 if half else torch.float32)
             self.metrics.console(f"MFU peak: measured {self.peak / 1e12:.1f} TFLOP/s (dense matmul on "
                                  f"{self.device.type})")
+        self.moe_layers = [m for m in self.raw_model.modules() if isinstance(m, MoE)]
+        self.step_metrics: dict[str, float] = {}  # what callbacks add to the step's log line (MoE statistics)
         self.callbacks = default_callbacks(cfg.logging, cfg.model)
         self.checkpoints = None
         c = cfg.checkpoint
@@ -141,6 +144,7 @@ class Trainer:
             torch.stack([count, torch.tensor(float(skipped), dtype=torch.float64, device=self.device)]))
         # DDP / FSDP average gradients over the dp ranks: scale by their number to keep the global mean
         scale = (self.dp_size / count.clamp(min=1)).float()
+        set_loss_scale(self.moe_layers, scale)
         totals = self.engine.forward_backward(micro_batches, scale)
         names = sorted(totals.extras)
         reduced = self._dp_sum(torch.stack([totals.loss, *(totals.extras[n] for n in names)]))
@@ -288,7 +292,7 @@ class Trainer:
             "tokens_per_s": tokens_per_s, "tokens_per_s_per_device": tokens_per_s / self.dist.world_size,
             "mfu": mfu, "step_time_s": result.seconds, "data_wait_s": result.data_wait_s,
             "data_skipped": self.data_skipped, "skipped_updates": self.skipped_updates,
-            **result.extras, **memory_stats(self.device),
+            **result.extras, **self.step_metrics, **memory_stats(self.device),
         }
         self.metrics.log(self.step, values)
         eta = (time.perf_counter() - fit_start) / max(self.step - start_step, 1) * (self.cfg.train.steps - self.step)

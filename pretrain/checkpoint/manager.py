@@ -177,10 +177,12 @@ class SafeReader(dcp.FileSystemReader):
 
 def _unwrap(exc: BaseException, path: Path) -> CheckpointError:
     """The CheckpointError inside DCP's CheckpointException (per-rank (exception, traceback) pairs), or one line."""
-    for failure in getattr(exc, "failures", {}).values():
-        inner = failure[0] if isinstance(failure, tuple) else failure
+    inners = [f[0] if isinstance(f, tuple) else f for f in getattr(exc, "failures", {}).values()]
+    for inner in inners:
         if isinstance(inner, CheckpointError):
             return inner
+    if inners:  # the first rank's own failure says more than DCP's wrapper
+        exc = inners[0]
     first = str(exc).strip().splitlines()
     return CheckpointError(f"cannot load checkpoint {path}: {first[0] if first else type(exc).__name__}")
 

@@ -35,7 +35,7 @@ class Block(nn.Module):
         self.self_attn = Attention(cfg, ops, causal=True, bias=not llama)
         self.post_attention_layernorm = norm(cfg.d_model, cfg.norm_eps, ops)
         if cfg.n_experts and index >= cfg.moe_dense_layers:
-            self.mlp = MoE(cfg)
+            self.mlp = MoE(cfg, index)
         else:
             self.mlp = MLP(cfg, gated=llama, bias=not llama, gelu_approximate="tanh")
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()

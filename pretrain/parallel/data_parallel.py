@@ -19,8 +19,14 @@ import torch
 import torch.nn as nn
 
 
-def apply_fsdp(model: nn.Module, dp_mesh, *, reshard_after_forward: bool, bf16: bool, cpu_offload: bool) -> None:
+def apply_fsdp(model: nn.Module, dp_mesh, *, reshard_after_forward: bool, bf16: bool, cpu_offload: bool,
+               expert_mesh=None, dp_size: int = 1) -> None:
+    """FSDP per block, then the root. With expert parallelism (``expert_mesh``: the ranks holding the same
+    experts) each MoE layer's experts are their own FSDP unit over that mesh, gradients divided by ``dp_size``."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+    from torch.distributed.tensor import Shard
+
+    from pretrain.parallel.expert_parallel import moe_layers
 
     kwargs = {"mesh": dp_mesh}
     if bf16:
@@ -30,7 +36,15 @@ def apply_fsdp(model: nn.Module, dp_mesh, *, reshard_after_forward: bool, bf16: 
     blocks = list(model.layers.values())
     for i, block in enumerate(blocks):
         # the last block is resharded by the root's backward anyway
-        fully_shard(block, reshard_after_forward=reshard_after_forward and i < len(blocks) - 1, **kwargs)
+        reshard = reshard_after_forward and i < len(blocks) - 1
+        if expert_mesh is not None:
+            for layer in moe_layers(block):
+                local = layer.experts.gate_up_proj.to_local().shape[0]  # experts on this ep rank
+                dim = 0 if local % expert_mesh.size() == 0 else 1  # too few experts to shard: the hidden dim
+                fully_shard(layer.experts, reshard_after_forward=reshard, shard_placement_fn=lambda p: Shard(dim),
+                            **{**kwargs, "mesh": expert_mesh})
+                layer.experts.set_gradient_divide_factor(float(dp_size))
+        fully_shard(block, reshard_after_forward=reshard, **kwargs)
     fully_shard(model, reshard_after_forward=reshard_after_forward, **kwargs)
 
 

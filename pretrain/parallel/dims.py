@@ -4,6 +4,11 @@ Mesh dimensions, outermost first (torchtitan's order): ``pp``, ``dp_replicate``,
 ``dp = dp_replicate × dp_shard`` is also available flattened as ``dp_mesh(mesh)``: the ranks that see different
 data. Ranks that differ only in ``tp`` or ``pp`` see the same samples. ``cp`` (context parallel) is reserved
 and must be 1 for now.
+
+Expert parallelism takes its ``ep`` ranks from ``dp_shard`` (torchtitan's rule): with ``ep > 1`` the mesh splits
+``dp_shard`` into ``dp_shard_mod_ep`` (outer) × ``ep`` (inner) and flattens them back as ``dp_shard``. Experts
+are split over ``ep`` and FSDP-sharded over ``dp_shard_mod_ep`` (× ``dp_replicate``); everything else is
+sharded over the whole ``dp`` as without experts.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ class ParallelDims:
     tp: int
     pp: int
     cp: int = 1
+    ep: int = 1  # inside dp_shard, not a factor of the world size
 
     @property
     def dp(self) -> int:
@@ -53,7 +59,7 @@ class ParallelDims:
             dp_shard = world_size // fixed
         else:
             dp_shard = p.dp_shard
-        dims = cls(p.dp_replicate, dp_shard, p.tp, p.pp)
+        dims = cls(p.dp_replicate, dp_shard, p.tp, p.pp, ep=p.ep)
         if dims.world_size != world_size:
             raise ConfigError(f"dp_replicate × dp_shard × tp × pp = {p.dp_replicate} × {dp_shard} × {p.tp} × {p.pp} "
                               f"= {dims.world_size}, but the world size is {world_size}")
@@ -86,6 +92,15 @@ class ParallelDims:
             if cfg.train.micro_batch_size % micro:
                 raise ConfigError(f"train.micro_batch_size ({cfg.train.micro_batch_size}) must be divisible by "
                                   f"parallel.n_microbatches ({micro})")
+        if p.ep > 1:
+            if m.n_experts % p.ep:
+                raise ConfigError(f"parallel.ep = {p.ep} must divide model.n_experts ({m.n_experts})")
+            if dp_shard % p.ep:
+                raise ConfigError(f"parallel.ep = {p.ep} takes its ranks from dp_shard ({dp_shard} here): it must "
+                                  "divide it")
+            if p.zero_stage < 2:
+                raise ConfigError(f"parallel.ep = {p.ep} needs FSDP for the experts' gradients: set "
+                                  f"parallel.zero_stage = 2 or 3 (got {p.zero_stage})")
         if p.engine == "deepspeed" and (p.tp > 1 or p.pp > 1):
             raise ConfigError("parallel.engine = \"deepspeed\" is for pure data parallelism: tp and pp must be 1")
         if p.engine == "native" and dims.dp > 1 and p.zero_stage < 2 and (p.tp > 1 or p.pp > 1):
@@ -100,12 +115,24 @@ class ParallelDims:
         """The DeviceMesh over every rank (call after the process group exists), with ``dp`` flattened."""
         from torch.distributed.device_mesh import init_device_mesh
 
+        if self.ep > 1:
+            names = ("pp", "dp_replicate", "dp_shard_mod_ep", "ep", "cp", "tp")
+            sizes = (self.pp, self.dp_replicate, self.dp_shard // self.ep, self.ep, self.cp, self.tp)
+            mesh = init_device_mesh(device_type, sizes, mesh_dim_names=names)
+            mesh[("dp_shard_mod_ep", "ep")]._flatten("dp_shard")
+            mesh.pretrain_dp = mesh[("dp_replicate", "dp_shard_mod_ep", "ep")]._flatten("dp")
+            return mesh
         names = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
         sizes = (self.pp, self.dp_replicate, self.dp_shard, self.cp, self.tp)
         mesh = init_device_mesh(device_type, sizes, mesh_dim_names=names)
         # kept on the mesh: slicing a flattened dim back out of the root mesh is deprecated
         mesh.pretrain_dp = mesh[("dp_replicate", "dp_shard")]._flatten("dp")
         return mesh
+
+
+def expert_fsdp_mesh(mesh, dims: ParallelDims):
+    """The mesh the experts' parameters are FSDP-sharded over: the dp ranks holding the same experts."""
+    return mesh[("dp_replicate", "dp_shard_mod_ep")] if dims.dp_replicate > 1 else mesh["dp_shard_mod_ep"]
 
 
 def dp_mesh(mesh):

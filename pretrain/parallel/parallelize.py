@@ -1,5 +1,5 @@
-"""``parallelize``: build the model for this rank and apply TP -> activation checkpointing -> compile -> FSDP, in
-that order (torchtitan's), then materialise it.
+"""``parallelize``: build the model for this rank and apply TP -> EP -> activation checkpointing -> compile -> FSDP,
+in that order (torchtitan's), then materialise it.
 
 With ``parallel.meta_init`` (the default) the model is built on the meta device, sharded, then each rank
 allocates and initialises only its own shards, so a 7B model never exists whole on one rank; replicated
@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from pretrain.config import Config
 from pretrain.models import build_model
-from pretrain.parallel.dims import ParallelDims, dp_mesh
+from pretrain.parallel.dims import ParallelDims, dp_mesh, expert_fsdp_mesh
 
 
 class PipelineLoss:
@@ -96,6 +96,10 @@ def _shard(model: nn.Module, cfg: Config, dims: ParallelDims, mesh, device) -> t
         from pretrain.parallel.tensor_parallel import apply_tensor_parallel
 
         apply_tensor_parallel(model, mesh["tp"], p.sequence_parallel)
+    if dims.ep > 1:
+        from pretrain.parallel.expert_parallel import apply_expert_parallel
+
+        apply_expert_parallel(model, mesh["ep"])
     _apply_local(model, cfg)
     sharded = p.zero_stage >= 2 and dims.dp > 1
     if sharded:
@@ -103,7 +107,8 @@ def _shard(model: nn.Module, cfg: Config, dims: ParallelDims, mesh, device) -> t
 
         fsdp_mesh = mesh[("dp_replicate", "dp_shard")] if dims.dp_replicate > 1 else dp_mesh(mesh)
         apply_fsdp(model, fsdp_mesh, reshard_after_forward=p.zero_stage == 3, bf16=cfg.train.dtype == "bf16",
-                   cpu_offload=p.cpu_offload)
+                   cpu_offload=p.cpu_offload, expert_mesh=expert_fsdp_mesh(mesh, dims) if dims.ep > 1 else None,
+                   dp_size=dims.dp)
     _materialise(model, device)
     runner = model
     if not sharded and dims.dp > 1:
@@ -127,7 +132,9 @@ def _parallelize_pipeline(cfg: Config, dims: ParallelDims, mesh, device, dp_rank
         torch.manual_seed(cfg.train.seed)  # every stage is cut from the same whole model
         model, runner = _shard(prune_to_stage(_build(cfg), sid, n_stages), cfg, dims, mesh, device)
         parts.append(model)
-        stages.append(PipelineStage(runner, sid, n_stages, device, group=mesh["pp"].get_group()))
+        stage = PipelineStage(runner, sid, n_stages, device, group=mesh["pp"].get_group())
+        _uncounted_shape_inference(stage)
+        stages.append(stage)
     tied = None
     if is_tied(cfg.model):
         tied = TiedEmbeddings(mesh, dict(zip(ids, parts)), n_stages, dims.pp, per_rank, cfg.parallel.pp_schedule)
@@ -137,6 +144,21 @@ def _parallelize_pipeline(cfg: Config, dims: ParallelDims, mesh, device, dp_rank
     module = parts[0] if len(parts) == 1 else nn.ModuleList(parts)
     return Parallelized(None, module, dims, mesh, dp_rank, schedule=schedule, pipeline_loss=loss,
                         has_first_stage=0 in ids, has_last_stage=n_stages - 1 in ids, parts=parts, tied=tied)
+
+
+def _uncounted_shape_inference(stage) -> None:
+    """The schedule runs a stage's forward once on its first step (and after each eval) to learn the shapes; MoE
+    layers must not count those tokens in the step's loads."""
+    infer = getattr(stage, "_prepare_forward_infra", None)  # the hook torch's pipelining runs the inference in
+    if infer is None:
+        return
+    from pretrain.models.moe import uncounted
+
+    def without_counting(*args, **kwargs):
+        with uncounted():
+            return infer(*args, **kwargs)
+
+    stage._prepare_forward_infra = without_counting
 
 
 def _apply_local(model: nn.Module, cfg: Config) -> None:

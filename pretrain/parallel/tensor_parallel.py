@@ -19,31 +19,40 @@ from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
+    PrepareModuleInputOutput,
     RowwiseParallel,
     SequenceParallel,
     parallelize_module,
 )
 
 
-def block_plan(arch: str, gated: bool, sequence_parallel: bool) -> dict:
-    """Plan for one GPT block or BERT encoder layer (names relative to the block)."""
+def block_plan(arch: str, gated: bool, sequence_parallel: bool, moe: bool = False, shared: bool = False) -> dict:
+    """Plan for one GPT block or BERT encoder layer (names relative to the block). An MoE layer runs whole on every
+    tp rank (replicated input; its experts are split by expert parallelism instead), only its shared experts
+    sharded like a dense MLP; under SP its input is gathered and its output cut back to this rank's sequence."""
     residual = Shard(1) if sequence_parallel else Replicate()
     plan = {
         "self_attn.q_proj": ColwiseParallel(),
         "self_attn.k_proj": ColwiseParallel(),
         "self_attn.v_proj": ColwiseParallel(),
         "self_attn.o_proj": RowwiseParallel(output_layouts=residual),
-        "mlp.up_proj": ColwiseParallel(),
-        "mlp.down_proj": RowwiseParallel(output_layouts=residual),
     }
-    if gated:
-        plan["mlp.gate_proj"] = ColwiseParallel()
+    if moe and shared:
+        plan.update({"mlp.shared_experts.gate_proj": ColwiseParallel(), "mlp.shared_experts.up_proj": ColwiseParallel(),
+                     "mlp.shared_experts.down_proj": RowwiseParallel(output_layouts=Replicate())})
+    elif not moe:
+        plan.update({"mlp.up_proj": ColwiseParallel(), "mlp.down_proj": RowwiseParallel(output_layouts=residual)})
+        if gated:
+            plan["mlp.gate_proj"] = ColwiseParallel()
     if sequence_parallel:
         plan.update({
             "input_layernorm": SequenceParallel(),
             "post_attention_layernorm": SequenceParallel(),
             "self_attn": PrepareModuleInput(input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None)),
-            "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)),
+            "mlp": (PrepareModuleInputOutput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
+                                             use_local_input=True, output_layouts=(Replicate(),),
+                                             desired_output_layouts=(Shard(1),), use_local_output=True) if moe else
+                    PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))),
         })
     return plan
 
@@ -64,7 +73,10 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool) ->
             top["lm_head"] = ColwiseParallel(input_layouts=Shard(1) if sequence_parallel else Replicate(),
                                              output_layouts=Shard(-1), use_local_output=False)
         parallelize_module(model, tp_mesh, top)
+    from pretrain.models.moe import MoE
+
     gated = gpt and cfg.flavor == "llama"
-    plan = block_plan(cfg.arch, gated, sequence_parallel)
     for block in model.layers.values():
-        parallelize_module(block, tp_mesh, plan)
+        moe = isinstance(block.mlp, MoE)
+        shared = moe and block.mlp.shared_experts is not None
+        parallelize_module(block, tp_mesh, block_plan(cfg.arch, gated, sequence_parallel, moe, shared))

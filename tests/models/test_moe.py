@@ -6,11 +6,13 @@ import json
 import pytest
 import torch
 
+from pretrain.callbacks import Callback
 from pretrain.config import ConfigError, load_config
 from pretrain.distributed import DistInfo
 from pretrain.models import build_model
 from pretrain.models.flops import matmul_params, num_params
-from pretrain.models.moe import MoE, update_router_bias
+from pretrain.models.moe import MoE, route, update_router_bias
+from pretrain.parallel.dims import ParallelDims
 from pretrain.train import build_trainer
 
 from ..conftest import tiny_config
@@ -37,9 +39,11 @@ def test_dropless_routes_every_token_to_k_distinct_experts_with_normalised_weigh
     assert chosen.shape == (111, 2) and all(len(set(row)) == 2 for row in chosen.tolist())
     torch.testing.assert_close(weights.sum(-1), torch.ones(111))
     assert torch.equal(torch.topk(scores, 2).indices.sort(-1).values, chosen.sort(-1).values)
-    y, counts = moe.dispatcher(x.reshape(-1, 32), weights, chosen, moe.experts)
-    assert int(counts.sum()) == 111 * 2 and y.shape == (111, 32)  # every token to exactly k experts, none dropped
-    assert counts.tolist() == torch.bincount(chosen.flatten(), minlength=4).tolist()
+    token, weight, counts, routed, dropped = route(chosen, weights, 4, capacity=0)
+    y = moe.dispatcher(x.reshape(-1, 32), token, counts, moe.experts)
+    assert int(counts.sum()) == 111 * 2 and y.shape == (222, 32) and int(dropped) == 0  # every token to k experts
+    assert counts.tolist() == routed.tolist() == torch.bincount(chosen.flatten(), minlength=4).tolist()
+    assert sorted(token.tolist()) == sorted(list(range(111)) * 2)
 
 
 def test_grouped_gemm_equals_the_per_expert_loop_forward_and_backward():
@@ -74,17 +78,76 @@ def test_the_layer_equals_its_definition_token_by_token():
         torch.testing.assert_close(y[t], want, atol=1e-5, rtol=1e-5)
 
 
+def aux_mean(moe, x):
+    moe.train()
+    moe.clear_step()
+    moe(x)
+    return float(moe.totals[0] / moe.totals[2])
+
+
 def test_aux_loss_is_one_when_uniform_and_two_when_two_experts_take_everything():
     moe = layer()
     with torch.no_grad():
         moe.gate.weight.zero_()  # every score equal (P uniform): E·Σ f·P = 1 whatever the picks
-    moe(torch.randn(1, 16, 32))
-    assert float(moe.stats["aux"]) == pytest.approx(1.0)
-    assert float(moe.stats["max_load"]) == pytest.approx(2.0)  # experts 0 and 1 took every slot
+    assert aux_mean(moe, torch.randn(1, 16, 32)) == pytest.approx(1.0)
+    assert sorted(moe.load.tolist()) == [0, 0, 16, 16]  # experts 0 and 1 took every slot
     with torch.no_grad():  # experts 0 and 1 get all the probability and all the tokens: 4·(½·½ + ½·½) = 2
         moe.gate.weight.copy_(torch.tensor([1.0, 1.0, -1.0, -1.0])[:, None].expand(4, 32))
-    moe(torch.rand(1, 16, 32) + 1.0)
-    assert float(moe.stats["aux"]) == pytest.approx(2.0, rel=1e-3)
+    assert aux_mean(moe, torch.rand(1, 16, 32) + 1.0) == pytest.approx(2.0, rel=1e-3)
+
+
+def test_sequence_aux_loss_does_not_depend_on_how_the_batch_is_split():
+    x = torch.randn(4, 16, 32)
+    per_sequence = layer()
+    whole = aux_mean(per_sequence, x)
+    parts = [aux_mean(per_sequence, x[i:i + 1]) for i in range(4)]
+    assert whole == pytest.approx(sum(parts) / 4, rel=1e-6)
+    batch_wide = layer("model.moe_aux_scope=micro_batch")
+    assert aux_mean(batch_wide, x) != pytest.approx(whole, rel=1e-4)  # f and P over all 64 tokens instead
+
+
+def test_capacity_drops_the_slots_over_it_latest_tokens_first_and_counts_them():
+    moe = layer("model.moe_capacity_factor=1.0")
+    with torch.no_grad():
+        moe.gate.weight.zero_()  # equal scores: two experts take every slot, 16 each
+    x = torch.randn(1, 16, 32)
+    assert moe.capacity(16) == 8  # ceil(1.0 · 16 · 2 / 4)
+    weights, chosen, _, _ = moe.gate(x.reshape(-1, 32))
+    token, weight, counts, routed, dropped = route(chosen, weights, 4, capacity=8)
+    assert sorted(routed.tolist()) == [0, 0, 16, 16] and sorted(counts.tolist()) == [0, 0, 8, 8]
+    assert int(dropped) == 16
+    assert token.tolist() == list(range(8)) * 2  # each expert kept its first 8 tokens
+    moe.train()
+    moe.clear_step()
+    y = moe(x)
+    assert float(moe.totals[3]) == 16
+    dropless = layer()
+    with torch.no_grad():
+        dropless.gate.weight.zero_()
+    full = dropless(x)
+    torch.testing.assert_close(y[0, :8], full[0, :8])  # kept tokens: both experts, as without capacity
+    assert y[0, 8:].abs().max() == 0  # dropped tokens: nothing (no shared expert here; the residual carries them)
+
+
+def test_activation_checkpointing_counts_each_token_once(tmp_path):
+    loads = []
+    for ac in ("none", "full"):
+        cfg = tiny_config(tmp_path / ac, *MOE, "train.steps=1", f"parallel.activation_checkpointing={ac}")
+        trainer = build_trainer(cfg, DistInfo())
+        seen = []
+
+        class Grab(Callback):
+            def step_end(self, t):
+                seen.append([torch.cat([m.load, m.totals]) for m in t.moe_layers])
+
+        trainer.callbacks.insert(0, Grab())
+        trainer.fit()
+        loads.append(seen[0])
+    for a, b in zip(*loads):
+        torch.testing.assert_close(a, b)
+    tokens = cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.model.seq_len
+    assert float(loads[0][0][-2]) == tokens  # the step's tokens, once
+    assert float(loads[0][0][:4].sum()) == 2 * tokens
 
 
 def test_bias_moves_selection_towards_idle_experts():
@@ -98,7 +161,6 @@ def test_bias_moves_selection_towards_idle_experts():
     assert sorted(load.tolist()) == [0, 0, 16, 16] and len(busy) == 2  # equal scores: two experts take all
     update_router_bias(moe, load, 0.01)
     assert moe.gate.e_score_correction_bias.tolist() == pytest.approx([-0.01 if e in busy else 0.01 for e in range(4)])
-    assert moe.load.sum() == 0
     weights, chosen, _, _ = moe.gate(torch.randn(5, 32))
     assert set(chosen.flatten().tolist()) == set(range(4)) - busy  # selection follows the bias
     torch.testing.assert_close(weights, torch.full((5, 2), 0.5))  # the weights do not
@@ -129,6 +191,8 @@ def test_moe_gpt_trains_and_logs_its_balancing_terms(tmp_path):
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     for record in records:
         assert record["moe_aux_loss"] > 0 and record["moe_z_loss"] > 0 and record["moe_max_load"] >= 1.0
+        assert record["moe_max_load.1"] >= 1.0 and record["moe_dropped"] == 0
+        assert record["moe_bias_min"] < 0 < record["moe_bias_max"]
     biases = [m.gate.e_score_correction_bias for m in trainer.raw_model.modules() if isinstance(m, MoE)]
     assert all(b.abs().sum() > 0 for b in biases)  # the aux-loss-free bias moved after the steps
 
@@ -138,7 +202,10 @@ def test_moe_gpt_trains_and_logs_its_balancing_terms(tmp_path):
     (["model.arch=bert"], r"Mixture-of-Experts layers are for the llama-flavour GPT, not bert"),
     (["model.flavor=gpt2"], r"Mixture-of-Experts layers are for the llama-flavour GPT, not gpt/gpt2"),
     (["model.moe_dense_layers=2"], r"model.moe_dense_layers \(2\) leaves no MoE layer"),
-    (["parallel.tp=2"], r"MoE layers train with data parallelism"),
+    (["parallel.engine=deepspeed"], r'MoE layers train with parallel.engine = "native"'),
+    (["model.moe_capacity_factor=0.5"], r"model.moe_capacity_factor = 0.5 would drop tokens even under"),
+    (["model.n_experts=0", "parallel.ep=2"], r"parallel.ep = 2 splits MoE experts, but model.n_experts = 0"),
+    (["model.moe_aux_scope=token"], r"model.moe_aux_scope = 'token' is not one of sequence, micro_batch"),
     (["model.moe_router=topk"], r"model.moe_router = 'topk' is not one of softmax, sigmoid"),
     (["model.moe_balance=none"], r"model.moe_balance = 'none' is not one of aux_loss, bias, both"),
     (["model.moe_aux_coef=-1"], r"model.moe_aux_coef must be >= 0"),
@@ -146,6 +213,18 @@ def test_moe_gpt_trains_and_logs_its_balancing_terms(tmp_path):
 def test_bad_moe_configs(extra, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, ["model.n_layers=2", "model.d_model=32", "model.n_heads=4", *MOE, *extra])
+
+
+@pytest.mark.parametrize("extra, world, message", [
+    (["parallel.ep=3", "parallel.zero_stage=3"], 6, r"parallel.ep = 3 must divide model.n_experts \(4\)"),
+    (["parallel.ep=4", "parallel.zero_stage=3", "parallel.tp=2"], 4,
+     r"parallel.ep = 4 takes its ranks from dp_shard \(2 here\): it must divide it"),
+    (["parallel.ep=2"], 2, r"parallel.ep = 2 needs FSDP for the experts' gradients: set parallel.zero_stage = 2"),
+])
+def test_bad_expert_parallel_layouts_are_refused_before_any_process_group(extra, world, message):
+    cfg = load_config(None, ["model.n_layers=2", "model.d_model=32", "model.n_heads=4", *MOE, *extra])
+    with pytest.raises(ConfigError, match=message):
+        ParallelDims.from_config(cfg, world)
 
 
 def test_resume_is_exact_with_router_biases(tmp_path):

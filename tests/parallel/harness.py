@@ -36,7 +36,8 @@ BASE = ["model.n_layers=4", "model.d_model=32", "model.n_heads=4", "model.vocab_
         "optim.grad_clip=0.05"]  # clipping active in every step: the norm must count every shard once
 
 MOE = ["model.n_experts=4", "model.moe_top_k=2", "model.moe_ffn_hidden=32", "model.n_shared_experts=1",
-       "model.moe_balance=bias", "model.moe_bias_rate=0.01", "model.moe_router=sigmoid"]
+       "model.moe_balance=both", "model.moe_bias_rate=0.01", "model.moe_router=sigmoid", "model.moe_aux_coef=0.1",
+       "model.moe_z_coef=0.01"]
 
 # name -> (world size, overrides); micro_batch × grad_accum × dp = GLOBAL_BATCH in every one
 LAYOUTS = {
@@ -90,10 +91,19 @@ LAYOUTS = {
     "aux_pp2": (2, ["train.micro_batch_size=4", "train.grad_accum=2", "parallel.pp=2", "task=aux"]),
     "aux_ds_zero1": (2, ["train.micro_batch_size=4", "parallel.engine=deepspeed", "parallel.zero_stage=1",
                          "task=aux"]),
-    # MoE layers under DDP and FSDP: the aux-loss-free bias (loads summed over the dp ranks) must match one
-    # process exactly; the Switch aux loss is a per-micro-batch quantity (not additive), so it is off here
+    # MoE layers: the sequence-wise aux loss and the z-loss (entering the backward inside each layer, on whatever
+    # stage), the aux-loss-free bias (loads summed over dp and pp) must all match one process exactly
     "moe_dp2": (2, ["train.micro_batch_size=4", *MOE]),
     "moe_zero3_2": (2, ["train.micro_batch_size=2", "train.grad_accum=2", "parallel.zero_stage=3", *MOE]),
+    "moe_ep2": (2, ["train.micro_batch_size=4", "parallel.zero_stage=2", "parallel.ep=2", *MOE]),
+    "moe_tp2_sp": (2, ["train.micro_batch_size=8", "parallel.tp=2", "parallel.sequence_parallel=true", *MOE]),
+    "moe_pp2": (2, ["train.micro_batch_size=4", "train.grad_accum=2", "parallel.pp=2", "parallel.n_microbatches=2",
+                    *MOE]),
+    "moe_ep2_dp2": (4, ["train.micro_batch_size=2", "parallel.zero_stage=3", "parallel.ep=2", *MOE]),
+    "moe_ep2_tp2": (4, ["train.micro_batch_size=4", "parallel.zero_stage=2", "parallel.ep=2", "parallel.tp=2",
+                        "parallel.sequence_parallel=false", *MOE]),
+    "moe_ep2_pp2": (4, ["train.micro_batch_size=4", "parallel.zero_stage=3", "parallel.ep=2", "parallel.pp=2",
+                        *MOE]),
 }
 
 
@@ -149,7 +159,7 @@ def full_params(parts: list[torch.nn.Module], gather: bool) -> dict[str, torch.T
 
 
 # layouts also checked for save at step 2 -> resume in a fresh trainer -> step 3 equal to the straight run
-RESUME = {"bert_pp2", "zero1_2", "pp2_interleaved", "ds_zero2_2", "tp2_sp", "tp2_sp_dp2_zero3", "pp2_dp2_zero3", "hsdp_2x2"}
+RESUME = {"moe_ep2", "bert_pp2", "zero1_2", "pp2_interleaved", "ds_zero2_2", "tp2_sp", "tp2_sp_dp2_zero3", "pp2_dp2_zero3", "hsdp_2x2"}
 
 
 def run(overrides: list[str], dist_info: DistInfo, run_dir: str, stop_after: int | None = None):
@@ -176,6 +186,8 @@ def run(overrides: list[str], dist_info: DistInfo, run_dir: str, stop_after: int
 
 # layout -> the layout that resumes its step-2 checkpoint (same world size, other TP / PP / ZeRO split)
 RESHARD = {
+    "moe_ep2": ["train.micro_batch_size=4", "parallel.zero_stage=2", "parallel.ep=1", *MOE],  # EP2 -> EP1
+    "moe_zero3_2": ["train.micro_batch_size=4", "parallel.zero_stage=3", "parallel.ep=2", *MOE],  # EP1 -> EP2
     "tp2_sp": ["train.micro_batch_size=4", "parallel.zero_stage=2"],
     "pp2_interleaved": ["train.micro_batch_size=8", "parallel.tp=2"],
     "tp2_pp2": ["train.micro_batch_size=2", "parallel.zero_stage=3"],

@@ -1,0 +1,37 @@
+"""Expert parallelism (GShard, Lepikhin et al. 2020; torchtitan's layout): each MoE layer's experts split over the
+``ep`` ranks of the mesh (taken from ``dp_shard``), tokens moved to them and back by the layer's
+:class:`~pretrain.models.moe.AllToAllDispatcher`.
+
+The stacked expert weights become DTensors sharded on the expert dim over ``ep``; FSDP then shards them further
+over ``dp_shard_mod_ep`` (the ranks holding the same experts), with the gradient divided by the whole dp size:
+an expert's gradient on its owner already sums the tokens of every rank in its ep group, so averaging over the
+ep-replicas alone would count each token ep times. Router, shared experts, attention and norms are sharded over
+the whole dp as in a dense model. DCP sees the global (E, ·, ·) tensors: checkpoints reshard between EP sizes.
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+
+def moe_layers(module: nn.Module) -> list:
+    from pretrain.models.moe import MoE
+
+    return [m for m in module.modules() if isinstance(m, MoE)]
+
+
+def apply_expert_parallel(model: nn.Module, ep_mesh) -> None:
+    """Shard every MoE layer's experts of ``model`` (whole model or one pipeline stage) over ``ep_mesh``."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from pretrain.models.moe import AllToAllDispatcher
+
+    for layer in moe_layers(model):
+        experts = layer.experts
+        for name in ("gate_up_proj", "down_proj"):
+            weight = getattr(experts, name)
+            setattr(experts, name, nn.Parameter(distribute_tensor(weight.data, ep_mesh, [Shard(0)]),
+                                                requires_grad=weight.requires_grad))
+        grouped = layer.dispatcher.grouped
+        layer.dispatcher = AllToAllDispatcher(ep_mesh.get_group(), ep_mesh.size())
+        layer.dispatcher.grouped = grouped
