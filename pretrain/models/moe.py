@@ -63,12 +63,15 @@ class Experts(nn.Module):
         super().__init__()
         e, d, i = cfg.n_experts, cfg.d_model, cfg.expert_dim
         self.hidden = i
+        self.grad_scale = 1.0  # expert parallelism: 1/ep (see parallel/expert_parallel.py)
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, d))
         self.down_proj = nn.Parameter(torch.empty(e, d, i))
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor, grouped: bool = True) -> torch.Tensor:
         """x (M, D) sorted by expert, counts (E,) tokens per (local) expert -> (M, D)."""
         gate_up, down = _local(self.gate_up_proj), _local(self.down_proj)
+        if self.grad_scale != 1.0:
+            gate_up, down = _ScaleGrad.apply(gate_up, self.grad_scale), _ScaleGrad.apply(down, self.grad_scale)
         if x.shape[0] == 0:  # no token here: still a (zero) gradient for every weight, as FSDP expects
             return x.new_zeros(0, x.shape[-1]) + 0 * (gate_up.sum() + down.sum()).to(x.dtype)
         if grouped and hasattr(torch, "_grouped_mm"):
@@ -83,6 +86,19 @@ class Experts(nn.Module):
             out.append(F.linear(F.silu(gate) * up, down[e]))
             start += n
         return torch.cat(out)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity whose backward multiplies the gradient by ``scale``."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

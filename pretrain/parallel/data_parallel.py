@@ -20,9 +20,9 @@ import torch.nn as nn
 
 
 def apply_fsdp(model: nn.Module, dp_mesh, *, reshard_after_forward: bool, bf16: bool, cpu_offload: bool,
-               expert_mesh=None, dp_size: int = 1) -> None:
+               expert_mesh=None) -> None:
     """FSDP per block, then the root. With expert parallelism (``expert_mesh``: the ranks holding the same
-    experts) each MoE layer's experts are their own FSDP unit over that mesh, gradients divided by ``dp_size``."""
+    experts) each MoE layer's experts are their own FSDP unit over that mesh."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
     from torch.distributed.tensor import Shard
 
@@ -43,7 +43,6 @@ def apply_fsdp(model: nn.Module, dp_mesh, *, reshard_after_forward: bool, bf16: 
                 dim = 0 if local % expert_mesh.size() == 0 else 1  # too few experts to shard: the hidden dim
                 fully_shard(layer.experts, reshard_after_forward=reshard, shard_placement_fn=lambda p: Shard(dim),
                             **{**kwargs, "mesh": expert_mesh})
-                layer.experts.set_gradient_divide_factor(float(dp_size))
         fully_shard(block, reshard_after_forward=reshard, **kwargs)
     fully_shard(model, reshard_after_forward=reshard_after_forward, **kwargs)
 

@@ -3,9 +3,11 @@
 :class:`~pretrain.models.moe.AllToAllDispatcher`.
 
 The stacked expert weights become DTensors sharded on the expert dim over ``ep``; FSDP then shards them further
-over ``dp_shard_mod_ep`` (the ranks holding the same experts), with the gradient divided by the whole dp size:
-an expert's gradient on its owner already sums the tokens of every rank in its ep group, so averaging over the
-ep-replicas alone would count each token ep times. Router, shared experts, attention and norms are sharded over
+over ``dp_shard_mod_ep`` (the ranks holding the same experts). An expert's gradient on its owner already sums the
+tokens of every rank in its ep group, and FSDP averages it over the dp / ep ranks holding that expert: the
+experts scale their gradient by 1/ep so that the result is the mean over the whole dp, as for every other
+weight. (FSDP's own ``set_gradient_divide_factor`` would do the same but reduces with PREMUL_SUM, which gloo
+lacks.) Router, shared experts, attention and norms are sharded over
 the whole dp as in a dense model. DCP sees the global (E, ·, ·) tensors: checkpoints reshard between EP sizes.
 """
 
@@ -32,6 +34,7 @@ def apply_expert_parallel(model: nn.Module, ep_mesh) -> None:
             weight = getattr(experts, name)
             setattr(experts, name, nn.Parameter(distribute_tensor(weight.data, ep_mesh, [Shard(0)]),
                                                 requires_grad=weight.requires_grad))
+        experts.grad_scale = 1.0 / ep_mesh.size()
         grouped = layer.dispatcher.grouped
         layer.dispatcher = AllToAllDispatcher(ep_mesh.get_group(), ep_mesh.size())
         layer.dispatcher.grouped = grouped

@@ -107,8 +107,7 @@ def _shard(model: nn.Module, cfg: Config, dims: ParallelDims, mesh, device) -> t
 
         fsdp_mesh = mesh[("dp_replicate", "dp_shard")] if dims.dp_replicate > 1 else dp_mesh(mesh)
         apply_fsdp(model, fsdp_mesh, reshard_after_forward=p.zero_stage == 3, bf16=cfg.train.dtype == "bf16",
-                   cpu_offload=p.cpu_offload, expert_mesh=expert_fsdp_mesh(mesh, dims) if dims.ep > 1 else None,
-                   dp_size=dims.dp)
+                   cpu_offload=p.cpu_offload, expert_mesh=expert_fsdp_mesh(mesh, dims) if dims.ep > 1 else None)
     _materialise(model, device)
     runner = model
     if not sharded and dims.dp > 1:
