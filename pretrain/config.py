@@ -42,6 +42,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
+    qk_norm: bool = False  # llama GPT: RMSNorm over each head's q and k before RoPE (Qwen3, OLMoE-style)
     dropout: float = 0.0
     type_vocab_size: int = 2  # bert
     nsp_head: bool = False  # bert: next-sentence prediction head
@@ -332,6 +333,11 @@ class Config:
             )
         if m.arch == "bert" and m.flavor != "llama" and m.flavor != "gpt2":
             raise ConfigError(f"model.flavor = {m.flavor!r} is not one of llama, gpt2")
+        if m.qk_norm and (m.arch != "gpt" or m.flavor != "llama"):
+            raise ConfigError(f"model.qk_norm is for the llama-flavour GPT, not {m.arch}/{m.flavor}")
+        if m.qk_norm and self.parallel.tp > 1:
+            raise ConfigError("model.qk_norm with parallel.tp > 1 is not supported (each rank would normalise its "
+                              "own heads with a weight whose gradient needs a tp all-reduce): use tp = 1")
         if m.n_experts:
             if m.arch != "gpt" or m.flavor != "llama":
                 raise ConfigError(f"model.n_experts = {m.n_experts}: Mixture-of-Experts layers are for the llama-flavour "

@@ -1,5 +1,9 @@
-"""Hugging Face conversion: GPT llama flavour <-> ``LlamaForCausalLM`` (GQA included), gpt2 flavour <->
-``GPT2LMHeadModel``, BERT <-> ``BertForMaskedLM``.
+"""Hugging Face conversion: GPT llama flavour <-> ``LlamaForCausalLM`` (GQA included; ``Qwen3ForCausalLM`` with
+``qk_norm``), gpt2 flavour <-> ``GPT2LMHeadModel``, BERT <-> ``BertForMaskedLM``. MoE GPTs: a sigmoid router
+(DeepSeek-V3 style: shared experts, dense first layers, the selection bias as ``e_score_correction_bias``) <->
+``Glm4MoeForCausalLM`` (full rotary, one expert group, routed scaling 1); a softmax router <->
+``Qwen3MoeForCausalLM`` (with ``qk_norm``) or ``MixtralForCausalLM`` (without). Our stacked experts
+(``gate_up_proj`` (E, 2I, D), ``down_proj`` (E, D, I)) are written per expert, as the Hub stores them.
 
 Export writes ``config.json``, ``model.safetensors`` (or shards of at most 5 GB with
 ``model.safetensors.index.json``) and, when given, the sentencepiece tokenizer with a config ``AutoTokenizer``
@@ -23,7 +27,12 @@ from pretrain.checkpoint.manager import CheckpointError
 from pretrain.config import Config, ConfigError, ModelConfig
 from pretrain.files import as_os_error, check_output, replace_dir
 
-SUPPORTED = {"LlamaForCausalLM": ("gpt", "llama"), "GPT2LMHeadModel": ("gpt", "gpt2"), "BertForMaskedLM": ("bert", "")}
+SUPPORTED = {"LlamaForCausalLM": ("gpt", "llama"), "GPT2LMHeadModel": ("gpt", "gpt2"), "BertForMaskedLM": ("bert", ""),
+             "Qwen3ForCausalLM": ("gpt", "qwen3"), "MixtralForCausalLM": ("gpt", "mixtral"),
+             "Qwen3MoeForCausalLM": ("gpt", "qwen3_moe"), "Glm4MoeForCausalLM": ("gpt", "glm4_moe")}
+# per HF llama-like class: the MoE block's name and its experts' (gate, up, down) names
+MOE_NAMES = {"mixtral": ("block_sparse_moe", ("w1", "w3", "w2")), "qwen3_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+             "glm4_moe": ("mlp", ("gate_proj", "up_proj", "down_proj"))}
 SHARD_BYTES = 5 * 10 ** 9
 
 LLAMA_NAMES = [(r"^lm_head\.", "lm_head."), (r"^(?!lm_head)", "model.")]
@@ -77,12 +86,86 @@ def hf_config(cfg: ModelConfig):
             activation_function="gelu_new", resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
             tie_word_embeddings=cfg.tie_embeddings, architectures=["GPT2LMHeadModel"], bos_token_id=2,
             eos_token_id=3)
+    kind = hf_kind(cfg)
+    if kind != "llama":
+        return _llama_like_config(cfg, kind)
     return transformers.LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ffn_dim,
         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads,
         max_position_embeddings=max(cfg.seq_len, cfg.max_position_embeddings), rms_norm_eps=cfg.norm_eps,
         rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings, attention_bias=False, mlp_bias=False,
         architectures=["LlamaForCausalLM"], bos_token_id=2, eos_token_id=3, pad_token_id=0)
+
+
+def hf_kind(cfg: ModelConfig) -> str:
+    """Which llama-like HF class (a key of SUPPORTED's flavours) holds a llama-flavour GPT, or one line why none."""
+    if not cfg.n_experts:
+        return "qwen3" if cfg.qk_norm else "llama"
+    if cfg.moe_router == "sigmoid":
+        return "glm4_moe"
+    if cfg.n_shared_experts:
+        raise CheckpointError("a softmax router with shared experts has no Hugging Face counterpart (Qwen2-MoE gates "
+                              'its shared expert): export needs model.moe_router = "sigmoid" or no shared experts')
+    if cfg.moe_balance != "aux_loss":
+        raise CheckpointError("the aux-loss-free selection bias with a softmax router has no Hugging Face counterpart "
+                              '(Qwen3-MoE / Mixtral route without it): export needs model.moe_router = "sigmoid" or '
+                              'model.moe_balance = "aux_loss"')
+    if cfg.qk_norm:
+        return "qwen3_moe"
+    if cfg.moe_dense_layers:
+        raise CheckpointError("Mixtral (a softmax MoE without QK-norm) has no dense layers: export needs "
+                              "model.moe_dense_layers = 0, or model.qk_norm = true (Qwen3-MoE)")
+    return "mixtral"
+
+
+def _llama_like_config(cfg: ModelConfig, kind: str):
+    import transformers
+
+    common = dict(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ffn_dim,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads,
+        max_position_embeddings=max(cfg.seq_len, cfg.max_position_embeddings), rms_norm_eps=cfg.norm_eps,
+        tie_word_embeddings=cfg.tie_embeddings, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        bos_token_id=2, eos_token_id=3, pad_token_id=0, hidden_act="silu", attention_dropout=0.0)
+    if kind == "qwen3":
+        return transformers.Qwen3Config(**common, head_dim=cfg.head_dim, attention_bias=False,
+                                        architectures=["Qwen3ForCausalLM"])
+    moe = dict(num_experts_per_tok=cfg.moe_top_k, output_router_logits=False)
+    if kind == "mixtral":
+        common["intermediate_size"] = cfg.expert_dim  # Mixtral's experts use intermediate_size
+        return transformers.MixtralConfig(**common, **moe, head_dim=cfg.head_dim, num_local_experts=cfg.n_experts,
+                                          router_aux_loss_coef=cfg.moe_aux_coef, router_jitter_noise=0.0,
+                                          architectures=["MixtralForCausalLM"])
+    if kind == "qwen3_moe":
+        return transformers.Qwen3MoeConfig(**common, **moe, num_experts=cfg.n_experts,
+                                           moe_intermediate_size=cfg.expert_dim, decoder_sparse_step=1,
+                                           mlp_only_layers=list(range(cfg.moe_dense_layers)), norm_topk_prob=True,
+                                           router_aux_loss_coef=cfg.moe_aux_coef, attention_bias=False,
+                                           architectures=["Qwen3MoeForCausalLM"])
+    common["rope_parameters"]["partial_rotary_factor"] = 1.0
+    return transformers.Glm4MoeConfig(**common, **moe, n_routed_experts=cfg.n_experts,
+                                      moe_intermediate_size=cfg.expert_dim, n_shared_experts=cfg.n_shared_experts,
+                                      first_k_dense_replace=cfg.moe_dense_layers, n_group=1, topk_group=1,
+                                      routed_scaling_factor=1.0, norm_topk_prob=True, use_qk_norm=cfg.qk_norm,
+                                      attention_bias=False, architectures=["Glm4MoeForCausalLM"])
+
+
+def _moe_tensor(name: str, t: torch.Tensor, cfg: ModelConfig, kind: str):
+    """(HF name, tensor) pairs of one native MoE-layer tensor, or None when ``name`` is not in an MoE layer."""
+    m = re.match(r"^layers\.(\d+)\.mlp\.(gate\.weight|gate\.e_score_correction_bias|experts\.gate_up_proj|"
+                 r"experts\.down_proj|shared_experts\..*)$", name)
+    if not m or kind not in MOE_NAMES:
+        return None
+    block, (gate, up, down) = MOE_NAMES[kind]
+    prefix, what, i = f"model.layers.{m.group(1)}.{block}", m.group(2), cfg.expert_dim
+    if what == "experts.gate_up_proj":
+        return [pair for e in range(t.shape[0]) for pair in ((f"{prefix}.experts.{e}.{gate}.weight", t[e, :i]),
+                                                             (f"{prefix}.experts.{e}.{up}.weight", t[e, i:]))]
+    if what == "experts.down_proj":
+        return [(f"{prefix}.experts.{e}.{down}.weight", t[e]) for e in range(t.shape[0])]
+    if what == "gate.e_score_correction_bias" and kind != "glm4_moe":
+        return []  # zero: hf_kind refused any balance that moves it
+    return [(f"{prefix}.{what}", t)]
 
 
 def to_hf_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig):
@@ -95,10 +178,12 @@ def to_hf_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig):
                 yield hf, t
         return
     if cfg.flavor == "llama":
+        kind = hf_kind(cfg)
         for name, t in state.items():
             if name == "lm_head.weight" and cfg.tie_embeddings:
                 continue
-            yield _rename(name, LLAMA_NAMES), t
+            moe = _moe_tensor(name, t, cfg, kind)
+            yield from moe if moe is not None else [(_rename(name, LLAMA_NAMES), t)]
         return
     for name, t in state.items():
         m = re.match(r"^layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$", name)
@@ -247,6 +332,8 @@ def _model_config(raw: dict, family: str, flavor: str) -> ModelConfig:
                           seq_len=raw["n_positions"], max_position_embeddings=raw["n_positions"],
                           norm_eps=raw.get("layer_norm_epsilon", 1e-5),
                           tie_embeddings=raw.get("tie_word_embeddings", True))
+    elif flavor != "llama":
+        cfg = _llama_like_model_config(raw, flavor)
     else:
         cfg = ModelConfig(arch="gpt", flavor="llama", n_layers=raw["num_hidden_layers"], d_model=raw["hidden_size"],
                           n_heads=raw["num_attention_heads"],
@@ -257,6 +344,46 @@ def _model_config(raw: dict, family: str, flavor: str) -> ModelConfig:
                                                                                                      10000.0))),
                           norm_eps=raw.get("rms_norm_eps", 1e-6), tie_embeddings=raw.get("tie_word_embeddings", False))
     return cfg
+
+
+def _rope_theta(raw: dict) -> float:
+    return float(raw.get("rope_theta", (raw.get("rope_parameters") or {}).get("rope_theta", 10000.0)))
+
+
+def _llama_like_model_config(raw: dict, kind: str) -> ModelConfig:
+    """Qwen3, Mixtral, Qwen3-MoE and GLM-4-MoE configs as a llama-flavour GPT (the fields that would change the
+    computation were checked by ``_refuse_unimplemented`` first)."""
+    common = dict(arch="gpt", flavor="llama", n_layers=raw["num_hidden_layers"], d_model=raw["hidden_size"],
+                  n_heads=raw["num_attention_heads"],
+                  n_kv_heads=raw.get("num_key_value_heads") or raw["num_attention_heads"],
+                  ffn_hidden=raw["intermediate_size"], vocab_size=raw["vocab_size"],
+                  seq_len=min(4096, raw.get("max_position_embeddings", 4096)), rope_theta=_rope_theta(raw),
+                  norm_eps=raw.get("rms_norm_eps", 1e-6), tie_embeddings=raw.get("tie_word_embeddings", False))
+    if kind == "qwen3":
+        return ModelConfig(**common, qk_norm=True)
+    moe = dict(moe_top_k=raw["num_experts_per_tok"])
+    if kind == "mixtral":
+        return ModelConfig(**common, **moe, n_experts=raw["num_local_experts"], moe_ffn_hidden=raw["intermediate_size"],
+                           moe_router="softmax", moe_balance="aux_loss")
+    if kind == "qwen3_moe":
+        return ModelConfig(**common, **moe, n_experts=raw.get("num_experts") or raw["num_local_experts"],
+                           moe_ffn_hidden=raw["moe_intermediate_size"], qk_norm=True,
+                           moe_dense_layers=len(raw.get("mlp_only_layers") or []), moe_router="softmax",
+                           moe_balance="aux_loss")
+    return ModelConfig(**common, **moe, n_experts=raw["n_routed_experts"], moe_ffn_hidden=raw["moe_intermediate_size"],
+                       n_shared_experts=raw.get("n_shared_experts") or 0, qk_norm=bool(raw.get("use_qk_norm")),
+                       moe_dense_layers=raw.get("first_k_dense_replace") or 0, moe_router="sigmoid",
+                       moe_balance="bias")
+
+
+def _leading_layers(value) -> bool:
+    """Qwen3-MoE's mlp_only_layers as our moe_dense_layers: the first k layers, or none."""
+    return value is None or isinstance(value, list) and value == list(range(len(value)))
+
+
+def _full_rotary(raw: dict) -> bool:
+    factor = raw.get("partial_rotary_factor", (raw.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0))
+    return factor in (1, 1.0)
 
 
 def _absent_or(*allowed):
@@ -282,6 +409,23 @@ IMPLEMENTED: dict[str, dict[str, tuple]] = {
         "attention_dropout": (_absent_or(0, 0.0), "0"),
         "head_dim": (None, "hidden_size / num_attention_heads"),  # checked below against the two
     },
+    "qwen3": {},  # the llama fields, filled in below
+    "mixtral": {"router_jitter_noise": (_absent_or(0, 0.0), "0")},
+    "qwen3_moe": {
+        "norm_topk_prob": (_absent_or(True), "true (top-k weights renormalised)"),
+        "decoder_sparse_step": (_absent_or(1), "1"),
+        "mlp_only_layers": (_leading_layers, "the first k layers"),
+        "use_sliding_window": (_absent_or(False), "false"),
+    },
+    "glm4_moe": {
+        "norm_topk_prob": (_absent_or(True), "true (top-k weights renormalised)"),
+        "routed_scaling_factor": (_absent_or(1, 1.0), "1.0"),
+        "n_group": (_absent_or(1), "1 (no group-limited routing)"),
+        "topk_group": (_absent_or(1), "1"),
+        "partial_rotary_factor": (_absent_or(1, 1.0), "1.0 (full rotary)"),
+        "rope_parameters": (lambda v: _default_rope(v) and _full_rotary({"rope_parameters": v}),
+                            'rope_type "default", partial_rotary_factor 1.0'),
+    },
     "gpt2": {
         "activation_function": (_absent_or("gelu_new", "gelu_pytorch_tanh"), "gelu_new (tanh GELU)"),
         "scale_attn_weights": (_absent_or(True), "true"),
@@ -295,6 +439,10 @@ IMPLEMENTED: dict[str, dict[str, tuple]] = {
         "add_cross_attention": (_absent_or(False), "false"),
     },
 }
+
+
+for _kind in ("qwen3", "mixtral", "qwen3_moe", "glm4_moe"):  # llama's fields hold for its relatives too
+    IMPLEMENTED[_kind] = {**IMPLEMENTED["llama"], **IMPLEMENTED[_kind]}
 
 
 def _refuse_unimplemented(raw: dict, family: str, config_file: Path) -> None:
@@ -358,7 +506,7 @@ def import_hf(hf_dir: str | Path, allow_pickle: bool = False) -> tuple[torch.nn.
     model.init_weights()  # rotary tables; every weight is overwritten below
     expected = dict(model.state_dict())
     reverse = _reverse_names(expected, cfg)
-    seen = set()
+    seen, pieces = set(), {}
     with torch.no_grad():
         for name, tensor in _read_tensors(_weight_files(hf_dir, allow_pickle)):
             if name in ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias") or "rotary" in name \
@@ -367,16 +515,32 @@ def import_hf(hf_dir: str | Path, allow_pickle: bool = False) -> tuple[torch.nn.
                 continue  # tied copies, buffers, heads BertForMaskedLM does not use
             if name == "lm_head.weight" and cfg.tie_embeddings:
                 continue
+            extra_layer = re.match(r"^model\.layers\.(\d+)\.", name)
+            if extra_layer and int(extra_layer.group(1)) >= cfg.n_layers:
+                continue  # GLM-4.5's multi-token-prediction layers: not part of the causal LM
+            if name not in reverse and tensor.numel() == 0:
+                continue  # GLM-4-MoE without shared experts stores them with zero width
             if name not in reverse:
                 raise CheckpointError(f"unexpected weight {name!r} for a {cfg.arch}/{cfg.flavor} model")
-            for target, convert in reverse[name]:
+            for target, convert, *part in reverse[name]:  # part: (expert, rows) of a stacked expert weight
                 value = convert(tensor)
-                if expected[target].shape != value.shape:
+                dest = expected[target] if not part else expected[target][part[0][0], part[0][1]]
+                if dest.shape != value.shape:
                     raise CheckpointError(f"weight {name} has shape {tuple(tensor.shape)}, the config implies "
-                                          f"{tuple(expected[target].shape)}")
-                expected[target].copy_(value)
-                seen.add(target)
-    missing = sorted(set(expected) - seen - ({"lm_head.weight"} if cfg.tie_embeddings else set())
+                                          f"{tuple(dest.shape)}")
+                dest.copy_(value)
+                if part:
+                    pieces.setdefault(target, set()).add((part[0][0], part[0][1].start))
+                else:
+                    seen.add(target)
+    parts_of = {}
+    for entries in reverse.values():
+        for target, _, *part in entries:
+            if part:
+                parts_of.setdefault(target, set()).add((part[0][0], part[0][1].start))
+    seen |= {t for t, keys in parts_of.items() if pieces.get(t) == keys}  # stacked experts: every piece read
+    not_in_hf = {k for k in expected if k.endswith("e_score_correction_bias") and hf_kind(cfg) != "glm4_moe"}
+    missing = sorted(set(expected) - seen - ({"lm_head.weight"} if cfg.tie_embeddings else set()) - not_in_hf
                      - {k for k in expected if k.startswith(("pooler", "nsp_head"))})
     if missing:
         raise CheckpointError(f"{hf_dir} lacks weight(s) for {missing[0]} ({len(missing)} missing)")
@@ -389,10 +553,22 @@ def _reverse_names(expected: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[
     same = lambda t: t  # noqa: E731
     if cfg.arch == "bert" or cfg.flavor == "llama":
         table = BERT_NAMES if cfg.arch == "bert" else LLAMA_NAMES
-        for name in expected:
-            hf = _rename(name, table)
-            if hf is not None:
-                reverse.setdefault(hf, []).append((name, same))
+        kind = hf_kind(cfg) if cfg.arch == "gpt" else None
+        for name, value in expected.items():
+            moe = _moe_tensor(name, value, cfg, kind) if kind else None
+            if moe is None:
+                hf = _rename(name, table)
+                if hf is not None:
+                    reverse.setdefault(hf, []).append((name, same))
+                continue
+            i = cfg.expert_dim
+            rows = {0: slice(0, i), 1: slice(i, 2 * i)} if name.endswith("gate_up_proj") else {0: slice(None)}
+            for n, (hf, _) in enumerate(moe):
+                if name.endswith(("gate_up_proj", "down_proj")):  # one piece of the stacked weight per HF tensor
+                    expert, which = divmod(n, len(rows))
+                    reverse.setdefault(hf, []).append((name, same, (expert, rows[which])))
+                else:
+                    reverse.setdefault(hf, []).append((name, same))
         return reverse
     d = cfg.d_model
     for name in expected:

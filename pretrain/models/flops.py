@@ -48,7 +48,7 @@ def num_params(cfg: ModelConfig) -> int:
     h_e, k_e = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
     per_layer = layer_matmul_params(cfg)
     if cfg.arch == "gpt" and cfg.flavor == "llama":
-        per_layer += 2 * d  # two RMSNorm weights
+        per_layer += 2 * d + (2 * cfg.head_dim if cfg.qk_norm else 0)  # two RMSNorm weights (+ q/k norms)
         total = v * d + cfg.n_layers * per_layer + d  # embedding, blocks, final norm
         if cfg.n_experts:  # MoE layers hold every expert instead of the dense MLP
             moe_layers = cfg.n_layers - cfg.moe_dense_layers

@@ -91,11 +91,17 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=bias)
+        qk_norm = getattr(cfg, "qk_norm", False)
+        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps, ops) if qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps, ops) if qk_norm else None
 
     def forward(self, x, rotary: Rotary | None = None, key_padding_mask=None):
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, H, T, E)
-        k = self.k_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, K, T, E)
+        q = self.q_proj(x).view(b, t, -1, self.head_dim)  # (B, T, H, E)
+        k = self.k_proj(x).view(b, t, -1, self.head_dim)  # (B, T, K, E)
+        if self.q_norm is not None:  # per head, before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, E), (B, K, T, E)
         v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, K, T, E)
         if rotary is not None:
             q, k = rotary(q, k)

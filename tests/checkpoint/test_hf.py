@@ -23,7 +23,18 @@ ARCHS = {
     "gpt2": ["model.flavor=gpt2", "model.tie_embeddings=true"],
     "gpt2_untied": ["model.flavor=gpt2", "model.tie_embeddings=false"],
     "bert": ["model.arch=bert"],
+    "qwen3": ["model.n_kv_heads=2", "model.qk_norm=true"],
+    "mixtral": ["model.n_kv_heads=2", "model.n_experts=4", "model.moe_top_k=2", "model.moe_ffn_hidden=16"],
+    "qwen3_moe": ["model.n_kv_heads=2", "model.n_experts=4", "model.moe_top_k=2", "model.moe_ffn_hidden=16",
+                  "model.qk_norm=true", "model.moe_dense_layers=1", "model.n_layers=3"],
+    "glm4_moe": ["model.n_kv_heads=2", "model.n_experts=8", "model.moe_top_k=3", "model.moe_ffn_hidden=16",
+                 "model.moe_router=sigmoid", "model.n_shared_experts=2", "model.moe_dense_layers=1",
+                 "model.moe_balance=bias", "model.n_layers=3"],
+    "glm4_moe_qk_norm": ["model.n_experts=4", "model.moe_top_k=2", "model.moe_router=sigmoid", "model.qk_norm=true",
+                         "model.moe_balance=both"],
 }
+HF_CLASS_OF = {"qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+               "glm4_moe": "Glm4MoeForCausalLM", "glm4_moe_qk_norm": "Glm4MoeForCausalLM"}
 HF_CLASSES = {"gpt": None, "bert": "BertForMaskedLM"}
 
 
@@ -38,6 +49,9 @@ def random_model(cfg, seed=0):
     with torch.no_grad():  # randomise everything, norms and biases too, so no mapping error hides
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias") and cfg.moe_router == "sigmoid":
+                b.copy_(0.05 * torch.randn_like(b))  # the selection bias changes which experts run
     return model
 
 
@@ -66,6 +80,8 @@ def test_export_logits_parity_and_bit_identical_round_trip(tmp_path, name):
     else:
         with torch.no_grad():
             assert (hf_logits(hf, tokens) - ours(tokens)).abs().max() <= 1e-5
+    if name in HF_CLASS_OF:
+        assert type(hf).__name__ == HF_CLASS_OF[name]
     back, back_cfg = import_hf(out)
     expected = {k: v for k, v in ours.state_dict().items() if not k.startswith(("pooler", "nsp_head"))}
     got = back.state_dict()
@@ -73,7 +89,7 @@ def test_export_logits_parity_and_bit_identical_round_trip(tmp_path, name):
         assert torch.equal(got[key], value), key
 
 
-@pytest.mark.parametrize("name", ["llama_gqa", "gpt2", "bert"])
+@pytest.mark.parametrize("name", ["llama_gqa", "gpt2", "bert", "qwen3", "mixtral", "qwen3_moe", "glm4_moe"])
 def test_import_from_transformers_gives_its_logits(tmp_path, name):
     from pretrain.checkpoint.hf import hf_config
 

@@ -2,6 +2,7 @@
 nothing written. (Parity of what is implemented: tests/checkpoint/test_hf.py.)"""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -17,6 +18,10 @@ FAMILIES = {
     "llama": ["model.flavor=llama", "model.n_kv_heads=2"],
     "gpt2": ["model.flavor=gpt2", "model.tie_embeddings=true"],
     "bert": ["model.arch=bert"],
+    "mixtral": ["model.n_experts=4", "model.moe_top_k=2", "model.moe_ffn_hidden=16"],
+    "qwen3_moe": ["model.n_experts=4", "model.moe_top_k=2", "model.moe_ffn_hidden=16", "model.qk_norm=true"],
+    "glm4_moe": ["model.n_experts=4", "model.moe_top_k=2", "model.moe_ffn_hidden=16", "model.moe_router=sigmoid",
+                 "model.n_shared_experts=1", "model.moe_balance=bias"],
 }
 
 
@@ -75,6 +80,17 @@ UNIMPLEMENTED = [
     ("bert", {"position_embedding_type": "relative_key"}, "position_embedding_type"),
     ("bert", {"is_decoder": True}, "is_decoder"),
     ("bert", {"add_cross_attention": True}, "add_cross_attention"),
+    ("mixtral", {"router_jitter_noise": 0.1}, "router_jitter_noise"),
+    ("mixtral", {"sliding_window": 4096}, "sliding_window"),
+    ("qwen3_moe", {"norm_topk_prob": False}, "norm_topk_prob"),
+    ("qwen3_moe", {"decoder_sparse_step": 2}, "decoder_sparse_step"),
+    ("qwen3_moe", {"mlp_only_layers": [1]}, "mlp_only_layers"),
+    ("glm4_moe", {"routed_scaling_factor": 2.5}, "routed_scaling_factor"),
+    ("glm4_moe", {"n_group": 8}, "n_group"),
+    ("glm4_moe", {"topk_group": 4}, "topk_group"),
+    ("glm4_moe", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
+     "rope_parameters"),
+    ("glm4_moe", {"norm_topk_prob": False}, "norm_topk_prob"),
 ]
 
 
@@ -87,6 +103,21 @@ def test_unimplemented_config_field_is_refused_by_name(hf, tmp_path, capsys, fam
             rf"config.json: {name} = .* is not implemented by the converter \(supported: .*\); importing it would "
             r"change the model's outputs")
     assert not (tmp_path / "native").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["model.n_shared_experts=1"], "a softmax router with shared experts has no Hugging Face counterpart"),
+    (["model.moe_balance=both"], "the aux-loss-free selection bias with a softmax router has no Hugging Face"),
+    (["model.moe_dense_layers=1"], "Mixtral (a softmax MoE without QK-norm) has no dense layers"),
+])
+def test_moe_models_without_a_hugging_face_class_are_refused_at_export(tmp_path, extra, message):
+    from pretrain.checkpoint.manager import CheckpointError
+
+    cfg = load_config(None, ["model.n_layers=2", "model.d_model=32", "model.n_heads=4", "model.vocab_size=96",
+                             "model.n_experts=4", "model.moe_top_k=2", "model.moe_balance=aux_loss", *extra]).model
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        export_hf(build_model(cfg), cfg, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
 
 
 def test_implemented_spellings_still_import(hf, tmp_path, capsys):
