@@ -11,10 +11,22 @@ PRESETS = sorted((ROOT / "configs").glob("*.toml"))
 
 
 def test_presets_load_and_round_trip():
-    assert len(PRESETS) == 8
+    assert len(PRESETS) == 9
     for path in PRESETS:
         cfg = load_config(path)
         assert config_from_toml(cfg.to_toml()) == cfg
+
+
+def test_moe_1b_7b_is_the_olmoe_shape():
+    from pretrain.models.flops import matmul_params, num_params
+    from pretrain.parallel.dims import ParallelDims
+
+    cfg = load_config(ROOT / "configs/moe_1b_7b.toml")
+    m = cfg.model
+    assert (m.n_layers, m.d_model, m.n_experts, m.moe_top_k, m.moe_ffn_hidden) == (16, 2048, 64, 8, 1024)
+    assert 6.8e9 < num_params(m) < 7.0e9 and 1.1e9 < matmul_params(m) < 1.3e9  # 1B active of 7B
+    dims = ParallelDims.from_config(cfg, 16)  # the launcher's 2 nodes × 8 GPUs
+    assert (dims.dp_shard, dims.ep) == (16, 8)
 
 
 def test_preset_shapes():

@@ -56,8 +56,8 @@ def param_bytes(module) -> int:
         group = m._get_fsdp_state()._fsdp_param_group  # FSDP2 internals: the only view of gathered params
         for fp in group.fsdp_params if group is not None else []:
             total += local_bytes([fp.sharded_param])
-            if fp.sharded_state.name == "UNSHARDED":
-                total += fp.unsharded_param.numel() * fp.unsharded_param.element_size()
+            if fp.sharded_state.name == "UNSHARDED":  # a DTensor (TP, EP) when gathered over dp only
+                total += local_bytes([fp.unsharded_param])
     return total
 
 

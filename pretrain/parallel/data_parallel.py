@@ -41,7 +41,7 @@ def apply_fsdp(model: nn.Module, dp_mesh, *, reshard_after_forward: bool, bf16: 
             for layer in moe_layers(block):
                 local = layer.experts.gate_up_proj.to_local().shape[0]  # experts on this ep rank
                 dim = 0 if local % expert_mesh.size() == 0 else 1  # too few experts to shard: the hidden dim
-                fully_shard(layer.experts, reshard_after_forward=reshard, shard_placement_fn=lambda p: Shard(dim),
+                fully_shard(layer.experts, reshard_after_forward=reshard, shard_placement_fn=lambda p, d=dim: Shard(d),
                             **{**kwargs, "mesh": expert_mesh})
         fully_shard(block, reshard_after_forward=reshard, **kwargs)
     fully_shard(model, reshard_after_forward=reshard_after_forward, **kwargs)

@@ -40,3 +40,25 @@ def test_formula_matches_counted_matmuls(arch, flavor):
     with counter, sdpa_kernel(SDPBackend.MATH):
         model(tokens).sum().backward()
     assert counter.get_total_flops() == flops_per_token(cfg) * tokens.numel()
+
+
+@pytest.mark.parametrize("shared, dense", [(0, 0), (1, 1)])
+def test_moe_formula_counts_the_active_experts_only(shared, dense):
+    """An MoE GPT: the counter sees the router, the k experts each token went to and the shared experts (the
+    per-expert loop, whose matmuls it counts; it has no rule for the grouped GEMM) — equal to the formula."""
+    cfg = load_config(None, ["model.n_layers=3", "model.d_model=32", "model.n_heads=4", "model.n_kv_heads=2",
+                             "model.vocab_size=50", "model.seq_len=24", "model.n_experts=6", "model.moe_top_k=2",
+                             "model.moe_ffn_hidden=40", f"model.n_shared_experts={shared}",
+                             f"model.moe_dense_layers={dense}"]).model
+    model = build_model(cfg)
+    for block in model.layers.values():
+        if hasattr(block.mlp, "dispatcher"):
+            block.mlp.dispatcher.grouped = False
+    tokens = torch.randint(8, 50, (3, 24))
+    counter = FlopCounterMode(display=False)
+    with counter, sdpa_kernel(SDPBackend.MATH):
+        model(tokens).sum().backward()
+    assert counter.get_total_flops() == flops_per_token(cfg) * tokens.numel()
+    dense_cfg = load_config(None, ["model.n_layers=3", "model.d_model=32", "model.n_heads=4", "model.n_kv_heads=2",
+                                   "model.vocab_size=50", "model.seq_len=24"]).model
+    assert flops_per_token(cfg) != flops_per_token(dense_cfg)

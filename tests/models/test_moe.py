@@ -129,20 +129,25 @@ def test_capacity_drops_the_slots_over_it_latest_tokens_first_and_counts_them():
     assert y[0, 8:].abs().max() == 0  # dropped tokens: nothing (no shared expert here; the residual carries them)
 
 
+class Grab(Callback):
+    """Each step's MoE loads and totals, read before MoEBalance clears them."""
+
+    def __init__(self):
+        self.seen = []
+
+    def step_end(self, trainer):
+        self.seen.append([torch.cat([m.load, m.totals]) for m in trainer.moe_layers])
+
+
 def test_activation_checkpointing_counts_each_token_once(tmp_path):
     loads = []
     for ac in ("none", "full"):
         cfg = tiny_config(tmp_path / ac, *MOE, "train.steps=1", f"parallel.activation_checkpointing={ac}")
         trainer = build_trainer(cfg, DistInfo())
-        seen = []
-
-        class Grab(Callback):
-            def step_end(self, t):
-                seen.append([torch.cat([m.load, m.totals]) for m in t.moe_layers])
-
-        trainer.callbacks.insert(0, Grab())
+        grab = Grab()
+        trainer.callbacks.insert(0, grab)
         trainer.fit()
-        loads.append(seen[0])
+        loads.append(grab.seen[0])
     for a, b in zip(*loads):
         torch.testing.assert_close(a, b)
     tokens = cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.model.seq_len

@@ -179,6 +179,13 @@ def run(overrides: list[str], dist_info: DistInfo, run_dir: str, stop_after: int
 
     trainer.train_step = recorded_step
     losses = trainer.fit(stop_after)
+    if trainer.moe_layers and dist_info.world_size > 1:  # the aux-loss-free bias: the same on every rank
+        mine = {m.index: m.gate.e_score_correction_bias.detach().cpu() for m in trainer.moe_layers}
+        everyone = [None] * dist_info.world_size
+        dist.all_gather_object(everyone, mine)
+        spread = max(((b - other[i]).abs().max().item() for other in everyone for i, b in mine.items()
+                      if i in other), default=0.0)
+        assert spread == 0.0, f"router biases differ between ranks by {spread}"
     params = full_params(trainer.parallel.parts or [trainer.raw_model], dist_info.world_size > 1)
     params["grad_norms"] = torch.tensor(norms)  # compared like a parameter: the clipping norm counts shards once
     return losses, params
