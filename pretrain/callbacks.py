@@ -120,7 +120,7 @@ class MoEBalance(Callback):
         table = torch.zeros(self.cfg.n_layers, e + 6, dtype=torch.float64, device=trainer.device)
         for m in layers:  # [loads..., Σaux, Σz, tokens, dropped, bias min, bias max (dp rank 0 only)]
             table[m.index, :e + 4] = torch.cat([m.load, m.totals]).to(torch.float64)
-            if trainer.parallel.dp_rank == 0:
+            if trainer.parallel.grad_rank == 0:
                 bias = m.gate.e_score_correction_bias
                 table[m.index, e + 4:] = torch.stack([bias.min(), bias.max()]).to(torch.float64)
         if trainer.dp_size > 1:

@@ -114,6 +114,8 @@ class ParallelConfig:
     dp_replicate: int = 1
     dp_shard: int = -1  # -1 = whatever world size is left
     ep: int = 1  # expert parallelism: MoE experts split over ep ranks taken from dp_shard
+    cp: int = 1  # context parallelism: each sequence split over cp ranks (zigzag chunks)
+    cp_impl: str = "ring"  # ring (K/V blocks around the cp ranks) | alltoall (heads <-> sequence, Ulysses)
     tp: int = 1
     pp: int = 1
     pp_schedule: str = "1f1b"
@@ -213,6 +215,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.bert_pairs": ("none", "nsp", "sop"),
     "parallel.pp_schedule": ("gpipe", "1f1b", "interleaved_1f1b", "zbv"),
     "parallel.engine": ("native", "deepspeed"),
+    "parallel.cp_impl": ("ring", "alltoall"),
     "parallel.activation_checkpointing": ("none", "full", "selective"),
     "optim.impl": ("torch", "triton", "apex"),
     "schedule.decay": ("cosine", "linear", "wsd", "constant"),
@@ -237,7 +240,8 @@ RANGES: dict[str, tuple] = {
     "data.num_workers": NON_NEGATIVE, "data.prefetch_factor": AT_LEAST_1, "data.seed": NON_NEGATIVE,
     "data.shuffle_window": AT_LEAST_1, "data.mlm_probability": ((0, False), (1, False)),
     "data.max_predictions_per_seq": NON_NEGATIVE,
-    "parallel.dp_replicate": AT_LEAST_1, "parallel.ep": AT_LEAST_1, "parallel.tp": AT_LEAST_1, "parallel.pp": AT_LEAST_1,
+    "parallel.dp_replicate": AT_LEAST_1, "parallel.ep": AT_LEAST_1, "parallel.cp": AT_LEAST_1,
+    "parallel.tp": AT_LEAST_1, "parallel.pp": AT_LEAST_1,
     "parallel.n_microbatches": NON_NEGATIVE, "parallel.stages_per_rank": AT_LEAST_1,
     "parallel.activation_checkpointing_every": AT_LEAST_1,
     "optim.lr": POSITIVE, "optim.min_lr": NON_NEGATIVE, "optim.weight_decay": NON_NEGATIVE,

@@ -118,5 +118,17 @@ def main(argv=None) -> int:
     return 0
 
 
+def run() -> None:
+    """The command line (``python -m pretrain.train``, ``pretrain-train``): ``main``, then leave at once. Once the
+    work is done, saved and the process group destroyed, nothing is left to clean up, and running the C++
+    destructors at interpreter exit has aborted a rank now and then ("terminate called without an active
+    exception", from collective-library threads) — which srun --kill-on-bad-exit turns into a failed job instead
+    of a requeue. Exceptions still propagate with their traceback and exit status."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

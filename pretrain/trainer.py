@@ -63,7 +63,8 @@ class Trainer:
                  val_data_factory=None, metrics: MetricsLogger | None = None):
         self.cfg, self.data, self.dist, self.device = cfg, train_data, dist, dist.device
         self.parallel, self.raw_model = parallel, parallel.module
-        self.dp_size, self.dp_group = parallel.dp_size, parallel.dp_group()
+        # losses, counts and gradients are summed / averaged over the ranks holding different tokens (dp × cp)
+        self.dp_size, self.dp_group = parallel.grad_size, parallel.grad_group()
         zero1 = (self.dp_group if cfg.parallel.engine == "native" and cfg.parallel.zero_stage == 1
                  and self.dp_size > 1 else None)
         optimizer = build_optimizer(self.raw_model, cfg.optim, self.device, zero1)
@@ -137,8 +138,8 @@ class Trainer:
         loaded = [self.data.next_batch() for _ in range(cfg.train.grad_accum)]
         data_wait = time.perf_counter() - start
         skipped = sum(int(b["skipped"].sum()) for b in loaded if "skipped" in b)
-        micro_batches = [{k: v.to(self.device, non_blocking=True) for k, v in b.items() if k not in META_KEYS}
-                         for b in loaded]
+        micro_batches = [self.parallel.split_batch({k: v.to(self.device, non_blocking=True) for k, v in b.items()
+                                                    if k not in META_KEYS}) for b in loaded]
         count = torch.stack([self.task.count(b) for b in micro_batches]).sum().to(torch.float64)
         count, skipped = self._dp_sum(
             torch.stack([count, torch.tensor(float(skipped), dtype=torch.float64, device=self.device)]))
@@ -182,7 +183,8 @@ class Trainer:
         totals = torch.zeros(3, dtype=torch.float64, device=self.device)
         for _ in range(self.cfg.eval.steps):
             try:
-                batch = {k: v.to(self.device) for k, v in data.next_batch().items() if k not in META_KEYS}
+                batch = self.parallel.split_batch({k: v.to(self.device) for k, v in data.next_batch().items()
+                                                   if k not in META_KEYS})
             except StopIteration:
                 break
             got = self.engine.eval_batch(batch)

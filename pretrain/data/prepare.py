@@ -378,7 +378,7 @@ def _write_shards(files, tok, tmp, dtype, jsonl_field, val_fraction, shard_token
     writers = {split: writer_cls(tmp, split, dtype, shard_tokens, tok.eos_id) for split in ("train", "val")}
     bar = Progress(progress)
     docs = iter_documents(files, jsonl_field)
-    pool = None
+    pool = encoder = None  # a signal may come before either exists
     if workers > 1:
         pool = mp.get_context("spawn").Pool(workers, _init_worker, (tok.proto, dtype.str, 1))
     try:
@@ -409,7 +409,7 @@ def _write_shards(files, tok, tmp, dtype, jsonl_field, val_fraction, shard_token
     finally:
         if pool is not None:
             pool.terminate()
-        else:
+        if encoder is not None:
             encoder.shutdown(cancel_futures=True)
         for w in writers.values():
             w.close()

@@ -71,13 +71,15 @@ class Rotary(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)  # (T, E)
         self.cos, self.sin = emb.cos(), emb.sin()
 
-    def forward(self, q, k):
-        """q (B, H, T, E), k (B, K, T, E) -> rotated, same shapes and dtypes."""
-        t = q.shape[-2]
+    def forward(self, q, k, positions: torch.Tensor | None = None):
+        """q (B, H, T, E), k (B, K, T, E) -> rotated, same shapes and dtypes. ``positions`` (T,): the tokens'
+        positions when they are not 0..T-1 (a context-parallel rank's chunks)."""
+        t = q.shape[-2] if positions is None else int(positions.max()) + 1
         if t > self.cos.shape[0]:
             self.max_len = t
             self.reset_parameters(q.device)
-        cos, sin = self.cos[:t].to(q.dtype), self.sin[:t].to(q.dtype)
+        cos, sin = (self.cos[:t], self.sin[:t]) if positions is None else (self.cos[positions], self.sin[positions])
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         return self.ops.rotary(q, cos, sin), self.ops.rotary(k, cos, sin)
 
 
@@ -91,6 +93,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=bias)
+        self.context = None  # context parallelism (parallel/context_parallel.py) replaces the attention op
         qk_norm = getattr(cfg, "qk_norm", False)
         self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps, ops) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps, ops) if qk_norm else None
@@ -103,12 +106,17 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, E), (B, K, T, E)
         v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, K, T, E)
-        if rotary is not None:
-            q, k = rotary(q, k)
-        y = self.ops.attention(
-            q, k, v, causal=self.causal, key_padding_mask=key_padding_mask,
-            **({"dropout_p": self.dropout} if self.training and self.dropout else {}),
-        )
+        if self.context is not None:  # this rank's chunks of the sequence: their positions, attention over all
+            if rotary is not None:
+                q, k = rotary(q, k, self.context.positions(t, q.device))
+            y = self.context(q, k, v)
+        else:
+            if rotary is not None:
+                q, k = rotary(q, k)
+            y = self.ops.attention(
+                q, k, v, causal=self.causal, key_padding_mask=key_padding_mask,
+                **({"dropout_p": self.dropout} if self.training and self.dropout else {}),
+            )
         y = y.transpose(1, 2).reshape(b, t, -1)  # (B, T, H*E)
         return self.o_proj(y)
 

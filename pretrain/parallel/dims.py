@@ -2,8 +2,9 @@
 
 Mesh dimensions, outermost first (torchtitan's order): ``pp``, ``dp_replicate``, ``dp_shard``, ``cp``, ``tp``.
 ``dp = dp_replicate × dp_shard`` is also available flattened as ``dp_mesh(mesh)``: the ranks that see different
-data. Ranks that differ only in ``tp`` or ``pp`` see the same samples. ``cp`` (context parallel) is reserved
-and must be 1 for now.
+data. Ranks that differ only in ``tp``, ``cp`` or ``pp`` see the same samples; ``cp`` peers each keep their own
+chunks of every sequence (``parallel/context_parallel.py``), so gradients are averaged over ``dp × cp``
+(``grad_mesh``) and FSDP shards over ``dp_shard × cp`` (torchtitan's ``dp_shard_cp``).
 
 Expert parallelism takes its ``ep`` ranks from ``dp_shard`` (torchtitan's rule): with ``ep > 1`` the mesh splits
 ``dp_shard`` into ``dp_shard_mod_ep`` (outer) × ``ep`` (inner) and flattens them back as ``dp_shard``. Experts
@@ -46,23 +47,24 @@ class ParallelDims:
     def from_config(cls, cfg: Config, world_size: int) -> ParallelDims:
         """Resolve ``dp_shard = -1`` and check everything a user can get wrong, with one line each."""
         p, m = cfg.parallel, cfg.model
-        for key in ("dp_replicate", "tp", "pp"):
+        for key in ("dp_replicate", "tp", "pp", "cp"):
             if getattr(p, key) < 1:
                 raise ConfigError(f"parallel.{key} must be >= 1, got {getattr(p, key)}")
         if p.dp_shard == 0 or p.dp_shard < -1:
             raise ConfigError(f"parallel.dp_shard must be >= 1, or -1 for the rest of the world, got {p.dp_shard}")
-        fixed = p.dp_replicate * p.tp * p.pp
+        fixed = p.dp_replicate * p.tp * p.pp * p.cp
         if p.dp_shard == -1:
             if world_size % fixed:
-                raise ConfigError(f"world size {world_size} is not divisible by dp_replicate × tp × pp = "
-                                  f"{p.dp_replicate} × {p.tp} × {p.pp} = {fixed}")
+                what = "dp_replicate × tp × pp" + (" × cp" if p.cp > 1 else "")
+                sizes = f"{p.dp_replicate} × {p.tp} × {p.pp}" + (f" × {p.cp}" if p.cp > 1 else "")
+                raise ConfigError(f"world size {world_size} is not divisible by {what} = {sizes} = {fixed}")
             dp_shard = world_size // fixed
         else:
             dp_shard = p.dp_shard
-        dims = cls(p.dp_replicate, dp_shard, p.tp, p.pp, ep=p.ep)
+        dims = cls(p.dp_replicate, dp_shard, p.tp, p.pp, cp=p.cp, ep=p.ep)
         if dims.world_size != world_size:
-            raise ConfigError(f"dp_replicate × dp_shard × tp × pp = {p.dp_replicate} × {dp_shard} × {p.tp} × {p.pp} "
-                              f"= {dims.world_size}, but the world size is {world_size}")
+            raise ConfigError(f"dp_replicate × dp_shard × cp × tp × pp = {p.dp_replicate} × {dp_shard} × {p.cp} × "
+                              f"{p.tp} × {p.pp} = {dims.world_size}, but the world size is {world_size}")
         if m.n_heads % p.tp or m.kv_heads % p.tp:
             raise ConfigError(f"parallel.tp = {p.tp} must divide model.n_heads ({m.n_heads}) and the kv heads "
                               f"({m.kv_heads})")
@@ -101,9 +103,11 @@ class ParallelDims:
             if p.zero_stage < 2:
                 raise ConfigError(f"parallel.ep = {p.ep} needs FSDP for the experts' gradients: set "
                                   f"parallel.zero_stage = 2 or 3 (got {p.zero_stage})")
+        if p.cp > 1:
+            _check_context_parallel(cfg)
         if p.engine == "deepspeed" and (p.tp > 1 or p.pp > 1):
             raise ConfigError("parallel.engine = \"deepspeed\" is for pure data parallelism: tp and pp must be 1")
-        if p.engine == "native" and dims.dp > 1 and p.zero_stage < 2 and (p.tp > 1 or p.pp > 1):
+        if p.engine == "native" and dims.dp * dims.cp > 1 and p.zero_stage < 2 and (p.tp > 1 or p.pp > 1):
             what = "tensor" if p.tp > 1 else "pipeline"
             raise ConfigError(f"{what} parallelism with data parallelism needs FSDP: set parallel.zero_stage = 2 or "
                               f"3 (got {p.zero_stage})")
@@ -127,7 +131,45 @@ class ParallelDims:
         mesh = init_device_mesh(device_type, sizes, mesh_dim_names=names)
         # kept on the mesh: slicing a flattened dim back out of the root mesh is deprecated
         mesh.pretrain_dp = mesh[("dp_replicate", "dp_shard")]._flatten("dp")
+        if self.cp > 1:
+            mesh.pretrain_dp_cp = mesh[("dp_replicate", "dp_shard", "cp")]._flatten("dp_cp")
+            mesh.pretrain_dp_shard_cp = mesh[("dp_shard", "cp")]._flatten("dp_shard_cp")
         return mesh
+
+
+def _check_context_parallel(cfg: Config) -> None:
+    p, m = cfg.parallel, cfg.model
+    if m.arch != "gpt" or m.flavor != "llama":
+        raise ConfigError(f"parallel.cp = {p.cp} splits causal sequences with RoPE positions: it needs the "
+                          f"llama-flavour GPT, not {m.arch}/{m.flavor}")
+    if m.seq_len % (2 * p.cp):
+        raise ConfigError(f"model.seq_len ({m.seq_len}) must be divisible by 2 × parallel.cp = {2 * p.cp} "
+                          "(each cp rank holds two chunks of the sequence)")
+    if p.cp_impl == "alltoall" and (m.n_heads // p.tp) % p.cp:
+        raise ConfigError(f'parallel.cp_impl = "alltoall" needs parallel.cp ({p.cp}) to divide the attention heads '
+                          f"of a tp rank ({m.n_heads // p.tp}): use cp_impl = \"ring\" or another cp")
+    if m.dropout:
+        raise ConfigError(f"model.dropout = {m.dropout}: attention dropout is not implemented under context "
+                          "parallelism; set model.dropout = 0")
+    if p.ep > 1:
+        raise ConfigError("parallel.ep with parallel.cp > 1 is not supported yet: use one of them")
+    if m.n_experts and m.moe_balance != "bias":
+        raise ConfigError(f'model.moe_balance = "{m.moe_balance}" with parallel.cp > 1: the aux loss would see only '
+                          'a rank\'s chunks of each sequence; use moe_balance = "bias"')
+    if p.engine == "deepspeed":
+        raise ConfigError('parallel.engine = "deepspeed" is for pure data parallelism: parallel.cp must be 1')
+
+
+def grad_mesh(mesh, dims: ParallelDims):
+    """The ranks whose gradients are averaged (those holding different tokens): ``dp``, or ``dp × cp``."""
+    return mesh.pretrain_dp if dims.cp == 1 else mesh.pretrain_dp_cp
+
+
+def fsdp_mesh(mesh, dims: ParallelDims):
+    """What FSDP shards over: ``dp`` (HSDP: ``dp_replicate`` × ``dp_shard``), with ``cp`` folded into the shards."""
+    if dims.cp > 1:
+        return mesh[("dp_replicate", "dp_shard_cp")] if dims.dp_replicate > 1 else mesh.pretrain_dp_shard_cp
+    return mesh[("dp_replicate", "dp_shard")] if dims.dp_replicate > 1 else dp_mesh(mesh)
 
 
 def expert_fsdp_mesh(mesh, dims: ParallelDims):

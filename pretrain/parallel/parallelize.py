@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from pretrain.config import Config
 from pretrain.models import build_model
-from pretrain.parallel.dims import ParallelDims, dp_mesh, expert_fsdp_mesh
+from pretrain.parallel.dims import ParallelDims, dp_mesh, expert_fsdp_mesh, fsdp_mesh, grad_mesh
 
 
 class PipelineLoss:
@@ -48,13 +48,36 @@ class Parallelized:
     has_last_stage: bool = True
     parts: list = field(default_factory=list)
     tied: object = None  # pipeline.TiedEmbeddings when a tied embedding spans the first and last stage
+    context: object = None  # context_parallel.ContextParallel: how this rank cuts each sequence
 
     @property
     def dp_size(self) -> int:
+        """Data-parallel ranks: those reading different samples."""
         return self.dims.dp
 
     def dp_group(self):
         return None if self.mesh is None or self.dims.dp == 1 else dp_mesh(self.mesh).get_group()
+
+    @property
+    def grad_size(self) -> int:
+        """Ranks holding different tokens, whose gradients are averaged: dp × cp."""
+        return self.dims.dp * self.dims.cp
+
+    def grad_group(self):
+        return None if self.mesh is None or self.grad_size == 1 else grad_mesh(self.mesh, self.dims).get_group()
+
+    @property
+    def grad_rank(self) -> int:
+        return 0 if self.mesh is None or self.grad_size == 1 else grad_mesh(self.mesh, self.dims).get_local_rank()
+
+    def split_batch(self, batch: dict) -> dict:
+        """This rank's share of a micro-batch's sequences under context parallelism (as is otherwise)."""
+        if self.context is None:
+            return batch
+        from pretrain.parallel.context_parallel import split_sequence
+
+        return {k: split_sequence(v, self.context.cp, self.context.rank) if v.dim() >= 2 else v
+                for k, v in batch.items()}
 
     def pp_group(self):
         return None if self.mesh is None or self.dims.pp == 1 else self.mesh["pp"].get_group()
@@ -77,9 +100,16 @@ def parallelize(cfg: Config, dims: ParallelDims, mesh, device: torch.device) -> 
         _materialise(model, device)
         return Parallelized(model, model, dims, mesh, dp_rank, parts=[model])
     if dims.pp > 1:
-        return _parallelize_pipeline(cfg, dims, mesh, device, dp_rank)
-    model, runner = _shard(_build(cfg), cfg, dims, mesh, device)
-    return Parallelized(runner, model, dims, mesh, dp_rank, parts=[model])
+        parallel = _parallelize_pipeline(cfg, dims, mesh, device, dp_rank)
+    else:
+        model, runner = _shard(_build(cfg), cfg, dims, mesh, device)
+        parallel = Parallelized(runner, model, dims, mesh, dp_rank, parts=[model])
+    if dims.cp > 1:
+        from pretrain.parallel.context_parallel import ContextParallel
+
+        parallel.context = ContextParallel(mesh["cp"].get_group(), dims.cp, mesh["cp"].get_local_rank(),
+                                           cfg.parallel.cp_impl)
+    return parallel
 
 
 def _build(cfg: Config) -> nn.Module:
@@ -100,20 +130,23 @@ def _shard(model: nn.Module, cfg: Config, dims: ParallelDims, mesh, device) -> t
         from pretrain.parallel.expert_parallel import apply_expert_parallel
 
         apply_expert_parallel(model, mesh["ep"])
+    if dims.cp > 1:
+        from pretrain.parallel.context_parallel import apply_context_parallel
+
+        apply_context_parallel(model, mesh["cp"], p.cp_impl)
     _apply_local(model, cfg)
-    sharded = p.zero_stage >= 2 and dims.dp > 1
+    sharded = p.zero_stage >= 2 and dims.dp * dims.cp > 1
     if sharded:
         from pretrain.parallel.data_parallel import apply_fsdp
 
-        fsdp_mesh = mesh[("dp_replicate", "dp_shard")] if dims.dp_replicate > 1 else dp_mesh(mesh)
-        apply_fsdp(model, fsdp_mesh, reshard_after_forward=p.zero_stage == 3, bf16=cfg.train.dtype == "bf16",
+        apply_fsdp(model, fsdp_mesh(mesh, dims), reshard_after_forward=p.zero_stage == 3, bf16=cfg.train.dtype == "bf16",
                    cpu_offload=p.cpu_offload, expert_mesh=expert_fsdp_mesh(mesh, dims) if dims.ep > 1 else None)
     _materialise(model, device)
     runner = model
-    if not sharded and dims.dp > 1:
+    if not sharded and dims.dp * dims.cp > 1:
         from pretrain.parallel.data_parallel import apply_ddp
 
-        runner = apply_ddp(model, dp_mesh(mesh), device)
+        runner = apply_ddp(model, grad_mesh(mesh, dims), device)
     return model, runner
 
 

@@ -102,6 +102,18 @@ LAYOUTS = {
     "moe_ep2_dp2": (4, ["train.micro_batch_size=2", "parallel.zero_stage=3", "parallel.ep=2", *MOE]),
     "moe_ep2_tp2": (4, ["train.micro_batch_size=4", "parallel.zero_stage=2", "parallel.ep=2", "parallel.tp=2",
                         "parallel.sequence_parallel=false", *MOE]),
+    # context parallelism: each sequence split over the cp ranks (zigzag chunks), attention across them
+    "cp2_ring": (2, ["train.micro_batch_size=8", "parallel.cp=2"]),
+    "cp2_alltoall": (2, ["train.micro_batch_size=8", "parallel.cp=2", "parallel.cp_impl=alltoall",
+                         "parallel.zero_stage=3"]),
+    "moe_cp2": (2, ["train.micro_batch_size=8", "parallel.cp=2", "parallel.zero_stage=2", *MOE,
+                    "model.moe_balance=bias"]),
+    "cp4_ring": (4, ["train.micro_batch_size=8", "parallel.cp=4", "parallel.zero_stage=2"]),
+    "cp2_tp2": (4, ["train.micro_batch_size=8", "parallel.cp=2", "parallel.tp=2", "parallel.zero_stage=2"]),
+    "cp2_alltoall_tp2": (4, ["train.micro_batch_size=8", "parallel.cp=2", "parallel.cp_impl=alltoall",
+                             "parallel.tp=2", "parallel.zero_stage=3", "parallel.sequence_parallel=false"]),
+    "cp2_dp2": (4, ["train.micro_batch_size=4", "parallel.cp=2", "parallel.zero_stage=3"]),
+    "cp2_pp2": (4, ["train.micro_batch_size=8", "parallel.cp=2", "parallel.pp=2", "parallel.zero_stage=2"]),
     "moe_ep2_pp2": (4, ["train.micro_batch_size=4", "parallel.zero_stage=3", "parallel.ep=2", "parallel.pp=2",
                         *MOE]),
 }
@@ -159,7 +171,7 @@ def full_params(parts: list[torch.nn.Module], gather: bool) -> dict[str, torch.T
 
 
 # layouts also checked for save at step 2 -> resume in a fresh trainer -> step 3 equal to the straight run
-RESUME = {"moe_ep2", "bert_pp2", "zero1_2", "pp2_interleaved", "ds_zero2_2", "tp2_sp", "tp2_sp_dp2_zero3", "pp2_dp2_zero3", "hsdp_2x2"}
+RESUME = {"cp2_ring", "moe_ep2", "bert_pp2", "zero1_2", "pp2_interleaved", "ds_zero2_2", "tp2_sp", "tp2_sp_dp2_zero3", "pp2_dp2_zero3", "hsdp_2x2"}
 
 
 def run(overrides: list[str], dist_info: DistInfo, run_dir: str, stop_after: int | None = None):
@@ -193,6 +205,7 @@ def run(overrides: list[str], dist_info: DistInfo, run_dir: str, stop_after: int
 
 # layout -> the layout that resumes its step-2 checkpoint (same world size, other TP / PP / ZeRO split)
 RESHARD = {
+    "cp2_alltoall": ["train.micro_batch_size=4", "parallel.zero_stage=3"],  # CP2 -> CP1 (dp 2)
     "moe_ep2": ["train.micro_batch_size=4", "parallel.zero_stage=2", "parallel.ep=1", *MOE],  # EP2 -> EP1
     "moe_zero3_2": ["train.micro_batch_size=4", "parallel.zero_stage=3", "parallel.ep=2", *MOE],  # EP1 -> EP2
     "tp2_sp": ["train.micro_batch_size=4", "parallel.zero_stage=2"],

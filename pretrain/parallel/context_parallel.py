@@ -1,0 +1,212 @@
+"""Context parallelism: one sequence split over the ``cp`` ranks of the mesh, attention computed across them.
+
+Load balancing (Megatron's zigzag): the sequence of T tokens is cut into 2·cp chunks of c = T / (2·cp); cp rank r
+holds chunks r and 2·cp − 1 − r (so every rank has as much causal work as any other), its tokens, targets and
+RoPE positions alike. Everything but attention is token-wise and runs on the local T / cp tokens unchanged.
+
+Attention, ``parallel.cp_impl``:
+
+- ``ring`` (Liu et al. 2023, ring attention): the K/V blocks travel around the cp ranks; each rank attends its
+  queries to every block that reaches it and merges the partial outputs by their log-sum-exp. Backward recomputes
+  each block's probabilities from the saved log-sum-exp (FlashAttention's backward) and sends dK/dV around the
+  ring with the block, so that after cp steps every rank holds the whole gradient of its own K/V. A block's
+  sub-blocks that the causal mask hides entirely are not computed, but every rank makes exactly the same sends
+  and receives at every step whatever it computes: a rank that skipped one would leave its neighbour waiting.
+  The forward's next exchange is in flight while the current block is computed.
+- ``alltoall`` (DeepSpeed-Ulysses, Jacobs et al. 2023): two all-to-alls turn (all heads, T/cp tokens) into
+  (H/cp heads, all T tokens) and back; attention in between is ordinary causal attention over the whole sequence
+  (the model's own ``ops.attention``, SDPA or our Triton kernel). cp must divide the heads; when it does not
+  divide the kv heads, K and V are repeated to the query heads first (GQA's memory saving is then lost inside
+  attention only).
+
+Both are plain autograd code over ``torch.distributed`` (gloo and NCCL alike); the ring computes its blocks in
+fp32 matmuls (the reference path: T/cp × T/cp scores per head at a time).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+
+def chunks_of(rank: int, cp: int) -> tuple[int, int]:
+    return rank, 2 * cp - 1 - rank
+
+
+def local_positions(t_local: int, cp: int, rank: int, device=None) -> torch.Tensor:
+    """Global positions (t_local,) of the tokens cp rank ``rank`` holds: its two chunks, in order."""
+    c = t_local // 2
+    a, b = chunks_of(rank, cp)
+    return torch.cat([torch.arange(a * c, (a + 1) * c, device=device), torch.arange(b * c, (b + 1) * c, device=device)])
+
+
+def split_sequence(x: torch.Tensor, cp: int, rank: int, dim: int = 1) -> torch.Tensor:
+    """This rank's two chunks of ``x`` along ``dim`` (length divisible by 2·cp)."""
+    parts = x.chunk(2 * cp, dim=dim)
+    a, b = chunks_of(rank, cp)
+    return torch.cat([parts[a], parts[b]], dim=dim)
+
+
+class ContextParallel:
+    """What an attention layer needs under context parallelism: the cp group, this rank's place in it, the
+    implementation. Called like ``ops.attention`` on local q (B, H, T/cp, E), k, v (B, K, T/cp, E)."""
+
+    def __init__(self, group, cp: int, rank: int, impl: str, attention=None):
+        self.group, self.cp, self.rank, self.impl, self.attention = group, cp, rank, impl, attention
+        self.ranks = [dist.get_global_rank(group, i) for i in range(cp)] if group is not None else list(range(cp))
+
+    def positions(self, t_local: int, device=None) -> torch.Tensor:
+        return local_positions(t_local, self.cp, self.rank, device)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if self.impl == "ring":
+            return RingAttention.apply(q, k, v, self)
+        return ulysses_attention(q, k, v, self)
+
+
+# --- ring ---------------------------------------------------------------------------------------------------
+def _relation(q_chunk: int, k_chunk: int) -> str:
+    return "full" if k_chunk < q_chunk else "diagonal" if k_chunk == q_chunk else "none"
+
+
+def _scores(q, k, scale, relation):
+    """fp32 scores (B, H, c, c) of one query chunk against one key chunk, causally masked on the diagonal."""
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if relation == "diagonal":
+        c = s.shape[-1]
+        s = s.masked_fill(torch.ones(c, c, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    return s
+
+
+def _expand(kv: torch.Tensor, groups: int) -> torch.Tensor:
+    return kv if groups == 1 else kv.repeat_interleave(groups, dim=1)
+
+
+class _Exchange:
+    """One step of the ring: send ``tensor`` to the next cp rank, receive the previous rank's into a new buffer."""
+
+    def __init__(self, ctx: ContextParallel, tensor: torch.Tensor):
+        nxt = ctx.ranks[(ctx.rank + 1) % ctx.cp]
+        prev = ctx.ranks[(ctx.rank - 1) % ctx.cp]
+        self.received = torch.empty_like(tensor)
+        ops = [dist.P2POp(dist.isend, tensor, nxt, ctx.group), dist.P2POp(dist.irecv, self.received, prev, ctx.group)]
+        self.requests = dist.batch_isend_irecv(ops)
+
+    def wait(self) -> torch.Tensor:
+        for request in self.requests:
+            request.wait()
+        return self.received
+
+
+class RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cp: ContextParallel):
+        b, h, t, e = q.shape
+        kv_heads, c = k.shape[1], t // 2
+        scale = 1.0 / math.sqrt(e)
+        qf = q.float()
+        out = torch.zeros(b, h, t, e, dtype=torch.float32, device=q.device)
+        lse = torch.full((b, h, t), float("-inf"), dtype=torch.float32, device=q.device)
+        block = torch.cat([k, v], dim=1).contiguous()  # (B, 2K, T/cp, E): one message a step
+        mine = chunks_of(cp.rank, cp.cp)
+        for step in range(cp.cp):
+            exchange = _Exchange(cp, block) if step < cp.cp - 1 else None  # in flight during the compute
+            source = (cp.rank - step) % cp.cp
+            kb = _expand(block[:, :kv_heads].float(), h // kv_heads)
+            vb = _expand(block[:, kv_heads:].float(), h // kv_heads)
+            for i, qc in enumerate(mine):
+                for j, kc in enumerate(chunks_of(source, cp.cp)):
+                    relation = _relation(qc, kc)
+                    if relation == "none":
+                        continue
+                    rows = slice(i * c, (i + 1) * c)
+                    s = _scores(qf[:, :, rows], kb[:, :, j * c:(j + 1) * c], scale, relation)
+                    part_lse = torch.logsumexp(s, dim=-1)  # (B, H, c)
+                    part = torch.matmul(torch.exp(s - part_lse[..., None]), vb[:, :, j * c:(j + 1) * c])
+                    new_lse = torch.logaddexp(lse[:, :, rows], part_lse)
+                    out[:, :, rows] = (out[:, :, rows] * torch.exp(lse[:, :, rows] - new_lse)[..., None]
+                                       + part * torch.exp(part_lse - new_lse)[..., None])
+                    lse[:, :, rows] = new_lse
+            if exchange is not None:
+                block = exchange.wait()
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.cp = cp
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        cp = ctx.cp
+        b, h, t, e = q.shape
+        kv_heads, c, groups = k.shape[1], t // 2, h // k.shape[1]
+        scale = 1.0 / math.sqrt(e)
+        qf, do = q.float(), dout.float()
+        delta = (do * out).sum(-1)  # (B, H, T/cp): D = rowsum(dO ∘ O)
+        dq = torch.zeros_like(qf)
+        block = torch.cat([k, v], dim=1).float()  # travels with its gradient accumulator
+        grad = torch.zeros_like(block)
+        mine = chunks_of(cp.rank, cp.cp)
+        for step in range(cp.cp):
+            source = (cp.rank - step) % cp.cp
+            kb, vb = _expand(block[:, :kv_heads], groups), _expand(block[:, kv_heads:], groups)
+            dk, dv = torch.zeros_like(kb), torch.zeros_like(vb)
+            for i, qc in enumerate(mine):
+                for j, kc in enumerate(chunks_of(source, cp.cp)):
+                    relation = _relation(qc, kc)
+                    if relation == "none":
+                        continue
+                    rows, cols = slice(i * c, (i + 1) * c), slice(j * c, (j + 1) * c)
+                    p = torch.exp(_scores(qf[:, :, rows], kb[:, :, cols], scale, relation) - lse[:, :, rows, None])
+                    dv[:, :, cols] += torch.matmul(p.transpose(-1, -2), do[:, :, rows])
+                    ds = p * (torch.matmul(do[:, :, rows], vb[:, :, cols].transpose(-1, -2)) - delta[:, :, rows, None])
+                    dq[:, :, rows] += torch.matmul(ds, kb[:, :, cols]) * scale
+                    dk[:, :, cols] += torch.matmul(ds.transpose(-1, -2), qf[:, :, rows]) * scale
+            if groups > 1:  # the query heads sharing a kv head sum into it
+                dk = dk.view(b, kv_heads, groups, t, e).sum(2)
+                dv = dv.view(b, kv_heads, groups, t, e).sum(2)
+            grad = grad + torch.cat([dk, dv], dim=1)
+            # every step, every rank: the block and its accumulated gradient move on; after the last step each
+            # rank receives its own block with the contributions of every rank
+            message = _Exchange(cp, torch.cat([block, grad], dim=1).contiguous()).wait()
+            block, grad = message[:, :2 * kv_heads], message[:, 2 * kv_heads:]
+        dk, dv = grad[:, :kv_heads], grad[:, kv_heads:]
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+
+
+# --- all-to-all (Ulysses) -----------------------------------------------------------------------------------
+def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
+    from torch.distributed._functional_collectives import all_to_all_single_autograd
+
+    return all_to_all_single_autograd(x.contiguous(), None, None, group)
+
+
+def ulysses_attention(q, k, v, cp: ContextParallel) -> torch.Tensor:
+    b, h, t, e = q.shape
+    n = cp.cp
+    if k.shape[1] % n:  # GQA with fewer kv heads than cp ranks: repeat them to the query heads
+        k, v = _expand(k, h // k.shape[1]), _expand(v, h // k.shape[1])
+    positions = torch.cat([local_positions(t, n, r, q.device) for r in range(n)])  # by source rank
+    order = torch.argsort(positions)  # -> natural order of the whole sequence
+
+    def to_heads(x):  # (B, N, T/cp, E) -> (B, N/cp, T, E)
+        heads = x.shape[1]
+        x = x.reshape(b, n, heads // n, t, e).transpose(0, 1)  # (cp, B, N/cp, T/cp, E): head group g to rank g
+        y = _all_to_all(x, cp.group).view(n, b, heads // n, t, e)  # dim 0: the source rank
+        return y.permute(1, 2, 0, 3, 4).reshape(b, heads // n, n * t, e)[:, :, order]
+
+    y = cp.attention(to_heads(q), to_heads(k), to_heads(v), causal=True)  # (B, H/cp, T, E)
+    y = y[:, :, torch.argsort(order)].reshape(b, h // n, n, t, e).permute(2, 0, 1, 3, 4)  # (cp, B, H/cp, T/cp, E)
+    y = _all_to_all(y, cp.group).view(n, b, h // n, t, e)  # dim 0: the head group
+    return y.transpose(0, 1).reshape(b, h, t, e)
+
+
+def apply_context_parallel(model, cp_mesh, impl: str) -> None:
+    """Every attention layer of ``model`` (whole or one pipeline stage) attends across the cp ranks."""
+    from pretrain.models.layers import Attention
+
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.context = ContextParallel(cp_mesh.get_group(), cp_mesh.size(), cp_mesh.get_local_rank(), impl,
+                                             attention=module.ops.attention)

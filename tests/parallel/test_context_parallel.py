@@ -1,0 +1,76 @@
+"""Context parallelism: the zigzag split, ring and all-to-all attention against one process's causal attention
+(tests/parallel/cp_attention.py under torchrun), bad layouts. Whole training runs under CP are harness layouts
+(cp2_ring, cp2_alltoall, cp4_ring, cp2_tp2, cp2_dp2, cp2_pp2, moe_cp2 in tests/parallel/harness.py)."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain.config import ConfigError, load_config
+from pretrain.parallel.context_parallel import local_positions, split_sequence
+from pretrain.parallel.dims import ParallelDims
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_zigzag_gives_each_rank_chunks_r_and_2cp_minus_1_minus_r():
+    x = torch.arange(16)[None, :]  # T = 16, cp = 4: chunks of 2
+    got = [split_sequence(x, 4, r)[0].tolist() for r in range(4)]
+    assert got == [[0, 1, 14, 15], [2, 3, 12, 13], [4, 5, 10, 11], [6, 7, 8, 9]]
+    for r in range(4):
+        assert local_positions(4, 4, r).tolist() == got[r]  # RoPE positions follow the tokens
+    assert sorted(sum(got, [])) == list(range(16))
+    # causal work is balanced: every rank's queries see the same number of keys in total
+    work = [sum(p + 1 for p in positions) for positions in got]
+    assert len(set(work)) == 1
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ring_and_alltoall_attention_equal_one_process(world):
+    """Outputs and q/k/v gradients within 1e-5 for MHA and GQA (kv heads fewer than cp ranks: repeated for the
+    all-to-all). The ring skips the sub-blocks the causal mask hides but every rank keeps exchanging at every
+    step: a rank that skipped its send/recv with a masked block would leave its neighbour waiting until the
+    timeout below."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
+                           "tests/parallel/cp_attention.py"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=240)
+    lines = re.findall(r"^CPATTN (.*)$", proc.stdout, re.M)
+    assert len(lines) == 6, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert all(" ok " in line for line in lines), lines
+
+
+def dims(*overrides, world):
+    cfg = load_config(None, ["model.n_heads=4", "model.d_model=64", "model.seq_len=64", *overrides])
+    return ParallelDims.from_config(cfg, world)
+
+
+def test_cp_takes_its_ranks_from_the_world():
+    d = dims("parallel.cp=2", "parallel.tp=2", "parallel.zero_stage=3", world=8)
+    assert (d.dp, d.cp, d.tp, d.world_size) == (2, 2, 2, 8)
+
+
+@pytest.mark.parametrize("overrides, world, message", [
+    (["parallel.cp=3"], 6, "model.seq_len (64) must be divisible by 2 × parallel.cp = 6"),
+    (["parallel.cp=8", "parallel.cp_impl=alltoall"], 8,
+     'parallel.cp_impl = "alltoall" needs parallel.cp (8) to divide the attention heads of a tp rank (4)'),
+    (["parallel.cp=2", "model.arch=bert"], 2, "it needs the llama-flavour GPT, not bert/llama"),
+    (["parallel.cp=2", "model.flavor=gpt2", "model.tie_embeddings=true"], 2, "llama-flavour GPT, not gpt/gpt2"),
+    (["parallel.cp=2", "model.dropout=0.1"], 2, "attention dropout is not implemented under context parallelism"),
+    (["parallel.cp=2", "model.n_experts=4", "parallel.ep=2", "parallel.zero_stage=3", "model.moe_balance=bias"], 4,
+     "parallel.ep with parallel.cp > 1 is not supported yet"),
+    (["parallel.cp=2", "model.n_experts=4"], 2, "the aux loss would see only a rank's chunks of each sequence"),
+    (["parallel.cp=2"], 3, "world size 3 is not divisible by dp_replicate × tp × pp × cp = 1 × 1 × 1 × 2 = 2"),
+    (["parallel.cp=2", "parallel.tp=2"], 8, "tensor parallelism with data parallelism needs FSDP"),
+    (["parallel.cp_impl=ulysses"], 1, "parallel.cp_impl = 'ulysses' is not one of ring, alltoall"),
+    (["parallel.cp=0"], 1, "parallel.cp must be >= 1"),
+])
+def test_bad_context_parallel_layouts_are_one_line_before_any_process_group(overrides, world, message):
+    with pytest.raises(ConfigError) as info:
+        dims(*overrides, world=world)
+    assert message in str(info.value) and "\n" not in str(info.value)
