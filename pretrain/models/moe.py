@@ -72,8 +72,12 @@ class Experts(nn.Module):
         gate_up, down = _local(self.gate_up_proj), _local(self.down_proj)
         if self.grad_scale != 1.0:
             gate_up, down = _ScaleGrad.apply(gate_up, self.grad_scale), _ScaleGrad.apply(down, self.grad_scale)
-        if x.shape[0] == 0:  # no token here: still a (zero) gradient for every weight, as FSDP expects
-            return x.new_zeros(0, x.shape[-1]) + 0 * (gate_up.sum() + down.sum()).to(x.dtype)
+        if x.shape[0] == 0:
+            # no token here: the output must still depend on x and on every weight, so that this rank's backward
+            # runs the same collectives as the others (under expert parallelism x comes from an all-to-all whose
+            # backward is one: a graph without that edge skipped it and hung the other ranks) and FSDP gets a
+            # (zero) gradient for every weight
+            return x * 0 + 0 * (gate_up.sum() + down.sum()).to(x.dtype)
         if grouped and hasattr(torch, "_grouped_mm"):
             offsets = torch.cumsum(counts, 0).to(torch.int32)
             h = torch._grouped_mm(x, gate_up.transpose(1, 2), offs=offsets)  # (M, 2I)

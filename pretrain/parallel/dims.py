@@ -6,10 +6,11 @@ data. Ranks that differ only in ``tp``, ``cp`` or ``pp`` see the same samples; `
 chunks of every sequence (``parallel/context_parallel.py``), so gradients are averaged over ``dp × cp``
 (``grad_mesh``) and FSDP shards over ``dp_shard × cp`` (torchtitan's ``dp_shard_cp``).
 
-Expert parallelism takes its ``ep`` ranks from ``dp_shard`` (torchtitan's rule): with ``ep > 1`` the mesh splits
-``dp_shard`` into ``dp_shard_mod_ep`` (outer) × ``ep`` (inner) and flattens them back as ``dp_shard``. Experts
-are split over ``ep`` and FSDP-sharded over ``dp_shard_mod_ep`` (× ``dp_replicate``); everything else is
-sharded over the whole ``dp`` as without experts.
+Expert parallelism takes its ``ep`` ranks from ``dp_shard × cp`` (torchtitan's rule): with ``ep > 1`` the mesh
+splits ``dp_shard`` into ``dp_shard_mod_ep`` (outer) × ``dp_shard_in_ep`` (inner, ep / cp ranks) and flattens
+``dp_shard_in_ep × cp`` as ``ep``: the tokens of a cp group's chunks and of ep / cp data-parallel ranks meet in
+one all-to-all. Experts are split over ``ep`` and FSDP-sharded over ``dp_shard_mod_ep`` (× ``dp_replicate``);
+everything else is sharded over the whole ``dp`` (× ``cp``) as without experts.
 """
 
 from __future__ import annotations
@@ -97,9 +98,12 @@ class ParallelDims:
         if p.ep > 1:
             if m.n_experts % p.ep:
                 raise ConfigError(f"parallel.ep = {p.ep} must divide model.n_experts ({m.n_experts})")
-            if dp_shard % p.ep:
-                raise ConfigError(f"parallel.ep = {p.ep} takes its ranks from dp_shard ({dp_shard} here): it must "
-                                  "divide it")
+            if p.cp > 1 and p.ep % p.cp:
+                raise ConfigError(f"parallel.ep = {p.ep} takes its ranks from dp_shard × cp: with parallel.cp = "
+                                  f"{p.cp} it must be a multiple of cp")
+            if dp_shard % (p.ep // p.cp):
+                what = f"ep / cp = {p.ep // p.cp} must divide it" if p.cp > 1 else "it must divide it"
+                raise ConfigError(f"parallel.ep = {p.ep} takes its ranks from dp_shard ({dp_shard} here): {what}")
             if p.zero_stage < 2:
                 raise ConfigError(f"parallel.ep = {p.ep} needs FSDP for the experts' gradients: set "
                                   f"parallel.zero_stage = 2 or 3 (got {p.zero_stage})")
@@ -120,11 +124,17 @@ class ParallelDims:
         from torch.distributed.device_mesh import init_device_mesh
 
         if self.ep > 1:
-            names = ("pp", "dp_replicate", "dp_shard_mod_ep", "ep", "cp", "tp")
-            sizes = (self.pp, self.dp_replicate, self.dp_shard // self.ep, self.ep, self.cp, self.tp)
+            inner = self.ep // self.cp
+            names = ("pp", "dp_replicate", "dp_shard_mod_ep", "dp_shard_in_ep", "cp", "tp")
+            sizes = (self.pp, self.dp_replicate, self.dp_shard // inner, inner, self.cp, self.tp)
             mesh = init_device_mesh(device_type, sizes, mesh_dim_names=names)
-            mesh[("dp_shard_mod_ep", "ep")]._flatten("dp_shard")
-            mesh.pretrain_dp = mesh[("dp_replicate", "dp_shard_mod_ep", "ep")]._flatten("dp")
+            shard = ("dp_shard_mod_ep", "dp_shard_in_ep")
+            mesh[shard]._flatten("dp_shard")
+            mesh.pretrain_dp = mesh[("dp_replicate", *shard)]._flatten("dp")
+            mesh.pretrain_ep = mesh[("dp_shard_in_ep", "cp")]._flatten("ep")
+            if self.cp > 1:
+                mesh.pretrain_dp_cp = mesh[("dp_replicate", *shard, "cp")]._flatten("dp_cp")
+                mesh.pretrain_dp_shard_cp = mesh[(*shard, "cp")]._flatten("dp_shard_cp")
             return mesh
         names = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
         sizes = (self.pp, self.dp_replicate, self.dp_shard, self.cp, self.tp)
@@ -151,8 +161,6 @@ def _check_context_parallel(cfg: Config) -> None:
     if m.dropout:
         raise ConfigError(f"model.dropout = {m.dropout}: attention dropout is not implemented under context "
                           "parallelism; set model.dropout = 0")
-    if p.ep > 1:
-        raise ConfigError("parallel.ep with parallel.cp > 1 is not supported yet: use one of them")
     if m.n_experts and m.moe_balance != "bias":
         raise ConfigError(f'model.moe_balance = "{m.moe_balance}" with parallel.cp > 1: the aux loss would see only '
                           'a rank\'s chunks of each sequence; use moe_balance = "bias"')
@@ -170,6 +178,11 @@ def fsdp_mesh(mesh, dims: ParallelDims):
     if dims.cp > 1:
         return mesh[("dp_replicate", "dp_shard_cp")] if dims.dp_replicate > 1 else mesh.pretrain_dp_shard_cp
     return mesh[("dp_replicate", "dp_shard")] if dims.dp_replicate > 1 else dp_mesh(mesh)
+
+
+def ep_mesh(mesh):
+    """The ranks one MoE layer's experts are split over (and its tokens exchanged between)."""
+    return mesh.pretrain_ep
 
 
 def expert_fsdp_mesh(mesh, dims: ParallelDims):

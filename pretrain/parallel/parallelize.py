@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from pretrain.config import Config
 from pretrain.models import build_model
-from pretrain.parallel.dims import ParallelDims, dp_mesh, expert_fsdp_mesh, fsdp_mesh, grad_mesh
+from pretrain.parallel.dims import ParallelDims, dp_mesh, ep_mesh, expert_fsdp_mesh, fsdp_mesh, grad_mesh
 
 
 class PipelineLoss:
@@ -129,7 +129,7 @@ def _shard(model: nn.Module, cfg: Config, dims: ParallelDims, mesh, device) -> t
     if dims.ep > 1:
         from pretrain.parallel.expert_parallel import apply_expert_parallel
 
-        apply_expert_parallel(model, mesh["ep"])
+        apply_expert_parallel(model, ep_mesh(mesh))
     if dims.cp > 1:
         from pretrain.parallel.context_parallel import apply_context_parallel
 

@@ -114,3 +114,15 @@ def test_deepspeed_checkpoint_converts_like_a_native_one(tmp_path, stage):
     assert cfg.parallel.engine == "deepspeed"
     assert max((from_ds.state_dict()[k] - v).abs().max().item() for k, v in from_native.state_dict().items()) < 1e-5
     assert (export_hf(from_ds, cfg.model, tmp_path / "hf") / "model.safetensors").is_file()
+
+
+def test_expert_dispatch_equals_local_even_when_a_ranks_experts_get_no_token():
+    """EP2 all-to-all dispatch = the local dispatcher (output and input gradient), also when every token goes to
+    the other rank's experts; asking only for the input gradient (as a pipeline's shape inference does) must run
+    the same all-to-alls on every rank, or the launch hangs until the timeout."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "tests/parallel/moe_dispatch.py"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=180)
+    lines = re.findall(r"^MOEDISPATCH (.*)$", proc.stdout, re.M)
+    assert len(lines) == 2 and all(" ok " in line for line in lines), proc.stdout[-2000:] + proc.stderr[-3000:]
