@@ -73,8 +73,9 @@ def main(argv=None) -> int:
         world = distributed.launched_world_size()
         dims = ParallelDims.from_config(cfg, world)  # before any process group
         if args.check:
+            extra = (f" × cp {dims.cp}" if dims.cp > 1 else "") + (f" (ep {dims.ep} inside)" if dims.ep > 1 else "")
             print(f"config ok: {args.config or 'defaults'}, {world} processes = dp_replicate {dims.dp_replicate} × "
-                  f"dp_shard {dims.dp_shard} × tp {dims.tp} × pp {dims.pp}, run dir {cfg.logging.run_dir}")
+                  f"dp_shard {dims.dp_shard} × tp {dims.tp} × pp {dims.pp}{extra}, run dir {cfg.logging.run_dir}")
             return 0
         dist = distributed.init_distributed(cfg.train.device, cfg.train.collective_timeout_s)
         trainer = build_trainer(cfg, dist, dims)
