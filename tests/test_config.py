@@ -11,7 +11,7 @@ PRESETS = sorted((ROOT / "configs").glob("*.toml"))
 
 
 def test_presets_load_and_round_trip():
-    assert len(PRESETS) == 9
+    assert len(PRESETS) == 10
     for path in PRESETS:
         cfg = load_config(path)
         assert config_from_toml(cfg.to_toml()) == cfg
@@ -27,6 +27,14 @@ def test_moe_1b_7b_is_the_olmoe_shape():
     assert 6.8e9 < num_params(m) < 7.0e9 and 1.1e9 < matmul_params(m) < 1.3e9  # 1B active of 7B
     dims = ParallelDims.from_config(cfg, 16)  # the launcher's 2 nodes × 8 GPUs
     assert (dims.dp_shard, dims.ep) == (16, 8)
+
+
+def test_gpt_1b_32k_splits_the_sequence_over_cp_4():
+    from pretrain.parallel.dims import ParallelDims
+
+    cfg = load_config(ROOT / "configs/gpt_1b_32k.toml")
+    dims = ParallelDims.from_config(cfg, 16)  # the launcher's 2 nodes × 8 GPUs
+    assert (cfg.model.seq_len, dims.cp, dims.dp, cfg.parallel.cp_impl) == (32768, 4, 4, "alltoall")
 
 
 def test_preset_shapes():
