@@ -133,7 +133,8 @@ class ParallelConfig:
 
 @dataclass
 class OptimConfig:
-    impl: str = "torch"  # torch | triton | apex
+    name: str = "adamw"  # adamw | muon (Muon for the hidden matrices, AdamW for the rest; pretrain/muon.py)
+    impl: str = "torch"  # torch | triton | apex (AdamW's implementation)
     lr: float = 3e-4
     min_lr: float = 3e-5
     weight_decay: float = 0.1
@@ -141,6 +142,11 @@ class OptimConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 = off
+    muon_lr: float = 0.0  # Muon's peak LR (0 = optim.lr), following the same schedule
+    muon_momentum: float = 0.95
+    muon_nesterov: bool = True
+    muon_ns_steps: int = 5  # Newton–Schulz iterations
+    muon_ns_dtype: str = "bf16"  # bf16 (fast, torch.optim.Muon's) | fp32 (layouts agree to fp32 rounding)
 
 
 @dataclass
@@ -218,6 +224,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "parallel.cp_impl": ("ring", "alltoall"),
     "parallel.activation_checkpointing": ("none", "full", "selective"),
     "optim.impl": ("torch", "triton", "apex"),
+    "optim.name": ("adamw", "muon"),
+    "optim.muon_ns_dtype": ("bf16", "fp32"),
     "schedule.decay": ("cosine", "linear", "wsd", "constant"),
     "train.dtype": ("fp32", "bf16"),
     "train.device": ("auto", "cpu", "cuda"),
@@ -246,6 +254,7 @@ RANGES: dict[str, tuple] = {
     "parallel.activation_checkpointing_every": AT_LEAST_1,
     "optim.lr": POSITIVE, "optim.min_lr": NON_NEGATIVE, "optim.weight_decay": NON_NEGATIVE,
     "optim.beta1": UNIT_OPEN, "optim.beta2": UNIT_OPEN, "optim.eps": POSITIVE, "optim.grad_clip": NON_NEGATIVE,
+    "optim.muon_lr": NON_NEGATIVE, "optim.muon_momentum": UNIT_OPEN, "optim.muon_ns_steps": AT_LEAST_1,
     "schedule.warmup_steps": NON_NEGATIVE, "schedule.decay_fraction": ((0, False), (1, True)),
     "train.steps": AT_LEAST_1, "train.micro_batch_size": AT_LEAST_1, "train.grad_accum": AT_LEAST_1,
     "train.seed": NON_NEGATIVE, "train.max_nonfinite_steps": AT_LEAST_1, "train.collective_timeout_s": POSITIVE,
@@ -369,6 +378,15 @@ class Config:
         if o.min_lr > o.lr:  # each alone is range-checked above
             raise ConfigError(f"optim.lr must be > 0 and 0 <= optim.min_lr <= optim.lr (lr={o.lr}, min_lr={o.min_lr})")
         p = self.parallel
+        if o.name == "muon":
+            if o.impl != "torch":
+                raise ConfigError(f'optim.name = "muon" has its own update for every parameter: optim.impl = '
+                                  f'"{o.impl}" does not apply; set optim.impl = "torch"')
+            if p.engine == "deepspeed":
+                raise ConfigError('optim.name = "muon" runs on the native engine: set parallel.engine = "native"')
+            if p.zero_stage == 1:
+                raise ConfigError('optim.name = "muon" with parallel.zero_stage = 1: ZeRO-1 splits the optimizer '
+                                  "by whole tensors for AdamW only; use zero_stage 0, 2 or 3")
         if p.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}")
         if p.engine == "deepspeed" and p.tp * p.pp > 1:

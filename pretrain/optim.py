@@ -51,9 +51,16 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(model: nn.Module, o: OptimConfig, device: torch.device, zero1_group=None) -> torch.optim.Optimizer:
     """AdamW (fused on CUDA; Triton's FusedAdamW or apex's FusedAdam by ``optim.impl``); with ``zero1_group`` its
-    state is partitioned over those ranks (ZeRO-1)."""
-    groups = param_groups(model, o.weight_decay)
+    state is partitioned over those ranks (ZeRO-1). ``optim.name = "muon"``: Muon for the hidden matrices and AdamW
+    for the rest, one optimizer (``pretrain/muon.py``)."""
     betas = (o.beta1, o.beta2)
+    if o.name == "muon":
+        from pretrain.muon import MuonAdamW, muon_groups
+
+        return MuonAdamW(muon_groups(model, o.weight_decay), lr=o.lr, betas=betas, eps=o.eps,
+                         momentum=o.muon_momentum, nesterov=o.muon_nesterov, ns_steps=o.muon_ns_steps,
+                         lr_scale=o.muon_lr / o.lr if o.muon_lr else 1.0, ns_dtype=o.muon_ns_dtype)
+    groups = param_groups(model, o.weight_decay)
     if o.impl == "triton":
         if zero1_group is not None:
             raise ConfigError('optim.impl = "triton" does not combine with parallel.zero_stage = 1; use "torch"')

@@ -35,6 +35,7 @@ BASE = ["model.n_layers=4", "model.d_model=32", "model.n_heads=4", "model.vocab_
         "checkpoint.resume=never", "data.source=synthetic", "parallel.meta_init=false", "model.tie_embeddings=false",
         "optim.grad_clip=0.05"]  # clipping active in every step: the norm must count every shard once
 
+MUON = ["optim.name=muon", "optim.muon_ns_dtype=fp32"]  # fp32 Newton–Schulz: see the muon_* layouts
 MOE = ["model.n_experts=4", "model.moe_top_k=2", "model.moe_ffn_hidden=32", "model.n_shared_experts=1",
        "model.moe_balance=both", "model.moe_bias_rate=0.01", "model.moe_router=sigmoid", "model.moe_aux_coef=0.1",
        "model.moe_z_coef=0.01"]
@@ -102,6 +103,14 @@ LAYOUTS = {
     "moe_ep2_dp2": (4, ["train.micro_batch_size=2", "parallel.zero_stage=3", "parallel.ep=2", *MOE]),
     "moe_ep2_tp2": (4, ["train.micro_batch_size=4", "parallel.zero_stage=2", "parallel.ep=2", "parallel.tp=2",
                         "parallel.sequence_parallel=false", *MOE]),
+    # Muon: each matrix's update gathered whole, so every layout takes the one-process step (Newton–Schulz in
+    # fp32 here: in bf16 the 1e-7 differences of reordered gradient reductions flip roundings, 3e-5 after 3 steps)
+    "muon_dp2": (2, ["train.micro_batch_size=4", *MUON]),
+    "muon_zero3_2": (2, ["train.micro_batch_size=4", "parallel.zero_stage=3", *MUON]),
+    "muon_tp2": (2, ["train.micro_batch_size=8", "parallel.tp=2", *MUON]),
+    "muon_pp2": (2, ["train.micro_batch_size=8", "parallel.pp=2", *MUON]),
+    "muon_moe_ep2": (2, ["train.micro_batch_size=4", "parallel.zero_stage=2", "parallel.ep=2", *MOE,
+                         *MUON]),
     # context parallelism: each sequence split over the cp ranks (zigzag chunks), attention across them
     "cp2_ring": (2, ["train.micro_batch_size=8", "parallel.cp=2"]),
     "cp2_alltoall": (2, ["train.micro_batch_size=8", "parallel.cp=2", "parallel.cp_impl=alltoall",
@@ -118,6 +127,7 @@ LAYOUTS = {
     "moe_cp2_ep4": (4, ["train.micro_batch_size=4", "parallel.cp=2", "parallel.ep=4", "parallel.zero_stage=2",
                         "parallel.dp_shard=2", *MOE, "model.moe_balance=bias"]),
     "cp2_pp2": (4, ["train.micro_batch_size=8", "parallel.cp=2", "parallel.pp=2", "parallel.zero_stage=2"]),
+    "muon_tp2_dp2": (4, ["train.micro_batch_size=4", "parallel.tp=2", "parallel.zero_stage=3", *MUON]),
     "moe_ep2_pp2": (4, ["train.micro_batch_size=4", "parallel.zero_stage=3", "parallel.ep=2", "parallel.pp=2",
                         *MOE]),
 }
@@ -175,7 +185,7 @@ def full_params(parts: list[torch.nn.Module], gather: bool) -> dict[str, torch.T
 
 
 # layouts also checked for save at step 2 -> resume in a fresh trainer -> step 3 equal to the straight run
-RESUME = {"cp2_ring", "moe_ep2", "bert_pp2", "zero1_2", "pp2_interleaved", "ds_zero2_2", "tp2_sp", "tp2_sp_dp2_zero3", "pp2_dp2_zero3", "hsdp_2x2"}
+RESUME = {"muon_zero3_2", "cp2_ring", "moe_ep2", "bert_pp2", "zero1_2", "pp2_interleaved", "ds_zero2_2", "tp2_sp", "tp2_sp_dp2_zero3", "pp2_dp2_zero3", "hsdp_2x2"}
 
 
 def run(overrides: list[str], dist_info: DistInfo, run_dir: str, stop_after: int | None = None):
@@ -209,6 +219,7 @@ def run(overrides: list[str], dist_info: DistInfo, run_dir: str, stop_after: int
 
 # layout -> the layout that resumes its step-2 checkpoint (same world size, other TP / PP / ZeRO split)
 RESHARD = {
+    "muon_tp2": ["train.micro_batch_size=4", "parallel.zero_stage=3", *MUON],  # TP2 -> ZeRO-3 dp2
     "cp2_alltoall": ["train.micro_batch_size=4", "parallel.zero_stage=3"],  # CP2 -> CP1 (dp 2)
     "moe_ep2": ["train.micro_batch_size=4", "parallel.zero_stage=2", "parallel.ep=1", *MOE],  # EP2 -> EP1
     "moe_zero3_2": ["train.micro_batch_size=4", "parallel.zero_stage=3", "parallel.ep=2", *MOE],  # EP1 -> EP2
@@ -246,7 +257,8 @@ def main(names: list[str]) -> int:
             world, overrides = LAYOUTS[name]
             assert world == info.world_size, f"{name} needs {world} ranks"
             arch = [o for o in overrides if o.startswith(("model.arch", "model.flavor", "model.tie", "task=",
-                                                          "model.n_experts", "model.moe", "model.n_shared"))]
+                                                          "model.n_experts", "model.moe", "model.n_shared",
+                                                          "optim.name", "optim.muon"))]
             reference, ref_params = run([f"train.micro_batch_size={GLOBAL_BATCH}", *arch],
                                         DistInfo(0, 1, 0, torch.device("cpu")), f"{tmp}/{name}-ref-{info.rank}")
             losses, params = run(overrides, info, f"{tmp}/{name}")
