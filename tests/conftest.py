@@ -48,3 +48,15 @@ def tiny_config(tmp_path, *extra, arch="gpt", flavor="llama"):
         "schedule.warmup_steps=2", "optim.lr=1e-2", "optim.min_lr=1e-3", "logging.interval=0",
         "logging.tensorboard=false", f"logging.run_dir={tmp_path / 'run'}", "data.source=synthetic", *extra,
     ])
+
+
+def on_one_batch(trainer):
+    """Feed ``trainer`` its first batch at every step (to check it can overfit one batch)."""
+    batch = trainer.data.next_batch()
+
+    class SameBatch:
+        def next_batch(self):
+            return batch
+
+    trainer.data = SameBatch()
+    return trainer

@@ -11,7 +11,7 @@ from pretrain.models import build_model
 from pretrain.muon import MuonAdamW, muon_groups, newton_schulz
 from pretrain.train import build_trainer
 
-from .conftest import tiny_config
+from .conftest import on_one_batch, tiny_config
 
 
 def test_one_matrix_update_equals_torch_muon_bit_for_bit():
@@ -75,13 +75,7 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
 def test_gpt_overfits_a_batch_with_muon(tmp_path):
     trainer = build_trainer(tiny_config(tmp_path, "optim.name=muon", "optim.lr=0.01", "train.steps=30",
                                         "schedule.warmup_steps=2", "optim.weight_decay=0"), DistInfo())
-    batch = trainer.data.next_batch()
-
-    class SameBatch:
-        def next_batch(self):
-            return batch
-
-    trainer.data = SameBatch()
+    on_one_batch(trainer)
     losses = trainer.fit()
     assert losses[-1] < 0.5 * losses[0], losses
 

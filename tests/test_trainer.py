@@ -8,7 +8,7 @@ from pretrain.distributed import DistInfo
 from pretrain.train import build_trainer, main
 from pretrain.trainer import lr_at, param_groups
 
-from .conftest import tiny_config
+from .conftest import on_one_batch, tiny_config
 
 
 def run(cfg, stop_after=None):
@@ -19,13 +19,7 @@ def run(cfg, stop_after=None):
 def test_overfits_one_batch(tmp_path):
     cfg = tiny_config(tmp_path, "train.steps=60", "schedule.warmup_steps=5", "optim.weight_decay=0")
     trainer = build_trainer(cfg, DistInfo())
-    batch = trainer.data.next_batch()
-
-    class SameBatch:
-        def next_batch(self):
-            return batch
-
-    trainer.data = SameBatch()
+    on_one_batch(trainer)
     losses = trainer.fit()
     assert losses[0] > 3.5 and losses[-1] < 0.5, (losses[0], losses[-1])
 

@@ -15,7 +15,7 @@ from pretrain.models.moe import MoE, route, update_router_bias
 from pretrain.parallel.dims import ParallelDims
 from pretrain.train import build_trainer
 
-from ..conftest import tiny_config
+from ..conftest import on_one_batch, tiny_config
 
 MOE = ["model.n_experts=4", "model.moe_top_k=2", "model.moe_ffn_hidden=48"]
 
@@ -184,13 +184,7 @@ def test_moe_gpt_trains_and_logs_its_balancing_terms(tmp_path):
     cfg = tiny_config(tmp_path, *MOE, "model.moe_balance=both", "train.steps=40", "logging.interval=10",
                       "schedule.warmup_steps=2", "optim.weight_decay=0")
     trainer = build_trainer(cfg, DistInfo())
-    batch = trainer.data.next_batch()
-
-    class SameBatch:
-        def next_batch(self):
-            return batch
-
-    trainer.data = SameBatch()
+    on_one_batch(trainer)
     losses = trainer.fit()
     assert losses[0] > 3.5 and losses[-1] < 1.5, (losses[0], losses[-1])
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
