@@ -19,8 +19,10 @@ Attention, ``parallel.cp_impl``:
   divide the kv heads, K and V are repeated to the query heads first (GQA's memory saving is then lost inside
   attention only).
 
-Both are plain autograd code over ``torch.distributed`` (gloo and NCCL alike); the ring computes its blocks in
-fp32 matmuls (the reference path: T/cp × T/cp scores per head at a time).
+Both are plain autograd code over ``torch.distributed`` (gloo and NCCL alike). The ring computes each block with
+the model's attention backend: with the Triton attention (``model.kernels``) its fused forward, which returns the
+log-sum-exp, and its backward given the merged output and log-sum-exp (exactly FlashAttention's block
+decomposition); with torch, in fp32 matmuls (the portable reference: (T / 2cp)² scores per head at a time).
 """
 
 from __future__ import annotations
@@ -53,8 +55,9 @@ class ContextParallel:
     """What an attention layer needs under context parallelism: the cp group, this rank's place in it, the
     implementation. Called like ``ops.attention`` on local q (B, H, T/cp, E), k, v (B, K, T/cp, E)."""
 
-    def __init__(self, group, cp: int, rank: int, impl: str, attention=None):
+    def __init__(self, group, cp: int, rank: int, impl: str, attention=None, blocks: str = "torch"):
         self.group, self.cp, self.rank, self.impl, self.attention = group, cp, rank, impl, attention
+        self.blocks = TritonBlocks() if blocks == "triton" else TorchBlocks()
         self.ranks = [dist.get_global_rank(group, i) for i in range(cp)] if group is not None else list(range(cp))
 
     def positions(self, t_local: int, device=None) -> torch.Tensor:
@@ -84,6 +87,60 @@ def _expand(kv: torch.Tensor, groups: int) -> torch.Tensor:
     return kv if groups == 1 else kv.repeat_interleave(groups, dim=1)
 
 
+class TorchBlocks:
+    """One query chunk against one key chunk in fp32 matmuls: forward -> (out fp32, lse); backward from the merged
+    output and log-sum-exp -> (dq, dk, dv) of this block (dk, dv summed over the query heads sharing a kv head)."""
+
+    @staticmethod
+    def forward(q, k, v, relation):
+        h, kv_heads = q.shape[1], k.shape[1]
+        s = _scores(q.float(), _expand(k.float(), h // kv_heads), 1.0 / math.sqrt(q.shape[-1]), relation)
+        lse = torch.logsumexp(s, dim=-1)
+        return torch.matmul(torch.exp(s - lse[..., None]), _expand(v.float(), h // kv_heads)), lse
+
+    @staticmethod
+    def backward(q, k, v, out, lse, dout, relation):
+        b, h, c, e = q.shape
+        kv_heads = k.shape[1]
+        groups, scale = h // kv_heads, 1.0 / math.sqrt(e)
+        qf, do = q.float(), dout.float()
+        kb, vb = _expand(k.float(), groups), _expand(v.float(), groups)
+        p = torch.exp(_scores(qf, kb, scale, relation) - lse[..., None])
+        dv = torch.matmul(p.transpose(-1, -2), do)
+        ds = p * (torch.matmul(do, vb.transpose(-1, -2)) - (do * out.float()).sum(-1, keepdim=True))
+        dq = torch.matmul(ds, kb) * scale
+        dk = torch.matmul(ds.transpose(-1, -2), qf) * scale
+        if groups > 1:
+            dk = dk.view(b, kv_heads, groups, -1, e).sum(2)
+            dv = dv.view(b, kv_heads, groups, -1, e).sum(2)
+        return dq, dk, dv
+
+
+class TritonBlocks:
+    """The same through our Triton attention (``kernels/attention.py``): its forward returns the log-sum-exp, its
+    backward takes the output and log-sum-exp it should differentiate against — here the merged ones."""
+
+    @staticmethod
+    def _mask(q):
+        return q.new_zeros(1, dtype=torch.int8)
+
+    @staticmethod
+    def forward(q, k, v, relation):
+        from kernels.attention import attention_fwd
+
+        out, lse = attention_fwd(q, k, v, TritonBlocks._mask(q), relation == "diagonal", False,
+                                 1.0 / math.sqrt(q.shape[-1]))
+        return out.float(), lse
+
+    @staticmethod
+    def backward(q, k, v, out, lse, dout, relation):
+        from kernels.attention import attention_bwd
+
+        dq, dk, dv = attention_bwd(q, k, v, out.to(q.dtype), lse.contiguous(), TritonBlocks._mask(q),
+                                   dout.to(q.dtype), relation == "diagonal", False, 1.0 / math.sqrt(q.shape[-1]))
+        return dq.float(), dk.float(), dv.float()
+
+
 class _Exchange:
     """One step of the ring: send ``tensor`` to the next cp rank, receive the previous rank's into a new buffer."""
 
@@ -105,8 +162,6 @@ class RingAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, cp: ContextParallel):
         b, h, t, e = q.shape
         kv_heads, c = k.shape[1], t // 2
-        scale = 1.0 / math.sqrt(e)
-        qf = q.float()
         out = torch.zeros(b, h, t, e, dtype=torch.float32, device=q.device)
         lse = torch.full((b, h, t), float("-inf"), dtype=torch.float32, device=q.device)
         block = torch.cat([k, v], dim=1).contiguous()  # (B, 2K, T/cp, E): one message a step
@@ -114,17 +169,14 @@ class RingAttention(torch.autograd.Function):
         for step in range(cp.cp):
             exchange = _Exchange(cp, block) if step < cp.cp - 1 else None  # in flight during the compute
             source = (cp.rank - step) % cp.cp
-            kb = _expand(block[:, :kv_heads].float(), h // kv_heads)
-            vb = _expand(block[:, kv_heads:].float(), h // kv_heads)
             for i, qc in enumerate(mine):
                 for j, kc in enumerate(chunks_of(source, cp.cp)):
                     relation = _relation(qc, kc)
                     if relation == "none":
                         continue
-                    rows = slice(i * c, (i + 1) * c)
-                    s = _scores(qf[:, :, rows], kb[:, :, j * c:(j + 1) * c], scale, relation)
-                    part_lse = torch.logsumexp(s, dim=-1)  # (B, H, c)
-                    part = torch.matmul(torch.exp(s - part_lse[..., None]), vb[:, :, j * c:(j + 1) * c])
+                    rows, cols = slice(i * c, (i + 1) * c), slice(j * c, (j + 1) * c)
+                    part, part_lse = cp.blocks.forward(q[:, :, rows], block[:, :kv_heads, cols],
+                                                       block[:, kv_heads:, cols], relation)
                     new_lse = torch.logaddexp(lse[:, :, rows], part_lse)
                     out[:, :, rows] = (out[:, :, rows] * torch.exp(lse[:, :, rows] - new_lse)[..., None]
                                        + part * torch.exp(part_lse - new_lse)[..., None])
@@ -139,38 +191,31 @@ class RingAttention(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         cp = ctx.cp
-        b, h, t, e = q.shape
-        kv_heads, c, groups = k.shape[1], t // 2, h // k.shape[1]
-        scale = 1.0 / math.sqrt(e)
-        qf, do = q.float(), dout.float()
-        delta = (do * out).sum(-1)  # (B, H, T/cp): D = rowsum(dO ∘ O)
-        dq = torch.zeros_like(qf)
-        block = torch.cat([k, v], dim=1).float()  # travels with its gradient accumulator
-        grad = torch.zeros_like(block)
+        kv_heads, c = k.shape[1], q.shape[2] // 2
+        dq = torch.zeros_like(q, dtype=torch.float32)
+        block = torch.cat([k, v], dim=1)  # travels with its gradient accumulator
+        grad = torch.zeros_like(block, dtype=torch.float32)
         mine = chunks_of(cp.rank, cp.cp)
         for step in range(cp.cp):
             source = (cp.rank - step) % cp.cp
-            kb, vb = _expand(block[:, :kv_heads], groups), _expand(block[:, kv_heads:], groups)
-            dk, dv = torch.zeros_like(kb), torch.zeros_like(vb)
+            contribution = torch.zeros_like(grad)
             for i, qc in enumerate(mine):
                 for j, kc in enumerate(chunks_of(source, cp.cp)):
                     relation = _relation(qc, kc)
                     if relation == "none":
                         continue
                     rows, cols = slice(i * c, (i + 1) * c), slice(j * c, (j + 1) * c)
-                    p = torch.exp(_scores(qf[:, :, rows], kb[:, :, cols], scale, relation) - lse[:, :, rows, None])
-                    dv[:, :, cols] += torch.matmul(p.transpose(-1, -2), do[:, :, rows])
-                    ds = p * (torch.matmul(do[:, :, rows], vb[:, :, cols].transpose(-1, -2)) - delta[:, :, rows, None])
-                    dq[:, :, rows] += torch.matmul(ds, kb[:, :, cols]) * scale
-                    dk[:, :, cols] += torch.matmul(ds.transpose(-1, -2), qf[:, :, rows]) * scale
-            if groups > 1:  # the query heads sharing a kv head sum into it
-                dk = dk.view(b, kv_heads, groups, t, e).sum(2)
-                dv = dv.view(b, kv_heads, groups, t, e).sum(2)
-            grad = grad + torch.cat([dk, dv], dim=1)
+                    dq_b, dk_b, dv_b = cp.blocks.backward(q[:, :, rows], block[:, :kv_heads, cols],
+                                                          block[:, kv_heads:, cols], out[:, :, rows],
+                                                          lse[:, :, rows], dout[:, :, rows], relation)
+                    dq[:, :, rows] += dq_b
+                    contribution[:, :kv_heads, cols] += dk_b
+                    contribution[:, kv_heads:, cols] += dv_b
+            grad = grad + contribution
             # every step, every rank: the block and its accumulated gradient move on; after the last step each
             # rank receives its own block with the contributions of every rank
-            message = _Exchange(cp, torch.cat([block, grad], dim=1).contiguous()).wait()
-            block, grad = message[:, :2 * kv_heads], message[:, 2 * kv_heads:]
+            message = _Exchange(cp, torch.cat([block.to(grad.dtype), grad], dim=1).contiguous()).wait()
+            block, grad = message[:, :2 * kv_heads].to(k.dtype), message[:, 2 * kv_heads:]
         dk, dv = grad[:, :kv_heads], grad[:, kv_heads:]
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
 
@@ -208,5 +253,6 @@ def apply_context_parallel(model, cp_mesh, impl: str) -> None:
 
     for module in model.modules():
         if isinstance(module, Attention):
+            blocks = "triton" if "attention" in getattr(module.ops, "triton", ()) else "torch"
             module.context = ContextParallel(cp_mesh.get_group(), cp_mesh.size(), cp_mesh.get_local_rank(), impl,
-                                             attention=module.ops.attention)
+                                             attention=module.ops.attention, blocks=blocks)

@@ -4,6 +4,7 @@ attention over the whole sequence — outputs and the gradients of q, k, v — a
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -44,14 +45,17 @@ def main() -> int:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     failed = False
-    for impl in ("ring", "alltoall"):
-        cp = ContextParallel(dist.group.WORLD, world, rank, impl, attention=sdpa)
+    variants = [("ring", "torch"), ("alltoall", "torch")]
+    if os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton"):
+        variants.append(("ring", "triton"))  # the ring's blocks through our Triton attention (interpreted)
+    for impl, blocks in variants:
+        cp = ContextParallel(dist.group.WORLD, world, rank, impl, attention=sdpa, blocks=blocks)
         for heads, kv_heads, t in ((4, 4, 8 * world), (4, 2, 6 * world), (8, 1, 4 * world)):
             out_diff, grad_diff = case(impl, heads, kv_heads, t, cp)
             ok = out_diff <= 1e-5 and grad_diff <= 1e-5
             failed |= not ok
             if rank == 0:
-                print(f"CPATTN {impl} {heads}/{kv_heads} T={t} {'ok' if ok else 'FAILED'} out_diff={out_diff:.2e} "
+                print(f"CPATTN {impl}/{blocks} {heads}/{kv_heads} T={t} {'ok' if ok else 'FAILED'} out_diff={out_diff:.2e} "
                       f"grad_diff={grad_diff:.2e}", flush=True)
     dist.barrier()
     dist.destroy_process_group()

@@ -115,6 +115,7 @@ LAYOUTS = {
     "cp2_ring": (2, ["train.micro_batch_size=8", "parallel.cp=2"]),
     "cp2_alltoall": (2, ["train.micro_batch_size=8", "parallel.cp=2", "parallel.cp_impl=alltoall",
                          "parallel.zero_stage=3"]),
+    "cp2_ring_triton": (2, ["train.micro_batch_size=8", "parallel.cp=2", "model.kernels=attention"]),
     "moe_cp2": (2, ["train.micro_batch_size=8", "parallel.cp=2", "parallel.zero_stage=2", *MOE,
                     "model.moe_balance=bias"]),
     "cp4_ring": (4, ["train.micro_batch_size=8", "parallel.cp=4", "parallel.zero_stage=2"]),
@@ -258,7 +259,7 @@ def main(names: list[str]) -> int:
             assert world == info.world_size, f"{name} needs {world} ranks"
             arch = [o for o in overrides if o.startswith(("model.arch", "model.flavor", "model.tie", "task=",
                                                           "model.n_experts", "model.moe", "model.n_shared",
-                                                          "optim.name", "optim.muon"))]
+                                                          "model.kernels", "optim.name", "optim.muon"))]
             reference, ref_params = run([f"train.micro_batch_size={GLOBAL_BATCH}", *arch],
                                         DistInfo(0, 1, 0, torch.device("cpu")), f"{tmp}/{name}-ref-{info.rank}")
             losses, params = run(overrides, info, f"{tmp}/{name}")

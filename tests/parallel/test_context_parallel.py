@@ -2,6 +2,7 @@
 (tests/parallel/cp_attention.py under torchrun), bad layouts. Whole training runs under CP are harness layouts
 (cp2_ring, cp2_alltoall, cp4_ring, cp2_tp2, cp2_dp2, cp2_pp2, moe_cp2 in tests/parallel/harness.py)."""
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -41,7 +42,8 @@ def test_ring_and_alltoall_attention_equal_one_process(world):
                            "tests/parallel/cp_attention.py"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=240)
     lines = re.findall(r"^CPATTN (.*)$", proc.stdout, re.M)
-    assert len(lines) == 6, proc.stdout[-2000:] + proc.stderr[-3000:]
+    with_triton = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
+    assert len(lines) == (9 if with_triton else 6), proc.stdout[-2000:] + proc.stderr[-3000:]
     assert all(" ok " in line for line in lines), lines
 
 
