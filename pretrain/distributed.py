@@ -17,6 +17,20 @@ import torch
 import torch.distributed as dist
 
 
+def local_part(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (a plain tensor as it is): what in-place updates and kernels work on."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor gathered whole on every rank (a replicated one made plain; a plain tensor as it is)."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 @dataclass(frozen=True)
 class DistInfo:
     rank: int = 0

@@ -29,6 +29,8 @@ import math
 
 import torch
 
+from pretrain.distributed import local_part, whole
+
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
@@ -56,18 +58,6 @@ def newton_schulz(u: torch.Tensor, steps: int = 5, eps: float = 1e-7, dtype=torc
 def rms_scale(shape: torch.Size) -> float:
     """Moonlight's 0.2·√max(m, n): the orthogonalised update scaled to AdamW's typical RMS."""
     return 0.2 * math.sqrt(max(shape[-2], shape[-1]))
-
-
-def _whole(t: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _shard_of(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -115,8 +105,8 @@ class MuonAdamW(torch.optim.Optimizer):
             buf.lerp_(p.grad, 1 - mu)
             update = p.grad.lerp(buf, mu) if group["nesterov"] else buf
             # every rank: the same whole matrix
-            ortho = newton_schulz(_whole(update).float(), group["ns_steps"], dtype=self.ns_dtype)
-            local = _local(p)
+            ortho = newton_schulz(whole(update).float(), group["ns_steps"], dtype=self.ns_dtype)
+            local = local_part(p)
             local.mul_(1 - lr * decay)
             local.add_(_shard_of(ortho.to(local.dtype), p), alpha=-lr * rms_scale(p.shape))
 

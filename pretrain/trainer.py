@@ -26,7 +26,7 @@ from pretrain.distributed import DistInfo
 from pretrain.engine import build_engine
 from pretrain.metrics import MetricsLogger, measure_matmul_flops, memory_stats, peak_flops
 from pretrain.models.flops import flops_per_token
-from pretrain.models.moe import MoE, set_loss_scale
+from pretrain.models.moe import moe_layers, set_loss_scale
 from pretrain.optim import build_optimizer, param_groups, set_lr  # noqa: F401  (param_groups: re-exported)
 from pretrain.optim import lr_at as schedule_lr
 from pretrain.parallel.parallelize import Parallelized
@@ -82,7 +82,7 @@ class Trainer:
             self.peak = measure_matmul_flops(self.device, torch.bfloat16 if half else torch.float32)
             self.metrics.console(f"MFU peak: measured {self.peak / 1e12:.1f} TFLOP/s (dense matmul on "
                                  f"{self.device.type})")
-        self.moe_layers = [m for m in self.raw_model.modules() if isinstance(m, MoE)]
+        self.moe_layers = moe_layers(self.raw_model)
         self.step_metrics: dict[str, float] = {}  # what callbacks add to the step's log line (MoE statistics)
         self.callbacks = default_callbacks(cfg.logging, cfg.model)
         self.checkpoints = None

@@ -32,13 +32,13 @@ from pretrain.config import load_config  # noqa: E402
 
 def speed(config: str, steps: int, batch: int, overrides: list[str]) -> None:
     from pretrain.models import build_model
-    from pretrain.models.moe import MoE
+    from pretrain.models.moe import moe_layers
 
     cfg = load_config(config, overrides).model
     torch.manual_seed(0)
     model = build_model(cfg)
     tokens = torch.randint(0, cfg.vocab_size, (batch, cfg.seq_len))
-    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    layers = moe_layers(model)
     results = {}
     for grouped in (True, False, True, False):  # interleaved twice: the second pair is the one reported
         for layer in layers:

@@ -86,15 +86,7 @@ def hf_config(cfg: ModelConfig):
             activation_function="gelu_new", resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
             tie_word_embeddings=cfg.tie_embeddings, architectures=["GPT2LMHeadModel"], bos_token_id=2,
             eos_token_id=3)
-    kind = hf_kind(cfg)
-    if kind != "llama":
-        return _llama_like_config(cfg, kind)
-    return transformers.LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ffn_dim,
-        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads,
-        max_position_embeddings=max(cfg.seq_len, cfg.max_position_embeddings), rms_norm_eps=cfg.norm_eps,
-        rope_theta=cfg.rope_theta, tie_word_embeddings=cfg.tie_embeddings, attention_bias=False, mlp_bias=False,
-        architectures=["LlamaForCausalLM"], bos_token_id=2, eos_token_id=3, pad_token_id=0)
+    return _llama_like_config(cfg, hf_kind(cfg))
 
 
 def hf_kind(cfg: ModelConfig) -> str:
@@ -119,14 +111,19 @@ def hf_kind(cfg: ModelConfig) -> str:
 
 
 def _llama_like_config(cfg: ModelConfig, kind: str):
+    """The HF config of a llama-flavour GPT as ``kind`` (``hf_kind``). RoPE goes in the keyword every transformers
+    release we support reads (``rope_theta``; 5.x folds it into ``rope_parameters``)."""
     import transformers
 
     common = dict(
         vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ffn_dim,
         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads,
         max_position_embeddings=max(cfg.seq_len, cfg.max_position_embeddings), rms_norm_eps=cfg.norm_eps,
-        tie_word_embeddings=cfg.tie_embeddings, rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-        bos_token_id=2, eos_token_id=3, pad_token_id=0, hidden_act="silu", attention_dropout=0.0)
+        tie_word_embeddings=cfg.tie_embeddings, rope_theta=cfg.rope_theta, bos_token_id=2, eos_token_id=3,
+        pad_token_id=0, hidden_act="silu", attention_dropout=0.0)
+    if kind == "llama":
+        return transformers.LlamaConfig(**common, attention_bias=False, mlp_bias=False,
+                                        architectures=["LlamaForCausalLM"])
     if kind == "qwen3":
         return transformers.Qwen3Config(**common, head_dim=cfg.head_dim, attention_bias=False,
                                         architectures=["Qwen3ForCausalLM"])
@@ -142,8 +139,7 @@ def _llama_like_config(cfg: ModelConfig, kind: str):
                                            mlp_only_layers=list(range(cfg.moe_dense_layers)), norm_topk_prob=True,
                                            router_aux_loss_coef=cfg.moe_aux_coef, attention_bias=False,
                                            architectures=["Qwen3MoeForCausalLM"])
-    common["rope_parameters"]["partial_rotary_factor"] = 1.0
-    return transformers.Glm4MoeConfig(**common, **moe, n_routed_experts=cfg.n_experts,
+    return transformers.Glm4MoeConfig(**common, **moe, partial_rotary_factor=1.0, n_routed_experts=cfg.n_experts,
                                       moe_intermediate_size=cfg.expert_dim, n_shared_experts=cfg.n_shared_experts,
                                       first_k_dense_replace=cfg.moe_dense_layers, n_group=1, topk_group=1,
                                       routed_scaling_factor=1.0, norm_topk_prob=True, use_qk_norm=cfg.qk_norm,
@@ -332,17 +328,8 @@ def _model_config(raw: dict, family: str, flavor: str) -> ModelConfig:
                           seq_len=raw["n_positions"], max_position_embeddings=raw["n_positions"],
                           norm_eps=raw.get("layer_norm_epsilon", 1e-5),
                           tie_embeddings=raw.get("tie_word_embeddings", True))
-    elif flavor != "llama":
-        cfg = _llama_like_model_config(raw, flavor)
     else:
-        cfg = ModelConfig(arch="gpt", flavor="llama", n_layers=raw["num_hidden_layers"], d_model=raw["hidden_size"],
-                          n_heads=raw["num_attention_heads"],
-                          n_kv_heads=raw.get("num_key_value_heads") or raw["num_attention_heads"],
-                          ffn_hidden=raw["intermediate_size"], vocab_size=raw["vocab_size"],
-                          seq_len=min(4096, raw.get("max_position_embeddings", 4096)),
-                          rope_theta=float(raw.get("rope_theta", (raw.get("rope_parameters") or {}).get("rope_theta",
-                                                                                                     10000.0))),
-                          norm_eps=raw.get("rms_norm_eps", 1e-6), tie_embeddings=raw.get("tie_word_embeddings", False))
+        cfg = _llama_like_model_config(raw, flavor)
     return cfg
 
 
@@ -351,16 +338,16 @@ def _rope_theta(raw: dict) -> float:
 
 
 def _llama_like_model_config(raw: dict, kind: str) -> ModelConfig:
-    """Qwen3, Mixtral, Qwen3-MoE and GLM-4-MoE configs as a llama-flavour GPT (the fields that would change the
-    computation were checked by ``_refuse_unimplemented`` first)."""
+    """Llama, Qwen3, Mixtral, Qwen3-MoE and GLM-4-MoE configs as a llama-flavour GPT (the fields that would change
+    the computation were checked by ``_refuse_unimplemented`` first)."""
     common = dict(arch="gpt", flavor="llama", n_layers=raw["num_hidden_layers"], d_model=raw["hidden_size"],
                   n_heads=raw["num_attention_heads"],
                   n_kv_heads=raw.get("num_key_value_heads") or raw["num_attention_heads"],
                   ffn_hidden=raw["intermediate_size"], vocab_size=raw["vocab_size"],
                   seq_len=min(4096, raw.get("max_position_embeddings", 4096)), rope_theta=_rope_theta(raw),
                   norm_eps=raw.get("rms_norm_eps", 1e-6), tie_embeddings=raw.get("tie_word_embeddings", False))
-    if kind == "qwen3":
-        return ModelConfig(**common, qk_norm=True)
+    if kind in ("llama", "qwen3"):
+        return ModelConfig(**common, qk_norm=kind == "qwen3")
     moe = dict(moe_top_k=raw["num_experts_per_tok"])
     if kind == "mixtral":
         return ModelConfig(**common, **moe, n_experts=raw["num_local_experts"], moe_ffn_hidden=raw["intermediate_size"],
@@ -506,7 +493,7 @@ def import_hf(hf_dir: str | Path, allow_pickle: bool = False) -> tuple[torch.nn.
     model.init_weights()  # rotary tables; every weight is overwritten below
     expected = dict(model.state_dict())
     reverse = _reverse_names(expected, cfg)
-    seen, pieces = set(), {}
+    read = set()  # (native name, piece): piece None for a whole tensor, (expert, first row) for a stacked expert's
     with torch.no_grad():
         for name, tensor in _read_tensors(_weight_files(hf_dir, allow_pickle)):
             if name in ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias") or "rotary" in name \
@@ -529,22 +516,19 @@ def import_hf(hf_dir: str | Path, allow_pickle: bool = False) -> tuple[torch.nn.
                     raise CheckpointError(f"weight {name} has shape {tuple(tensor.shape)}, the config implies "
                                           f"{tuple(dest.shape)}")
                 dest.copy_(value)
-                if part:
-                    pieces.setdefault(target, set()).add((part[0][0], part[0][1].start))
-                else:
-                    seen.add(target)
-    parts_of = {}
-    for entries in reverse.values():
-        for target, _, *part in entries:
-            if part:
-                parts_of.setdefault(target, set()).add((part[0][0], part[0][1].start))
-    seen |= {t for t, keys in parts_of.items() if pieces.get(t) == keys}  # stacked experts: every piece read
+                read.add((target, _piece(part)))
+    wanted = {(target, _piece(part)) for entries in reverse.values() for target, _, *part in entries}
+    seen = {t for t, _ in read} - {t for t, _ in wanted - read}  # a stacked weight counts once every piece is read
     not_in_hf = {k for k in expected if k.endswith("e_score_correction_bias") and hf_kind(cfg) != "glm4_moe"}
     missing = sorted(set(expected) - seen - ({"lm_head.weight"} if cfg.tie_embeddings else set()) - not_in_hf
                      - {k for k in expected if k.startswith(("pooler", "nsp_head"))})
     if missing:
         raise CheckpointError(f"{hf_dir} lacks weight(s) for {missing[0]} ({len(missing)} missing)")
     return model.eval(), cfg
+
+
+def _piece(part: list) -> tuple | None:
+    return (part[0][0], part[0][1].start) if part else None
 
 
 def _reverse_names(expected: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, list]:

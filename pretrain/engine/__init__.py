@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pretrain.config import Config
+from pretrain.distributed import whole
 from pretrain.parallel.data_parallel import clip_grad_norm
 
 
@@ -37,8 +38,8 @@ class Totals:
 
     def add(self, out) -> None:
         """Fold one micro-batch's LossOutput in (replicated DTensors, as under loss_parallel, made plain)."""
-        self.merge(Totals(*(plain(v).detach().to(torch.float64) for v in (out.loss_sum, out.count, out.correct)),
-                          {n: plain(v).detach().to(torch.float64) for n, v in {**out.extra_losses,
+        self.merge(Totals(*(whole(v).detach().to(torch.float64) for v in (out.loss_sum, out.count, out.correct)),
+                          {n: whole(v).detach().to(torch.float64) for n, v in {**out.extra_losses,
                                                                                **out.metrics}.items()}))
 
     def merge(self, other: Totals) -> None:
@@ -47,13 +48,6 @@ class Totals:
         self.correct += other.correct
         for name, value in other.extras.items():
             self.extras[name] = self.extras[name] + value if name in self.extras else value
-
-
-def plain(value: torch.Tensor) -> torch.Tensor:
-    """A replicated DTensor (a loss under loss_parallel) as an ordinary tensor."""
-    from torch.distributed.tensor import DTensor
-
-    return value.full_tensor() if isinstance(value, DTensor) else value
 
 
 def objective(out, scale) -> torch.Tensor:

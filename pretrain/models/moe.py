@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pretrain.config import ModelConfig
+from pretrain.distributed import local_part
 
 
 class Router(nn.Module):
@@ -69,7 +70,7 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor, grouped: bool = True) -> torch.Tensor:
         """x (M, D) sorted by expert, counts (E,) tokens per (local) expert -> (M, D)."""
-        gate_up, down = _local(self.gate_up_proj), _local(self.down_proj)
+        gate_up, down = local_part(self.gate_up_proj), local_part(self.down_proj)
         if self.grad_scale != 1.0:
             gate_up, down = _ScaleGrad.apply(gate_up, self.grad_scale), _ScaleGrad.apply(down, self.grad_scale)
         if x.shape[0] == 0:
@@ -103,12 +104,6 @@ class _ScaleGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return grad * ctx.scale, None
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def route(chosen: torch.Tensor, weights: torch.Tensor, n_experts: int, capacity: int):
@@ -258,7 +253,7 @@ class MoE(nn.Module):
             aux = self._aux_sum(chosen, scores, shape[0]) if self.aux_coef or not _recomputing() else None
             z = torch.logsumexp(logits, dim=-1).square().sum()  # summed over tokens, like the loss
             terms = z * self.cfg.moe_z_coef + (aux * self.aux_coef if self.aux_coef else 0.0)
-            if torch.is_grad_enabled() and isinstance(terms, torch.Tensor) and terms.requires_grad:
+            if torch.is_grad_enabled() and terms.requires_grad:
                 y = _LossAtLayer.apply(y, terms, self.loss_scale.to(y.device))
             if not _recomputing() and not flat.is_meta:
                 with torch.no_grad():
@@ -279,6 +274,11 @@ class MoE(nn.Module):
         share = counts / (tokens * k)  # f (G, E)
         mean_score = normalised.reshape(groups, tokens, e).mean(dim=1)  # P (G, E)
         return e * (share * mean_score).sum() * tokens
+
+
+def moe_layers(module: nn.Module) -> list[MoE]:
+    """The MoE layers of a model (or of one pipeline stage, or one block)."""
+    return [m for m in module.modules() if isinstance(m, MoE)]
 
 
 def set_loss_scale(layers, scale: torch.Tensor) -> None:

@@ -74,6 +74,16 @@ def _relation(q_chunk: int, k_chunk: int) -> str:
     return "full" if k_chunk < q_chunk else "diagonal" if k_chunk == q_chunk else "none"
 
 
+def _visible(cp: ContextParallel, source: int, c: int):
+    """(rows, cols, relation) of this rank's query chunks against ``source``'s key chunks that the causal mask does
+    not hide entirely (rows / cols: slices of the local (2·c)-token tensors)."""
+    for i, qc in enumerate(chunks_of(cp.rank, cp.cp)):
+        for j, kc in enumerate(chunks_of(source, cp.cp)):
+            relation = _relation(qc, kc)
+            if relation != "none":
+                yield slice(i * c, (i + 1) * c), slice(j * c, (j + 1) * c), relation
+
+
 def _scores(q, k, scale, relation):
     """fp32 scores (B, H, c, c) of one query chunk against one key chunk, causally masked on the diagonal."""
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
@@ -165,22 +175,15 @@ class RingAttention(torch.autograd.Function):
         out = torch.zeros(b, h, t, e, dtype=torch.float32, device=q.device)
         lse = torch.full((b, h, t), float("-inf"), dtype=torch.float32, device=q.device)
         block = torch.cat([k, v], dim=1).contiguous()  # (B, 2K, T/cp, E): one message a step
-        mine = chunks_of(cp.rank, cp.cp)
         for step in range(cp.cp):
             exchange = _Exchange(cp, block) if step < cp.cp - 1 else None  # in flight during the compute
-            source = (cp.rank - step) % cp.cp
-            for i, qc in enumerate(mine):
-                for j, kc in enumerate(chunks_of(source, cp.cp)):
-                    relation = _relation(qc, kc)
-                    if relation == "none":
-                        continue
-                    rows, cols = slice(i * c, (i + 1) * c), slice(j * c, (j + 1) * c)
-                    part, part_lse = cp.blocks.forward(q[:, :, rows], block[:, :kv_heads, cols],
-                                                       block[:, kv_heads:, cols], relation)
-                    new_lse = torch.logaddexp(lse[:, :, rows], part_lse)
-                    out[:, :, rows] = (out[:, :, rows] * torch.exp(lse[:, :, rows] - new_lse)[..., None]
-                                       + part * torch.exp(part_lse - new_lse)[..., None])
-                    lse[:, :, rows] = new_lse
+            for rows, cols, relation in _visible(cp, (cp.rank - step) % cp.cp, c):
+                part, part_lse = cp.blocks.forward(q[:, :, rows], block[:, :kv_heads, cols],
+                                                   block[:, kv_heads:, cols], relation)
+                new_lse = torch.logaddexp(lse[:, :, rows], part_lse)
+                out[:, :, rows] = (out[:, :, rows] * torch.exp(lse[:, :, rows] - new_lse)[..., None]
+                                   + part * torch.exp(part_lse - new_lse)[..., None])
+                lse[:, :, rows] = new_lse
             if exchange is not None:
                 block = exchange.wait()
         ctx.save_for_backward(q, k, v, out, lse)
@@ -195,23 +198,14 @@ class RingAttention(torch.autograd.Function):
         dq = torch.zeros_like(q, dtype=torch.float32)
         block = torch.cat([k, v], dim=1)  # travels with its gradient accumulator
         grad = torch.zeros_like(block, dtype=torch.float32)
-        mine = chunks_of(cp.rank, cp.cp)
         for step in range(cp.cp):
-            source = (cp.rank - step) % cp.cp
-            contribution = torch.zeros_like(grad)
-            for i, qc in enumerate(mine):
-                for j, kc in enumerate(chunks_of(source, cp.cp)):
-                    relation = _relation(qc, kc)
-                    if relation == "none":
-                        continue
-                    rows, cols = slice(i * c, (i + 1) * c), slice(j * c, (j + 1) * c)
-                    dq_b, dk_b, dv_b = cp.blocks.backward(q[:, :, rows], block[:, :kv_heads, cols],
-                                                          block[:, kv_heads:, cols], out[:, :, rows],
-                                                          lse[:, :, rows], dout[:, :, rows], relation)
-                    dq[:, :, rows] += dq_b
-                    contribution[:, :kv_heads, cols] += dk_b
-                    contribution[:, kv_heads:, cols] += dv_b
-            grad = grad + contribution
+            for rows, cols, relation in _visible(cp, (cp.rank - step) % cp.cp, c):
+                dq_b, dk_b, dv_b = cp.blocks.backward(q[:, :, rows], block[:, :kv_heads, cols],
+                                                      block[:, kv_heads:, cols], out[:, :, rows], lse[:, :, rows],
+                                                      dout[:, :, rows], relation)
+                dq[:, :, rows] += dq_b
+                grad[:, :kv_heads, cols] += dk_b
+                grad[:, kv_heads:, cols] += dv_b
             # every step, every rank: the block and its accumulated gradient move on; after the last step each
             # rank receives its own block with the contributions of every rank
             message = _Exchange(cp, torch.cat([block.to(grad.dtype), grad], dim=1).contiguous()).wait()

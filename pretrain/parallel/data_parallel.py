@@ -18,6 +18,8 @@ import contextlib
 import torch
 import torch.nn as nn
 
+from pretrain.distributed import local_part
+
 
 def apply_fsdp(model: nn.Module, dp_mesh, *, reshard_after_forward: bool, bf16: bool, cpu_offload: bool,
                expert_mesh=None) -> None:
@@ -26,7 +28,7 @@ def apply_fsdp(model: nn.Module, dp_mesh, *, reshard_after_forward: bool, bf16: 
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
     from torch.distributed.tensor import Shard
 
-    from pretrain.parallel.expert_parallel import moe_layers
+    from pretrain.models.moe import moe_layers
 
     kwargs = {"mesh": dp_mesh}
     if bf16:
@@ -39,7 +41,7 @@ def apply_fsdp(model: nn.Module, dp_mesh, *, reshard_after_forward: bool, bf16: 
         reshard = reshard_after_forward and i < len(blocks) - 1
         if expert_mesh is not None:
             for layer in moe_layers(block):
-                local = layer.experts.gate_up_proj.to_local().shape[0]  # experts on this ep rank
+                local = local_part(layer.experts.gate_up_proj).shape[0]  # experts on this ep rank
                 dim = 0 if local % expert_mesh.size() == 0 else 1  # too few experts to shard: the hidden dim
                 fully_shard(layer.experts, reshard_after_forward=reshard, shard_placement_fn=lambda p, d=dim: Shard(d),
                             **{**kwargs, "mesh": expert_mesh})
@@ -78,12 +80,6 @@ def no_gradient_sync(model: nn.Module, active: bool):
     yield
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
 def clip_grad_norm(parameters, max_norm: float, pp_group=None, not_counted=()) -> torch.Tensor:
     """Total L2 norm of all gradients, each element counted once whatever its sharding; clips in place.
 
@@ -101,7 +97,7 @@ def clip_grad_norm(parameters, max_norm: float, pp_group=None, not_counted=()) -
     for g in counted:
         key = (g.device_mesh, tuple(g.placements)) if isinstance(g, DTensor) else None
         groups.setdefault(key, []).append(g)
-    device = _local(grads[0]).device if grads else torch.device("cpu")
+    device = local_part(grads[0]).device if grads else torch.device("cpu")
     total_sq = torch.zeros((), dtype=torch.float32, device=device)
     for members in groups.values():
         norm = torch.nn.utils.get_total_norm(members, 2.0)
@@ -113,5 +109,5 @@ def clip_grad_norm(parameters, max_norm: float, pp_group=None, not_counted=()) -
     total = total_sq.sqrt()
     if grads and max_norm < float("inf"):
         scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        torch._foreach_mul_([_local(g) for g in grads], scale)
+        torch._foreach_mul_([local_part(g) for g in grads], scale)
     return total

@@ -123,27 +123,22 @@ class ParallelDims:
         """The DeviceMesh over every rank (call after the process group exists), with ``dp`` flattened."""
         from torch.distributed.device_mesh import init_device_mesh
 
-        if self.ep > 1:
+        if self.ep > 1:  # dp_shard = dp_shard_mod_ep × dp_shard_in_ep, ep = dp_shard_in_ep × cp
             inner = self.ep // self.cp
-            names = ("pp", "dp_replicate", "dp_shard_mod_ep", "dp_shard_in_ep", "cp", "tp")
-            sizes = (self.pp, self.dp_replicate, self.dp_shard // inner, inner, self.cp, self.tp)
-            mesh = init_device_mesh(device_type, sizes, mesh_dim_names=names)
-            shard = ("dp_shard_mod_ep", "dp_shard_in_ep")
-            mesh[shard]._flatten("dp_shard")
-            mesh.pretrain_dp = mesh[("dp_replicate", *shard)]._flatten("dp")
-            mesh.pretrain_ep = mesh[("dp_shard_in_ep", "cp")]._flatten("ep")
-            if self.cp > 1:
-                mesh.pretrain_dp_cp = mesh[("dp_replicate", *shard, "cp")]._flatten("dp_cp")
-                mesh.pretrain_dp_shard_cp = mesh[(*shard, "cp")]._flatten("dp_shard_cp")
-            return mesh
-        names = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
-        sizes = (self.pp, self.dp_replicate, self.dp_shard, self.cp, self.tp)
+            shard, shard_sizes = ("dp_shard_mod_ep", "dp_shard_in_ep"), (self.dp_shard // inner, inner)
+        else:
+            shard, shard_sizes = ("dp_shard",), (self.dp_shard,)
+        names = ("pp", "dp_replicate", *shard, "cp", "tp")
+        sizes = (self.pp, self.dp_replicate, *shard_sizes, self.cp, self.tp)
         mesh = init_device_mesh(device_type, sizes, mesh_dim_names=names)
         # kept on the mesh: slicing a flattened dim back out of the root mesh is deprecated
-        mesh.pretrain_dp = mesh[("dp_replicate", "dp_shard")]._flatten("dp")
+        if self.ep > 1:
+            mesh[shard]._flatten("dp_shard")
+            mesh.pretrain_ep = mesh[("dp_shard_in_ep", "cp")]._flatten("ep")
+        mesh.pretrain_dp = mesh[("dp_replicate", *shard)]._flatten("dp")
         if self.cp > 1:
-            mesh.pretrain_dp_cp = mesh[("dp_replicate", "dp_shard", "cp")]._flatten("dp_cp")
-            mesh.pretrain_dp_shard_cp = mesh[("dp_shard", "cp")]._flatten("dp_shard_cp")
+            mesh.pretrain_dp_cp = mesh[("dp_replicate", *shard, "cp")]._flatten("dp_cp")
+            mesh.pretrain_dp_shard_cp = mesh[(*shard, "cp")]._flatten("dp_shard_cp")
         return mesh
 
 

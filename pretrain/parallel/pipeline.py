@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from pretrain.config import Config
+from pretrain.distributed import local_part
 
 SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved_1f1b": "ScheduleInterleaved1F1B",
              "zbv": "ScheduleZBVZeroBubble"}
@@ -118,22 +119,16 @@ class TiedEmbeddings:
                 if me in pair:
                     self.group, self.src = group, row[first_owner]
 
-    @staticmethod
-    def _local(t):
-        from torch.distributed.tensor import DTensor
-
-        return t.to_local() if isinstance(t, DTensor) else t
-
     def sync_gradients(self) -> None:
         import torch.distributed as dist
 
         if self.first is not None and self.last is not None:  # both stages here (the V of zbv)
-            total = self._local(self.first.grad) + self._local(self.last.grad)
-            self._local(self.first.grad).copy_(total)
-            self._local(self.last.grad).copy_(total)
+            total = local_part(self.first.grad) + local_part(self.last.grad)
+            local_part(self.first.grad).copy_(total)
+            local_part(self.last.grad).copy_(total)
         elif self.group is not None:
             mine = self.first if self.first is not None else self.last
-            dist.all_reduce(self._local(mine.grad), group=self.group)
+            dist.all_reduce(local_part(mine.grad), group=self.group)
 
     def sync_weights(self) -> None:
         import torch
@@ -141,10 +136,10 @@ class TiedEmbeddings:
 
         with torch.no_grad():
             if self.first is not None and self.last is not None:
-                self._local(self.last).copy_(self._local(self.first))
+                local_part(self.last).copy_(local_part(self.first))
             elif self.group is not None:
                 mine = self.first if self.first is not None else self.last
-                dist.broadcast(self._local(mine), src=self.src, group=self.group)
+                dist.broadcast(local_part(mine), src=self.src, group=self.group)
 
     def not_counted(self) -> list:
         """The last stage's copy: the gradient norm counts the tied weight once."""

@@ -167,3 +167,18 @@ def test_unreadable_hf_directories(hf, tmp_path, capsys, damage, message):
         set_config(src, intermediate_size=config["intermediate_size"] * 2)
     refused(to_native(src, tmp_path, capsys), message)
     assert not (tmp_path / "native").exists()
+
+
+@pytest.mark.parametrize("dropped", ["model.layers.0.mlp.experts.1.up_proj.weight",
+                                     "model.layers.0.mlp.experts.3.down_proj.weight"])
+def test_a_missing_expert_piece_is_refused(hf, tmp_path, capsys, dropped):
+    """Each HF expert tensor fills one piece of a stacked native weight: every piece must be read."""
+    from safetensors.torch import load_file, save_file
+
+    src = hf("glm4_moe")
+    weights = load_file(src / "model.safetensors")
+    del weights[dropped]
+    save_file(weights, src / "model.safetensors", metadata={"format": "pt"})
+    stacked = "gate_up_proj" if "up_proj" in dropped else "down_proj"
+    refused(to_native(src, tmp_path, capsys), rf"lacks weight\(s\) for layers\.0\.mlp\.experts\.{stacked} \(1 missing\)")
+    assert not (tmp_path / "native").exists()

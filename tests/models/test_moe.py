@@ -11,7 +11,7 @@ from pretrain.config import ConfigError, load_config
 from pretrain.distributed import DistInfo
 from pretrain.models import build_model
 from pretrain.models.flops import matmul_params, num_params
-from pretrain.models.moe import MoE, route, update_router_bias
+from pretrain.models.moe import route, update_router_bias
 from pretrain.parallel.dims import ParallelDims
 from pretrain.train import build_trainer
 
@@ -192,7 +192,7 @@ def test_moe_gpt_trains_and_logs_its_balancing_terms(tmp_path):
         assert record["moe_aux_loss"] > 0 and record["moe_z_loss"] > 0 and record["moe_max_load"] >= 1.0
         assert record["moe_max_load.1"] >= 1.0 and record["moe_dropped"] == 0
         assert record["moe_bias_min"] < 0 < record["moe_bias_max"]
-    biases = [m.gate.e_score_correction_bias for m in trainer.raw_model.modules() if isinstance(m, MoE)]
+    biases = [m.gate.e_score_correction_bias for m in trainer.moe_layers]
     assert all(b.abs().sum() > 0 for b in biases)  # the aux-loss-free bias moved after the steps
 
 
@@ -232,5 +232,5 @@ def test_resume_is_exact_with_router_biases(tmp_path):
     build_trainer(tiny_config(tmp_path / "b", *extra), DistInfo()).fit(stop_after=2)
     resumed = build_trainer(tiny_config(tmp_path / "b", *extra), DistInfo())
     assert resumed.fit() == straight
-    biases = [m.gate.e_score_correction_bias for m in resumed.raw_model.modules() if isinstance(m, MoE)]
+    biases = [m.gate.e_score_correction_bias for m in resumed.moe_layers]
     assert biases and all(b.abs().sum() > 0 for b in biases)
