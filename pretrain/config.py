@@ -164,6 +164,10 @@ class TrainConfig:
     seed: int = 1234
     dtype: str = "fp32"  # fp32 | bf16 (autocast on CUDA)
     compile: bool = False
+    fp8: str = "none"  # none | tensorwise | rowwise: Linear matmuls in FP8 (torchao; emulated off CUDA sm_89+)
+    fp8_all_gather: str = "auto"  # auto | on | off: FSDP gathers FP8 weights as float8 (tensorwise, NCCL only)
+    fp8_keep_edge_blocks: int = 1  # blocks at each end left in high precision under fp8
+    fp8_exclude: list = field(default_factory=list)  # more module-name patterns left in high precision
     device: str = "auto"  # auto | cpu | cuda
     max_nonfinite_steps: int = 5  # a non-finite loss or grad norm skips the update; this many in a row aborts
     collective_timeout_s: float = 600.0  # a collective waiting longer fails the run instead of hanging it
@@ -228,6 +232,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.muon_ns_dtype": ("bf16", "fp32"),
     "schedule.decay": ("cosine", "linear", "wsd", "constant"),
     "train.dtype": ("fp32", "bf16"),
+    "train.fp8": ("none", "tensorwise", "rowwise"),
+    "train.fp8_all_gather": ("auto", "on", "off"),
     "train.device": ("auto", "cpu", "cuda"),
 }
 
@@ -257,7 +263,7 @@ RANGES: dict[str, tuple] = {
     "optim.muon_lr": NON_NEGATIVE, "optim.muon_momentum": UNIT_OPEN, "optim.muon_ns_steps": AT_LEAST_1,
     "schedule.warmup_steps": NON_NEGATIVE, "schedule.decay_fraction": ((0, False), (1, True)),
     "train.steps": AT_LEAST_1, "train.micro_batch_size": AT_LEAST_1, "train.grad_accum": AT_LEAST_1,
-    "train.seed": NON_NEGATIVE, "train.max_nonfinite_steps": AT_LEAST_1, "train.collective_timeout_s": POSITIVE,
+    "train.seed": NON_NEGATIVE, "train.fp8_keep_edge_blocks": NON_NEGATIVE, "train.max_nonfinite_steps": AT_LEAST_1, "train.collective_timeout_s": POSITIVE,
     "eval.interval": NON_NEGATIVE, "eval.steps": NON_NEGATIVE,
     "checkpoint.interval": NON_NEGATIVE, "checkpoint.keep_last": NON_NEGATIVE, "checkpoint.keep_every": NON_NEGATIVE,
     "logging.interval": NON_NEGATIVE, "logging.peak_tflops": NON_NEGATIVE, "logging.heartbeat_s": NON_NEGATIVE,
@@ -387,6 +393,11 @@ class Config:
             if p.zero_stage == 1:
                 raise ConfigError('optim.name = "muon" with parallel.zero_stage = 1: ZeRO-1 splits the optimizer '
                                   "by whole tensors for AdamW only; use zero_stage 0, 2 or 3")
+        if t.fp8 != "none":
+            if p.engine == "deepspeed":
+                raise ConfigError('train.fp8 runs on the native engine: set parallel.engine = "native"')
+            if not isinstance(t.fp8_exclude, list) or not all(isinstance(x, str) for x in t.fp8_exclude):
+                raise ConfigError(f"train.fp8_exclude must be a list of module-name patterns, got {t.fp8_exclude!r}")
         if p.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}")
         if p.engine == "deepspeed" and p.tp * p.pp > 1:

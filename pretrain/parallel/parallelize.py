@@ -1,5 +1,5 @@
-"""``parallelize``: build the model for this rank and apply TP -> EP -> activation checkpointing -> compile -> FSDP,
-in that order (torchtitan's), then materialise it.
+"""``parallelize``: build the model for this rank and apply FP8 -> TP -> EP -> CP -> activation checkpointing ->
+compile -> FSDP, in that order (torchtitan's), then materialise it.
 
 With ``parallel.meta_init`` (the default) the model is built on the meta device, sharded, then each rank
 allocates and initialises only its own shards, so a 7B model never exists whole on one rank; replicated
@@ -90,6 +90,7 @@ def single(model: nn.Module) -> Parallelized:
 def parallelize(cfg: Config, dims: ParallelDims, mesh, device: torch.device) -> Parallelized:
     if mesh is None:  # one process
         model = _build(cfg)
+        _convert_fp8(model, cfg, dims, mesh, device)
         _apply_local(model, cfg)
         _materialise(model, device)
         return single(model)
@@ -120,8 +121,9 @@ def _build(cfg: Config) -> nn.Module:
 
 
 def _shard(model: nn.Module, cfg: Config, dims: ParallelDims, mesh, device) -> tuple[nn.Module, nn.Module]:
-    """TP -> AC -> compile -> FSDP, materialise, DDP: returns (module, what runs forward/backward)."""
+    """FP8 -> TP -> EP -> CP -> AC -> compile -> FSDP, materialise, DDP: returns (module, what runs forward/backward)."""
     p = cfg.parallel
+    _convert_fp8(model, cfg, dims, mesh, device)  # swaps modules: before TP, whose hooks sit on them
     if dims.tp > 1:
         from pretrain.parallel.tensor_parallel import apply_tensor_parallel
 
@@ -191,6 +193,18 @@ def _uncounted_shape_inference(stage) -> None:
             return infer(*args, **kwargs)
 
     stage._prepare_forward_infra = without_counting
+
+
+def _convert_fp8(model: nn.Module, cfg: Config, dims: ParallelDims, mesh, device: torch.device) -> None:
+    if cfg.train.fp8 == "none":
+        return
+    import torch.distributed as dist
+
+    from pretrain.parallel.fp8 import all_gather_in_fp8, apply_fp8
+
+    fsdp = mesh is not None and cfg.parallel.zero_stage >= 2 and dims.dp * dims.cp > 1
+    backend = dist.get_backend() if dist.is_initialized() else "none"
+    apply_fp8(model, cfg, device, all_gather=all_gather_in_fp8(cfg, backend, fsdp))
 
 
 def _apply_local(model: nn.Module, cfg: Config) -> None:
