@@ -158,3 +158,18 @@ def test_bad_fp8_settings_fail_in_one_line(tmp_path, capsys, extra, message):
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_the_float8_all_gather_weights_train_save_and_resume_like_plain_ones(tmp_path, monkeypatch):
+    """NCCL runs wrap each converted weight for FSDP's float8 all-gather; one process exercises that wrapper
+    (not the all-gather): the same losses as plain weights, and a resume through it is exact."""
+    import pretrain.parallel.fp8 as fp8
+
+    common = ["train.fp8=tensorwise", "model.n_layers=3", "model.d_model=64", "train.fp8_keep_edge_blocks=0",
+              "train.steps=4", "checkpoint.interval=2"]
+    plain = build_trainer(tiny_config(tmp_path / "plain", *common), DistInfo()).fit()
+    monkeypatch.setattr(fp8, "all_gather_in_fp8", lambda cfg, backend, fsdp: True)
+    build_trainer(tiny_config(tmp_path / "wrapped", *common), DistInfo()).fit(stop_after=2)
+    resumed = build_trainer(tiny_config(tmp_path / "wrapped", *common), DistInfo())
+    assert type(resumed.parallel.module.layers["1"].mlp.up_proj.weight).__name__ == "WeightWithDynamicFloat8CastTensor"
+    assert resumed.fit() == plain

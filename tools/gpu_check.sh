@@ -2,18 +2,20 @@
 # Everything we measure on a GPU, in one call that fits a short loan (default budget 480 s, one GPU), in this order:
 #   0. the compile gate (tools/compile_kernels.py: every kernel for sm_80 / sm_90a / sm_100a, no launch)
 #   1. the gpu-marked tests (bf16 / fp16 kernels on CUDA)
-#   2. gpt_1b on this GPU, 30 steps of synthetic data, bf16: every Triton kernel + FusedAdamW, then torch kernels
-#      (tokens/s and MFU from the trainer's own metrics)
+#   2. gpt_1b on this GPU, 30 steps of synthetic data, bf16: every Triton kernel + FusedAdamW, then torch kernels,
+#      then torch kernels with FP8 (train.fp8 = tensorwise; tokens/s and MFU from the trainer's own metrics)
 #   3. tools/bench_step.py at gpt_1b: our model against transformers' LlamaForCausalLM of the same config (SDPA,
 #      fused AdamW, bf16 autocast), interleaved in one process (Triton kernels; torch kernels after step 4)
-#   4. tools/bench_kernels.py --op all (CSV + PNG, TFLOP/s or GB/s with % of the measured roofline, and the
+#   4. FP8 against bf16 at gpt_7b's shapes with 4 layers (what fits one GPU beside its optimizer), 20 steps each
+#   5. tools/bench_kernels.py --op all (CSV + PNG, TFLOP/s or GB/s with % of the measured roofline, and the
 #      autotune picks in kernels/autotune_picks.json)
-#   5. gpt_1b with Triton kernels and torch.compile, if the budget still allows
+#   6. gpt_1b with Triton kernels and torch.compile, if the budget still allows
 # and writes OUT/gpu_report.md (tools/gpu_report.py) beside the logs, CSVs and the device facts.
 #
 #   tools/gpu_check.sh --dry-run            # on CPU: print the plan, validate every config and the report writer
 #   tools/gpu_check.sh --out "$OUT"         # on the GPU (default out: runs/gpu_check)
 #
+# Wheels in .whl/ (tools/gpu_wheels.sh: torchao) are installed into a scratch prefix first.
 # Environment: PYTHON (default python), GPU_CHECK_BUDGET_S (480). Each step has its own timeout, shortened to what
 # is left of the budget (exit 124 in the report when it hit it); once under 20 s are left the rest is skipped.
 set -uo pipefail
@@ -45,6 +47,10 @@ TRAIN=(-m pretrain.train --config configs/gpt_1b.toml --set data.source=syntheti
 VARIANT_torch=(model.kernels=torch optim.impl=torch)
 VARIANT_triton=(model.kernels=triton optim.impl=triton)
 VARIANT_compiled=(model.kernels=triton optim.impl=triton train.compile=true)
+GPT7B=(-m pretrain.train --config configs/gpt_7b.toml --set data.source=synthetic train.steps=20 train.grad_accum=1
+       train.micro_batch_size=2 model.n_layers=4 train.dtype=bf16
+       train.device=cuda eval.interval=0 checkpoint.interval=0 checkpoint.resume=never logging.interval=1
+       logging.tensorboard=false logging.heartbeat_s=0 train.fp8_keep_edge_blocks=0 model.kernels=torch)
 BENCH_STEP=(tools/bench_step.py --config configs/gpt_1b.toml --batch 2 --seq 4096 --dtype bf16 --steps 8 --warmup 2)
 
 # name | timeout (s) | command
@@ -54,7 +60,10 @@ plan=(  # most wanted first: the goals' numbers, then the kernel table
     "gpu_tests|120|$PY -m pytest -p no:cacheprovider -q -m gpu tests/kernels"
     "train_triton|120|$PY ${TRAIN[*]} ${VARIANT_triton[*]} logging.run_dir=$OUT/train-triton"
     "train_torch|120|$PY ${TRAIN[*]} ${VARIANT_torch[*]} logging.run_dir=$OUT/train-torch"
+    "train_fp8|120|$PY ${TRAIN[*]} ${VARIANT_torch[*]} train.fp8=tensorwise logging.run_dir=$OUT/train-fp8"
     "hf_triton|90|$PY ${BENCH_STEP[*]} --set model.kernels=triton --json $OUT/hf-triton.json"
+    "gpt7b_bf16|90|$PY ${GPT7B[*]} logging.run_dir=$OUT/gpt7b-bf16"
+    "gpt7b_fp8|90|$PY ${GPT7B[*]} train.fp8=tensorwise logging.run_dir=$OUT/gpt7b-fp8"
     "bench_kernels|150|$PY tools/bench_kernels.py --op all --dtype bf16 --out $OUT/kernels"
     "hf_torch|90|$PY ${BENCH_STEP[*]} --set model.kernels=torch --json $OUT/hf-torch.json"
     "train_compiled|180|$PY ${TRAIN[*]} ${VARIANT_compiled[*]} logging.run_dir=$OUT/train-compiled"
@@ -82,6 +91,11 @@ if [ "$DRY" = 1 ]; then
         check "config train_$variant" "$PY" "${TRAIN[@]}" "${extra[@]}" train.device=auto \
             "logging.run_dir=$scratch/train-$variant" --check
     done
+    check "config train_fp8" "$PY" "${TRAIN[@]}" "${VARIANT_torch[@]}" train.fp8=tensorwise train.device=auto \
+        "logging.run_dir=$scratch/train-fp8" --check
+    for fp8 in none tensorwise; do
+        check "config gpt7b $fp8" "$PY" "${GPT7B[@]}" train.fp8=$fp8 train.device=auto "logging.run_dir=$scratch/7b" --check
+    done
     check "bench_step config" "$PY" -m pretrain.train --config configs/gpt_1b.toml --set model.kernels=triton --check
     check "gpu tests collected" bash -c "$PY -m pytest -p no:cacheprovider -q --collect-only -m gpu tests/kernels \
         | grep -E '^[0-9]+(/[0-9]+)? tests? (collected|selected)'"
@@ -92,6 +106,10 @@ if [ "$DRY" = 1 ]; then
     exit "$fail"
 fi
 
+if ls .whl/*.whl >/dev/null 2>&1; then  # carried wheels (no network there)
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/gpu_check_site \
+        .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/gpu_check_site"
+fi
 command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1 \
     || { echo "error: no NVIDIA GPU here (nvidia-smi -L failed); on CPU use --dry-run" >&2; exit 2; }
 mkdir -p "$OUT"

@@ -29,6 +29,8 @@ from pretrain.metrics import read_metrics  # noqa: E402
 WARMUP = 5
 MFU_GOAL = 0.55
 HF_GOAL = 1.3
+FP8_GOAL = 1.3
+FP8_PAIRS = {"gpt_1b": ("train-torch", "train-fp8"), "gpt_7b shapes, 4 layers": ("gpt7b-bf16", "gpt7b-fp8")}
 TRAIN_VARIANTS = {"torch": "torch kernels, torch AdamW", "triton": "Triton kernels + FusedAdamW",
                   "compiled": "Triton kernels + FusedAdamW + torch.compile"}
 
@@ -138,13 +140,31 @@ def build(out: Path) -> str:
                          f"{r['max_logit_diff']:.1e} |")
         lines.append("")
 
+    fp8 = {}
+    for label, (base, quick) in FP8_PAIRS.items():
+        a, b = train_summary(out / base), train_summary(out / quick)
+        if a and b and a["tokens_per_s"] and b["tokens_per_s"]:
+            fp8[label] = (a, b)
+    if fp8:
+        lines += ["## FP8 (train.fp8 = tensorwise, torchao) against bf16, torch kernels", "",
+                  "| model | bf16 tokens/s | fp8 tokens/s | fp8 / bf16 | bf16 loss at end | fp8 loss at end | "
+                  "peak mem GiB bf16 / fp8 |", "|---|---|---|---|---|---|---|"]
+        for label, (a, b) in fp8.items():
+            lines.append(f"| {label} | {a['tokens_per_s']:,.0f} | {b['tokens_per_s']:,.0f} | "
+                         f"{b['tokens_per_s'] / a['tokens_per_s']:.2f}× | {a['final_loss']:.3f} | "
+                         f"{b['final_loss']:.3f} | {a['mem_gib']:.1f} / {b['mem_gib']:.1f} |")
+        lines.append("")
     best_mfu = max((s["mfu"] for s in results.values() if s and s["mfu"] is not None), default=None)
     best_hf = max((r["tokens_per_s"]["pretrain"] / r["tokens_per_s"]["hf"] for r in hf.values()), default=None)
     lines += ["## goals", "", "| goal | measured | met |", "|---|---|---|",
               f"| gpt_1b MFU ≥ {100 * MFU_GOAL:.0f} % | {fmt(best_mfu and 100 * best_mfu, '.1f', ' %')} | "
               f"{'—' if best_mfu is None else ('yes' if best_mfu >= MFU_GOAL else 'no')} |",
               f"| tokens/s ≥ {HF_GOAL}× HF Llama | {fmt(best_hf, '.2f', '×')} | "
-              f"{'—' if best_hf is None else ('yes' if best_hf >= HF_GOAL else 'no')} |", ""]
+              f"{'—' if best_hf is None else ('yes' if best_hf >= HF_GOAL else 'no')} |"]
+    for label, (a, b) in fp8.items():
+        ratio = b["tokens_per_s"] / a["tokens_per_s"]
+        lines.append(f"| {label}: fp8 ≥ {FP8_GOAL}× bf16 tokens/s | {ratio:.2f}× | {'yes' if ratio >= FP8_GOAL else 'no'} |")
+    lines.append("")
 
     rows = kernel_rows(out)
     if rows:
@@ -178,6 +198,11 @@ def self_test() -> int:
             json.dumps({"step": i, "loss": 10.0 - i / 10, "tokens_per_s": 50000.0 + i, "mfu": 0.5 + i / 1000,
                         "step_time_s": 0.6, "data_wait_s": 0.001, "mem_allocated_gb": 40.0}) + "\n"
             for i in range(1, 31)))
+        for name, tps in (("train-torch", 40000.0), ("train-fp8", 56000.0)):
+            (out / name).mkdir()
+            (out / name / "metrics.jsonl").write_text("".join(
+                json.dumps({"step": i, "loss": 9.0, "tokens_per_s": tps, "mfu": 0.4, "step_time_s": 0.6,
+                            "data_wait_s": 0.001, "mem_allocated_gb": 30.0}) + "\n" for i in range(1, 31)))
         (out / "hf-triton.json").write_text(json.dumps({"tokens_per_s": {"pretrain": 52000.0, "hf": 40000.0},
                                                         "max_logit_diff": 0.01}))
         (out / "kernels").mkdir()
@@ -187,7 +212,7 @@ def self_test() -> int:
         expected = ["NVIDIA H200", "| Triton kernels + FusedAdamW | 50,018 | 51.8 % |", "| 1.30× |",
                     "| gpt_1b MFU ≥ 55 % | 51.8 % | no |", "| tokens/s ≥ 1.3× HF Llama | 1.30× | yes |",
                     "| attention | b1h16s4096d128 | triton | 1.5 |", "| train_compiled | skipped | 0 | budget |",
-                    "| torch kernels, torch AdamW | not run |", "gpu tests: 4 passed, 44 deselected in 31.02s"]
+                    "| gpt_1b | 40,000 | 56,000 | 1.40× |", "| gpt_1b: fp8 ≥ 1.3× bf16 tokens/s | 1.40× | yes |", "gpu tests: 4 passed, 44 deselected in 31.02s"]
         missing = [e for e in expected if e not in text]
         if missing:
             print(f"report self-test failed: missing {missing}\n{text}", file=sys.stderr)
