@@ -12,13 +12,16 @@ Muon, per matrix W (m × n) with gradient G, momentum μ, learning rate η, weig
 Stacked expert weights (E, ·, ·) are E matrices, each orthogonalised on its own.
 
 Distributed, exact: Newton–Schulz needs the whole matrix. Each DTensor parameter's momentum is updated on its
-shard (elementwise, as one process would), then the update U is gathered whole over every mesh it is sharded on
-(FSDP's dp, TP's tp), every rank runs the same NS5 on the same matrix and keeps its own shard of O. Any layout so
-applies the one-process update to the gradients it has (torch.optim.Muon on FSDP / TP shards instead
-orthogonalises with a collective inside every iteration). Gradients reduced in another order differ by ~1e-7;
-in bf16 NS5 that flips roundings (3e-5 apart after 3 steps in the layout tests), in fp32 (``optim.muon_ns_dtype``)
-the layouts agree to 1e-7. The redundant NS5 costs compute on every rank; giving each matrix one owner rank
-(round-robin) and scattering its result is the next step.
+shard (elementwise, as one process would). Then the updates U of the parameters sharded alike (same shape, mesh
+and placements: FSDP's dp, TP's tp, EP's experts, or several) are taken G at a time (G = the ranks of their mesh,
+the last batch padded with zeros) and stacked; one redistribution hands every rank one whole matrix (round-robin
+ownership: matrix k of a batch to rank k), the owner runs NS5 on it, and the reverse redistribution sends each
+rank its own shard of every result. Any layout so applies the one-process update to the gradients it has, each
+NS5 runs once per mesh, and the traffic is an all-to-all of U and of O (torch.optim.Muon on FSDP / TP shards
+instead orthogonalises with a collective inside every iteration). Parameters replicated across ranks (one
+process, DDP, ZeRO-1's replicated weights) have their whole gradient on every rank and orthogonalise locally.
+Gradients reduced in another order differ by ~1e-7; in bf16 NS5 that flips roundings (3e-5 apart after 3 steps
+in the layout tests), in fp32 (``optim.muon_ns_dtype``) the layouts agree to 1e-7.
 
 AdamW (decoupled weight decay, bias-corrected) takes embeddings, the output head, norms, biases and MoE routers.
 """
@@ -29,7 +32,7 @@ import math
 
 import torch
 
-from pretrain.distributed import local_part, whole
+from pretrain.distributed import local_part
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
@@ -60,13 +63,24 @@ def rms_scale(shape: torch.Size) -> float:
     return 0.2 * math.sqrt(max(shape[-2], shape[-1]))
 
 
-def _shard_of(whole: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """This rank's part of ``whole`` laid out as the DTensor ``like`` (no communication)."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
+def _shifted(placement):
+    """The placement of a parameter's shard within a stack of such parameters (new leading dim)."""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
 
-    if not isinstance(like, DTensor):
-        return whole
-    return distribute_tensor(whole, like.device_mesh, like.placements, src_data_rank=None).to_local()
+    if isinstance(placement, _StridedShard):  # FSDP over TP-sharded dim: not a Shard subclass in every torch
+        return _StridedShard(placement.dim + 1, split_factor=placement.split_factor)
+    if isinstance(placement, Shard):
+        return Shard(placement.dim + 1)
+    return placement  # Replicate (HSDP's replicate dim); a Partial is never a parameter's
+
+
+def _contiguous_stride(shape) -> tuple:
+    stride, acc = [], 1
+    for n in reversed(shape):
+        stride.append(acc)
+        acc *= n
+    return tuple(reversed(stride))
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -78,6 +92,7 @@ class MuonAdamW(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                         lr_scale=lr_scale, weight_decay=0.0, muon=False)
         self.ns_dtype = torch.bfloat16 if ns_dtype == "bf16" else torch.float32
+        self.ns_calls = 0  # Newton–Schulz runs on this rank (a stack of experts counts once)
         super().__init__(groups, defaults)
 
     @torch.no_grad()
@@ -95,6 +110,7 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def _muon(self, group: dict) -> None:
         lr, mu, decay = group["lr"] * group["lr_scale"], group["momentum"], group["weight_decay"]
+        params, updates = [], []
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -103,12 +119,42 @@ class MuonAdamW(torch.optim.Optimizer):
                 state["momentum_buffer"] = torch.zeros_like(p)
             buf = state["momentum_buffer"]
             buf.lerp_(p.grad, 1 - mu)
-            update = p.grad.lerp(buf, mu) if group["nesterov"] else buf
-            # every rank: the same whole matrix
-            ortho = newton_schulz(whole(update).float(), group["ns_steps"], dtype=self.ns_dtype)
+            params.append(p)
+            updates.append(p.grad.lerp(buf, mu) if group["nesterov"] else buf)
+        for p, ortho in zip(params, self._orthogonalise(updates, group["ns_steps"])):
             local = local_part(p)
             local.mul_(1 - lr * decay)
-            local.add_(_shard_of(ortho.to(local.dtype), p), alpha=-lr * rms_scale(p.shape))
+            local.add_(ortho.to(local.dtype), alpha=-lr * rms_scale(p.shape))
+
+    def _orthogonalise(self, updates: list[torch.Tensor], steps: int) -> list[torch.Tensor]:
+        """NS5 of every update, as this rank's part of each result: replicated ones here, sharded ones on one owner
+        rank per matrix (see the module's docstring)."""
+        from torch.distributed.tensor import DTensor, Shard
+
+        out: list = [None] * len(updates)
+        alike: dict = {}
+        for i, u in enumerate(updates):
+            if isinstance(u, DTensor) and u.device_mesh.size() > 1:
+                alike.setdefault((tuple(u.shape), u.device_mesh, tuple(u.placements)), []).append(i)
+            else:
+                out[i] = newton_schulz(local_part(u).float(), steps, dtype=self.ns_dtype)
+                self.ns_calls += 1
+        for (shape, mesh, placements), members in alike.items():
+            size = mesh.size()
+            stacked = tuple(_shifted(pl) for pl in placements)
+            owned = (Shard(0),) * mesh.ndim  # the stack's matrices dealt out over all mesh dims: one per rank
+            for start in range(0, len(members), size):
+                batch = [updates[i] for i in members[start:start + size]]
+                batch += [torch.zeros_like(batch[0])] * (size - len(batch))
+                mine = torch.stack(batch).redistribute(mesh, owned).to_local()  # (1, *shape): one whole matrix
+                ortho = newton_schulz(mine[0].float(), steps, dtype=self.ns_dtype).unsqueeze(0)  # as one process
+                self.ns_calls += 1
+                back = DTensor.from_local(ortho, mesh, owned, shape=torch.Size((size, *shape)),
+                                          stride=_contiguous_stride((size, *shape))).redistribute(mesh, stacked)
+                local = back.to_local()
+                for k, i in enumerate(members[start:start + size]):
+                    out[i] = local[k]
+        return out
 
     def _adamw(self, group: dict) -> None:
         lr, (beta1, beta2), eps, decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]

@@ -151,10 +151,10 @@ def test_gpu_check_dry_run_passes_on_cpu(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
     assert lines[-1] == "dry run ok"
-    for step in ("facts", "compile_gate", "gpu_tests", "train_triton", "train_torch", "hf_triton", "bench_kernels", "hf_torch",
-                 "train_compiled"):
+    for step in ("facts", "compile_gate", "gpu_tests", "train_triton", "train_torch", "train_fp8", "hf_triton",
+                 "gpt7b_bf16", "gpt7b_fp8", "bench_kernels", "hf_torch", "train_compiled"):
         assert any(line.split()[:1] == [step] for line in lines), step
-    assert sum(line.startswith("ok    ") for line in lines) == 8
+    assert sum(line.startswith("ok    ") for line in lines) == 11
     assert any(line.startswith("ok    compile gate: compile gate:") and " 0 failed" in line for line in lines)
     assert not (tmp_path / "gc").exists()  # a dry run writes nothing
 

@@ -192,6 +192,9 @@ def full_params(parts: list[torch.nn.Module], gather: bool) -> dict[str, torch.T
     return merged
 
 
+# Muon layouts whose matrices are sharded: one owner rank per matrix runs its Newton–Schulz (round-robin)
+MUON_OWNED = {"muon_zero3_2", "muon_tp2", "muon_moe_ep2", "muon_tp2_dp2"}
+
 # FP8 under TP: the row-parallel sums reorder last bits, and a value on an e4m3/e5m2 rounding boundary then casts
 # one step (6-25 %) apart; after a few Adam steps that shows as parameters up to 1.2e-3 apart (Adam turns a small
 # gradient's difference into a whole update). These layouts are held to their losses (1e-5) and to their first
@@ -252,6 +255,7 @@ def run(overrides: list[str], dist_info: DistInfo, run_dir: str, stop_after: int
     params["grad_norms"] = torch.tensor(norms)  # compared like a parameter: the clipping norm counts shards once
     if grads:
         params["first_grads"] = first
+    params["ns_calls"] = getattr(trainer.optimizer, "ns_calls", 0)
     return losses, params
 
 
@@ -281,7 +285,7 @@ def consolidated_matches(run_dir: str, reference: dict[str, torch.Tensor]) -> fl
     from pretrain.checkpoint import load_model
 
     ours, _ = load_model(f"{run_dir}/checkpoints/step-00000002")
-    return max((ours.state_dict()[k] - v).abs().max().item() for k, v in reference.items() if k != "grad_norms")
+    return max((ours.state_dict()[k] - v).abs().max().item() for k, v in reference.items() if k not in ("grad_norms", "ns_calls"))
 
 
 def main(names: list[str]) -> int:
@@ -306,6 +310,7 @@ def main(names: list[str]) -> int:
             loss_diff = max(abs(a - b) for a, b in zip(reference, losses))
             assert len(losses) == len(reference) == STEPS
             ref_grads, grads = ref_params.pop("first_grads", None), params.pop("first_grads", None)
+            ref_calls, calls = ref_params.pop("ns_calls"), params.pop("ns_calls")
             param_diff = max((params[k] - ref_params[k]).abs().max().item() for k in ref_params)
             worst_key = max(ref_params, key=lambda k: (params[k] - ref_params[k]).abs().max().item())
             norm_diff = (params["grad_norms"] - ref_params["grad_norms"]).abs().max().item()
@@ -317,10 +322,15 @@ def main(names: list[str]) -> int:
                 ok = (loss_diff <= TOLERANCE and param_diff <= FIRST_GRADS_TOLERANCE and grads.keys() == ref_grads.keys()
                       and len(grads) > 0)
             extra = ""
+            if name in MUON_OWNED:  # each rank orthogonalises only the matrices it owns
+                everyone = [None] * info.world_size
+                dist.all_gather_object(everyone, calls)
+                ok &= 0 < max(everyone) < ref_calls
+                extra += f" newton_schulz_runs={everyone}/{ref_calls}"
             if "task=aux" in overrides and info.rank == 0:  # rank 0 writes the run's metrics
                 diff = extras_diff(f"{tmp}/{name}", f"{tmp}/{name}-ref-0")
                 ok &= diff <= TOLERANCE
-                extra = f" extras_diff={diff:.2e}"
+                extra += f" extras_diff={diff:.2e}"
             if "parallel.meta_init=true" in overrides:  # shards drawn on their own: same distribution, not values
                 ok = all(abs(a - b) < 0.05 for a, b in zip(reference, losses)) and 0 < param_diff < 1.0
             if name in RESHARD:  # saved under this layout, resumed under another
