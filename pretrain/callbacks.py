@@ -145,6 +145,33 @@ class MoEBalance(Callback):
         trainer.step_metrics.update(out)
 
 
+class MemoryCheck(Callback):
+    """At the second step of a CUDA run: the planner's predicted bytes per GPU (``pretrain.plan.memory``) against
+    the peak this rank allocated, as a log line and ``mem_predicted_gb`` / ``mem_measured_gb`` in the step's
+    metrics, so every GPU run checks the memory model. ``measure`` (tests) replaces the CUDA reading."""
+
+    STEP = 2
+
+    def __init__(self, measure=None):
+        self.measure = measure
+
+    def step_end(self, trainer) -> None:
+        if trainer.step != self.STEP:
+            return
+        if self.measure is None and trainer.device.type != "cuda":
+            return
+        import torch
+
+        from pretrain.plan.memory import estimate_memory
+
+        predicted = estimate_memory(trainer.cfg, trainer.dist.world_size).total_bytes / 2**30
+        measured = (self.measure() if self.measure else torch.cuda.max_memory_allocated(trainer.device)) / 2**30
+        trainer.step_metrics.update({"mem_predicted_gb": round(predicted, 3), "mem_measured_gb": round(measured, 3)})
+        trainer.metrics.console(f"memory at step {self.STEP}: predicted {predicted:.2f} GiB per GPU, measured peak "
+                                f"{measured:.2f} GiB on rank {trainer.dist.rank} ({100 * (predicted / measured - 1):+.0f} %)"
+                                if measured else f"memory at step {self.STEP}: predicted {predicted:.2f} GiB per GPU")
+
+
 def default_callbacks(logging_cfg, model_cfg=None) -> list[Callback]:
     """From ``[logging]``: the heartbeat (``heartbeat_s``) and the profiler (``profile_steps``); from ``[model]``:
     the MoE layers' balancing and statistics."""
@@ -156,4 +183,5 @@ def default_callbacks(logging_cfg, model_cfg=None) -> list[Callback]:
     span = profile_range(logging_cfg.profile_steps)
     if span:
         out.append(Profiler(*span))
+    out.append(MemoryCheck())  # acts on CUDA only
     return out

@@ -202,6 +202,13 @@ class LoggingConfig:
     profile_steps: str = ""  # "5-7": a torch profiler trace of steps 5 to 7 in RUN_DIR/profile/ ("" = off)
 
 
+@dataclass
+class PlanConfig:
+    gpu: str = ""  # the GPU type --check fits the layout to (h100, h200, ...); "" = this machine's, if any
+    force: bool = False  # launch even where the planner predicts the layout does not fit
+    usable_fraction: float = 0.92  # of the GPU's memory a run can use (CUDA context, allocator slack)
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "data": DataConfig,
@@ -212,6 +219,7 @@ SECTIONS: dict[str, type] = {
     "eval": EvalConfig,
     "checkpoint": CheckpointConfig,
     "logging": LoggingConfig,
+    "plan": PlanConfig,
 }
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -266,6 +274,7 @@ RANGES: dict[str, tuple] = {
     "train.seed": NON_NEGATIVE, "train.fp8_keep_edge_blocks": NON_NEGATIVE, "train.max_nonfinite_steps": AT_LEAST_1, "train.collective_timeout_s": POSITIVE,
     "eval.interval": NON_NEGATIVE, "eval.steps": NON_NEGATIVE,
     "checkpoint.interval": NON_NEGATIVE, "checkpoint.keep_last": NON_NEGATIVE, "checkpoint.keep_every": NON_NEGATIVE,
+    "plan.usable_fraction": ((0, False), (1, True)),
     "logging.interval": NON_NEGATIVE, "logging.peak_tflops": NON_NEGATIVE, "logging.heartbeat_s": NON_NEGATIVE,
 }
 
@@ -293,6 +302,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
@@ -513,6 +523,12 @@ def _parse_override(text: str) -> tuple[str, str, Any]:
     return section, key, value
 
 
+def apply_override(cfg: Config, text: str) -> None:
+    """One ``section.key=value`` onto ``cfg`` in place (not validated)."""
+    section, key, value = _parse_override(text)
+    _apply(cfg, section, key, value, f"--set {text}")
+
+
 def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
     """Defaults < TOML file < overrides, validated. Raises ConfigError with one clear line."""
     cfg = Config()
@@ -530,8 +546,7 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
             for key, value in values.items():
                 _apply(cfg, section, key, value, str(path))
     for text in overrides:
-        section, key, value = _parse_override(text)
-        _apply(cfg, section, key, value, f"--set {text}")
+        apply_override(cfg, text)
     return cfg.validate()
 
 

@@ -76,6 +76,12 @@ def main(argv=None) -> int:
             extra = (f" × cp {dims.cp}" if dims.cp > 1 else "") + (f" (ep {dims.ep} inside)" if dims.ep > 1 else "")
             print(f"config ok: {args.config or 'defaults'}, {world} processes = dp_replicate {dims.dp_replicate} × "
                   f"dp_shard {dims.dp_shard} × tp {dims.tp} × pp {dims.pp}{extra}, run dir {cfg.logging.run_dir}")
+            from pretrain.plan.check import check
+
+            line, error = check(cfg, world)
+            print(line)
+            if error:
+                raise ConfigError(error)
             return 0
         dist = distributed.init_distributed(cfg.train.device, cfg.train.collective_timeout_s)
         trainer = build_trainer(cfg, dist, dims)

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 from pretrain.plan.hardware import GPU
 
+
 @dataclass(frozen=True)
 class Constants:
     """The model's free constants (``python -m pretrain.plan fit --points FILE.csv`` refits and prints them)."""

@@ -1,0 +1,334 @@
+"""Per-rank memory of a layout, before any process exists: parameters, gradients, optimizer state, activations,
+logits and communication buffers, in bytes, each for the rank that holds the most of it (pipeline stages differ;
+their sum bounds the fullest rank from above).
+
+Parameters, gradients and optimizer state are exact: the model is built on the meta device from the config (the
+real model code, so every shape is the trainer's), cut to each pipeline stage the way the trainer cuts it, and
+each tensor's largest local piece follows the trainer's own sharding — TP's plan (``block_plan``: column-parallel
+weights split on dim 0, row-parallel on dim 1, the vocab-parallel embedding and head), EP's expert split, FSDP's
+dim-0 chunks over dp_shard × cp (experts over dp_shard / ep, on dim 1 when there are fewer local experts than
+ranks) — every split a ``torch.chunk`` (ceil) so rank 0 of each group holds the largest piece of every tensor.
+Gradients mirror the trainable parameters (fp32, sharded as they are). Optimizer state per parameter: AdamW two
+fp32 moments + a 4-byte step (torch and Triton AdamW), Muon one momentum for the hidden matrices; ZeRO-1 gives
+each rank the parameters torch's ZeroRedundancyOptimizer assigns it (largest first, to the least-loaded rank).
+
+Activations are the tensors autograd keeps between a micro-batch's forward and its backward, per layer, from the
+layer's own operations (see ``layer_activation_bytes``), times the micro-batches a pipeline schedule keeps in
+flight; logits (and the loss's fp32 copy) on the last stage; communication buffers: DDP's gradient buckets, FSDP's
+gathered unit (the largest block, twice with prefetch).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from pretrain.config import Config
+from pretrain.parallel.dims import ParallelDims, stages_per_rank
+
+
+def _chunk(n: int, parts: int) -> int:
+    """The largest piece of ``n`` cut by torch.chunk into ``parts``."""
+    return -(-n // parts) if parts > 1 else n
+
+
+@dataclass
+class Memory:
+    params_bytes: int = 0
+    grads_bytes: int = 0
+    optimizer_bytes: int = 0
+    activations_bytes: int = 0
+    logits_bytes: int = 0
+    comm_bytes: int = 0
+    detail: dict = field(default_factory=dict)
+
+    @property
+    def total_bytes(self) -> int:
+        return (self.params_bytes + self.grads_bytes + self.optimizer_bytes + self.activations_bytes +
+                self.logits_bytes + self.comm_bytes + self.detail.get("recompute_bytes", 0))
+
+    def as_dict(self) -> dict:
+        return {"params_bytes": self.params_bytes, "grads_bytes": self.grads_bytes,
+                "optimizer_bytes": self.optimizer_bytes, "activations_bytes": self.activations_bytes,
+                "logits_bytes": self.logits_bytes, "comm_bytes": self.comm_bytes, "total_bytes": self.total_bytes,
+                **({"detail": self.detail} if self.detail else {})}
+
+
+def _tp_splits(cfg: Config, sequence_parallel: bool) -> dict[str, int]:
+    """Parameter name -> the dim TP splits (absent: replicated), from the trainer's TP plan."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    from pretrain.parallel.tensor_parallel import block_plan
+
+    m = cfg.model
+    gpt = m.arch == "gpt"
+    splits: dict[str, int] = {}
+    if gpt and not m.tie_embeddings:
+        splits["embed_tokens.weight"] = 0  # vocab-parallel embedding (RowwiseParallel on an Embedding)
+        splits["lm_head.weight"] = 0
+    gated = gpt and m.flavor == "llama"
+    sp = sequence_parallel and gpt and not m.tie_embeddings
+    for i in range(m.n_layers):
+        moe = bool(m.n_experts) and i >= m.moe_dense_layers
+        plan = block_plan(m.arch, gated, sp, moe, moe and m.n_shared_experts > 0)
+        for name, style in plan.items():
+            prefix = f"layers.{i}.{name}"
+            if isinstance(style, ColwiseParallel):
+                splits[f"{prefix}.weight"] = 0
+                splits[f"{prefix}.bias"] = 0
+            elif isinstance(style, RowwiseParallel):
+                splits[f"{prefix}.weight"] = 1
+    return splits
+
+
+def _stage_models(cfg: Config, dims: ParallelDims) -> list[list[nn.Module]]:
+    """For each pp rank, its stage modules (meta device), cut as the trainer cuts them."""
+    from pretrain.models import build_model
+    from pretrain.parallel.pipeline import prune_to_stage, stage_ids
+
+    with torch.device("meta"):
+        if dims.pp == 1:
+            return [[build_model(cfg.model)]]
+        per_rank = stages_per_rank(cfg)
+        n_stages = dims.pp * per_rank
+        return [[prune_to_stage(build_model(cfg.model), sid, n_stages)
+                 for sid in stage_ids(r, dims.pp, per_rank, cfg.parallel.pp_schedule)] for r in range(dims.pp)]
+
+
+def _is_expert(name: str) -> bool:
+    return ".mlp.experts." in name
+
+
+def _local_shape(cfg: Config, dims: ParallelDims, name: str, shape: tuple, splits: dict) -> tuple:
+    """The largest piece of a parameter on any rank."""
+    p = cfg.parallel
+    shape = list(shape)
+    if dims.tp > 1 and name in splits:
+        d = splits[name]
+        shape[d] = _chunk(shape[d], dims.tp)
+    if _is_expert(name) and dims.ep > 1:
+        shape[0] = _chunk(shape[0], dims.ep)
+    fsdp = p.zero_stage >= 2 and dims.dp * dims.cp > 1
+    if fsdp and shape:
+        if _is_expert(name) and dims.ep > 1:
+            size = dims.dp_shard * dims.cp // dims.ep
+            d = 0 if shape[0] % size == 0 else 1
+            shape[d] = _chunk(shape[d], size)
+        else:
+            shape[0] = _chunk(shape[0], dims.dp_shard * dims.cp)
+    return tuple(shape)
+
+
+def _numel(shape) -> int:
+    return math.prod(shape) if shape else 1
+
+
+_STAGES: dict = {}
+
+
+def _stages_cached(cfg: Config, dims: ParallelDims) -> list:
+    """``_stage_models`` memoised by model config and pipeline cut (a search asks for the same ones often)."""
+    key = (repr(cfg.model), dims.pp, stages_per_rank(cfg), cfg.parallel.pp_schedule)
+    if key not in _STAGES:
+        if len(_STAGES) > 64:
+            _STAGES.clear()
+        _STAGES[key] = _stage_models(cfg, dims)
+    return _STAGES[key]
+
+
+def state_bytes(cfg: Config, dims: ParallelDims) -> dict:
+    """Parameter, gradient and optimizer bytes, each of its largest rank (max over pipeline ranks), and the bytes of
+    what communication holds there: DDP's gradient buckets, FSDP's gathered parameters (ZeRO-2 keeps a stage's
+    between forward and backward; ZeRO-3 the largest block, twice with prefetch)."""
+    from pretrain.optim import param_groups
+
+    p = cfg.parallel
+    splits = _tp_splits(cfg, p.sequence_parallel)
+    fsdp = p.zero_stage >= 2 and dims.dp * dims.cp > 1
+    ddp = not fsdp and dims.dp * dims.cp > 1 and p.engine == "native"
+    gathered_size = 2 if cfg.train.dtype == "bf16" else 4
+    best = None
+    for parts in _stages_cached(cfg, dims):
+        params = grads = optim = 0
+        unsharded, largest_block = 0, 0
+        for part in parts:
+            named = list(part.named_parameters())
+            local = {id(t): _local_shape(cfg, dims, n, tuple(t.shape), splits) for n, t in named}
+            blocks: dict[str, int] = {}
+            for n, t in named:
+                size = _numel(local[id(t)]) * 4  # fp32 master parameters
+                params += size
+                if t.requires_grad:
+                    grads += _grad_bytes(cfg, dims, n, t, size)
+                tp_local = _local_shape(cfg, ParallelDims(1, 1, dims.tp, dims.pp, ep=dims.ep), n, tuple(t.shape),
+                                        splits)
+                unsharded += _numel(tp_local) * gathered_size
+                if n.startswith("layers."):
+                    block = ".".join(n.split(".")[:2])
+                    blocks[block] = blocks.get(block, 0) + _numel(tp_local) * gathered_size
+            largest_block = max([largest_block, *blocks.values()])
+            optim += _optimizer_bytes(cfg, dims, part, local, param_groups)
+        comm = grads if ddp else (unsharded if p.zero_stage == 2 else 2 * largest_block) if fsdp else 0
+        mine = (params, grads, optim, comm)
+        best = mine if best is None else tuple(max(a, b) for a, b in zip(best, mine))  # each on its largest rank
+    return dict(zip(("params_bytes", "grads_bytes", "optimizer_bytes", "comm_bytes"), best))
+
+
+def _grad_bytes(cfg: Config, dims: ParallelDims, name: str, t, size: int) -> int:
+    """A gradient is its parameter's size, except the vocab-parallel embedding's under TP without FSDP: DTensor's
+    embedding backward returns it replicated (whole on every TP rank; measured)."""
+    fsdp = cfg.parallel.zero_stage >= 2 and dims.dp * dims.cp > 1
+    m = cfg.model
+    if name == "embed_tokens.weight" and dims.tp > 1 and not fsdp and m.arch == "gpt" and not m.tie_embeddings:
+        return _numel(t.shape) * 4
+    return size
+
+
+def _optimizer_bytes(cfg: Config, dims: ParallelDims, part: nn.Module, local: dict, param_groups) -> int:
+    o = cfg.optim
+    adam = lambda t: 2 * _numel(local[id(t)]) * 4 + 4  # exp_avg, exp_avg_sq, step (a float32 scalar)
+    if o.name == "muon":
+        from pretrain.muon import muon_groups
+
+        total = 0
+        for group in muon_groups(part, o.weight_decay):
+            for t in group["params"]:
+                total += _numel(local[id(t)]) * 4 if group["muon"] else adam(t)
+        return total
+    groups = param_groups(part, o.weight_decay)
+    if cfg.parallel.zero_stage == 1 and dims.dp * dims.cp > 1:  # ZeroRedundancyOptimizer's greedy partition
+        ranks = dims.dp * dims.cp
+        sizes, state = [0] * ranks, [0] * ranks
+        for group in groups:
+            for t in sorted(group["params"], key=lambda t: t.numel(), reverse=True):
+                r = sizes.index(min(sizes))
+                sizes[r] += t.numel()
+                state[r] += adam(t)
+        return max(state)
+    return sum(adam(t) for group in groups for t in group["params"])
+
+
+def _block_bytes(cfg: Config, dims: ParallelDims, tokens: int, moe: bool) -> float:
+    """Bytes one block keeps for backward for ``tokens`` tokens of this rank (its sequence chunk under CP), from
+    what our layers save: norms (llama RMSNorm: input, x·rsqrt, rsqrt; LayerNorm: input, mean, rstd; the output
+    the next matmul saves), attention (q, k, v, output, log-sum-exp), the FFN (SwiGLU: gate, up, silu(gate),
+    their product; GELU: input and output). Under TP heads and FFN are split; with SP the norms' own tensors
+    are too (the matmuls keep their all-gathered input)."""
+    m, p = cfg.model, cfg.parallel
+    t, d, e, tp = tokens, m.d_model, m.head_dim, dims.tp
+    sp = p.sequence_parallel and tp > 1 and m.arch == "gpt" and not m.tie_embeddings
+    tn = t / tp if sp else t
+    llama = m.arch == "gpt" and m.flavor == "llama"
+    norm = 2 * tn * d + tn + t * d if llama else tn * d + 2 * tn + t * d
+    heads, kv = m.n_heads / tp, m.kv_heads / tp
+    attention = t * (heads + 2 * kv) * e + t * heads + t * heads * e
+    size = _act_size(cfg)
+    extra = 0.0  # bytes outside the element count (index tensors)
+    if moe:  # router scores / choices / weights, dispatch indices, permuted tokens, grouped GEMM in and out,
+        # the weighted outputs, the shared experts, the balancing statistics (one block dumped, term by term)
+        k, i, n_e = m.moe_top_k, m.expert_dim, m.n_experts
+        seqs = t / (m.seq_len / dims.cp)
+        ffn = (t * k * (3 * d + 4 * i + 1) + 4 * t * i * m.n_shared_experts / tp + 2 * t * n_e + 4 * t + k * t +
+               seqs * n_e + n_e + 1)
+        extra = 3 * t * k * 8
+        if dims.ep > 1:  # the all-to-all's received and returned tokens
+            ffn += 2 * t * k * d
+    else:
+        ffn = (4 if llama else 2) * t * m.ffn_dim / tp
+    if dims.cp > 1:  # the ring's merged output and statistics (Ulysses: the re-split output)
+        attention += t * heads * e + (3 if p.cp_impl == "ring" else 4) * t * heads
+    elements = 2 * norm + attention + ffn
+    if m.dropout:  # masks and the attention's materialised probabilities (approximate)
+        elements += 3 * t * d + 2 * t * heads * m.seq_len / dims.cp
+    return elements * size + extra
+
+
+def _act_size(cfg: Config) -> int:
+    return 2 if cfg.train.dtype == "bf16" else 4
+
+
+def _in_flight(cfg: Config, dims: ParallelDims, rank: int, n_micro: int) -> list[int]:
+    """Pipeline micro-batches whose activations pp rank ``rank`` holds at its peak, per local stage."""
+    pp, schedule = dims.pp, cfg.parallel.pp_schedule
+    if pp == 1:
+        return [1]
+    if schedule == "gpipe":
+        return [n_micro]
+    if schedule == "1f1b":
+        return [min(n_micro, pp - rank)]
+    v = stages_per_rank(cfg)
+    if schedule == "interleaved_1f1b":  # torch's warm-up: (v − 1)·pp + 2·(pp − 1 − rank) forwards, then 1F1B
+        chunks = min(n_micro * v, (v - 1) * pp + 2 * (pp - 1 - rank) + 1)
+        return [min(n_micro, chunks - j * pp) if chunks > j * pp else 0 for j in range(v)]
+    # zbv: each leg of the V keeps up to pp micro-batches (the deferred weight gradients hold their inputs), the
+    # last stage (rank 0's second leg) one: its backward follows its forward at once
+    return [min(n_micro, pp), 1 if rank == 0 else min(n_micro, pp)]
+
+
+def activation_bytes(cfg: Config, dims: ParallelDims) -> tuple[int, int, int]:
+    """(activations, logits, recompute) bytes of the pp rank with the most saved: tensors of the micro-batches
+    in flight; the loss's logits on the last stage; one checkpointed block recomputed during its backward."""
+    from pretrain.parallel.pipeline import layer_ranges, stage_ids
+
+    m, p = cfg.model, cfg.parallel
+    size = _act_size(cfg)
+    per_rank = stages_per_rank(cfg) if dims.pp > 1 else 1
+    n_stages = dims.pp * per_rank
+    n_micro = (p.n_microbatches or p.pp) if dims.pp > 1 else 1
+    seqs = cfg.train.micro_batch_size / n_micro
+    s = m.seq_len // dims.cp
+    t = seqs * s
+    sp = p.sequence_parallel and dims.tp > 1 and m.arch == "gpt" and not m.tie_embeddings
+    tn = t / dims.tp if sp else t
+    llama = m.arch == "gpt" and m.flavor == "llama"
+    ranges = layer_ranges(m.n_layers, n_stages)
+    best = (0, 0, 0)
+    for rank in range(dims.pp):
+        acts = logits = recompute = 0.0
+        unwrapped = False
+        for sid, flight in zip(stage_ids(rank, dims.pp, per_rank, p.pp_schedule), _in_flight(cfg, dims, rank,
+                                                                                              n_micro)):
+            stage = 0.0
+            for layer in ranges[sid]:
+                moe = bool(m.n_experts) and layer >= m.moe_dense_layers
+                full = _block_bytes(cfg, dims, t, moe)
+                wrapped = p.activation_checkpointing == "full" or (
+                    p.activation_checkpointing == "selective" and layer % p.activation_checkpointing_every == 0)
+                stage += tn * m.d_model * size if wrapped else full
+                recompute = max(recompute, full if wrapped else 0)
+                unwrapped |= not wrapped and flight > 0
+            if sid == 0:  # token ids (+ positions, BERT's types, mask and embedding LayerNorm)
+                stage += t * 8
+                if llama:
+                    pass
+                elif m.arch == "gpt":
+                    stage += s * 8
+                else:
+                    stage += t * 8 + s * 8 + (2 * t * m.d_model + 2 * t) * size + seqs * s * 4
+            if sid == n_stages - 1:  # final norm / MLM head, logits, targets
+                if m.arch == "bert":
+                    stage += (3 * t * m.d_model + 2 * t) * size
+                else:
+                    stage += ((2 * tn * m.d_model + tn + t * m.d_model) if llama else
+                              (tn * m.d_model + 2 * tn + t * m.d_model)) * size
+                vocab_split = dims.tp if (m.arch == "gpt" and not m.tie_embeddings) else 1
+                logits += flight * (t * m.vocab_size / vocab_split * 4 + t * 8 + 8)
+            acts += flight * stage
+        if llama and unwrapped:  # the rotary tables: one cached pair, saved by every block
+            acts += 2 * s * m.head_dim * size
+        if acts + logits > best[0] + best[1]:  # activations and logits of the same rank: they coexist
+            best = (int(acts), int(logits), best[2])
+        best = (best[0], best[1], max(best[2], int(recompute)))
+    return best
+
+
+def estimate_memory(cfg: Config, world_size: int) -> Memory:
+    """The per-rank memory of ``cfg`` on ``world_size`` ranks (ConfigError for a layout the trainer refuses)."""
+    dims = ParallelDims.from_config(cfg, world_size)
+    mem = Memory(**state_bytes(cfg, dims))
+    mem.activations_bytes, mem.logits_bytes, recompute = activation_bytes(cfg, dims)
+    mem.detail["recompute_bytes"] = recompute
+    return mem
