@@ -4,16 +4,17 @@
 
 compute      the step's model FLOPs per GPU (``models/flops.py``: 6·N_matmul + 12·L·H·E·T per token) plus what
              activation recomputation repeats (full: the forward again, 1/3; selective: attention's scores),
-             at ``peak × efficiency``. Efficiency = ``EFFICIENCY[precision] × w / (w + WIDTH_HALF)``, w the
-             per-GPU matmul width (d_model / tp): small matmuls use the tensor cores worse. FP8 runs the linear
-             layers at the FP8 peak and attention at the bf16 one.
+             at the GPU's large-GEMM throughput (``hardware.py``) × ``bf16_efficiency`` (``fp8_efficiency`` for
+             FP8 linear layers) × w / (w + ``width_half``), w the per-GPU matmul width (d_model / tp): small
+             matmuls use the tensor cores worse; attention at ``attention_efficiency`` of the bf16 GEMM rate.
 TP / SP      per layer and micro-batch, 4 all-reduces forward + backward (SP: all-gather + reduce-scatter, the same
              bytes) of the micro-batch's activations, ring cost 2(t−1)/t · bytes / bandwidth (NVLink inside a
-             node), ``TP_EXPOSED`` of it not hidden.
+             node), ``tp_exposed`` of it not hidden.
 bubble       (pp − 1) / (v · m) of the pipelined work (m micro-batches per step, v virtual stages per rank).
-DP / FSDP    gradients reduced (ZeRO 0–2: all-reduce, 2(d−1)/d · bytes; ZeRO-3: reduce-scatter plus two
-             parameter all-gathers, 3(d−1)/d) over the data-parallel group's slowest link (the network once it
-             spans nodes), hidden behind ``DP_OVERLAP`` of the compute.
+DP / FSDP    gradients reduced once a step (DDP / ZeRO-1: all-reduce, 2(d−1)/d · bytes) and, under FSDP,
+             the weights gathered for each of the m micro-batches (ZeRO-2: (m + 1)(d−1)/d, ZeRO-3: forward and
+             backward, (2m + 1)(d−1)/d), over the data-parallel group's slowest link (the network once it spans
+             nodes), hidden behind ``dp_overlap`` of the compute.
 CP           the ring's K/V exchange per layer, hidden behind the attention it overlaps.
 EP           4 all-to-alls per MoE layer and micro-batch (dispatch and combine, forward and backward) of the
              tokens' top-k copies, not hidden.
@@ -22,9 +23,9 @@ EP           4 all-to-alls per MoE layer and micro-batch (dispatch and combine, 
 activation element and layer at the HBM bandwidth: it is why an H100 reaches a smaller share of its peak than
 an A100 on the same model (twice the FLOPs per byte of HBM).
 
-The constants are fitted on ``shared/data/published-training-points.csv`` (``python -m pretrain.plan fit``) by
-minimising the median and 90th percentile of |error| together; they are few and global — no per-point or
-per-framework term.
+The seven constants (``Constants``) are fitted on ``pretrain/plan/data/published-training-points.csv``
+(``python -m pretrain.plan fit``, Nelder–Mead) by minimising the median plus the 90th percentile of |error|;
+they are global — no per-point, per-model or per-framework term.
 """
 
 from __future__ import annotations
@@ -160,7 +161,9 @@ def estimate(shape: Shape, layout: Layout, gpu: GPU, seq: int, global_batch: int
         params_here = params_here - expert_w + expert_w / lay.ep
     dp_span = lay.gpus // lay.dp  # ranks of one data-parallel replica: the dp group strides over them
     dp_bw = gpu.nvlink_gb_s if lay.dp * dp_span <= node else gpu.network_gb_s
-    factor = 3.0 if lay.zero >= 3 else 2.0
+    # ZeRO-3 gathers the weights for every micro-batch's forward and backward, ZeRO-2 for its forward (keeping
+    # them through backward), and both reduce-scatter once a step; DDP / ZeRO-1 all-reduce once a step
+    factor = {3: 2.0 * micro_batches + 1, 2: micro_batches + 1.0}.get(lay.zero, 2.0)
     dp_comm = _ring(params_here * 2, lay.dp, dp_bw, factor)
     dp = max(0.0, dp_comm - k.dp_overlap * compute)
 
