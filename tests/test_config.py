@@ -11,10 +11,22 @@ PRESETS = sorted((ROOT / "configs").glob("*.toml"))
 
 
 def test_presets_load_and_round_trip():
-    assert len(PRESETS) == 10
+    assert len(PRESETS) == 11
     for path in PRESETS:
         cfg = load_config(path)
         assert config_from_toml(cfg.to_toml()) == cfg
+
+
+def test_gpt_70b_is_the_llama2_shape_and_fits_512_h100s():
+    from pretrain.models.flops import num_params
+    from pretrain.plan.check import check
+
+    cfg = load_config(ROOT / "configs/gpt_70b.toml", ["plan.gpu=h100"])
+    assert 68.9e9 < num_params(cfg.model) < 69.1e9
+    line, error = check(cfg, 512)
+    assert error is None and "of h100's 80 GiB" in line
+    _, error = check(cfg, 64)  # an eighth of the GPUs: refused, with a layout that fits
+    assert error is not None and "the best layout that fits: --set" in error
 
 
 def test_moe_1b_7b_is_the_olmoe_shape():

@@ -173,3 +173,23 @@ def test_the_float8_all_gather_weights_train_save_and_resume_like_plain_ones(tmp
     resumed = build_trainer(tiny_config(tmp_path / "wrapped", *common), DistInfo())
     assert type(resumed.parallel.module.layers["1"].mlp.up_proj.weight).__name__ == "WeightWithDynamicFloat8CastTensor"
     assert resumed.fit() == plain
+
+
+def test_float8_all_gather_on_gloo_is_refused_in_one_line(tmp_path):
+    """Two gloo ranks, FSDP, train.fp8_all_gather = on: one line from rank 0, non-zero exit, nothing trained."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           "-m", "pretrain.train", "--set", "model.n_layers=2", "model.d_model=32", "model.n_heads=4",
+                           "model.vocab_size=64", "model.seq_len=16", "train.steps=2", "train.micro_batch_size=2",
+                           "data.source=synthetic", "logging.tensorboard=false", "parallel.zero_stage=3",
+                           "train.fp8=tensorwise", "train.fp8_all_gather=on", f"logging.run_dir={tmp_path / 'run'}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert lines == ['error: train.fp8_all_gather = "on" cannot work here: the gloo backend cannot send float8 '
+                     'tensors (NCCL only)'], proc.stderr[-3000:]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

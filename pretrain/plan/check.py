@@ -49,6 +49,9 @@ def summary(mem: Memory) -> str:
 def check(cfg: Config, world: int) -> tuple[str, str | None]:
     """(the line to print, an error line or None). The error names the best fitting layout's overrides."""
     mem = estimate_memory(cfg, world)
+    if cfg.parallel.engine == "deepspeed":  # its flat buffers are its own: an estimate, never a refusal
+        return (f"predicted memory per GPU (as the native engine; DeepSpeed's buffers differ): {summary(mem)}",
+                None)
     device = this_gpu(cfg)
     if device is None:
         return f"predicted memory per GPU: {summary(mem)}; no GPU type known (set plan.gpu to check the fit)", None

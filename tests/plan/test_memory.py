@@ -143,3 +143,12 @@ def test_memory_check_logs_predicted_against_measured_at_step_two(tmp_path, caps
 def test_a_refused_layout_is_refused_by_the_planner_too():
     with pytest.raises(ConfigError, match="must divide model.n_heads"):
         estimate_memory(load_config(None, ["model.n_heads=4", "model.d_model=64", "parallel.tp=8"]), 8)
+
+
+def test_deepspeed_layouts_get_an_estimate_not_a_refusal():
+    from pretrain.plan.check import check
+
+    cfg = load_config(ROOT / "configs/gpt_7b.toml", ["parallel.engine=deepspeed", "parallel.zero_stage=1",
+                                                      "parallel.activation_checkpointing=none", "plan.gpu=h100"])
+    line, error = check(cfg, 8)
+    assert error is None and "as the native engine" in line
