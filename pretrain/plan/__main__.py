@@ -97,6 +97,10 @@ def _search(args) -> int:
     if tokens < cfg.model.seq_len:
         raise ValueError(f"--global-batch-tokens {tokens} is less than one sequence of {cfg.model.seq_len}")
     options, tried = search(cfg, args.gpus, device, tokens, top=args.top)
+    if not tried:
+        raise ValueError(f"no layout of {args.gpus} GPUs splits {tokens // cfg.model.seq_len} sequences of "
+                         f"{cfg.model.seq_len} evenly over its data-parallel ranks: change --global-batch-tokens "
+                         f"or --gpus")
     print(f"{args.config or 'defaults'} on {args.gpus} × {device.name} ({device.gpus_per_node} per node), "
           f"{tokens:,} tokens a step of {cfg.model.seq_len}: {tried} layouts tried, {len(options)} shown that fit")
     if not options:
@@ -106,7 +110,7 @@ def _search(args) -> int:
     for i, o in enumerate(options, 1):
         print(f"{i:2d} {describe(o):58s} {o.speed.tokens_per_s:12,.0f} {100 * o.speed.mfu:5.1f}% "
               f"{o.speed.step_s:7.2f} {o.memory.total_bytes / GIB:8.1f}")
-    pick = options[min(args.explain, len(options)) - 1]
+    pick = options[min(args.explain or 1, len(options)) - 1]
     print(f"\nuse #{options.index(pick) + 1}: --set {' '.join(minimal_overrides(pick, cfg))}")
     if args.explain:
         print(f"\n#{args.explain}: step {pick.speed.step_s:.3f} s")

@@ -112,11 +112,12 @@ def search(cfg: Config, world: int, gpu: GPU, global_batch_tokens: int, top: int
                 continue
             if memory.total_bytes > budget:
                 continue
-            if best is None or speed.tokens_per_s > best.speed.tokens_per_s:
+            if best is None or (round(speed.tokens_per_s), -memory.total_bytes) > (
+                    round(best.speed.tokens_per_s), -best.memory.total_bytes):
                 best = Option([*overrides, f"train.grad_accum={accum}"], dims, memory, speed)
         if best is not None:
             found.append(best)
-    found.sort(key=lambda o: -o.speed.tokens_per_s)
+    found.sort(key=lambda o: (-round(o.speed.tokens_per_s), o.memory.total_bytes))  # ties: the smaller footprint
     return found[:top], tried
 
 

@@ -75,6 +75,8 @@ def test_memory_command_prints_the_breakdown_as_json():
     (["--config", "configs/gpt_tiny.toml", "--gpus", "8", "--gpu", "v100"], "unknown GPU 'v100'"),
     (["--config", "configs/gpt_tiny.toml", "--gpus", "8", "--gpu", "h100", "--global-batch-tokens", "lots"],
      "is not a number of tokens"),
+    (["--config", "configs/gpt_tiny.toml", "--gpus", "3", "--gpu", "h100", "--global-batch-tokens", "1M"],
+     "no layout of 3 GPUs splits 4096 sequences of 256 evenly"),
 ])
 def test_plan_bad_input_is_one_line(args, message):
     proc = subprocess.run([sys.executable, "-m", "pretrain.plan", *args], cwd=ROOT, capture_output=True, text=True,
@@ -116,6 +118,8 @@ def test_search_offers_only_layouts_the_trainer_accepts_and_its_pick_is_stable()
         assert ParallelDims.from_config(again, 16) == option.dims
         assert option.memory.total_bytes <= 80 * 2**30 * cfg.plan.usable_fraction
     assert [o.speed.tokens_per_s for o in options] == sorted((o.speed.tokens_per_s for o in options), reverse=True)
+    ties = [(a, b) for a, b in zip(options, options[1:]) if round(a.speed.tokens_per_s) == round(b.speed.tokens_per_s)]
+    assert all(a.memory.total_bytes <= b.memory.total_bytes for a, b in ties)  # equal speed: smaller first
     best = options[0]
     assert (best.dims.tp, best.dims.pp, best.dims.cp) == (1, 1, 1)  # 1.4 B on 16 H100s: plain data parallel
     assert search(cfg, 16, gpu("h100"), 2**21, top=5)[0][0].overrides == best.overrides
