@@ -32,7 +32,9 @@ LAYOUTS = {
     4: {"hsdp_2x2": "parallel.dp_replicate=2 parallel.zero_stage=3", "zero3_4": "parallel.zero_stage=3",
         "tp2_dp2_zero3": "parallel.tp=2 parallel.zero_stage=3", "pp2_dp2_zero2": "parallel.pp=2 parallel.zero_stage=2",
         "tp2_pp2": "parallel.tp=2 parallel.pp=2", "cp2_dp2_ac": "parallel.cp=2 parallel.zero_stage=3 "
-        "parallel.activation_checkpointing=full", "moe_ep4_zero3": f"{MOE} parallel.ep=4 parallel.zero_stage=3"},
+        "parallel.activation_checkpointing=full", "moe_ep4_zero3": f"{MOE} parallel.ep=4 parallel.zero_stage=3",
+        **{f"pp4_{s}": f"model.n_layers=8 train.micro_batch_size=8 parallel.pp=4 parallel.n_microbatches=8 "
+                       f"parallel.pp_schedule={s}" for s in ("gpipe", "1f1b", "interleaved_1f1b", "zbv")}},
 }
 # activations (saved tensors + logits) within 10 %
 
