@@ -22,6 +22,17 @@ from pretrain.config import Config, ConfigError
 MULTI_STAGE_SCHEDULES = ("interleaved_1f1b", "zbv")
 
 
+def fsdp_sharded(cfg: Config, dims: ParallelDims) -> bool:
+    """Whether FSDP shards the parameters: ZeRO-2/3 with more than one rank over dp × cp."""
+    return cfg.parallel.zero_stage >= 2 and dims.dp * dims.cp > 1
+
+
+def vocab_parallel(model_cfg) -> bool:
+    """Whether TP splits the embedding and head over the vocabulary (and sequence parallelism applies): a GPT
+    with an untied head."""
+    return model_cfg.arch == "gpt" and not model_cfg.tie_embeddings
+
+
 def stages_per_rank(cfg: Config) -> int:
     """Pipeline stages each rank holds: ``parallel.stages_per_rank`` for the interleaved schedules, else 1."""
     return cfg.parallel.stages_per_rank if cfg.parallel.pp_schedule in MULTI_STAGE_SCHEDULES else 1

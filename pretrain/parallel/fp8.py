@@ -83,8 +83,9 @@ def all_gather_in_fp8(cfg: Config, backend: str, fsdp: bool) -> bool:
     return False
 
 
-def keep_high_precision(cfg: Config):
-    """``(module, name) -> bool``: True for a Linear to convert."""
+def convertible(cfg: Config):
+    """``(module, name) -> bool``: True for a Linear to convert to FP8 (not a head, an edge block, an excluded
+    name or a shape the FP8 GEMMs cannot take)."""
     t, n = cfg.train, cfg.model.n_layers
     edge = {str(i) for i in [*range(min(t.fp8_keep_edge_blocks, n)), *range(max(n - t.fp8_keep_edge_blocks, 0), n)]}
     patterns = [*HEADS, *t.fp8_exclude]
@@ -113,7 +114,7 @@ def apply_fp8(model: nn.Module, cfg: Config, device: torch.device, all_gather: b
 
     config = dataclasses.replace(Float8LinearConfig.from_recipe_name(recipe), emulate=emulated(device),
                                  enable_fsdp_float8_all_gather=all_gather)
-    convert = keep_high_precision(cfg)
+    convert = convertible(cfg)
     names = [name for name, module in model.named_modules() if convert(module, name)]
     if names:
         convert_to_float8_training(model, module_filter_fn=convert, config=config)

@@ -18,7 +18,15 @@ import torch.nn as nn
 
 from pretrain.config import Config
 from pretrain.models import build_model
-from pretrain.parallel.dims import ParallelDims, dp_mesh, ep_mesh, expert_fsdp_mesh, fsdp_mesh, grad_mesh
+from pretrain.parallel.dims import (
+    ParallelDims,
+    dp_mesh,
+    ep_mesh,
+    expert_fsdp_mesh,
+    fsdp_mesh,
+    fsdp_sharded,
+    grad_mesh,
+)
 
 
 class PipelineLoss:
@@ -137,7 +145,7 @@ def _shard(model: nn.Module, cfg: Config, dims: ParallelDims, mesh, device) -> t
 
         apply_context_parallel(model, mesh["cp"], p.cp_impl)
     _apply_local(model, cfg)
-    sharded = p.zero_stage >= 2 and dims.dp * dims.cp > 1
+    sharded = fsdp_sharded(cfg, dims)
     if sharded:
         from pretrain.parallel.data_parallel import apply_fsdp
 
@@ -202,7 +210,7 @@ def _convert_fp8(model: nn.Module, cfg: Config, dims: ParallelDims, mesh, device
 
     from pretrain.parallel.fp8 import all_gather_in_fp8, apply_fp8
 
-    fsdp = mesh is not None and cfg.parallel.zero_stage >= 2 and dims.dp * dims.cp > 1
+    fsdp = mesh is not None and fsdp_sharded(cfg, dims)
     backend = dist.get_backend() if dist.is_initialized() else "none"
     apply_fp8(model, cfg, device, all_gather=all_gather_in_fp8(cfg, backend, fsdp))
 

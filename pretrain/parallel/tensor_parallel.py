@@ -59,10 +59,12 @@ def block_plan(arch: str, gated: bool, sequence_parallel: bool, moe: bool = Fals
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool) -> None:
     """Shard ``model`` (GPT or BERT, possibly one pipeline stage of it) over ``tp_mesh`` in place."""
+    from pretrain.parallel.dims import vocab_parallel
+
     cfg = model.cfg
     gpt = cfg.arch == "gpt"
-    sequence_parallel = sequence_parallel and gpt and not cfg.tie_embeddings
-    if gpt and not cfg.tie_embeddings:
+    sequence_parallel = sequence_parallel and vocab_parallel(cfg)
+    if vocab_parallel(cfg):
         top = {}
         if model.embed_tokens is not None:
             top["embed_tokens"] = RowwiseParallel(input_layouts=Replicate(),

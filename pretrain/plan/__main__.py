@@ -128,9 +128,6 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     if command != "search":
         parser.add_argument("command")
-        argv_rest = argv
-    else:
-        argv_rest = argv
     if command in ("validate", "fit"):
         parser.add_argument("--points", default=str(CALIBRATION),
                             help="CSV of published runs (default: the calibration file in pretrain/plan/data/)")
@@ -148,7 +145,7 @@ def main(argv=None) -> int:
         parser.add_argument("--seq", type=int, default=0)
         parser.add_argument("--top", type=int, default=10)
         parser.add_argument("--explain", type=int, default=0, metavar="N", help="the breakdown of layout N")
-    args = parser.parse_args(argv_rest)
+    args = parser.parse_args(argv)
     args.command = command
     try:
         if command in ("validate", "fit"):

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from pretrain.config import Config
-from pretrain.parallel.dims import ParallelDims, stages_per_rank
+from pretrain.parallel.dims import ParallelDims, fsdp_sharded, stages_per_rank, vocab_parallel
 
 
 def _chunk(n: int, parts: int) -> int:
@@ -66,11 +66,11 @@ def _tp_splits(cfg: Config, sequence_parallel: bool) -> dict[str, int]:
     m = cfg.model
     gpt = m.arch == "gpt"
     splits: dict[str, int] = {}
-    if gpt and not m.tie_embeddings:
+    if vocab_parallel(m):
         splits["embed_tokens.weight"] = 0  # vocab-parallel embedding (RowwiseParallel on an Embedding)
         splits["lm_head.weight"] = 0
     gated = gpt and m.flavor == "llama"
-    sp = sequence_parallel and gpt and not m.tie_embeddings
+    sp = sequence_parallel and vocab_parallel(m)
     for i in range(m.n_layers):
         moe = bool(m.n_experts) and i >= m.moe_dense_layers
         plan = block_plan(m.arch, gated, sp, moe, moe and m.n_shared_experts > 0)
@@ -104,15 +104,13 @@ def _is_expert(name: str) -> bool:
 
 def _local_shape(cfg: Config, dims: ParallelDims, name: str, shape: tuple, splits: dict) -> tuple:
     """The largest piece of a parameter on any rank."""
-    p = cfg.parallel
     shape = list(shape)
     if dims.tp > 1 and name in splits:
         d = splits[name]
         shape[d] = _chunk(shape[d], dims.tp)
     if _is_expert(name) and dims.ep > 1:
         shape[0] = _chunk(shape[0], dims.ep)
-    fsdp = p.zero_stage >= 2 and dims.dp * dims.cp > 1
-    if fsdp and shape:
+    if fsdp_sharded(cfg, dims) and shape:
         if _is_expert(name) and dims.ep > 1:
             size = dims.dp_shard * dims.cp // dims.ep
             d = 0 if shape[0] % size == 0 else 1
@@ -123,7 +121,7 @@ def _local_shape(cfg: Config, dims: ParallelDims, name: str, shape: tuple, split
 
 
 def _numel(shape) -> int:
-    return math.prod(shape) if shape else 1
+    return math.prod(shape)
 
 
 _STAGES: dict = {}
@@ -147,7 +145,7 @@ def state_bytes(cfg: Config, dims: ParallelDims) -> dict:
 
     p = cfg.parallel
     splits = _tp_splits(cfg, p.sequence_parallel)
-    fsdp = p.zero_stage >= 2 and dims.dp * dims.cp > 1
+    fsdp = fsdp_sharded(cfg, dims)
     ddp = not fsdp and dims.dp * dims.cp > 1 and p.engine == "native"
     gathered_size = 2 if cfg.train.dtype == "bf16" else 4
     best = None
@@ -180,9 +178,7 @@ def state_bytes(cfg: Config, dims: ParallelDims) -> dict:
 def _grad_bytes(cfg: Config, dims: ParallelDims, name: str, t, size: int) -> int:
     """A gradient is its parameter's size, except the vocab-parallel embedding's under TP without FSDP: DTensor's
     embedding backward returns it replicated (whole on every TP rank; measured)."""
-    fsdp = cfg.parallel.zero_stage >= 2 and dims.dp * dims.cp > 1
-    m = cfg.model
-    if name == "embed_tokens.weight" and dims.tp > 1 and not fsdp and m.arch == "gpt" and not m.tie_embeddings:
+    if name == "embed_tokens.weight" and dims.tp > 1 and not fsdp_sharded(cfg, dims) and vocab_parallel(cfg.model):
         return _numel(t.shape) * 4
     return size
 
@@ -219,7 +215,7 @@ def _block_bytes(cfg: Config, dims: ParallelDims, tokens: int, moe: bool) -> flo
     are too (the matmuls keep their all-gathered input)."""
     m, p = cfg.model, cfg.parallel
     t, d, e, tp = tokens, m.d_model, m.head_dim, dims.tp
-    sp = p.sequence_parallel and tp > 1 and m.arch == "gpt" and not m.tie_embeddings
+    sp = p.sequence_parallel and tp > 1 and vocab_parallel(m)
     tn = t / tp if sp else t
     llama = m.arch == "gpt" and m.flavor == "llama"
     norm = 2 * tn * d + tn + t * d if llama else tn * d + 2 * tn + t * d
@@ -289,7 +285,7 @@ def activation_bytes(cfg: Config, dims: ParallelDims) -> tuple[int, int, int]:
     seqs = cfg.train.micro_batch_size / n_micro
     s = m.seq_len // dims.cp
     t = seqs * s
-    sp = p.sequence_parallel and dims.tp > 1 and m.arch == "gpt" and not m.tie_embeddings
+    sp = p.sequence_parallel and dims.tp > 1 and vocab_parallel(m)
     tn = t / dims.tp if sp else t
     llama = m.arch == "gpt" and m.flavor == "llama"
     ranges = layer_ranges(m.n_layers, n_stages)
@@ -322,7 +318,7 @@ def activation_bytes(cfg: Config, dims: ParallelDims) -> tuple[int, int, int]:
                 else:
                     stage += ((2 * tn * m.d_model + tn + t * m.d_model) if llama else
                               (tn * m.d_model + 2 * tn + t * m.d_model)) * size
-                vocab_split = dims.tp if (m.arch == "gpt" and not m.tie_embeddings) else 1
+                vocab_split = dims.tp if vocab_parallel(m) else 1
                 logits += flight * (t * m.vocab_size / vocab_split * 4 + t * 8 + 8)
             acts += flight * stage
         if llama and unwrapped:  # the rotary tables: one cached pair, saved by every block
