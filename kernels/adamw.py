@@ -12,6 +12,11 @@ arguments: a step then copies nothing from host to device. Parameters may be fp3
 with ``master_weights=True`` keeping an fp32 copy in the state that the update is applied to. The state dict
 (``step``, ``exp_avg``, ``exp_avg_sq`` per parameter; group hyper-parameters) loads into and from
 ``torch.optim.AdamW``.
+
+Sharded parameters (FSDP2, TP, EP: DTensors) are updated through their local shards: a DTensor's own
+``data_ptr()`` is 0, so every address in the tables is taken from ``to_local()`` of the parameter, its gradient and
+its state (which stays a DTensor of the parameter's layout, as ``torch.optim.AdamW`` keeps it, so distributed
+checkpoints shard it alike). A rank whose shard is empty (uneven FSDP splits) launches nothing for it.
 """
 
 from __future__ import annotations
@@ -76,6 +81,12 @@ def _adamw_multi_kernel(P_PTRS, G_PTRS, M_PTRS, V_PTRS, MASTER_PTRS, TENSOR_OF_B
     tl.store(p_ptr + offsets, p.to(p_ptr.dtype.element_ty), mask=inside)
 
 
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The tensor this rank holds: a DTensor's local shard (same storage), any other tensor itself."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
+
+
 class FusedAdamW(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
                  master_weights: bool = False):
@@ -111,36 +122,50 @@ class FusedAdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                self._check(p)
                 state = self._init_state(p)
+                shard = self._shard(p, state)
                 state["step"] += 1
-                master = state.get("master_param")
-                buckets.setdefault((p.device, p.dtype, p.grad.dtype, master is not None), []).append(p)
-            for (device, p_dtype, g_dtype, has_master), params in buckets.items():
-                self._launch(group, params, device, p_dtype, g_dtype, has_master)
+                if shard[0].numel() == 0:  # nothing of this tensor on this rank
+                    continue
+                buckets.setdefault((shard[0].device, shard[0].dtype, shard[1].dtype, shard[4] is not None),
+                                   []).append((id(p), shard, float(state["step"])))
+            for (device, p_dtype, g_dtype, has_master), shards in buckets.items():
+                self._launch(group, shards, device, p_dtype, g_dtype, has_master)
         return loss
 
-    def _check(self, p):
-        if p.grad.is_sparse:
+    def _shard(self, p, state) -> tuple:
+        """(param, grad, exp_avg, exp_avg_sq, master or None): this rank's part of each, checked for the kernel."""
+        grad = p.grad
+        if getattr(grad, "placements", None) is not None and grad.placements != p.placements:
+            # e.g. TP's vocab-parallel embedding: DTensor's embedding backward returns its gradient Replicate
+            # while the weight is Shard(0); torch's AdamW redistributes it implicitly, the kernel needs it alike
+            grad = grad.redistribute(p.device_mesh, p.placements)
+        shard = (local(p), local(grad), local(state["exp_avg"]), local(state["exp_avg_sq"]),
+                 local(state["master_param"]) if "master_param" in state else None)
+        param, grad = shard[0], shard[1]
+        if grad.is_sparse:
             raise RuntimeError("FusedAdamW does not take sparse gradients")
-        check_device(p, p.grad)
-        if not p.is_contiguous() or not p.grad.is_contiguous():
-            raise ValueError(f"FusedAdamW needs contiguous parameters and gradients, got strides {p.stride()}")
-        if p.dtype not in ELEMENT or p.grad.dtype not in ELEMENT:
-            raise TypeError(f"unsupported parameter dtype {p.dtype}: the kernels take float32, float16 or bfloat16")
-        if p.dtype != torch.float32 and not self.master_weights:
-            raise TypeError(f"{p.dtype} parameters need master_weights=True (an fp32 copy to update)")
+        check_device(param, grad)
+        if param.shape != grad.shape:
+            raise ValueError(f"FusedAdamW: a parameter shard {tuple(param.shape)} and its gradient shard "
+                             f"{tuple(grad.shape)} differ (a parameter and its gradient sharded differently)")
+        if not all(t.is_contiguous() for t in shard if t is not None):
+            raise ValueError(f"FusedAdamW needs contiguous parameters and gradients, got strides {param.stride()}")
+        if param.dtype not in ELEMENT or grad.dtype not in ELEMENT:
+            raise TypeError(f"unsupported parameter dtype {param.dtype}: the kernels take float32, float16 or "
+                            "bfloat16")
+        if param.dtype != torch.float32 and not self.master_weights:
+            raise TypeError(f"{param.dtype} parameters need master_weights=True (an fp32 copy to update)")
+        return shard
 
-    def _pointer_tables(self, params, states, device, has_master):
+    def _pointer_tables(self, key, shards, device):
         """Device tables of the bucket's addresses, block map and sizes; rebuilt only when an address moved."""
-        addresses = tuple((p.data_ptr(), p.grad.data_ptr(), st["exp_avg"].data_ptr(), st["exp_avg_sq"].data_ptr(),
-                           st["master_param"].data_ptr() if has_master else 0, p.numel())
-                          for p, st in zip(params, states))
-        key = (device, tuple(id(p) for p in params))
+        addresses = tuple(tuple(t.data_ptr() if t is not None else 0 for t in shard) + (shard[0].numel(),)
+                          for shard in shards)
         cached = self._tables.get(key)
         if cached is not None and cached[0] == addresses:
             return cached[1]
-        blocks = [(i, start) for i, p in enumerate(params) for start in range(0, p.numel(), BLOCK)]
+        blocks = [(i, start) for i, shard in enumerate(shards) for start in range(0, shard[0].numel(), BLOCK)]
 
         def table(values, dtype):
             return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
@@ -152,12 +177,12 @@ class FusedAdamW(torch.optim.Optimizer):
         self.table_builds += 1
         return tables
 
-    def _launch(self, group, params, device, p_dtype, g_dtype, has_master):
+    def _launch(self, group, shards, device, p_dtype, g_dtype, has_master):
         """One kernel for every tensor of the bucket: pointer tables, block -> tensor map, per-tensor steps."""
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        states = [self.state[p] for p in params]
-        steps = [float(st["step"]) for st in states]
-        tables = self._pointer_tables(params, states, device, has_master)
+        steps = [step for _, _, step in shards]
+        key = (device, tuple(param_id for param_id, _, _ in shards))
+        tables = self._pointer_tables(key, [shard for _, shard, _ in shards], device)
         n_blocks = tables[5].numel()
         uniform = len(set(steps)) == 1
         step_sizes = [lr / (1 - beta1 ** t) for t in steps]

@@ -403,6 +403,16 @@ class Config:
             if p.zero_stage == 1:
                 raise ConfigError('optim.name = "muon" with parallel.zero_stage = 1: ZeRO-1 splits the optimizer '
                                   "by whole tensors for AdamW only; use zero_stage 0, 2 or 3")
+        if o.impl == "triton":  # kernels/adamw.py updates each rank's (local) shard on the GPU
+            if p.engine == "deepspeed":
+                raise ConfigError('optim.impl = "triton" runs on the native engine (DeepSpeed wraps its own fused '
+                                  'Adam): set optim.impl = "torch" with parallel.engine = "deepspeed"')
+            if p.zero_stage == 1:
+                raise ConfigError('optim.impl = "triton" does not combine with parallel.zero_stage = 1 (ZeRO-1 '
+                                  'steps torch\'s AdamW on whole tensors); use zero_stage 0, 2 or 3, or "torch"')
+            if p.cpu_offload:
+                raise ConfigError('optim.impl = "triton" with parallel.cpu_offload = true: the offloaded optimizer '
+                                  'steps on the CPU, where Triton kernels do not run; set optim.impl = "torch"')
         if t.fp8 != "none":
             if p.engine == "deepspeed":
                 raise ConfigError('train.fp8 runs on the native engine: set parallel.engine = "native"')

@@ -62,8 +62,6 @@ def build_optimizer(model: nn.Module, o: OptimConfig, device: torch.device, zero
                          lr_scale=o.muon_lr / o.lr if o.muon_lr else 1.0, ns_dtype=o.muon_ns_dtype)
     groups = param_groups(model, o.weight_decay)
     if o.impl == "triton":
-        if zero1_group is not None:
-            raise ConfigError('optim.impl = "triton" does not combine with parallel.zero_stage = 1; use "torch"')
         try:
             from kernels.adamw import FusedAdamW
         except (ImportError, RuntimeError) as exc:

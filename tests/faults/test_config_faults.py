@@ -22,6 +22,9 @@ CASES = [  # (override, what the line must say)
     ("optim.grad_clip=-1", r"optim.grad_clip must be >= 0"),
     ("optim.grad_clip=inf", r"optim.grad_clip must be a finite number"),
     ("optim.impl=cuda", r"optim.impl = 'cuda' is not one of torch, triton, apex"),
+    ("optim.impl=triton parallel.engine=deepspeed", r'optim.impl = "triton" runs on the native engine'),
+    ("optim.impl=triton parallel.zero_stage=1", r'optim.impl = "triton" does not combine with parallel.zero_stage'),
+    ("optim.impl=triton parallel.cpu_offload=true", r'optim.impl = "triton" with parallel.cpu_offload = true'),
     ("model.rope_theta=0", r"model.rope_theta must be > 0"),
     ("model.rope_theta=-10000", r"model.rope_theta must be > 0"),
     ("model.rope_theta=nan", r"model.rope_theta must be a finite number"),
@@ -105,8 +108,8 @@ CASES = [  # (override, what the line must say)
 @pytest.mark.parametrize("override, message", CASES, ids=[c[0] for c in CASES])
 def test_bad_value_is_one_line_before_anything_is_written(override, message, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    refused(train(["--check", "--set", f"logging.run_dir={run_dir}", override], capsys), message)
-    refused(train(["--set", f"logging.run_dir={run_dir}", "train.device=cpu", override], capsys), message)
+    refused(train(["--check", "--set", f"logging.run_dir={run_dir}", *override.split()], capsys), message)
+    refused(train(["--set", f"logging.run_dir={run_dir}", "train.device=cpu", *override.split()], capsys), message)
     assert not run_dir.exists()
 
 
