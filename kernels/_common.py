@@ -33,6 +33,11 @@ def check_dtypes(*tensors: torch.Tensor) -> None:
             raise TypeError(f"unsupported dtype {t.dtype}: the kernels take float32, float16 or bfloat16")
 
 
+def nbytes(*tensors) -> int:
+    """Bytes of the tensors given (None skipped): what a kernel reading or writing each once moves."""
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
 def next_power_of_2(n: int) -> int:
     return 1 << (max(1, n) - 1).bit_length()
 

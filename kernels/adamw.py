@@ -87,6 +87,22 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return to_local() if to_local is not None else t
 
 
+def step_cost(optimizer: FusedAdamW) -> tuple[int, int]:
+    """(bytes, launches) of one ``step()`` (the step-cost meter cannot see a raw launch): per element the kernel
+    reads p, g, m, v (and the master copy) and writes p, m, v (and the master); one launch per bucket."""
+    moved, buckets = 0, set()
+    for i, group in enumerate(optimizer.param_groups):
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            shard, grad = local(p), local(p.grad)
+            master = optimizer.master_weights and p.dtype != torch.float32
+            per_element = 2 * shard.element_size() + grad.element_size() + 16 + (8 if master else 0)
+            moved += shard.numel() * per_element
+            buckets.add((i, shard.dtype, grad.dtype, master))
+    return moved, len(buckets)
+
+
 class FusedAdamW(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
                  master_weights: bool = False):

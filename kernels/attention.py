@@ -29,6 +29,7 @@ from kernels._common import (
     check_device,
     check_dtypes,
     interpreting,
+    nbytes,
     next_power_of_2,
     require_triton,
     seq_bucket,
@@ -418,6 +419,36 @@ def attention_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
 @attention_bwd.register_fake
 def _(q, k, v, out, lse, mask, dout, causal, has_mask, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _pairs(q: torch.Tensor, k: torch.Tensor, causal: bool) -> float:
+    """(query, key) pairs the kernels visit: the lower triangle when causal (masked blocks are skipped)."""
+    t, s = q.shape[2], k.shape[2]
+    return t * (t + 1) / 2 if causal and t == s else t * s
+
+
+def _fwd_cost(args, kwargs, outputs) -> dict:
+    """Forward: QKᵀ and PV, 2 matmuls (4·E FLOPs a pair and head); reads q, k, v, writes out and lse."""
+    q, k, v, mask, causal = args[:5]
+    b, h, _, e = q.shape
+    return {"flops": 4.0 * b * h * e * _pairs(q, k, causal), "bytes": nbytes(q, k, v, mask, *outputs),
+            "launches": 1, "attention": "fwd"}
+
+
+def _bwd_cost(args, kwargs, outputs) -> dict:
+    """Backward, three kernels: delta = rowsum(dO·O); dK/dV recomputes S = QKᵀ and dP = dO·Vᵀ beside dV and dK
+    (4 matmuls a pair); dQ recomputes S and dP again beside dQ (3): 7 matmuls, 3.5× the forward's 2."""
+    q, k, v, out, lse, mask, dout, causal = args[:8]
+    b, h, t, e = q.shape
+    delta = 4 * b * h * t
+    reads = nbytes(q, k, v, dout, lse) + delta  # by each of the two gradient kernels
+    return {"flops": 14.0 * b * h * e * _pairs(q, k, causal),
+            "bytes": nbytes(out, dout) + delta + 2 * reads + nbytes(mask, *outputs), "launches": 3,
+            "attention": "bwd"}
+
+
+# what the step-cost meter (pretrain/plan/step_cost.py) cannot see inside these ops
+COSTS = {"pretrain::flash_attention_fwd": _fwd_cost, "pretrain::flash_attention_bwd": _bwd_cost}
 
 
 class FlashAttentionFunction(torch.autograd.Function):

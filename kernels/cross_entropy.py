@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._common import check_device, check_dtypes, interpreting, next_power_of_2, require_triton
+from kernels._common import check_device, check_dtypes, interpreting, nbytes, next_power_of_2, require_triton
 
 require_triton()
 import triton  # noqa: E402
@@ -123,6 +123,22 @@ def linear_cross_entropy_fwd(hidden: torch.Tensor, weight: torch.Tensor, targets
 @linear_cross_entropy_fwd.register_fake
 def _(hidden, weight, targets, ignore_index, z_loss, label_smoothing):
     return hidden.new_empty((), dtype=torch.float32), torch.empty_like(hidden), torch.empty_like(weight)
+
+
+def _cost(args, kwargs, outputs) -> dict:
+    """The Triton kernels only (the chunk matmuls, zeros and the count are torch calls the meter sees): per
+    vocabulary chunk, the statistics kernel reads the logits chunk and the gradient kernel rewrites it."""
+    hidden, weight, targets = args[:3]
+    n, d = hidden.shape
+    v = weight.shape[0]
+    chunks = triton.cdiv(v, vocab_chunk(n, d, v))
+    logits = n * v * hidden.element_size()
+    rows = n * 4 * 4 * chunks  # per-row statistics (max, sum of exp, target logit, total) read + written
+    return {"bytes": 3 * logits + 2 * rows + 2 * chunks * nbytes(targets), "launches": 2 * chunks}
+
+
+# what the step-cost meter (pretrain/plan/step_cost.py) cannot see inside this op
+COSTS = {"pretrain::linear_cross_entropy_fwd": _cost}
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._common import check_device, check_dtypes, next_power_of_2, require_triton
+from kernels._common import check_device, check_dtypes, nbytes, next_power_of_2, require_triton
 
 require_triton()
 import triton  # noqa: E402
@@ -136,6 +136,24 @@ def norm_bwd(x2: torch.Tensor, weight: torch.Tensor, dy2: torch.Tensor, mean: to
 @norm_bwd.register_fake
 def _(x2, weight, dy2, mean, rstd, rms, has_bias):
     return torch.empty_like(x2), torch.empty_like(weight), torch.empty_like(weight)
+
+
+def _fwd_cost(args, kwargs, outputs) -> dict:
+    x2, weight, bias = args[:3]
+    return {"bytes": nbytes(x2, weight, bias, *outputs), "launches": 1}
+
+
+def _bwd_cost(args, kwargs, outputs) -> dict:
+    """The kernel: reads x, w, dy, μ, rstd; writes dx and the per-program weight (and bias) partial sums (their
+    sums over programs are torch ops the meter sees)."""
+    x2, weight, dy2, mean, rstd, rms, has_bias = args[:7]
+    n, d = x2.shape
+    partials = triton.cdiv(n, ROWS_PER_PROGRAM) * d * 4 * (2 if has_bias else 1)
+    return {"bytes": nbytes(x2, weight, dy2, mean, rstd, outputs[0]) + partials, "launches": 1}
+
+
+# what the step-cost meter (pretrain/plan/step_cost.py) cannot see inside these ops
+COSTS = {"pretrain::norm_fwd": _fwd_cost, "pretrain::norm_bwd": _bwd_cost}
 
 
 class NormFunction(torch.autograd.Function):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._common import check_device, check_dtypes, next_power_of_2, require_triton
+from kernels._common import check_device, check_dtypes, nbytes, next_power_of_2, require_triton
 
 require_triton()
 import triton  # noqa: E402
@@ -66,6 +66,15 @@ def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: boo
 @_launch.register_fake
 def _(x, cos, sin, backward):
     return torch.empty_like(x)
+
+
+def _cost(args, kwargs, output) -> dict:
+    x, cos, sin = args[:3]
+    return {"bytes": nbytes(x, cos, sin, output), "launches": 1}
+
+
+# what the step-cost meter (pretrain/plan/step_cost.py) cannot see inside this op
+COSTS = {"pretrain::rotary": _cost}
 
 
 class RotaryFunction(torch.autograd.Function):

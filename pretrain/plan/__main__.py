@@ -1,7 +1,7 @@
 """python -m pretrain.plan: the planner's command line.
 
     python -m pretrain.plan --config configs/gpt_7b.toml --gpus 64 --gpu h100 [--gpus-per-node 8]
-                            [--global-batch-tokens 4M] [--seq 8192] [--set K=V ...] [--explain N]
+                            [--global-batch-tokens 4M] [--seq 8192] [--set K=V ...] [--explain N] [--meter]
     python -m pretrain.plan memory --config C [--set K=V ...] --world N      # per-rank bytes, JSON
     python -m pretrain.plan validate [--points FILE.csv]                     # against published runs
     python -m pretrain.plan fit [--points FILE.csv]                          # refit the speed constants
@@ -96,7 +96,20 @@ def _search(args) -> int:
     tokens = _tokens(args.global_batch_tokens)
     if tokens < cfg.model.seq_len:
         raise ValueError(f"--global-batch-tokens {tokens} is less than one sequence of {cfg.model.seq_len}")
-    options, tried = search(cfg, args.gpus, device, tokens, top=args.top)
+    constants = FITTED
+    if args.meter:  # this model's own non-matmul bytes instead of the constant fitted on published runs
+        from dataclasses import replace
+
+        import os
+
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # the meter runs Triton ops dry, on the CPU
+        from pretrain.plan.step_cost import measure, memory_bytes_per_element
+
+        measured = memory_bytes_per_element(measure(cfg), cfg)
+        print(f"memory_bytes: {measured:.0f} per activation element and layer, measured by the step-cost meter "
+              f"(model.kernels = {cfg.model.kernels}; fitted on published runs: {FITTED.memory_bytes:.0f})")
+        constants = replace(FITTED, memory_bytes=measured)
+    options, tried = search(cfg, args.gpus, device, tokens, top=args.top, constants=constants)
     if not tried:
         raise ValueError(f"no layout of {args.gpus} GPUs splits {tokens // cfg.model.seq_len} sequences of "
                          f"{cfg.model.seq_len} evenly over its data-parallel ranks: change --global-batch-tokens "
@@ -145,6 +158,9 @@ def main(argv=None) -> int:
         parser.add_argument("--seq", type=int, default=0)
         parser.add_argument("--top", type=int, default=10)
         parser.add_argument("--explain", type=int, default=0, metavar="N", help="the breakdown of layout N")
+        parser.add_argument("--meter", action="store_true",
+                            help="HBM bytes of this model measured by the step-cost meter (~30 s) instead of the "
+                                 "constant fitted on published runs")
     args = parser.parse_args(argv)
     args.command = command
     try:

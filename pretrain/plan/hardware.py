@@ -59,3 +59,17 @@ def gpu(name: str, overrides: dict | None = None) -> GPU:
             raise ValueError(f"unknown GPU field(s) {', '.join(sorted(bad))}: known are {', '.join(sorted(known))}")
         found = replace(found, **overrides)
     return found
+
+
+@dataclass(frozen=True)
+class MeterConstants:
+    """How the step-cost meter (``step_cost.py``) reads counted work as GPU time — a roofline, not a fit: the
+    first GPU run (``tools/gpu_check.sh``: predicted beside measured step) calibrates them."""
+
+    width_half: float = 510.0  # matmul width (d_model / tp) at which a GEMM reaches half the large-GEMM rate
+    attention_efficiency: float = 0.5  # fused attention's executed FLOPs at this share of the large-GEMM rate
+    hbm_efficiency: float = 0.8  # streaming kernels reach this share of the HBM datasheet bandwidth
+    launch_us: float = 2.0  # the GPU idles this long between two kernels of an eager step
+
+
+METER = MeterConstants()

@@ -12,7 +12,7 @@ from pretrain.config import Config, ConfigError
 from pretrain.parallel.dims import ParallelDims, stages_per_rank
 from pretrain.plan.hardware import GPU
 from pretrain.plan.memory import Memory, estimate_memory
-from pretrain.plan.speed import Estimate, Layout, Shape, estimate
+from pretrain.plan.speed import FITTED, Constants, Estimate, Layout, Shape, estimate
 
 GIB = 2**30
 
@@ -49,10 +49,11 @@ def with_overrides(cfg: Config, overrides: list[str]) -> Config:
     return out.validate()
 
 
-def evaluate(cfg: Config, world: int, gpu: GPU, global_batch: int) -> tuple[ParallelDims, Memory, Estimate]:
+def evaluate(cfg: Config, world: int, gpu: GPU, global_batch: int,
+             constants: Constants = FITTED) -> tuple[ParallelDims, Memory, Estimate]:
     dims = ParallelDims.from_config(cfg, world)
     memory = estimate_memory(cfg, world)
-    speed = estimate(shape_of(cfg), layout_of(cfg, dims), gpu, cfg.model.seq_len, global_batch)
+    speed = estimate(shape_of(cfg), layout_of(cfg, dims), gpu, cfg.model.seq_len, global_batch, constants)
     return dims, memory, speed
 
 
@@ -83,9 +84,11 @@ def candidates(cfg: Config, world: int, gpus_per_node: int) -> list[list[str]]:
     return out
 
 
-def search(cfg: Config, world: int, gpu: GPU, global_batch_tokens: int, top: int = 10) -> tuple[list[Option], int]:
+def search(cfg: Config, world: int, gpu: GPU, global_batch_tokens: int, top: int = 10,
+           constants: Constants = FITTED) -> tuple[list[Option], int]:
     """The ``top`` fitting layouts by predicted tokens/s, and how many were tried. The global batch (in
-    sequences) stays fixed; each layout takes the largest micro-batch that divides its share and fits."""
+    sequences) stays fixed; each layout takes the largest micro-batch that divides its share and fits.
+    ``constants``: the speed model's (``--meter`` puts the step-cost meter's bytes into ``memory_bytes``)."""
     seq = cfg.model.seq_len
     global_batch = max(1, global_batch_tokens // seq)
     budget = gpu.hbm_gib * GIB * cfg.plan.usable_fraction
@@ -107,7 +110,7 @@ def search(cfg: Config, world: int, gpu: GPU, global_batch_tokens: int, top: int
             tried += 1
             try:
                 dims, memory, speed = evaluate(with_overrides(trial, [f"train.grad_accum={accum}"]), world, gpu,
-                                               global_batch)
+                                               global_batch, constants)
             except ConfigError:
                 continue
             if memory.total_bytes > budget:

@@ -1,0 +1,551 @@
+"""The step-cost meter: what one training step of a config costs, counted on this machine, read as a GPU runs it.
+
+A few layers of the config's model run forward + backward (and the optimizer steps once) on the CPU, at reduced
+token counts, under a ``TorchDispatchMode`` that sees every kernel the step would launch and records per op:
+
+- matmul FLOPs (``mm``, ``addmm``, ``bmm``, ``_grouped_mm`` ...: 2·M·N·K),
+- attention FLOPs: SDPA counted as FlashAttention-2 does the work (forward 4·B·H·E·pairs, backward 2.5× that,
+  pairs = T(T+1)/2 causal), the project's Triton kernels by what they declare (``COSTS`` in each kernel module),
+- bytes read + written by every other op (a tensor's distinct elements × element size; views, ``empty`` and
+  other metadata are free) — the "non-matmul traffic",
+- kernel launches (every op that is not free), host syncs (``aten._local_scalar_dense``: ``.item()``,
+  ``int(t)``, ``.tolist()``, also inside the project's custom ops).
+
+Two token counts × two layer counts separate what scales with tokens from what a micro-batch pays once (weight
+casts under autocast) and a layer from the rest of the model: ``bytes = a·tokens + b`` per layer. ``roofline``
+then reads the step at the config's real micro-batch, sequence length, accumulation and layout: matmuls at the
+GPU's large-GEMM throughput scaled by matmul width, attention at ``attention_efficiency`` of it, everything else
+at ``hbm_efficiency`` of the HBM bandwidth, plus ``launch_us`` per launch (``pretrain.plan.hardware``). TP, PP
+and CP divide each rank's share; their communication is the planner's business (``speed.py``), not the meter's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from pretrain.plan.hardware import GPU, gpu as gpu_named
+
+aten = torch.ops.aten
+
+MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "aten::_grouped_mm",
+           "aten::_scaled_mm", "aten::_scaled_grouped_mm"}
+# SDPA kernels: FlashAttention-2's work, forward (QKᵀ and PV) and backward (recomputed QKᵀ, dV, dP, dQ, dK: 2.5×)
+SDPA_FORWARD = {"aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_flash_attention",
+                "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_cudnn_attention"}
+SDPA_BACKWARD = {name + "_backward" for name in SDPA_FORWARD}
+FA2_BACKWARD_OVER_FORWARD = 2.5
+# no kernel and no traffic: allocation without initialisation, aliases, metadata
+FREE = {"aten::empty", "aten::empty_like", "aten::empty_strided", "aten::new_empty", "aten::new_empty_strided",
+        "aten::detach", "aten::alias", "aten::lift_fresh", "aten::set_", "aten::resize_", "aten::record_stream",
+        "aten::_unsafe_view", "aten::_reshape_alias", "aten::sym_size", "aten::sym_stride", "aten::sym_numel",
+        "aten::is_same_size", "aten::_has_compatible_shallow_copy_type"}
+SYNCS = {"aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::nonzero", "aten::equal",
+         "aten::allclose"}
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a kernel touches for ``t``: its distinct elements (a broadcast, stride-0 dimension counts once)."""
+    if t.is_sparse:
+        return 0
+    n = 1
+    for size, stride in zip(t.shape, t.stride()):
+        if stride != 0:
+            n *= size
+    return n * t.element_size()
+
+
+def _tensors(tree) -> list[torch.Tensor]:
+    return [x for x in tree_flatten(tree)[0] if isinstance(x, torch.Tensor)]
+
+
+@dataclass
+class Cost:
+    """What a span of the step launched (totals)."""
+
+    matmul_flops: float = 0.0
+    attention_fwd_flops: float = 0.0
+    attention_bwd_flops: float = 0.0
+    attention_bytes: float = 0.0  # the attention kernels' own reads and writes (q, k, v, out, lse, grads)
+    bytes: float = 0.0  # every other op's reads + writes
+    launches: int = 0
+    syncs: int = 0
+    by_op: dict = field(default_factory=lambda: defaultdict(float))  # op name -> bytes
+    launches_by_op: dict = field(default_factory=lambda: defaultdict(int))
+
+    def add_op(self, name: str, nbytes: float, launches: int = 1) -> None:
+        self.bytes += nbytes
+        self.launches += launches
+        self.by_op[name] += nbytes
+        self.launches_by_op[name] += launches
+
+    def minus(self, other: Cost) -> Cost:
+        ops = set(self.by_op) | set(other.by_op)
+        return Cost(self.matmul_flops - other.matmul_flops, self.attention_fwd_flops - other.attention_fwd_flops,
+                    self.attention_bwd_flops - other.attention_bwd_flops,
+                    self.attention_bytes - other.attention_bytes, self.bytes - other.bytes,
+                    self.launches - other.launches, self.syncs - other.syncs,
+                    defaultdict(float, {k: self.by_op.get(k, 0.0) - other.by_op.get(k, 0.0) for k in ops}),
+                    defaultdict(int, {k: self.launches_by_op.get(k, 0) - other.launches_by_op.get(k, 0)
+                                      for k in ops}))
+
+
+@dataclass(frozen=True)
+class Declared:
+    """A custom op's own kernels (what the dispatcher cannot see into): FLOPs, bytes, launches."""
+
+    flops: float = 0.0
+    bytes: float = 0.0
+    launches: int = 1
+    attention: str = ""  # "fwd" | "bwd": the FLOPs are attention's
+
+
+def sdpa_flops(q: torch.Tensor, k: torch.Tensor, causal: bool) -> float:
+    """FlashAttention-2's forward work: QKᵀ and PV over the (causal) pairs, 4·B·H·E·pairs."""
+    b, h, tq, e = q.shape
+    tk = k.shape[-2]
+    pairs = tq * (tq + 1) / 2 if causal and tq == tk else tq * tk
+    return 4.0 * b * h * e * pairs
+
+
+def _sdpa_causal(name: str, args, kwargs) -> bool:
+    if "is_causal" in kwargs:
+        return bool(kwargs["is_causal"])
+    # positional is_causal: (q, k, v, dropout_p, is_causal) forward; backward (dout, q, k, v, out, lse, ...)
+    flags = [a for a in args if isinstance(a, bool)]
+    return bool(flags[0]) if flags else False
+
+
+class CostMode(TorchDispatchMode):
+    """Counts every dispatched op into ``cost``. ``declared`` maps a custom op's name ("pretrain::norm_fwd") to
+    a function (args, kwargs, outputs) -> Declared; inside such an op only what it runs through torch is seen
+    (its matmuls, allocations, host syncs) and counted on top of the declaration."""
+
+    def __init__(self, cost: Cost, declared: dict | None = None):
+        super().__init__()
+        self.cost, self.declared = cost, declared or {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func._schema.name  # "aten::add" for every overload of add
+        c = self.cost
+        if name in SYNCS:
+            c.syncs += 1
+            return func(*args, **kwargs)
+        if name in self.declared:
+            with CostMode(c, self.declared):  # the op's own torch calls, counted too: straight to its kernel
+                out = func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args, **kwargs)
+            d = Declared(**self.declared[name](args, kwargs, out))
+            if d.attention:
+                if d.attention == "fwd":
+                    c.attention_fwd_flops += d.flops
+                else:
+                    c.attention_bwd_flops += d.flops
+                c.attention_bytes += d.bytes
+                c.launches += d.launches
+                c.launches_by_op[name] += d.launches
+            else:
+                c.matmul_flops += d.flops
+                c.add_op(name, d.bytes, d.launches)
+            return out
+        out = func(*args, **kwargs)
+        if name in FREE or getattr(func, "is_view", False) or name.startswith(("prim::", "profiler::")):
+            return out
+        outputs = _tensors(out)
+        skip = {id(t) for t in _tensors(kwargs.get("out"))}
+        inputs = [t for t in _tensors((args, kwargs)) if id(t) not in skip]
+        moved = sum(tensor_bytes(t) for t in inputs) + sum(tensor_bytes(t) for t in outputs)
+        if name in MATMULS:
+            k = inputs[-1].shape[-2] if name == "aten::_grouped_mm" else _contracted(name, args)
+            c.matmul_flops += 2.0 * sum(t.numel() for t in outputs[:1]) * k
+            c.launches += 1
+            c.launches_by_op[name] += 1
+        elif name in SDPA_FORWARD:
+            c.attention_fwd_flops += sdpa_flops(args[0], args[1], _sdpa_causal(name, args, kwargs))
+            c.attention_bytes += moved
+            c.launches += 1
+            c.launches_by_op[name] += 1
+        elif name in SDPA_BACKWARD:
+            q, k = args[1], args[2]
+            c.attention_bwd_flops += FA2_BACKWARD_OVER_FORWARD * sdpa_flops(q, k, _sdpa_causal(name, args, kwargs))
+            c.attention_bytes += moved
+            c.launches += 1
+            c.launches_by_op[name] += 1
+        else:
+            c.add_op(name, moved)
+        return out
+
+
+def _contracted(name: str, args) -> int:
+    """K of a matmul op: the contracted dimension of its first matrix operand."""
+    a = args[1] if name in ("aten::addmm", "aten::baddbmm", "aten::addbmm") else args[0]
+    return a.shape[-1]
+
+
+def declared_costs(kernels: str) -> dict:
+    """The custom ops' declarations of the kernel modules ``model.kernels`` uses (none for "torch")."""
+    from pretrain.models.ops import TRITON_OPS, triton_ops
+
+    costs = {}
+    for op in triton_ops(kernels):
+        module = importlib.import_module(TRITON_OPS[op][0])
+        costs.update(module.COSTS)
+    if costs:
+        from kernels._common import interpreting
+
+        if not interpreting():
+            raise RuntimeError("the step-cost meter runs the Triton ops dry on the CPU: set TRITON_INTERPRET=1 "
+                               "before the kernels are imported (tools/step_cost.py does)")
+    return costs
+
+
+@contextlib.contextmanager
+def counting(cost: Cost, declared: dict | None = None):
+    with CostMode(cost, declared), _dry_launches(bool(declared)):
+        yield cost
+
+
+@contextlib.contextmanager
+def _dry_launches(active: bool):
+    """Triton launches do nothing while the meter counts: their costs are declared (``COSTS``), and running them
+    in the interpreter (the meter's only way on a CPU) would cost minutes and count the interpreter's own copies.
+    Their outputs stay uninitialised, which no count depends on."""
+    if not active:
+        yield
+        return
+    from triton.runtime.interpreter import InterpretedFunction
+
+    run = InterpretedFunction.run
+    InterpretedFunction.run = lambda self, *args, grid, warmup, **kwargs: None
+    try:
+        yield
+    finally:
+        InterpretedFunction.run = run
+
+
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class Measurement:
+    """Per layer: ``a`` per token and ``b`` per micro-batch; ``outside``: the rest of the model (embedding, head,
+    loss) the same way. FLOPs are per token; attention FLOPs at ``seq`` tokens per sequence."""
+
+    config: str
+    kernels: str
+    seq: int  # the sequence length the attention numbers are for (the config's)
+    matmul_flops_per_token_layer: float
+    attention_fwd_flops_per_token_layer: float
+    attention_bwd_flops_per_token_layer: float
+    attention_bytes_per_token_layer: float
+    nonmatmul_bytes_per_token_layer: float
+    nonmatmul_bytes_per_microbatch_layer: float
+    launches_per_layer: float  # per micro-batch
+    outside_matmul_flops_per_token: float
+    outside_bytes_per_token: float
+    outside_bytes_per_microbatch: float
+    outside_launches: float
+    syncs_per_microbatch: float
+    optimizer_bytes_per_param: float
+    optimizer_launches: int
+    optimizer_syncs: int
+    bytes_by_op: dict  # op -> bytes per token per layer (fitted slope)
+    runs: list = field(default_factory=list)  # (layers, tokens, Cost totals) as measured
+
+    @property
+    def attn_bwd_over_fwd_flops(self) -> float:
+        return self.attention_bwd_flops_per_token_layer / max(self.attention_fwd_flops_per_token_layer, 1e-30)
+
+
+def _optimizer_cost(cfg, n_layers, tokens, kernels, model=None) -> tuple[Cost, int]:
+    """One optimizer step over fp32 master parameters (a peer's bf16 model: over ours of the same shape, which
+    holds the same parameters), as a GPU run builds it: fused torch AdamW, or the Triton one declared."""
+    from pretrain.optim import build_optimizer
+
+    if model is None:
+        model, _ = _ours(cfg, n_layers, tokens, kernels)
+        optim = replace(cfg.optim, impl="torch")
+    else:
+        optim = cfg.optim
+    for p in model.parameters():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    optimizer = build_optimizer(model, replace(optim, name="adamw") if optim.name == "muon" else optim,
+                                torch.device("cuda"))
+    cost = Cost()
+    with counting(cost):
+        optimizer.step()
+    if optim.impl == "triton":  # a raw Triton launch: its declaration
+        from kernels.adamw import step_cost
+
+        moved, launches = step_cost(optimizer)
+        cost.add_op("triton::adamw", moved, launches)
+    return cost, sum(p.numel() for p in model.parameters())
+
+
+def _slope(y1: float, y2: float, x1: float, x2: float) -> tuple[float, float]:
+    a = (y2 - y1) / (x2 - x1)
+    return a, y1 - a * x1
+
+
+def _batch(cfg, tokens: int, generator) -> dict:
+    m = cfg.model
+    ids = torch.randint(0, m.vocab_size, (1, tokens), generator=generator)
+    if m.arch == "bert":
+        labels = torch.full_like(ids, -100)
+        labels[:, ::7] = ids[:, ::7]
+        return {"tokens": ids, "attention_mask": torch.ones_like(ids, dtype=torch.bool), "labels": labels}
+    return {"tokens": ids, "targets": torch.roll(ids, -1, 1)}
+
+
+def _ours(cfg, n_layers: int, tokens: int, kernels: str):
+    """Our model at ``n_layers`` and its step as the local engine runs it: the task's loss under autocast (bf16
+    configs), the summed loss normalised, backward."""
+    from pretrain.models import build_model
+    from pretrain.tasks import task_for
+
+    model_cfg = replace(cfg.model, n_layers=n_layers, seq_len=tokens, kernels=kernels, dropout=0.0,
+                        moe_dense_layers=min(cfg.model.moe_dense_layers, n_layers - 1))
+    model = build_model(model_cfg)
+    model.train()
+    task = task_for(cfg.model.arch)
+
+    def step(batch):
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.train.dtype == "bf16" else contextlib.nullcontext()
+        with ctx:
+            out = task.loss(model, batch, accuracy=False)
+        (out.loss_sum / tokens + sum(out.extra_losses.values(), torch.zeros(()))).backward()
+
+    return model, step
+
+
+def _torchtitan(cfg, n_layers: int, tokens: int, kernels: str):
+    """torchtitan's Llama-3 of the config's shape (fused wqkv, SDPA causal) as its FSDP training runs it:
+    parameters in bf16 (FSDP's ``param_dtype``; no autocast), the loss on fp32 logits."""
+    try:
+        import torchtitan.models.llama3 as tt
+        from torchtitan.models.common.attention import ScaledDotProductAttention
+        from torchtitan.models.common.config_utils import make_ffn_config, make_gqa_config
+    except ImportError as exc:
+        raise RuntimeError(f"--peer torchtitan needs torchtitan ({exc}): pip install torchtitan") from None
+    m = cfg.model
+    if m.arch != "gpt" or m.flavor != "llama" or m.n_experts:
+        raise ValueError("--peer torchtitan compares a dense llama-flavour GPT")
+    init = {"weight": torch.nn.init.normal_, "bias": torch.nn.init.zeros_}
+    ones = {"weight": torch.nn.init.ones_}
+    layers = [tt.Llama3TransformerBlock.Config(
+        attention_norm=tt.RMSNorm.Config(normalized_shape=m.d_model, param_init=ones),
+        ffn_norm=tt.RMSNorm.Config(normalized_shape=m.d_model, param_init=ones),
+        attention=make_gqa_config(dim=m.d_model, n_heads=m.n_heads, n_kv_heads=m.kv_heads, wqkv_param_init=init,
+                                  wo_param_init=init, inner_attention=ScaledDotProductAttention.Config(),
+                                  fuse_qkv=True, rope=tt.ComplexRoPE.Config(dim=m.head_dim, max_seq_len=tokens,
+                                                                            theta=m.rope_theta)),
+        feed_forward=make_ffn_config(dim=m.d_model, hidden_dim=m.ffn_dim, w1_param_init=init,
+                                     w2w3_param_init=init)) for _ in range(n_layers)]
+    model = tt.Llama3Model.Config(
+        dim=m.d_model, vocab_size=m.vocab_size, layers=layers,
+        tok_embeddings=tt.Embedding.Config(num_embeddings=m.vocab_size, embedding_dim=m.d_model, param_init=init),
+        norm=tt.RMSNorm.Config(normalized_shape=m.d_model, param_init=ones),
+        lm_head=tt.Linear.Config(in_features=m.d_model, out_features=m.vocab_size, param_init=init)).build()
+    if cfg.train.dtype == "bf16":  # parameters only: the RoPE table stays complex fp32, as under FSDP
+        for p in model.parameters():
+            p.data = p.data.to(torch.bfloat16)
+    model.train()
+
+    def step(batch):
+        logits = model(batch["tokens"])
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten()).backward()
+
+    return model, step
+
+
+BUILDERS = {None: _ours, "torchtitan": _torchtitan}
+
+
+def measure(cfg, kernels: str | None = None, tokens: tuple[int, int] = (128, 256), layers: tuple[int, int] = (1, 2),
+            seed: int = 0, peer: str | None = None) -> Measurement:
+    """Run the config's model (or ``peer``'s of the same shape) at ``layers`` × ``tokens`` (one sequence per
+    micro-batch) under the counter and fit the per-layer / per-token split. ``kernels`` overrides
+    ``model.kernels`` ("torch" | "triton" | a list)."""
+    kernels = "torch" if peer else kernels or cfg.model.kernels
+    declared = declared_costs(kernels)
+    results = {}
+    optimizer_cost, n_params = None, 0
+    for n_layers in layers:
+        for t in tokens:
+            torch.manual_seed(seed)
+            model, step = BUILDERS[peer](cfg, n_layers, t, kernels)
+            cost = Cost()
+            with counting(cost, declared):
+                step(_batch(cfg, t, torch.Generator().manual_seed(seed)))
+            results[n_layers, t] = cost
+            if optimizer_cost is None:  # the optimizer as a GPU run builds it (fused torch AdamW on CUDA)
+                optimizer_cost, n_params = _optimizer_cost(cfg, n_layers, t, kernels, model if not peer else None)
+            del model
+    (l1, l2), (t1, t2) = layers, tokens
+
+    def per_layer(get):
+        """(a per token, b per micro-batch) of one layer and of the rest, from the four runs."""
+        a1, b1 = _slope(get(results[l1, t1]), get(results[l1, t2]), t1, t2)
+        a2, b2 = _slope(get(results[l2, t1]), get(results[l2, t2]), t1, t2)
+        a_layer, b_layer = (a2 - a1) / (l2 - l1), (b2 - b1) / (l2 - l1)
+        return a_layer, b_layer, a1 - l1 * a_layer, b1 - l1 * b_layer
+
+    mm = per_layer(lambda c: c.matmul_flops)
+    by_bytes = per_layer(lambda c: c.bytes)
+    att_bytes = per_layer(lambda c: c.attention_bytes)
+    launches = per_layer(lambda c: c.launches)
+    syncs = per_layer(lambda c: c.syncs)
+    # attention FLOPs per token grow with the sequence: read at t2 per layer, then scaled to the config's length
+    scale = cfg.model.seq_len / t2
+    attn_f = (results[l2, t2].attention_fwd_flops - results[l1, t2].attention_fwd_flops) / (l2 - l1) / t2 * scale
+    attn_b = (results[l2, t2].attention_bwd_flops - results[l1, t2].attention_bwd_flops) / (l2 - l1) / t2 * scale
+    ops = set().union(*(c.by_op for c in results.values()))
+    by_op = {op: per_layer(lambda c, op=op: c.by_op.get(op, 0.0))[0] for op in ops}
+    return Measurement(
+        config=getattr(cfg, "source", ""), kernels=kernels, seq=cfg.model.seq_len,
+        matmul_flops_per_token_layer=mm[0], attention_fwd_flops_per_token_layer=attn_f,
+        attention_bwd_flops_per_token_layer=attn_b, attention_bytes_per_token_layer=att_bytes[0],
+        nonmatmul_bytes_per_token_layer=by_bytes[0], nonmatmul_bytes_per_microbatch_layer=by_bytes[1],
+        launches_per_layer=launches[0] * t1 + launches[1],
+        outside_matmul_flops_per_token=mm[2], outside_bytes_per_token=by_bytes[2],
+        outside_bytes_per_microbatch=by_bytes[3], outside_launches=launches[2] * t1 + launches[3],
+        syncs_per_microbatch=results[l1, t1].syncs, optimizer_bytes_per_param=optimizer_cost.bytes / n_params,
+        optimizer_launches=optimizer_cost.launches, optimizer_syncs=optimizer_cost.syncs,
+        bytes_by_op={k: v for k, v in sorted(by_op.items(), key=lambda kv: -kv[1]) if abs(v) > 0.5},
+        runs=[(lay, t, results[lay, t]) for lay, t in sorted(results)])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Roofline:
+    gpu: str
+    step_s: float
+    mfu: float
+    tokens_per_s: float  # per GPU
+    parts: dict  # seconds per step: matmul, attention, memory, launches, optimizer
+
+
+def roofline(m: Measurement, cfg, gpu: GPU | str, tp: int | None = None, pp: int | None = None,
+             cp: int | None = None, dp_shards: int = 1) -> Roofline:
+    """One rank's step as ``gpu`` would run it: the config's micro-batch, sequence, accumulation and layout."""
+    from pretrain.models.flops import flops_per_token, num_params
+    from pretrain.plan.hardware import METER
+
+    g = gpu_named(gpu) if isinstance(gpu, str) else gpu
+    p = cfg.parallel
+    tp, pp, cp = tp or p.tp, pp or p.pp, cp or p.cp
+    seq = cfg.model.seq_len
+    micro_tokens = cfg.train.micro_batch_size * seq / cp  # this rank's tokens per micro-batch
+    micro_batches = cfg.train.grad_accum * (p.n_microbatches or 1 if pp > 1 else 1)
+    tokens = micro_tokens * micro_batches
+    layers = cfg.model.n_layers / pp
+    split = tp  # TP splits each layer's matmuls, activations and weights
+    width = cfg.model.d_model / tp
+    matmul_rate = g.gemm_bf16 * 1e12 * width / (width + METER.width_half)
+    matmul = (m.matmul_flops_per_token_layer * layers + m.outside_matmul_flops_per_token / pp) * tokens / split
+    attention_flops = (m.attention_fwd_flops_per_token_layer + m.attention_bwd_flops_per_token_layer) * layers \
+        * tokens / cp / split  # CP: each rank's queries see 1/cp of the keys' work per token on average
+    attention = attention_flops / (g.gemm_bf16 * 1e12 * METER.attention_efficiency)
+    bandwidth = g.hbm_tb_s * 1e12 * METER.hbm_efficiency
+    memory_bytes = ((m.nonmatmul_bytes_per_token_layer * layers + m.outside_bytes_per_token / pp) * tokens
+                    + (m.nonmatmul_bytes_per_microbatch_layer * layers + m.outside_bytes_per_microbatch / pp)
+                    * micro_batches) / split
+    memory = memory_bytes / bandwidth
+    launches = (m.launches_per_layer * layers + m.outside_launches / pp) * micro_batches + m.optimizer_launches
+    launch = launches * METER.launch_us * 1e-6
+    optimizer = m.optimizer_bytes_per_param * num_params(cfg.model) / (tp * pp * dp_shards) / bandwidth
+    step = matmul / matmul_rate + attention + memory + launch + optimizer
+    model_flops = flops_per_token(cfg.model) * tokens / (tp * pp)
+    return Roofline(g.name, step, model_flops / step / (g.bf16_tflops * 1e12), tokens / step,
+                    {"matmul": matmul / matmul_rate, "attention": attention, "memory": memory, "launches": launch,
+                     "optimizer": optimizer})
+
+
+GPUS_READ = ("h100", "h200", "b200")
+
+
+def report(m: Measurement, cfg, peer: Measurement | None = None) -> dict:
+    """The meter's JSON: the keys the README and gpu_check read."""
+    p = cfg.parallel
+    shards = p.dp_shard if p.zero_stage >= 1 and p.dp_shard > 1 else 1
+    lines = {g: roofline(m, cfg, g, dp_shards=shards) for g in GPUS_READ}
+    micro_batches = cfg.train.grad_accum
+    out = {
+        "config": m.config, "kernels": m.kernels, "seq_len": m.seq,
+        "matmul_flops_per_token_layer": m.matmul_flops_per_token_layer,
+        "attention_fwd_flops_per_token_layer": m.attention_fwd_flops_per_token_layer,
+        "attention_bwd_flops_per_token_layer": m.attention_bwd_flops_per_token_layer,
+        "attn_bwd_over_fwd_flops": m.attn_bwd_over_fwd_flops,
+        "nonmatmul_bytes_per_token_layer": m.nonmatmul_bytes_per_token_layer,
+        "nonmatmul_bytes_per_microbatch_layer": m.nonmatmul_bytes_per_microbatch_layer,
+        "launches_per_layer": m.launches_per_layer,
+        "host_syncs_per_step": m.syncs_per_microbatch * micro_batches + m.optimizer_syncs,
+        "optimizer_bytes_per_step": m.optimizer_bytes_per_param * _params(cfg),
+        "optimizer_bytes_per_param": m.optimizer_bytes_per_param,
+        "bytes_by_op": {k: round(v, 1) for k, v in list(m.bytes_by_op.items())[:12]},
+        "roofline_mfu": {g: round(r.mfu, 4) for g, r in lines.items()},
+        "roofline_step_s": {g: r.step_s for g, r in lines.items()},
+        "roofline_parts_s": {g: r.parts for g, r in lines.items()},
+    }
+    if peer is not None:
+        out["peer"] = {k: v for k, v in report(peer, cfg).items() if k != "peer"}
+    return out
+
+
+def _params(cfg) -> int:
+    from pretrain.models.flops import num_params
+
+    return num_params(cfg.model)
+
+
+def memory_bytes_per_element(m: Measurement, cfg) -> float:
+    """The planner's ``memory_bytes`` (HBM bytes per activation element per layer) for this model, measured:
+    per-token bytes of a layer over its width, plus the per-micro-batch bytes spread over a micro-batch."""
+    micro_tokens = cfg.train.micro_batch_size * cfg.model.seq_len
+    per_token = m.nonmatmul_bytes_per_token_layer + m.nonmatmul_bytes_per_microbatch_layer / micro_tokens
+    return per_token / cfg.model.d_model
+
+
+def fmt_table(rep: dict) -> str:
+    """The human table: one column for ours, one for the peer where there is one."""
+    cols = [("ours", rep)] + ([("peer", rep["peer"])] if "peer" in rep else [])
+    rows = [
+        ("matmul GFLOP / token / layer", lambda r: f"{r['matmul_flops_per_token_layer'] / 1e9:.3f}"),
+        ("attention fwd GFLOP / token / layer", lambda r: f"{r['attention_fwd_flops_per_token_layer'] / 1e9:.3f}"),
+        ("attention bwd / fwd FLOPs", lambda r: f"{r['attn_bwd_over_fwd_flops']:.2f}"),
+        ("non-matmul MB / token / layer", lambda r: f"{r['nonmatmul_bytes_per_token_layer'] / 1e6:.3f}"),
+        ("non-matmul MB / micro-batch / layer", lambda r: f"{r['nonmatmul_bytes_per_microbatch_layer'] / 1e6:.1f}"),
+        ("launches / layer / micro-batch", lambda r: f"{r['launches_per_layer']:.0f}"),
+        ("host syncs / step", lambda r: f"{r['host_syncs_per_step']:.0f}"),
+        ("optimizer GB / step", lambda r: f"{r['optimizer_bytes_per_step'] / 1e9:.2f}"),
+    ] + [(f"roofline MFU {g}", lambda r, g=g: f"{100 * r['roofline_mfu'][g]:.1f} %") for g in GPUS_READ] \
+      + [(f"roofline step {g} (s)", lambda r, g=g: f"{r['roofline_step_s'][g]:.3f}") for g in GPUS_READ]
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'':{width}s}  " + "  ".join(f"{name:>10s}" for name, _ in cols)]
+    for label, get in rows:
+        lines.append(f"{label:{width}s}  " + "  ".join(f"{get(r):>10s}" for _, r in cols))
+    top = list(rep["bytes_by_op"].items())[:8]
+    if top:
+        lines.append("largest non-matmul traffic (bytes / token / layer): "
+                     + ", ".join(f"{op.replace('aten::', '')} {v:.0f}" for op, v in top))
+    return "\n".join(lines)
+
+
+def predicted_step_s(cfg, gpu: str, kernels: str | None = None) -> float:
+    """The meter's step time for ``cfg`` on ``gpu`` (gpu_check puts it beside the measured one)."""
+    m = measure(cfg, kernels)
+    p = cfg.parallel
+    return roofline(m, cfg, gpu, dp_shards=p.dp_shard if p.zero_stage >= 1 else 1).step_s
+
+
+
+def peer_measure(peer: str, cfg, tokens=(128, 256), layers=(1, 2)) -> Measurement:
+    """The same measurement of a peer framework's model of the config's shape (``--peer torchtitan``)."""
+    if peer not in BUILDERS or peer is None:
+        raise ValueError(f"unknown peer {peer!r}: known are {', '.join(k for k in BUILDERS if k)}")
+    return measure(cfg, tokens=tokens, layers=layers, peer=peer)
