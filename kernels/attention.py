@@ -54,12 +54,14 @@ def _cfg(block_m: int, block_n: int, warps: int, stages: int):
 # with 4–8 warps, smaller key tiles as the head dim grows) and the Triton fused-attention tutorial's Hopper
 # configs (BLOCK_M 128, BLOCK_N 64/128, 8 warps, 3 stages); the backward follows its 32×128 (dK/dV) and 128×32
 # (dQ) split. Each list was pruned to what the compile gate shows fitting without spills: head dim 256 takes
-# smaller tiles and fewer stages (its tiles alone are 4× the head-dim-64 ones). Rules the kernels rely on:
+# smaller tiles and fewer stages (its tiles alone are 4× the head-dim-64 ones), and with triton 3.6 (the GPU
+# image's) five 4-warp candidates spilled 8–24 B (head dim 256 forward / dQ on sm_80 and sm_90a, one head-dim-128
+# dK/dV on sm_100a): their 8-warp twins (half the registers a thread) or a 32-row tile replace them. Rules:
 # forward and dQ need BLOCK_M % BLOCK_N == 0, dK/dV needs BLOCK_N % BLOCK_M == 0 (the causal split).
 FWD_CONFIGS = {
     (80, 64): [_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3)],
     (80, 128): [_cfg(128, 32, 8, 3), _cfg(64, 32, 4, 3)],
-    (80, 256): [_cfg(64, 32, 4, 2), _cfg(64, 32, 8, 2)],
+    (80, 256): [_cfg(64, 32, 8, 2), _cfg(32, 32, 4, 2)],
     (90, 64): [_cfg(128, 128, 8, 3), _cfg(128, 64, 8, 3)],
     (90, 128): [_cfg(128, 64, 8, 3), _cfg(64, 64, 4, 3)],
     (90, 256): [_cfg(128, 32, 8, 2), _cfg(64, 32, 8, 2)],
@@ -75,16 +77,16 @@ DKDV_CONFIGS = {
     (90, 128): [_cfg(32, 64, 8, 2), _cfg(16, 64, 8, 2)],
     (90, 256): [_cfg(32, 32, 8, 2), _cfg(16, 32, 8, 2)],
     (100, 64): [_cfg(32, 128, 8, 3), _cfg(32, 64, 4, 3)],
-    (100, 128): [_cfg(16, 64, 8, 2), _cfg(16, 32, 4, 2)],
+    (100, 128): [_cfg(16, 64, 8, 2), _cfg(16, 32, 8, 2)],
     (100, 256): [_cfg(32, 32, 8, 2), _cfg(16, 32, 8, 2)],
 }
 DQ_CONFIGS = {
     (80, 64): [_cfg(128, 32, 8, 3), _cfg(64, 64, 4, 2)],
     (80, 128): [_cfg(128, 32, 8, 2), _cfg(64, 32, 4, 2)],
-    (80, 256): [_cfg(64, 16, 4, 1), _cfg(32, 32, 4, 1)],
+    (80, 256): [_cfg(64, 16, 8, 1), _cfg(32, 32, 4, 1)],
     (90, 64): [_cfg(128, 32, 4, 3), _cfg(128, 64, 8, 3)],
     (90, 128): [_cfg(128, 32, 8, 3), _cfg(64, 64, 4, 3)],
-    (90, 256): [_cfg(64, 32, 4, 2), _cfg(64, 16, 4, 2)],
+    (90, 256): [_cfg(64, 32, 8, 2), _cfg(64, 16, 4, 2)],
     (100, 64): [_cfg(128, 32, 4, 3), _cfg(128, 64, 8, 3)],
     (100, 128): [_cfg(128, 32, 8, 3), _cfg(64, 64, 4, 3)],
     (100, 256): [_cfg(64, 32, 4, 2), _cfg(64, 16, 4, 2)],

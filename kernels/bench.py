@@ -285,8 +285,11 @@ def run(ops: list[str], dtype, seq_lens: list[int], out_dir: Path) -> list[dict]
     bandwidth, matmul = measure_peaks(dtype if dtype != torch.float32 else torch.bfloat16)
     device = torch.cuda.get_device_name().replace(" ", "_")
     rows = []
-    for op in ops:
-        for case in cases_for(op, dtype, seq_lens):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"kernels-{device}-{commit()}"
+    with open(out_dir / f"{stem}.csv", "w", newline="") as f:  # row by row: a run cut short keeps what it measured
+        writer = None
+        for case in (case for op in ops for case in cases_for(op, dtype, seq_lens)):
             torch.cuda.reset_peak_memory_stats()
             ms = do_bench(case.fn)
             tflops = case.flops / (ms * 1e-3) / 1e12
@@ -297,14 +300,13 @@ def run(ops: list[str], dtype, seq_lens: list[int], out_dir: Path) -> list[dict]
                          "pct_matmul_peak": round(100 * tflops / matmul, 1),
                          "pct_copy_bandwidth": round(100 * gbs / bandwidth, 1),
                          "peak_mem_mib": round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)})
+            if writer is None:
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                writer.writeheader()
+            writer.writerow(rows[-1])
+            f.flush()
             print(f"{case.op:22s} {case.shape:24s} {case.impl:16s} {ms:9.3f} ms {tflops:8.1f} TFLOP/s "
                   f"{gbs:8.1f} GB/s", flush=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"kernels-{device}-{commit()}"
-    with open(out_dir / f"{stem}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
     plot(rows, out_dir / f"{stem}.png", bandwidth, matmul)
     print(f"measured peaks: copy {bandwidth:.0f} GB/s, matmul {matmul:.0f} TFLOP/s; wrote {out_dir / stem}.csv/.png")
     return rows

@@ -4,6 +4,7 @@ plot tool, and the GPU check's dry run."""
 import csv
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -144,19 +145,40 @@ def test_wandb_missing_names_the_extra(tmp_path, monkeypatch):
     assert "pip install 'pretrain[wandb]'" in str(info.value)
 
 
-def test_gpu_check_dry_run_passes_on_cpu(tmp_path):
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+def test_gpu_check_dry_run_passes_on_cpu_with_only_python3(tmp_path):
+    """The GPU image may have only ``python3``: with no ``python`` on PATH the check finds python3. The dry run
+    validates every step's config, that no training step can leave a checkpoint under OUT, and the meter."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (bin_dir / "python3").chmod(0o755)
+    path = os.pathsep.join([str(bin_dir), "/usr/bin", "/bin"])
+    if shutil.which("python", path=path):
+        pytest.skip("this machine has a python on /usr/bin or /bin")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHON"} | {"PATH": path}
     done = subprocess.run(["bash", "tools/gpu_check.sh", "--dry-run", "--out", str(tmp_path / "gc")], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.splitlines()
     assert lines[-1] == "dry run ok"
-    for step in ("facts", "compile_gate", "gpu_tests", "train_triton", "train_torch", "train_fp8", "hf_triton",
-                 "gpt7b_bf16", "gpt7b_fp8", "bench_kernels", "hf_torch", "train_compiled"):
+    steps = ("facts", "gpu_tests", "train_triton", "train_torch", "train_fp8", "hf_triton", "meter", "gpt7b_bf16",
+             "gpt7b_fp8", "bench_kernels", "hf_torch", "train_compiled")
+    for step in steps:
         assert any(line.split()[:1] == [step] for line in lines), step
-    assert sum(line.startswith("ok    ") for line in lines) == 11
-    assert any(line.startswith("ok    compile gate: compile gate:") and " 0 failed" in line for line in lines)
+    assert not any(line.split()[:1] == ["compile_gate"] for line in lines)  # CPU work: never on the loan
+    assert sum(line.startswith("ok    ") for line in lines) == 13
+    assert f"ok    python: {bin_dir / 'python3'}" in lines
+    assert "ok    checkpoints outside OUT: checkpoints outside OUT in all 6 training steps" in lines
     assert not (tmp_path / "gc").exists()  # a dry run writes nothing
+
+
+def test_gpu_check_rule_catches_a_checkpoint_under_out(tmp_path):
+    out = tmp_path / "gc"
+    inside = f"--config configs/gpt_1b.toml --set train.steps=2 logging.run_dir={out}/train"
+    outside = f"--config configs/gpt_1b.toml --set checkpoint.dir={tmp_path}/elsewhere logging.run_dir={out}/train"
+    done = subprocess.run([sys.executable, "tools/gpu_report.py", "--checkpoints-outside", str(out), outside,
+                           inside], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stdout.strip() == f"checkpoints would land in OUT: {out}/train/checkpoints"
 
 
 def test_gpu_check_refuses_without_a_gpu(tmp_path):

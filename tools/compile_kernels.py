@@ -5,6 +5,7 @@ sm_100a on this machine (no GPU), with registers, spills, shared memory and tens
     python tools/compile_kernels.py                       # all archs in parallel; the table; exit 1 on a problem
     python tools/compile_kernels.py --arch sm_90a --only attention --markdown table.md
     python tools/compile_kernels.py --full                # fp16 on every family too (several times longer)
+    python tools/compile_kernels.py --triton 3.6.0        # with another triton (the GPU image's), kept in a cache
 
 One worker process per core (kernels.compile_check --shard), each with a fresh triton cache; TRITON_INTERPRET is cleared for
 them. Exit 0: every kernel passed; 1: a problem (the table says which); 2: bad arguments or a crashed arch.
@@ -27,10 +28,27 @@ sys.path.insert(0, str(ROOT))
 from kernels.compile_check import ARCHS  # noqa: E402  (imports no triton)
 
 
-def run_archs(archs: list[str], full: bool, only: str | None, cases: str | None) -> tuple[list[dict], list[str]]:
+def triton_site(version: str) -> Path:
+    """A folder holding triton==version (pip --target, installed once, then reused): the gate's workers import it
+    instead of the environment's triton, so one checkout can check the pinned version and the GPU image's."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pretrain" / f"triton-{version}"
+    if not (cache / "triton" / "__init__.py").is_file():
+        partial = cache.with_name(cache.name + ".partial")
+        done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(partial),
+                               f"triton=={version}"], capture_output=True, text=True)
+        if done.returncode != 0:
+            tail = (done.stderr.strip().splitlines() or ["pip failed"])[-1]
+            raise SystemExit(f"error: could not install triton=={version}: {tail}")
+        partial.replace(cache)
+    return cache
+
+
+def run_archs(archs: list[str], full: bool, only: str | None, cases: str | None,
+              site: Path | None = None) -> tuple[list[dict], list[str]]:
     """Rows of every arch, and one line per arch whose process failed without rows."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONPATH"] = os.pathsep.join([*([str(site)] if site else []), str(ROOT)]) + (
+        os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     with tempfile.TemporaryDirectory(prefix="compile-kernels-") as tmp:
         procs = {}
@@ -86,6 +104,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", help="a Python file defining CASES to compile instead of the project's kernels")
     parser.add_argument("--markdown", help="also write the table to this file")
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--triton", metavar="VERSION", help="compile with this triton version (pip-installed into "
+                        "~/.cache/pretrain/triton-VERSION once) instead of the environment's")
     args = parser.parse_args(argv)
     unknown = [a for a in args.arch if a not in ARCHS]
     if unknown:
@@ -95,7 +115,8 @@ def main(argv=None) -> int:
         print(f"error: --cases {args.cases} is not a file", file=sys.stderr)
         return 2
     start = time.time()
-    rows, crashed = run_archs(args.arch, args.full, args.only, args.cases and str(Path(args.cases).resolve()))
+    site = triton_site(args.triton) if args.triton else None
+    rows, crashed = run_archs(args.arch, args.full, args.only, args.cases and str(Path(args.cases).resolve()), site)
     text = table(rows)
     print(text)
     for path, content in ((args.markdown, text + "\n"), (args.json, json.dumps(rows, indent=1))):
@@ -106,7 +127,8 @@ def main(argv=None) -> int:
     failed = [r for r in rows if r["problems"]]
     for line in crashed:
         print(f"error: {line}", file=sys.stderr)
-    print(f"compile gate: {len(rows)} kernels on {', '.join(args.arch)}, {len(failed)} failed, "
+    print(f"compile gate{f' (triton {args.triton})' if args.triton else ''}: {len(rows)} kernels on "
+          f"{', '.join(args.arch)}, {len(failed)} failed, "
           f"{time.time() - start:.0f} s", file=sys.stderr)
     if crashed:
         return 2

@@ -154,6 +154,12 @@ def build(out: Path) -> str:
                          f"{b['tokens_per_s'] / a['tokens_per_s']:.2f}× | {a['final_loss']:.3f} | "
                          f"{b['final_loss']:.3f} | {a['mem_gib']:.1f} / {b['mem_gib']:.1f} |")
         lines.append("")
+    meter = meter_rows(out, f.get("device", ""), results)
+    if meter:
+        lines += ["## the step-cost meter's prediction beside the measured gpt_1b step (calibrates "
+                  "pretrain.plan.hardware.METER)", "",
+                  "| kernels | predicted step | measured step | measured / predicted | predicted MFU | measured MFU |",
+                  "|---|---|---|---|---|---|"] + meter + [""]
     best_mfu = max((s["mfu"] for s in results.values() if s and s["mfu"] is not None), default=None)
     best_hf = max((r["tokens_per_s"]["pretrain"] / r["tokens_per_s"]["hf"] for r in hf.values()), default=None)
     lines += ["## goals", "", "| goal | measured | met |", "|---|---|---|",
@@ -175,6 +181,29 @@ def build(out: Path) -> str:
                          f"{r.get('peak_mem_mib', '')} |")
         lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def meter_rows(out: Path, device: str, results: dict) -> list[str]:
+    """One row per kernel set: tools/step_cost.py's roofline step for this GPU beside train-<kernels>'s median."""
+    from pretrain.plan.hardware import gpu
+
+    try:
+        name = gpu(device).name
+    except ValueError:
+        name = "h100"  # an unknown card: read against the H100 (the row says so)
+    rows = []
+    for key in ("triton", "torch"):
+        path, measured = out / f"meter-{key}.json", results.get(key)
+        if not path.is_file() or path.stat().st_size == 0:
+            continue
+        rep = json.loads(path.read_text())
+        predicted = rep["roofline_step_s"].get(name)
+        step = measured and measured["step_time_s"]
+        ratio = step / predicted if step and predicted else None
+        rows.append(f"| {key} ({name}) | {fmt(predicted, '.3f', ' s')} | {fmt(step, '.3f', ' s')} | "
+                    f"{fmt(ratio, '.2f', '×')} | {fmt(100 * rep['roofline_mfu'][name], '.1f', ' %')} | "
+                    f"{fmt(measured and measured['mfu'] and 100 * measured['mfu'], '.1f', ' %')} |")
+    return rows
 
 
 def write(out: Path) -> Path:
@@ -205,6 +234,8 @@ def self_test() -> int:
                             "data_wait_s": 0.001, "mem_allocated_gb": 30.0}) + "\n" for i in range(1, 31)))
         (out / "hf-triton.json").write_text(json.dumps({"tokens_per_s": {"pretrain": 52000.0, "hf": 40000.0},
                                                         "max_logit_diff": 0.01}))
+        (out / "meter-triton.json").write_text(json.dumps({"roofline_step_s": {"h100": 0.5, "h200": 0.48},
+                                                           "roofline_mfu": {"h100": 0.6, "h200": 0.62}}))
         (out / "kernels").mkdir()
         (out / "kernels" / "k.csv").write_text("op,shape,impl,ms,tflops,gbs,peak_mem_mib\n"
                                                "attention,b1h16s4096d128,triton,1.5,300,1,10\n")
@@ -212,7 +243,8 @@ def self_test() -> int:
         expected = ["NVIDIA H200", "| Triton kernels + FusedAdamW | 50,018 | 51.8 % |", "| 1.30× |",
                     "| gpt_1b MFU ≥ 55 % | 51.8 % | no |", "| tokens/s ≥ 1.3× HF Llama | 1.30× | yes |",
                     "| attention | b1h16s4096d128 | triton | 1.5 |", "| train_compiled | skipped | 0 | budget |",
-                    "| gpt_1b | 40,000 | 56,000 | 1.40× |", "| gpt_1b: fp8 ≥ 1.3× bf16 tokens/s | 1.40× | yes |", "gpu tests: 4 passed, 44 deselected in 31.02s"]
+                    "| gpt_1b | 40,000 | 56,000 | 1.40× |", "| gpt_1b: fp8 ≥ 1.3× bf16 tokens/s | 1.40× | yes |", "gpu tests: 4 passed, 44 deselected in 31.02s",
+                    "| triton (h200) | 0.480 s | 0.600 s | 1.25× | 62.0 % | 51.8 % |"]
         missing = [e for e in expected if e not in text]
         if missing:
             print(f"report self-test failed: missing {missing}\n{text}", file=sys.stderr)
@@ -221,14 +253,40 @@ def self_test() -> int:
     return 0
 
 
+def checkpoints_outside(out: str, commands: list[str]) -> int:
+    """gpu_check's rule: no training step of the plan can write a checkpoint under OUT (a stop signal saves one
+    whatever checkpoint.interval says). ``commands``: each step's arguments after ``-m pretrain.train``."""
+    import shlex
+
+    from pretrain.config import load_config
+
+    root, bad = Path(out).resolve(), []
+    for command in commands:
+        words = shlex.split(command)
+        config = words[words.index("--config") + 1] if "--config" in words else None
+        overrides = [w for w in words[words.index("--set") + 1:] if "=" in w] if "--set" in words else []
+        where = Path(load_config(config, overrides).checkpoint_dir).resolve()
+        if where == root or root in where.parents:
+            bad.append(str(where))
+    if bad:
+        print(f"checkpoints would land in OUT: {', '.join(bad)}")
+        return 1
+    print(f"checkpoints outside OUT in all {len(commands)} training steps")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", nargs="?", help="the directory tools/gpu_check.sh wrote")
+    parser.add_argument("--checkpoints-outside", nargs="+", metavar=("OUT", "ARGS"),
+                        help="check that no training command (arguments after -m pretrain.train) saves under OUT")
     parser.add_argument("--facts", help="write the device facts to this JSON file and exit")
     parser.add_argument("--self-test", action="store_true")
     args = parser.parse_args(argv)
     if args.self_test:
         return self_test()
+    if args.checkpoints_outside:
+        return checkpoints_outside(args.checkpoints_outside[0], args.checkpoints_outside[1:])
     if args.facts:
         path = Path(args.facts)
         path.parent.mkdir(parents=True, exist_ok=True)

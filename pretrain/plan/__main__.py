@@ -37,6 +37,13 @@ def validate(path: Path, out=None) -> tuple[float, float, int, int]:
         print(f"{p.id[:60]:60s} {p.tflops:9.1f} {predicted:9.1f} {100 * error:+6.1f}%", file=out)
     for reason, n in collections.Counter(why for _, why in skipped).most_common():
         print(f"skipped {n}: {reason}", file=out)
+    for what, n in collections.Counter(a for p in points for a in p.assumed).most_common():
+        print(f"assumed {n}: {what}", file=out)
+    stated = [e for e, p in zip(errors, points) if not p.assumed]
+    if len(stated) < len(points):
+        s_med, s_p90 = median_p90(stated)
+        print(f"median |error| {100 * s_med:.1f}% p90 {100 * s_p90:.1f}% over the {len(stated)} points that "
+              "state everything the model reads", file=out)
     med, p90 = median_p90(errors)
     print(f"median |error| {100 * med:.1f}% p90 {100 * p90:.1f}% over {len(points)} points ({len(skipped)} skipped)",
           file=out)

@@ -4,7 +4,10 @@ Each row becomes (Shape, Layout, GPU, seq, global batch, published TFLOP/s per G
 the model shape (layers, hidden, heads; ffn and vocab defaulted by family) or a recognised model name, the
 sequence length, the global batch, the GPU type and count, and a published throughput (TFLOP/s per GPU, or
 tokens/s per GPU converted with the model's FLOPs per token). The layout defaults to what the source's framework
-does when a column is empty (Megatron: distributed optimizer; llm-foundry: FSDP full shard; no TP/PP/CP/EP).
+does when a column is empty (Megatron: distributed optimizer; llm-foundry: FSDP full shard; no TP/PP/CP/EP), and
+so does the precision (every framework in the file trains in bf16 unless told otherwise); fp16 runs on the same
+tensor cores at the same peak as bf16 on A100 / H100 / B200 and is read as bf16. A point records what was
+assumed (``Point.assumed``) and ``validate`` counts it.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ class Point:
     global_batch: int
     tflops: float  # published model TFLOP/s per GPU
     source: str = ""
+    assumed: tuple[str, ...] = ()  # what an empty or differently-named column was read as
 
 
 class Skip(ValueError):
@@ -63,11 +67,21 @@ def _family(row: dict, hidden: int) -> tuple[bool, int]:
     return gated, ffn or int(8 * hidden / 3 / 256 + 0.999) * 256
 
 
+# what a framework does when the row leaves a column empty (matched on the framework column, lower case)
+FRAMEWORK_DEFAULTS = {"megatron": {"precision": "bf16"}, "nemo": {"precision": "bf16"},
+                      "foundry": {"precision": "amp_bf16"}, "nanotron": {"precision": "bf16"}}
+
+
+def _default(row: dict, column: str) -> str | None:
+    framework = row.get("framework", "").lower()
+    return next((d[column] for key, d in FRAMEWORK_DEFAULTS.items() if key in framework and column in d), None)
+
+
 def _precision(text: str) -> str | None:
     t = text.lower()
     if "fp8" in t:
         return "fp8"
-    if "bf16" in t or not t:
+    if "bf16" in t or "fp16" in t or "float16" in t or not t:  # fp16: bf16's tensor cores and peak
         return "bf16"
     return None
 
@@ -130,11 +144,18 @@ def parse(row: dict) -> Point:
         gpus = nodes * device.gpus_per_node if nodes else None
     if not gpus:
         raise Skip("no GPU count")
-    if not row.get("precision", "").strip():
-        raise Skip("precision not stated")
-    precision = _precision(row.get("precision", ""))
+    assumed = []
+    stated = row.get("precision", "").strip()
+    if not stated:
+        stated = _default(row, "precision")
+        if stated is None:
+            raise Skip("precision not stated (and no framework default)")
+        assumed.append(f"precision {stated} (framework default)")
+    precision = _precision(stated)
     if precision is None:
-        raise Skip(f"precision {row.get('precision')!r} not modelled")
+        raise Skip(f"precision {stated!r} not modelled")
+    if "16" in stated and "bf16" not in stated.lower():
+        assumed.append("fp16 read as bf16")
     batch = _int(row, "global_batch_seqs")
     if not batch and _int(row, "global_batch_tokens"):
         batch = _int(row, "global_batch_tokens") // seq
@@ -169,7 +190,8 @@ def parse(row: dict) -> Point:
         if tokens is None:
             raise Skip("no published throughput")
         tflops = tokens * shape.flops_per_token(seq) / 1e12
-    return Point(row.get("point_id", "?"), shape, layout, device, seq, batch, tflops, row.get("framework", ""))
+    return Point(row.get("point_id", "?"), shape, layout, device, seq, batch, tflops, row.get("framework", ""),
+                 tuple(assumed))
 
 
 def load(path: str | Path) -> tuple[list[Point], list[tuple[str, str]]]:

@@ -157,9 +157,9 @@ class CostMode(TorchDispatchMode):
         out = func(*args, **kwargs)
         if name in FREE or getattr(func, "is_view", False) or name.startswith(("prim::", "profiler::")):
             return out
-        outputs = _tensors(out)
         skip = {id(t) for t in _tensors(kwargs.get("out"))}
         inputs = [t for t in _tensors((args, kwargs)) if id(t) not in skip]
+        outputs = _written(func, args, kwargs, out)
         moved = sum(tensor_bytes(t) for t in inputs) + sum(tensor_bytes(t) for t in outputs)
         if name in MATMULS:
             k = inputs[-1].shape[-2] if name == "aten::_grouped_mm" else _contracted(name, args)
@@ -180,6 +180,26 @@ class CostMode(TorchDispatchMode):
         else:
             c.add_op(name, moved)
         return out
+
+
+# arguments a schema marks as mutated that the kernel writes only in a case a training step does not take (the
+# fused Adam kernels unscale gradients in place only under a gradient scaler)
+NOT_WRITTEN = {"aten::_fused_adamw_": {"grads"}, "aten::_fused_adam_": {"grads"}}
+
+
+def _written(func, args, kwargs, out) -> list[torch.Tensor]:
+    """What an op writes: its results and the arguments it mutates in place (``add_``, ``_fused_adamw_``'s lists,
+    which it returns nothing of), each tensor once."""
+    written = {}
+    for t in _tensors(out):
+        written[id(t)] = t
+    skipped = NOT_WRITTEN.get(func._schema.name, ())
+    for i, arg in enumerate(func._schema.arguments):
+        if arg.alias_info is not None and arg.alias_info.is_write and arg.name not in skipped:
+            value = kwargs.get(arg.name, args[i] if i < len(args) and not arg.kwarg_only else None)
+            for t in _tensors(value):
+                written[id(t)] = t
+    return list(written.values())
 
 
 def _contracted(name: str, args) -> int:
@@ -222,7 +242,7 @@ def _dry_launches(active: bool):
     from triton.runtime.interpreter import InterpretedFunction
 
     run = InterpretedFunction.run
-    InterpretedFunction.run = lambda self, *args, grid, warmup, **kwargs: None
+    InterpretedFunction.run = lambda self, *args, **kwargs: None
     try:
         yield
     finally:
@@ -277,8 +297,10 @@ def _optimizer_cost(cfg, n_layers, tokens, kernels, model=None) -> tuple[Cost, i
     optimizer = build_optimizer(model, replace(optim, name="adamw") if optim.name == "muon" else optim,
                                 torch.device("cuda"))
     cost = Cost()
-    with counting(cost):
-        optimizer.step()
+    with _dry_launches(optim.impl == "triton"):
+        optimizer.step()  # the first step also creates the state: count a later one
+        with CostMode(cost):
+            optimizer.step()
     if optim.impl == "triton":  # a raw Triton launch: its declaration
         from kernels.adamw import step_cost
 
@@ -303,15 +325,16 @@ def _batch(cfg, tokens: int, generator) -> dict:
 
 
 def _ours(cfg, n_layers: int, tokens: int, kernels: str):
-    """Our model at ``n_layers`` and its step as the local engine runs it: the task's loss under autocast (bf16
-    configs), the summed loss normalised, backward."""
+    """Our model at ``n_layers`` and its step as the local engine runs it: activation checkpointing as configured
+    (its recomputation is counted), the task's loss under autocast (bf16 configs), the summed loss normalised,
+    backward."""
     from pretrain.models import build_model
     from pretrain.tasks import task_for
 
     model_cfg = replace(cfg.model, n_layers=n_layers, seq_len=tokens, kernels=kernels, dropout=0.0,
                         moe_dense_layers=min(cfg.model.moe_dense_layers, n_layers - 1))
     model = build_model(model_cfg)
-    model.train()
+    _checkpointing(model, cfg)
     task = task_for(cfg.model.arch)
 
     def step(batch):
@@ -321,6 +344,15 @@ def _ours(cfg, n_layers: int, tokens: int, kernels: str):
         (out.loss_sum / tokens + sum(out.extra_losses.values(), torch.zeros(()))).backward()
 
     return model, step
+
+
+def _checkpointing(model, cfg) -> None:
+    """The config's activation checkpointing on ``model.layers`` (ours and the peer's alike)."""
+    from pretrain.parallel.checkpointing import apply_activation_checkpointing
+
+    p = cfg.parallel
+    apply_activation_checkpointing(model, p.activation_checkpointing, p.activation_checkpointing_every)
+    model.train()
 
 
 def _torchtitan(cfg, n_layers: int, tokens: int, kernels: str):
@@ -354,7 +386,7 @@ def _torchtitan(cfg, n_layers: int, tokens: int, kernels: str):
     if cfg.train.dtype == "bf16":  # parameters only: the RoPE table stays complex fp32, as under FSDP
         for p in model.parameters():
             p.data = p.data.to(torch.bfloat16)
-    model.train()
+    _checkpointing(model, cfg)
 
     def step(batch):
         logits = model(batch["tokens"])
@@ -379,9 +411,9 @@ def measure(cfg, kernels: str | None = None, tokens: tuple[int, int] = (128, 256
         for t in tokens:
             torch.manual_seed(seed)
             model, step = BUILDERS[peer](cfg, n_layers, t, kernels)
-            cost = Cost()
+            batch, cost = _batch(cfg, t, torch.Generator().manual_seed(seed)), Cost()  # the loader's work: not counted
             with counting(cost, declared):
-                step(_batch(cfg, t, torch.Generator().manual_seed(seed)))
+                step(batch)
             results[n_layers, t] = cost
             if optimizer_cost is None:  # the optimizer as a GPU run builds it (fused torch AdamW on CUDA)
                 optimizer_cost, n_params = _optimizer_cost(cfg, n_layers, t, kernels, model if not peer else None)

@@ -38,9 +38,11 @@ def test_gate_refuses_bad_arguments(tmp_path):
     assert proc.returncode == 2 and "unknown arch sm_70" in proc.stderr
 
 
+# the pinned triton, and the GPU image's (tools/compile_kernels.py --triton installs it into a cache once)
 @pytest.mark.slow
-def test_every_kernel_compiles_fits_and_uses_tensor_cores_on_every_arch(tmp_path):
-    proc, rows = gate(tmp_path=tmp_path)
+@pytest.mark.parametrize("triton_version", [None, "3.6.0"], ids=["pinned", "triton-3.6.0"])
+def test_every_kernel_compiles_fits_and_uses_tensor_cores_on_every_arch(tmp_path, triton_version):
+    proc, rows = gate(*(["--triton", triton_version] if triton_version else []), tmp_path=tmp_path)
     failed = [(r["arch"], r["kernel"], r["config"], r["problems"]) for r in rows if r["problems"]]
     assert proc.returncode == 0 and not failed, (failed, proc.stderr[-2000:])
     kernels = {(r["arch"], r["kernel"].lstrip("_"), r["dtype"]) for r in rows}

@@ -66,6 +66,37 @@ def test_validate_prints_a_row_per_point_skips_by_reason_and_the_summary_line(tm
     assert out[-1] == "median |error| 11.0% p90 11.9% over 2 points (2 skipped)"
 
 
+def test_fp16_and_unstated_precision_are_predicted_and_counted(tmp_path, capsys):
+    """A held-out-style fp16 row is read as bf16 (same tensor cores), a row without a precision takes its
+    framework's default (bf16) — both predicted like the stated bf16 row, and validate says what it assumed; a
+    precision nobody models is still skipped by name, and an unstated one from an unknown framework too."""
+    from pretrain.plan.points import load
+
+    rows = [{**DENSE, "point_id": "stated", "tflops_per_gpu": "120"},
+            {**DENSE, "point_id": "fp16", "precision": "amp_fp16", "tflops_per_gpu": "120"},
+            {**DENSE, "point_id": "unstated", "precision": "", "framework": "llm-foundry", "tflops_per_gpu": "120"},
+            {**DENSE, "point_id": "int4", "precision": "int4", "tflops_per_gpu": "120"},
+            {**DENSE, "point_id": "nobody", "precision": "", "framework": "unknown", "tflops_per_gpu": "120"}]
+    path = tmp_path / "points.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    points, skipped = load(path)
+    by_id = {p.id: p for p in points}
+    assert set(by_id) == {"stated", "fp16", "unstated"}
+    assert by_id["fp16"].layout.precision == by_id["unstated"].layout.precision == "bf16"
+    assert by_id["fp16"].assumed == ("fp16 read as bf16",)
+    assert by_id["unstated"].assumed == ("precision amp_bf16 (framework default)",)
+    assert dict(skipped) == {"int4": "precision 'int4' not modelled",
+                             "nobody": "precision not stated (and no framework default)"}
+    assert main(["validate", "--points", str(path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "assumed 1: fp16 read as bf16" in out and "assumed 1: precision amp_bf16 (framework default)" in out
+    assert out[-1].endswith("over 3 points (2 skipped)")
+    assert out[-2].endswith("over the 1 points that state everything the model reads")
+
+
 @pytest.mark.parametrize("content, message", [
     (None, "points file not found"),
     ("point_id,layers\nx,\n", "no predictable point"),

@@ -1,0 +1,153 @@
+"""The step-cost meter against hand counts: a matmul's FLOPs, an add's bytes, a planted .item() as a host sync,
+launches; the per-token / per-micro-batch and per-layer fit on a model whose costs are known; the project's
+models with both kernel sets; the CLI's JSON."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain.config import load_config
+from pretrain.plan import step_cost
+from pretrain.plan.step_cost import Cost, counting, measure, report, roofline
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_hand_counts_of_one_tiny_block():
+    x, w = torch.randn(5, 7), torch.randn(7, 3)
+    cost = Cost()
+    with counting(cost):
+        y = x @ w  # mm: 2·5·3·7 FLOPs, one launch, no non-matmul bytes
+        z = y + y  # add: reads 15 + 15 floats, writes 15
+        v = z.view(15).t()  # views: free
+        n = int(z.sum())  # sum: reads 15, writes 1; int(): one host sync
+        z.mul_(2.0)  # in place: reads 15, writes 15
+        e = torch.empty(100)  # allocation without a kernel: free
+    assert cost.matmul_flops == 2 * 5 * 3 * 7
+    assert cost.by_op["aten::add"] == 3 * 15 * 4
+    assert cost.by_op["aten::sum"] == (15 + 1) * 4
+    assert cost.by_op["aten::mul_"] == 2 * 15 * 4
+    assert cost.bytes == (45 + 16 + 30) * 4
+    assert cost.syncs == 1
+    assert cost.launches == 4  # mm, add, sum, mul_
+    assert v.numel() == 15 and isinstance(n, int) and e.numel() == 100
+
+
+def test_a_broadcast_input_counts_its_distinct_elements():
+    a, b = torch.randn(64, 32), torch.randn(32)
+    cost = Cost()
+    with counting(cost):
+        a * b.expand(64, 32)  # b is read once, not 64 times
+    assert cost.bytes == (64 * 32 * 2 + 32) * 4
+
+
+class Layer(torch.nn.Module):
+    """Per micro-batch: a weight cast (fp32 -> bf16, 64x64); per token: one mul of the (T, 64) activations."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(64, 64))
+
+    def forward(self, x):
+        self.weight.detach().to(torch.bfloat16)  # 64·64·(4 + 2) bytes whatever the token count
+        return x * 2.0  # T·64·4 read + T·64·4 written
+
+
+def test_fit_separates_tokens_from_micro_batches_and_layers(monkeypatch):
+    def builder(cfg, n_layers, tokens, kernels):
+        layers = torch.nn.ModuleList(Layer() for _ in range(n_layers))
+
+        def step(batch):
+            with torch.no_grad():
+                x = torch.zeros(tokens, 64) + 1.0  # outside the layers: T·64·4 written (zeros) + 2·T·64·4 (add)
+                for layer in layers:
+                    x = layer(x)
+        return layers, step
+
+    monkeypatch.setitem(step_cost.BUILDERS, None, builder)
+    cfg = load_config(None, ["model.d_model=64", "model.n_heads=4", "model.vocab_size=64", "model.seq_len=32",
+                             "train.dtype=fp32"])
+    m = measure(cfg, tokens=(16, 48), layers=(1, 3))
+    assert m.nonmatmul_bytes_per_token_layer == pytest.approx(64 * 4 * 2)
+    assert m.nonmatmul_bytes_per_microbatch_layer == pytest.approx(64 * 64 * (4 + 2))
+    assert m.outside_bytes_per_token == pytest.approx(64 * 4 * 3)
+    assert m.launches_per_layer == pytest.approx(2)  # the cast and the mul
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_config(None, ["model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2",
+                              "model.vocab_size=256", "model.seq_len=64", "train.dtype=bf16",
+                              "train.micro_batch_size=2", "train.grad_accum=3"])
+
+
+def test_gpt_with_torch_kernels(tiny):
+    m = measure(tiny, "torch", tokens=(32, 64))
+    d, e, h, kv, f = 64, 16, 4, 2, tiny.model.ffn_dim
+    assert m.matmul_flops_per_token_layer == pytest.approx(6 * (2 * d * h * e + 2 * d * kv * e + 3 * d * f))
+    assert m.outside_matmul_flops_per_token == pytest.approx(6 * d * 256)  # the head
+    # SDPA read as FlashAttention-2: causal pairs at the config's 64 tokens, backward 2.5x the forward
+    assert m.attention_fwd_flops_per_token_layer == pytest.approx(4 * h * e * 65 / 2)
+    assert m.attn_bwd_over_fwd_flops == pytest.approx(2.5)
+    assert m.syncs_per_microbatch == 0
+    assert m.nonmatmul_bytes_per_token_layer > 0 and m.nonmatmul_bytes_per_microbatch_layer > 0  # autocast casts
+    assert m.optimizer_launches == 4  # fused AdamW per parameter group, and its step counters' foreach add
+    assert m.optimizer_bytes_per_param == pytest.approx(28, rel=0.01)  # p, m, v read + written, g read (fp32)
+
+
+def test_gpt_with_triton_kernels_declares_their_work(tiny):
+    torch_m = measure(tiny, "torch", tokens=(32, 64))
+    m = measure(tiny, "triton", tokens=(32, 64))
+    assert m.matmul_flops_per_token_layer == pytest.approx(torch_m.matmul_flops_per_token_layer)
+    assert m.attention_fwd_flops_per_token_layer == pytest.approx(torch_m.attention_fwd_flops_per_token_layer)
+    assert m.attn_bwd_over_fwd_flops == pytest.approx(3.5)  # 7 matmuls in the backward against 2
+    assert m.syncs_per_microbatch == 1  # the fused cross-entropy's count of kept targets
+    rep = report(m, tiny)
+    assert rep["host_syncs_per_step"] == 3  # once per micro-batch
+    assert {"pretrain::norm_fwd", "pretrain::norm_bwd", "pretrain::rotary"} <= set(m.bytes_by_op)
+    # one fused norm moves x in and y out: less than torch's decomposed rms_norm
+    assert m.nonmatmul_bytes_per_token_layer < torch_m.nonmatmul_bytes_per_token_layer
+
+
+def test_roofline_reads_the_config(tiny):
+    m = measure(tiny, "torch", tokens=(32, 64))
+    one = roofline(m, tiny, "h100")
+    more = roofline(m, load_config(None, [*_overrides(tiny), "train.grad_accum=6"]), "h100")
+    assert more.step_s == pytest.approx(2 * one.step_s - m.optimizer_launches * 2e-6 - one.parts["optimizer"],
+                                        rel=1e-6)
+    assert 0 < one.mfu < 1 and one.parts["memory"] > 0
+    assert roofline(m, tiny, "b200").step_s < one.step_s
+
+
+def _overrides(cfg):
+    return ["model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2", "model.vocab_size=256",
+            "model.seq_len=64", "train.dtype=bf16", "train.micro_batch_size=2"]
+
+
+def test_cli_json_and_bad_arguments():
+    args = [sys.executable, "tools/step_cost.py", "--set", *_overrides(None), "--tokens", "32,64"]
+    out = subprocess.run([*args, "--json", "--kernels", "triton"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rep = json.loads(out.stdout)
+    for key in ("nonmatmul_bytes_per_token_layer", "attn_bwd_over_fwd_flops", "host_syncs_per_step",
+                "launches_per_layer"):
+        assert rep[key] > 0
+    assert set(rep["roofline_mfu"]) == {"h100", "h200", "b200"} and all(0 < v < 1 for v in rep["roofline_mfu"].values())
+    bad = subprocess.run([*args, "--kernels", "cuda"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: model.kernels = 'cuda'")
+    bad = subprocess.run([*args[:2], "--tokens", "64,32"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "two increasing positive integers" in bad.stderr
+
+
+def test_peer_torchtitan_column(tiny):
+    pytest.importorskip("torchtitan.models.llama3")
+    peer = step_cost.peer_measure("torchtitan", tiny, tokens=(32, 64))
+    ours = measure(tiny, "torch", tokens=(32, 64))
+    # the same shape: the same matmul work; bf16 parameters (FSDP's mixed precision) cast nothing per micro-batch
+    assert peer.matmul_flops_per_token_layer == pytest.approx(ours.matmul_flops_per_token_layer)
+    assert abs(peer.nonmatmul_bytes_per_microbatch_layer) < 0.01 * ours.nonmatmul_bytes_per_microbatch_layer
