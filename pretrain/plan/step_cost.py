@@ -76,6 +76,7 @@ class Cost:
     bytes: float = 0.0  # every other op's reads + writes
     launches: int = 0
     syncs: int = 0
+    attention_calls: dict = field(default_factory=lambda: {"fwd": 0, "bwd": 0})  # recomputation adds forwards
     by_op: dict = field(default_factory=lambda: defaultdict(float))  # op name -> bytes
     launches_by_op: dict = field(default_factory=lambda: defaultdict(int))
 
@@ -84,16 +85,6 @@ class Cost:
         self.launches += launches
         self.by_op[name] += nbytes
         self.launches_by_op[name] += launches
-
-    def minus(self, other: Cost) -> Cost:
-        ops = set(self.by_op) | set(other.by_op)
-        return Cost(self.matmul_flops - other.matmul_flops, self.attention_fwd_flops - other.attention_fwd_flops,
-                    self.attention_bwd_flops - other.attention_bwd_flops,
-                    self.attention_bytes - other.attention_bytes, self.bytes - other.bytes,
-                    self.launches - other.launches, self.syncs - other.syncs,
-                    defaultdict(float, {k: self.by_op.get(k, 0.0) - other.by_op.get(k, 0.0) for k in ops}),
-                    defaultdict(int, {k: self.launches_by_op.get(k, 0) - other.launches_by_op.get(k, 0)
-                                      for k in ops}))
 
 
 @dataclass(frozen=True)
@@ -143,6 +134,7 @@ class CostMode(TorchDispatchMode):
                 out = func.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CPU), *args, **kwargs)
             d = Declared(**self.declared[name](args, kwargs, out))
             if d.attention:
+                c.attention_calls[d.attention] += 1
                 if d.attention == "fwd":
                     c.attention_fwd_flops += d.flops
                 else:
@@ -167,11 +159,13 @@ class CostMode(TorchDispatchMode):
             c.launches += 1
             c.launches_by_op[name] += 1
         elif name in SDPA_FORWARD:
+            c.attention_calls["fwd"] += 1
             c.attention_fwd_flops += sdpa_flops(args[0], args[1], _sdpa_causal(name, args, kwargs))
             c.attention_bytes += moved
             c.launches += 1
             c.launches_by_op[name] += 1
         elif name in SDPA_BACKWARD:
+            c.attention_calls["bwd"] += 1
             q, k = args[1], args[2]
             c.attention_bwd_flops += FA2_BACKWARD_OVER_FORWARD * sdpa_flops(q, k, _sdpa_causal(name, args, kwargs))
             c.attention_bytes += moved
@@ -274,11 +268,8 @@ class Measurement:
     optimizer_launches: int
     optimizer_syncs: int
     bytes_by_op: dict  # op -> bytes per token per layer (fitted slope)
+    attn_bwd_over_fwd_flops: float = 0.0  # one backward call's FLOPs over one forward call's (recompute aside)
     runs: list = field(default_factory=list)  # (layers, tokens, Cost totals) as measured
-
-    @property
-    def attn_bwd_over_fwd_flops(self) -> float:
-        return self.attention_bwd_flops_per_token_layer / max(self.attention_fwd_flops_per_token_layer, 1e-30)
 
 
 def _optimizer_cost(cfg, n_layers, tokens, kernels, model=None) -> tuple[Cost, int]:
@@ -307,6 +298,15 @@ def _optimizer_cost(cfg, n_layers, tokens, kernels, model=None) -> tuple[Cost, i
         moved, launches = step_cost(optimizer)
         cost.add_op("triton::adamw", moved, launches)
     return cost, sum(p.numel() for p in model.parameters())
+
+
+def _per_call_ratio(c: Cost) -> float:
+    """Attention backward over forward FLOPs per call: activation checkpointing runs the forward again (its
+    FLOPs count in the step), which must not read as a cheaper backward."""
+    fwd, bwd = c.attention_calls["fwd"], c.attention_calls["bwd"]
+    if not fwd or not bwd:
+        return 0.0
+    return (c.attention_bwd_flops / bwd) / (c.attention_fwd_flops / fwd)
 
 
 def _slope(y1: float, y2: float, x1: float, x2: float) -> tuple[float, float]:
@@ -449,6 +449,7 @@ def measure(cfg, kernels: str | None = None, tokens: tuple[int, int] = (128, 256
         syncs_per_microbatch=results[l1, t1].syncs, optimizer_bytes_per_param=optimizer_cost.bytes / n_params,
         optimizer_launches=optimizer_cost.launches, optimizer_syncs=optimizer_cost.syncs,
         bytes_by_op={k: v for k, v in sorted(by_op.items(), key=lambda kv: -kv[1]) if abs(v) > 0.5},
+        attn_bwd_over_fwd_flops=_per_call_ratio(results[l2, t2]),
         runs=[(lay, t, results[lay, t]) for lay, t in sorted(results)])
 
 

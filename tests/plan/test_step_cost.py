@@ -99,6 +99,15 @@ def test_gpt_with_torch_kernels(tiny):
     assert m.optimizer_bytes_per_param == pytest.approx(28, rel=0.01)  # p, m, v read + written, g read (fp32)
 
 
+def test_activation_checkpointing_is_counted_and_keeps_the_per_call_ratio(tiny):
+    plain = measure(tiny, "torch", tokens=(32, 64))
+    full = measure(load_config(None, [*_overrides(tiny), "parallel.activation_checkpointing=full"]), "torch",
+                   tokens=(32, 64))
+    assert full.attention_fwd_flops_per_token_layer == pytest.approx(2 * plain.attention_fwd_flops_per_token_layer)
+    assert plain.matmul_flops_per_token_layer < full.matmul_flops_per_token_layer
+    assert full.attn_bwd_over_fwd_flops == pytest.approx(2.5)  # the recomputed forward is not a cheaper backward
+
+
 def test_gpt_with_triton_kernels_declares_their_work(tiny):
     torch_m = measure(tiny, "torch", tokens=(32, 64))
     m = measure(tiny, "triton", tokens=(32, 64))
