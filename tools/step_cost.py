@@ -49,7 +49,8 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
     from pretrain.config import ConfigError, load_config
-    from pretrain.plan.step_cost import fmt_table, measure, peer_measure, report
+    from pretrain.plan.roofline import fmt_table, report
+    from pretrain.plan.step_cost import measure, peer_measure
 
     try:
         cfg = load_config(args.config, args.set)

@@ -105,12 +105,12 @@ def _search(args) -> int:
         raise ValueError(f"--global-batch-tokens {tokens} is less than one sequence of {cfg.model.seq_len}")
     constants = FITTED
     if args.meter:  # this model's own non-matmul bytes instead of the constant fitted on published runs
+        import os
         from dataclasses import replace
 
-        import os
-
         os.environ.setdefault("TRITON_INTERPRET", "1")  # the meter runs Triton ops dry, on the CPU
-        from pretrain.plan.step_cost import measure, memory_bytes_per_element
+        from pretrain.plan.roofline import memory_bytes_per_element
+        from pretrain.plan.step_cost import measure
 
         measured = memory_bytes_per_element(measure(cfg), cfg)
         print(f"memory_bytes: {measured:.0f} per activation element and layer, measured by the step-cost meter "

@@ -17,6 +17,7 @@ then reads the step at the config's real micro-batch, sequence length, accumulat
 GPU's large-GEMM throughput scaled by matmul width, attention at ``attention_efficiency`` of it, everything else
 at ``hbm_efficiency`` of the HBM bandwidth, plus ``launch_us`` per launch (``pretrain.plan.hardware``). TP, PP
 and CP divide each rank's share; their communication is the planner's business (``speed.py``), not the meter's.
+The reading is ``roofline.py``'s; this module counts.
 """
 
 from __future__ import annotations
@@ -29,10 +30,6 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
-
-from pretrain.plan.hardware import GPU, gpu as gpu_named
-
-aten = torch.ops.aten
 
 MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "aten::_grouped_mm",
            "aten::_scaled_mm", "aten::_scaled_grouped_mm"}
@@ -249,7 +246,6 @@ class Measurement:
     """Per layer: ``a`` per token and ``b`` per micro-batch; ``outside``: the rest of the model (embedding, head,
     loss) the same way. FLOPs are per token; attention FLOPs at ``seq`` tokens per sequence."""
 
-    config: str
     kernels: str
     seq: int  # the sequence length the attention numbers are for (the config's)
     matmul_flops_per_token_layer: float
@@ -431,7 +427,6 @@ def measure(cfg, kernels: str | None = None, tokens: tuple[int, int] = (128, 256
     by_bytes = per_layer(lambda c: c.bytes)
     att_bytes = per_layer(lambda c: c.attention_bytes)
     launches = per_layer(lambda c: c.launches)
-    syncs = per_layer(lambda c: c.syncs)
     # attention FLOPs per token grow with the sequence: read at t2 per layer, then scaled to the config's length
     scale = cfg.model.seq_len / t2
     attn_f = (results[l2, t2].attention_fwd_flops - results[l1, t2].attention_fwd_flops) / (l2 - l1) / t2 * scale
@@ -439,7 +434,7 @@ def measure(cfg, kernels: str | None = None, tokens: tuple[int, int] = (128, 256
     ops = set().union(*(c.by_op for c in results.values()))
     by_op = {op: per_layer(lambda c, op=op: c.by_op.get(op, 0.0))[0] for op in ops}
     return Measurement(
-        config=getattr(cfg, "source", ""), kernels=kernels, seq=cfg.model.seq_len,
+        kernels=kernels, seq=cfg.model.seq_len,
         matmul_flops_per_token_layer=mm[0], attention_fwd_flops_per_token_layer=attn_f,
         attention_bwd_flops_per_token_layer=attn_b, attention_bytes_per_token_layer=att_bytes[0],
         nonmatmul_bytes_per_token_layer=by_bytes[0], nonmatmul_bytes_per_microbatch_layer=by_bytes[1],
@@ -451,130 +446,6 @@ def measure(cfg, kernels: str | None = None, tokens: tuple[int, int] = (128, 256
         bytes_by_op={k: v for k, v in sorted(by_op.items(), key=lambda kv: -kv[1]) if abs(v) > 0.5},
         attn_bwd_over_fwd_flops=_per_call_ratio(results[l2, t2]),
         runs=[(lay, t, results[lay, t]) for lay, t in sorted(results)])
-
-
-# ---------------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Roofline:
-    gpu: str
-    step_s: float
-    mfu: float
-    tokens_per_s: float  # per GPU
-    parts: dict  # seconds per step: matmul, attention, memory, launches, optimizer
-
-
-def roofline(m: Measurement, cfg, gpu: GPU | str, tp: int | None = None, pp: int | None = None,
-             cp: int | None = None, dp_shards: int = 1) -> Roofline:
-    """One rank's step as ``gpu`` would run it: the config's micro-batch, sequence, accumulation and layout."""
-    from pretrain.models.flops import flops_per_token, num_params
-    from pretrain.plan.hardware import METER
-
-    g = gpu_named(gpu) if isinstance(gpu, str) else gpu
-    p = cfg.parallel
-    tp, pp, cp = tp or p.tp, pp or p.pp, cp or p.cp
-    seq = cfg.model.seq_len
-    micro_tokens = cfg.train.micro_batch_size * seq / cp  # this rank's tokens per micro-batch
-    micro_batches = cfg.train.grad_accum * (p.n_microbatches or 1 if pp > 1 else 1)
-    tokens = micro_tokens * micro_batches
-    layers = cfg.model.n_layers / pp
-    split = tp  # TP splits each layer's matmuls, activations and weights
-    width = cfg.model.d_model / tp
-    matmul_rate = g.gemm_bf16 * 1e12 * width / (width + METER.width_half)
-    matmul = (m.matmul_flops_per_token_layer * layers + m.outside_matmul_flops_per_token / pp) * tokens / split
-    attention_flops = (m.attention_fwd_flops_per_token_layer + m.attention_bwd_flops_per_token_layer) * layers \
-        * tokens / cp / split  # CP: each rank's queries see 1/cp of the keys' work per token on average
-    attention = attention_flops / (g.gemm_bf16 * 1e12 * METER.attention_efficiency)
-    bandwidth = g.hbm_tb_s * 1e12 * METER.hbm_efficiency
-    memory_bytes = ((m.nonmatmul_bytes_per_token_layer * layers + m.outside_bytes_per_token / pp) * tokens
-                    + (m.nonmatmul_bytes_per_microbatch_layer * layers + m.outside_bytes_per_microbatch / pp)
-                    * micro_batches) / split
-    memory = memory_bytes / bandwidth
-    launches = (m.launches_per_layer * layers + m.outside_launches / pp) * micro_batches + m.optimizer_launches
-    launch = launches * METER.launch_us * 1e-6
-    optimizer = m.optimizer_bytes_per_param * num_params(cfg.model) / (tp * pp * dp_shards) / bandwidth
-    step = matmul / matmul_rate + attention + memory + launch + optimizer
-    model_flops = flops_per_token(cfg.model) * tokens / (tp * pp)
-    return Roofline(g.name, step, model_flops / step / (g.bf16_tflops * 1e12), tokens / step,
-                    {"matmul": matmul / matmul_rate, "attention": attention, "memory": memory, "launches": launch,
-                     "optimizer": optimizer})
-
-
-GPUS_READ = ("h100", "h200", "b200")
-
-
-def report(m: Measurement, cfg, peer: Measurement | None = None) -> dict:
-    """The meter's JSON: the keys the README and gpu_check read."""
-    p = cfg.parallel
-    shards = p.dp_shard if p.zero_stage >= 1 and p.dp_shard > 1 else 1
-    lines = {g: roofline(m, cfg, g, dp_shards=shards) for g in GPUS_READ}
-    micro_batches = cfg.train.grad_accum
-    out = {
-        "config": m.config, "kernels": m.kernels, "seq_len": m.seq,
-        "matmul_flops_per_token_layer": m.matmul_flops_per_token_layer,
-        "attention_fwd_flops_per_token_layer": m.attention_fwd_flops_per_token_layer,
-        "attention_bwd_flops_per_token_layer": m.attention_bwd_flops_per_token_layer,
-        "attn_bwd_over_fwd_flops": m.attn_bwd_over_fwd_flops,
-        "nonmatmul_bytes_per_token_layer": m.nonmatmul_bytes_per_token_layer,
-        "nonmatmul_bytes_per_microbatch_layer": m.nonmatmul_bytes_per_microbatch_layer,
-        "launches_per_layer": m.launches_per_layer,
-        "host_syncs_per_step": m.syncs_per_microbatch * micro_batches + m.optimizer_syncs,
-        "optimizer_bytes_per_step": m.optimizer_bytes_per_param * _params(cfg),
-        "optimizer_bytes_per_param": m.optimizer_bytes_per_param,
-        "bytes_by_op": {k: round(v, 1) for k, v in list(m.bytes_by_op.items())[:12]},
-        "roofline_mfu": {g: round(r.mfu, 4) for g, r in lines.items()},
-        "roofline_step_s": {g: r.step_s for g, r in lines.items()},
-        "roofline_parts_s": {g: r.parts for g, r in lines.items()},
-    }
-    if peer is not None:
-        out["peer"] = {k: v for k, v in report(peer, cfg).items() if k != "peer"}
-    return out
-
-
-def _params(cfg) -> int:
-    from pretrain.models.flops import num_params
-
-    return num_params(cfg.model)
-
-
-def memory_bytes_per_element(m: Measurement, cfg) -> float:
-    """The planner's ``memory_bytes`` (HBM bytes per activation element per layer) for this model, measured:
-    per-token bytes of a layer over its width, plus the per-micro-batch bytes spread over a micro-batch."""
-    micro_tokens = cfg.train.micro_batch_size * cfg.model.seq_len
-    per_token = m.nonmatmul_bytes_per_token_layer + m.nonmatmul_bytes_per_microbatch_layer / micro_tokens
-    return per_token / cfg.model.d_model
-
-
-def fmt_table(rep: dict) -> str:
-    """The human table: one column for ours, one for the peer where there is one."""
-    cols = [("ours", rep)] + ([("peer", rep["peer"])] if "peer" in rep else [])
-    rows = [
-        ("matmul GFLOP / token / layer", lambda r: f"{r['matmul_flops_per_token_layer'] / 1e9:.3f}"),
-        ("attention fwd GFLOP / token / layer", lambda r: f"{r['attention_fwd_flops_per_token_layer'] / 1e9:.3f}"),
-        ("attention bwd / fwd FLOPs", lambda r: f"{r['attn_bwd_over_fwd_flops']:.2f}"),
-        ("non-matmul MB / token / layer", lambda r: f"{r['nonmatmul_bytes_per_token_layer'] / 1e6:.3f}"),
-        ("non-matmul MB / micro-batch / layer", lambda r: f"{r['nonmatmul_bytes_per_microbatch_layer'] / 1e6:.1f}"),
-        ("launches / layer / micro-batch", lambda r: f"{r['launches_per_layer']:.0f}"),
-        ("host syncs / step", lambda r: f"{r['host_syncs_per_step']:.0f}"),
-        ("optimizer GB / step", lambda r: f"{r['optimizer_bytes_per_step'] / 1e9:.2f}"),
-    ] + [(f"roofline MFU {g}", lambda r, g=g: f"{100 * r['roofline_mfu'][g]:.1f} %") for g in GPUS_READ] \
-      + [(f"roofline step {g} (s)", lambda r, g=g: f"{r['roofline_step_s'][g]:.3f}") for g in GPUS_READ]
-    width = max(len(r[0]) for r in rows)
-    lines = [f"{'':{width}s}  " + "  ".join(f"{name:>10s}" for name, _ in cols)]
-    for label, get in rows:
-        lines.append(f"{label:{width}s}  " + "  ".join(f"{get(r):>10s}" for _, r in cols))
-    top = list(rep["bytes_by_op"].items())[:8]
-    if top:
-        lines.append("largest non-matmul traffic (bytes / token / layer): "
-                     + ", ".join(f"{op.replace('aten::', '')} {v:.0f}" for op, v in top))
-    return "\n".join(lines)
-
-
-def predicted_step_s(cfg, gpu: str, kernels: str | None = None) -> float:
-    """The meter's step time for ``cfg`` on ``gpu`` (gpu_check puts it beside the measured one)."""
-    m = measure(cfg, kernels)
-    p = cfg.parallel
-    return roofline(m, cfg, gpu, dp_shards=p.dp_shard if p.zero_stage >= 1 else 1).step_s
-
 
 
 def peer_measure(peer: str, cfg, tokens=(128, 256), layers=(1, 2)) -> Measurement:

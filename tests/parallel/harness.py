@@ -308,6 +308,17 @@ def consolidated_matches(run_dir: str, reference: dict[str, torch.Tensor]) -> fl
 def main(names: list[str]) -> int:
     info = init_distributed("cpu")
     failed = False
+    references: dict[tuple, tuple] = {}  # one single-process run per distinct reference config in this launch
+
+    def reference_run(overrides: list[str], run_dir: str, stop_after: int | None = None, grads: bool = False):
+        """(losses, params, the run directory that holds its metrics)"""
+        key = (tuple(overrides), stop_after, grads)
+        if key not in references:
+            references[key] = (*run(overrides, DistInfo(0, 1, 0, torch.device("cpu")), run_dir, stop_after, grads),
+                               run_dir)
+        losses, params, where = references[key]
+        return list(losses), dict(params), where
+
     with tempfile.TemporaryDirectory() as own:
         shared = [own]
         dist.broadcast_object_list(shared, src=0)  # one run directory for all ranks (checkpoints are shared)
@@ -319,10 +330,9 @@ def main(names: list[str]) -> int:
                                                           "model.n_experts", "model.moe", "model.n_shared",
                                                           "model.kernels", "optim.name", "optim.muon", "train.fp8"))]
             split = REFERENCE_SPLIT.get(name, 1)
-            reference, ref_params = run([f"train.micro_batch_size={GLOBAL_BATCH // split}", f"train.grad_accum={split}",
-                                         *arch],
-                                        DistInfo(0, 1, 0, torch.device("cpu")), f"{tmp}/{name}-ref-{info.rank}",
-                                        grads=name in FIRST_GRADS)
+            reference, ref_params, ref_dir = reference_run([f"train.micro_batch_size={GLOBAL_BATCH // split}",
+                                                   f"train.grad_accum={split}", *arch],
+                                                  f"{tmp}/{name}-ref-{info.rank}", grads=name in FIRST_GRADS)
             losses, params = run(overrides, info, f"{tmp}/{name}", grads=name in FIRST_GRADS)
             loss_diff = max(abs(a - b) for a, b in zip(reference, losses))
             assert len(losses) == len(reference) == STEPS
@@ -346,7 +356,7 @@ def main(names: list[str]) -> int:
                 ok &= 0 < max(everyone) < ref_calls
                 extra += f" newton_schulz_runs={everyone}/{ref_calls}"
             if "task=aux" in overrides and info.rank == 0:  # rank 0 writes the run's metrics
-                diff = extras_diff(f"{tmp}/{name}", f"{tmp}/{name}-ref-0")
+                diff = extras_diff(f"{tmp}/{name}", ref_dir)
                 ok &= diff <= TOLERANCE
                 extra += f" extras_diff={diff:.2e}"
             if "parallel.meta_init=true" in overrides:  # shards drawn on their own: same distribution, not values
@@ -355,8 +365,8 @@ def main(names: list[str]) -> int:
                 again = resumed_losses(overrides, info, f"{tmp}/{name}-reshard", RESHARD[name])
                 reshard_diff = max(abs(a - b) for a, b in zip(losses, again))
                 ok &= len(again) == STEPS and reshard_diff <= TOLERANCE
-                _, at_two = run([f"train.micro_batch_size={GLOBAL_BATCH}", *arch], DistInfo(0, 1, 0, torch.device("cpu")),
-                                f"{tmp}/{name}-ref2-{info.rank}", stop_after=2)
+                _, at_two, _ = reference_run([f"train.micro_batch_size={GLOBAL_BATCH}", *arch],
+                                          f"{tmp}/{name}-ref2-{info.rank}", stop_after=2)
                 if info.rank == 0:
                     consolidated = consolidated_matches(f"{tmp}/{name}-reshard", at_two)
                     ok &= consolidated <= TOLERANCE

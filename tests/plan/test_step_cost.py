@@ -12,7 +12,8 @@ import torch
 
 from pretrain.config import load_config
 from pretrain.plan import step_cost
-from pretrain.plan.step_cost import Cost, counting, measure, report, roofline
+from pretrain.plan.roofline import report, roofline
+from pretrain.plan.step_cost import Cost, counting, measure
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -160,3 +161,22 @@ def test_peer_torchtitan_column(tiny):
     # the same shape: the same matmul work; bf16 parameters (FSDP's mixed precision) cast nothing per micro-batch
     assert peer.matmul_flops_per_token_layer == pytest.approx(ours.matmul_flops_per_token_layer)
     assert abs(peer.nonmatmul_bytes_per_microbatch_layer) < 0.01 * ours.nonmatmul_bytes_per_microbatch_layer
+
+
+def test_planner_search_takes_the_meters_bytes(capsys):
+    """--meter puts the model's measured HBM bytes per activation element into the speed model: the printed
+    constant is the meter's, and the predicted speed differs from the fitted constant's."""
+    from pretrain.plan.__main__ import main
+    from pretrain.plan.roofline import memory_bytes_per_element
+
+    overrides = ["model.n_layers=2", "model.d_model=64", "model.n_heads=4", "model.vocab_size=256",
+                 "model.seq_len=256", "train.dtype=bf16"]
+    args = ["--set", *overrides, "--gpus", "2", "--gpu", "h100", "--global-batch-tokens", "4K", "--top", "1"]
+    assert main(args) == 0
+    fitted = capsys.readouterr().out
+    assert main([*args, "--meter"]) == 0
+    metered = capsys.readouterr().out
+    expected = memory_bytes_per_element(measure(load_config(None, overrides)), load_config(None, overrides))
+    assert f"memory_bytes: {expected:.0f} per activation element and layer" in metered
+    tokens_per_s = lambda out: [line.split()[-4] for line in out.splitlines() if line.startswith(" 1 ")][0]
+    assert tokens_per_s(fitted) != tokens_per_s(metered)
