@@ -47,7 +47,7 @@ def interpreting() -> bool:
 
 
 def compile_only() -> bool:
-    """True inside ``kernels.compile_check``: launches only compile, for a target that is not this machine."""
+    """True inside ``pretrain.kernels.compile_check``: launches only compile, for a target that is not this machine."""
     from triton.runtime.driver import driver
 
     try:
@@ -82,7 +82,7 @@ def autotuned(table: dict, choose, key: list[str], interpreter_config):
     """``triton.autotune`` over the candidate lists in ``table`` (a dict of lists of ``triton.Config``).
 
     Per call, ``choose(arch, named_args, kwargs)`` names the list for this target and shape, so only configs that
-    the compile gate (``kernels.compile_check``) has seen for that target are timed. The interpreter cannot time
+    the compile gate (``pretrain.kernels.compile_check``) has seen for that target are timed. The interpreter cannot time
     candidates: there, ``interpreter_config`` alone is used.
     """
     import triton

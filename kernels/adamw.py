@@ -25,7 +25,7 @@ import math
 
 import torch
 
-from kernels._common import check_device, require_triton
+from pretrain.kernels._common import check_device, require_triton
 
 require_triton()
 import triton  # noqa: E402

@@ -16,7 +16,7 @@ Layout: q, k, v are (B, H, T, E) views with any strides whose last one is 1 — 
 model's reshape back to (B, T, H·E) is free. Head dims up to 256 (non-powers of two are padded in registers
 and masked). Matmuls take the inputs' dtype (tensor cores for fp16 / bf16) and accumulate in fp32; fp32
 inputs use full-precision (IEEE) dots. Block sizes are autotuned per target from candidate lists that the
-compile gate (``kernels.compile_check``) compiles for sm_80, sm_90a and sm_100a.
+compile gate (``pretrain.kernels.compile_check``) compiles for sm_80, sm_90a and sm_100a.
 FLOPs: forward 4·B·H·T²·E (half with causal), backward 2.5× that.
 """
 
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._common import (
+from pretrain.kernels._common import (
     autotuned,
     check_device,
     check_dtypes,

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kernels import reference
+from pretrain.kernels import reference
 
 OPS = ("attention", "adamw", "rmsnorm", "layernorm", "cross_entropy", "rotary")
 
@@ -58,7 +58,7 @@ def measure_peaks(dtype=torch.bfloat16) -> tuple[float, float]:
 def attention_cases(dtype, batch: int, heads: int, seq: int, head_dim: int, causal: bool = True) -> list[Case]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from kernels.attention import flash_attention
+    from pretrain.kernels.attention import flash_attention
 
     q, k, v = (torch.randn(batch, heads, seq, head_dim, device="cuda", dtype=dtype, requires_grad=True)
                for _ in range(3))
@@ -97,7 +97,7 @@ def attention_cases(dtype, batch: int, heads: int, seq: int, head_dim: int, caus
 
 
 def norm_cases(op: str, dtype, rows: int, dim: int) -> list[Case]:
-    from kernels.norms import layer_norm, rms_norm
+    from pretrain.kernels.norms import layer_norm, rms_norm
 
     x = torch.randn(rows, dim, device="cuda", dtype=dtype)
     w = torch.randn(dim, device="cuda", dtype=dtype)
@@ -121,7 +121,7 @@ def norm_cases(op: str, dtype, rows: int, dim: int) -> list[Case]:
 
 
 def rotary_cases(dtype, batch: int, heads: int, seq: int, head_dim: int) -> list[Case]:
-    from kernels.rotary import rotary
+    from pretrain.kernels.rotary import rotary
 
     x = torch.randn(batch, heads, seq, head_dim, device="cuda", dtype=dtype)
     cos, sin = torch.randn(seq, head_dim, device="cuda", dtype=dtype), torch.randn(seq, head_dim, device="cuda", dtype=dtype)
@@ -132,7 +132,7 @@ def rotary_cases(dtype, batch: int, heads: int, seq: int, head_dim: int) -> list
 
 
 def cross_entropy_cases(dtype, tokens: int, dim: int, vocab: int) -> list[Case]:
-    from kernels.cross_entropy import linear_cross_entropy
+    from pretrain.kernels.cross_entropy import linear_cross_entropy
 
     h = torch.randn(tokens, dim, device="cuda", dtype=dtype, requires_grad=True)
     w = (0.02 * torch.randn(vocab, dim, device="cuda", dtype=dtype)).requires_grad_()
@@ -151,7 +151,7 @@ def cross_entropy_cases(dtype, tokens: int, dim: int, vocab: int) -> list[Case]:
 
 
 def adamw_cases(numel: int) -> list[Case]:
-    from kernels.adamw import FusedAdamW
+    from pretrain.kernels.adamw import FusedAdamW
 
     sizes = [numel // 64] * 64  # a model's worth of tensors
     cases = []
@@ -232,11 +232,11 @@ def cross_entropy_memory(tokens: int, dim: int, vocab: int, dtype=torch.bfloat16
     """Peak bytes above the inputs of one forward + backward: fused ``linear_cross_entropy`` against unfused
     ``F.linear`` + ``F.cross_entropy`` (logits upcast to fp32, as a model computing its loss in fp32 does).
 
-    Without a GPU the Triton launches are made compile-only for sm_90a (``kernels.compile_check``): the kernels
+    Without a GPU the Triton launches are made compile-only for sm_90a (``pretrain.kernels.compile_check``): the kernels
     write into buffers the host code has already allocated, so skipping their arithmetic changes no allocation,
     and the full-size shapes take seconds instead of hours in the interpreter. The gradients are then not values.
     """
-    from kernels import cross_entropy
+    from pretrain.kernels import cross_entropy
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
@@ -245,7 +245,7 @@ def cross_entropy_memory(tokens: int, dim: int, vocab: int, dtype=torch.bfloat16
         os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
         from triton.runtime.driver import driver
 
-        from kernels.compile_check import CompileOnlyDriver, Recorder
+        from pretrain.kernels.compile_check import CompileOnlyDriver, Recorder
 
         driver.set_active(CompileOnlyDriver(90))
         Recorder().install()
@@ -334,11 +334,11 @@ def plot(rows: list[dict], path: Path, bandwidth: float, matmul: float) -> None:
 
 def check() -> list[str]:
     """Correctness only, small shapes, wherever the kernels run (the interpreter on CPU)."""
-    from kernels.adamw import FusedAdamW
-    from kernels.attention import flash_attention
-    from kernels.cross_entropy import linear_cross_entropy
-    from kernels.norms import layer_norm, rms_norm
-    from kernels.rotary import rotary
+    from pretrain.kernels.adamw import FusedAdamW
+    from pretrain.kernels.attention import flash_attention
+    from pretrain.kernels.cross_entropy import linear_cross_entropy
+    from pretrain.kernels.norms import layer_norm, rms_norm
+    from pretrain.kernels.rotary import rotary
 
     torch.manual_seed(0)
     report = []

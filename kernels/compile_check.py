@@ -12,7 +12,7 @@ A compiled kernel fails the gate on: a compile error, any spill (stack frame or 
 over the arch's per-block limit, or — for a kernel with a ``tt.dot`` — no tensor-core instruction of the
 arch's family (HMMA on sm_80, HGMMA on sm_90a, tcgen05 ``UTC*MMA`` or HMMA on sm_100a).
 
-    python -m kernels.compile_check --arch sm_90a --json out.json   # in this process (--shard I/N: a part)
+    python -m pretrain.kernels.compile_check --arch sm_90a --json out.json   # in this process (--shard I/N: a part)
     python tools/compile_kernels.py                                 # every arch, in parallel, with the table
 """
 
@@ -204,7 +204,7 @@ def attention_case(e: int, heads: int, kv_heads: int, causal: bool, padded: bool
     def run(dtype):
         import torch
 
-        from kernels.attention import flash_attention
+        from pretrain.kernels.attention import flash_attention
 
         x = torch.zeros(1, t, heads + 2 * kv_heads, e, dtype=dtype)  # the model's (B, T, H, E) projections
         q, k, v = (y.transpose(1, 2).requires_grad_() for y in x.split([heads, kv_heads, kv_heads], dim=2))
@@ -218,7 +218,7 @@ def norm_case(d: int, rms: bool):
     def run(dtype):
         import torch
 
-        from kernels.norms import layer_norm, rms_norm
+        from pretrain.kernels.norms import layer_norm, rms_norm
 
         x = torch.zeros(4, d, dtype=dtype, requires_grad=True)
         w = torch.ones(d, dtype=dtype, requires_grad=True)
@@ -231,7 +231,7 @@ def rotary_case(e: int, heads: int):
     def run(dtype):
         import torch
 
-        from kernels.rotary import rotary
+        from pretrain.kernels.rotary import rotary
 
         x = torch.zeros(1, 16, heads, e, dtype=dtype).transpose(1, 2).requires_grad_()
         y = rotary(x, torch.ones(16, e, dtype=dtype), torch.zeros(16, e, dtype=dtype))
@@ -243,7 +243,7 @@ def cross_entropy_case(d: int, v: int):
     def run(dtype):
         import torch
 
-        from kernels.cross_entropy import linear_cross_entropy
+        from pretrain.kernels.cross_entropy import linear_cross_entropy
 
         hidden = torch.zeros(8, d, dtype=dtype, requires_grad=True)
         weight = torch.zeros(v, d, dtype=dtype, requires_grad=True)
@@ -255,7 +255,7 @@ def adamw_case():
     def run(dtype):
         import torch
 
-        from kernels.adamw import FusedAdamW
+        from pretrain.kernels.adamw import FusedAdamW
 
         params = [torch.zeros(4096, dtype=dtype, requires_grad=True), torch.zeros(64, 48, dtype=dtype,
                                                                                   requires_grad=True)]

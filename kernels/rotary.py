@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels._common import check_device, check_dtypes, nbytes, next_power_of_2, require_triton
+from pretrain.kernels._common import check_device, check_dtypes, nbytes, next_power_of_2, require_triton
 
 require_triton()
 import triton  # noqa: E402

@@ -63,7 +63,7 @@ def build_optimizer(model: nn.Module, o: OptimConfig, device: torch.device, zero
     groups = param_groups(model, o.weight_decay)
     if o.impl == "triton":
         try:
-            from kernels.adamw import FusedAdamW
+            from pretrain.kernels.adamw import FusedAdamW
         except (ImportError, RuntimeError) as exc:
             raise ConfigError(f'optim.impl = "triton" needs triton ({exc}): pip install \'pretrain[triton]\'') from None
         return FusedAdamW(groups, lr=o.lr, betas=betas, eps=o.eps)

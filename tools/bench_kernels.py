@@ -35,13 +35,13 @@ def main(argv=None) -> int:
 
     import torch
 
-    from kernels.bench import OPS
+    from pretrain.kernels.bench import OPS
 
     if args.op != "all" and args.op not in OPS:
         print(f"error: unknown op {args.op!r}: one of {', '.join(OPS)}, all", file=sys.stderr)
         return 2
     if args.ce_memory:
-        from kernels.bench import cross_entropy_memory
+        from pretrain.kernels.bench import cross_entropy_memory
 
         tokens, dim, vocab = args.ce_memory
         peaks = cross_entropy_memory(tokens, dim, vocab, getattr(torch, DTYPES[args.dtype]))
@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     if args.check:
         if not torch.cuda.is_available():
             os.environ.setdefault("TRITON_INTERPRET", "1")  # before any triton.jit code is imported
-        from kernels.bench import check
+        from pretrain.kernels.bench import check
 
         report = check()
         print("\n".join(report))
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
         print("error: timing needs a CUDA GPU (none visible); run with --check for correctness in the interpreter",
               file=sys.stderr)
         return 2
-    from kernels.bench import OPS, run
+    from pretrain.kernels.bench import OPS, run
 
     ops = list(OPS) if args.op == "all" else [args.op]
     unknown = [op for op in ops if op not in OPS]
@@ -78,7 +78,7 @@ def write_autotune_picks(path: Path) -> None:
     """What triton.autotune chose for each attention kernel and key (T bucket, head dim, causal, mask, dtypes)."""
     import json
 
-    from kernels.attention import TUNED
+    from pretrain.kernels.attention import TUNED
 
     picks = {name: {str(key): str(config) for key, config in getattr(tuner, "cache", {}).items()}
              for name, tuner in TUNED.items()}

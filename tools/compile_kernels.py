@@ -7,7 +7,7 @@ sm_100a on this machine (no GPU), with registers, spills, shared memory and tens
     python tools/compile_kernels.py --full                # fp16 on every family too (several times longer)
     python tools/compile_kernels.py --triton 3.6.0        # with another triton (the GPU image's), kept in a cache
 
-One worker process per core (kernels.compile_check --shard), each with a fresh triton cache; TRITON_INTERPRET is cleared for
+One worker process per core (pretrain.kernels.compile_check --shard), each with a fresh triton cache; TRITON_INTERPRET is cleared for
 them. Exit 0: every kernel passed; 1: a problem (the table says which); 2: bad arguments or a crashed arch.
 """
 
@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from kernels.compile_check import ARCHS  # noqa: E402  (imports no triton)
+from pretrain.kernels.compile_check import ARCHS  # noqa: E402  (imports no triton)
 
 
 def triton_site(version: str) -> Path:
@@ -54,7 +54,7 @@ def run_archs(archs: list[str], full: bool, only: str | None, cases: str | None,
         procs = {}
         workers = max(1, min(os.cpu_count() or 1, 8))
         for index in range(workers):  # each worker a balanced share of (arch, family, dtype) compiles
-            cmd = [sys.executable, "-m", "kernels.compile_check", "--arch", *archs, "--shard", f"{index}/{workers}",
+            cmd = [sys.executable, "-m", "pretrain.kernels.compile_check", "--arch", *archs, "--shard", f"{index}/{workers}",
                    "--json", f"{tmp}/{index}.json"]
             cmd += ["--full"] if full else []
             cmd += ["--only", only] if only else []

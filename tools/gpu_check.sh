@@ -110,7 +110,7 @@ if [ "$DRY" = 1 ]; then
     check "bench_step config" "$PY" -m pretrain.train --config configs/gpt_1b.toml --set model.kernels=triton --check
     check "gpu tests collected" bash -c "$PY -m pytest -p no:cacheprovider -q --collect-only -m gpu tests/kernels \
         | grep -E '^[0-9]+(/[0-9]+)? tests? (collected|selected)'"
-    check "kernel ops" "$PY" -c "from kernels.bench import OPS; print('ops:', ', '.join(OPS))"
+    check "kernel ops" "$PY" -c "from pretrain.kernels.bench import OPS; print('ops:', ', '.join(OPS))"
     trains=()
     for entry in "${plan[@]}"; do
         IFS='|' read -r name limit cmd <<< "$entry"

@@ -15,11 +15,11 @@ import torch.nn.functional as F
 
 # op name -> (module in kernels/, function name)
 TRITON_OPS = {
-    "attention": ("kernels.attention", "flash_attention"),
-    "rms_norm": ("kernels.norms", "rms_norm"),
-    "layer_norm": ("kernels.norms", "layer_norm"),
-    "rotary": ("kernels.rotary", "rotary"),
-    "cross_entropy": ("kernels.cross_entropy", "linear_cross_entropy"),
+    "attention": ("pretrain.kernels.attention", "flash_attention"),
+    "rms_norm": ("pretrain.kernels.norms", "rms_norm"),
+    "layer_norm": ("pretrain.kernels.norms", "layer_norm"),
+    "rotary": ("pretrain.kernels.rotary", "rotary"),
+    "cross_entropy": ("pretrain.kernels.cross_entropy", "linear_cross_entropy"),
 }
 
 

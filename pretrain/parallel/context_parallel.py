@@ -136,7 +136,7 @@ class TritonBlocks:
 
     @staticmethod
     def forward(q, k, v, relation):
-        from kernels.attention import attention_fwd
+        from pretrain.kernels.attention import attention_fwd
 
         out, lse = attention_fwd(q, k, v, TritonBlocks._mask(q), relation == "diagonal", False,
                                  1.0 / math.sqrt(q.shape[-1]))
@@ -144,7 +144,7 @@ class TritonBlocks:
 
     @staticmethod
     def backward(q, k, v, out, lse, dout, relation):
-        from kernels.attention import attention_bwd
+        from pretrain.kernels.attention import attention_bwd
 
         dq, dk, dv = attention_bwd(q, k, v, out.to(q.dtype), lse.contiguous(), TritonBlocks._mask(q),
                                    dout.to(q.dtype), relation == "diagonal", False, 1.0 / math.sqrt(q.shape[-1]))

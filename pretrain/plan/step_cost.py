@@ -208,7 +208,7 @@ def declared_costs(kernels: str) -> dict:
         module = importlib.import_module(TRITON_OPS[op][0])
         costs.update(module.COSTS)
     if costs:
-        from kernels._common import interpreting
+        from pretrain.kernels._common import interpreting
 
         if not interpreting():
             raise RuntimeError("the step-cost meter runs the Triton ops dry on the CPU: set TRITON_INTERPRET=1 "
@@ -289,7 +289,7 @@ def _optimizer_cost(cfg, n_layers, tokens, kernels, model=None) -> tuple[Cost, i
         with CostMode(cost):
             optimizer.step()
     if optim.impl == "triton":  # a raw Triton launch: its declaration
-        from kernels.adamw import step_cost
+        from pretrain.kernels.adamw import step_cost
 
         moved, launches = step_cost(optimizer)
         cost.add_op("triton::adamw", moved, launches)

@@ -3,7 +3,7 @@ import copy
 import pytest
 import torch
 
-adamw = pytest.importorskip("kernels.adamw")
+adamw = pytest.importorskip("pretrain.kernels.adamw")
 
 
 def make_params(seed):

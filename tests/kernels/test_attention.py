@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from kernels import reference
+from pretrain.kernels import reference
 
-attention = pytest.importorskip("kernels.attention")
+attention = pytest.importorskip("pretrain.kernels.attention")
 
 CASES = [  # (B, H, K, T, E, causal, padded, layout)
     (1, 2, 2, 37, 48, True, False, "bhte"),

@@ -27,7 +27,7 @@ def test_timing_without_cuda_is_one_clear_line():
 
 
 def test_no_gpu_and_no_interpreter_is_refused(monkeypatch):
-    from kernels.norms import rms_norm
+    from pretrain.kernels.norms import rms_norm
 
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(RuntimeError, match="Triton kernels run on CUDA; on cpu set TRITON_INTERPRET=1"):

@@ -6,10 +6,10 @@ import torch
 
 pytest.importorskip("triton")
 
-from kernels.attention import flash_attention  # noqa: E402
-from kernels.cross_entropy import linear_cross_entropy  # noqa: E402
-from kernels.norms import layer_norm, rms_norm  # noqa: E402
-from kernels.rotary import rotary  # noqa: E402
+from pretrain.kernels.attention import flash_attention  # noqa: E402
+from pretrain.kernels.cross_entropy import linear_cross_entropy  # noqa: E402
+from pretrain.kernels.norms import layer_norm, rms_norm  # noqa: E402
+from pretrain.kernels.rotary import rotary  # noqa: E402
 
 
 def block(x, w, b, q, cos, sin, head, targets):

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from kernels import reference
+from pretrain.kernels import reference
 
-ce = pytest.importorskip("kernels.cross_entropy")
+ce = pytest.importorskip("pretrain.kernels.cross_entropy")
 
 
 @pytest.mark.parametrize("n, d, v", [(37, 48, 1000), (1, 32, 50257), (130, 80, 1000)])

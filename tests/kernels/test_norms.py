@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from kernels import reference
+from pretrain.kernels import reference
 
-norms = pytest.importorskip("kernels.norms")
+norms = pytest.importorskip("pretrain.kernels.norms")
 
 
 @pytest.mark.parametrize("shape", [(3, 37, 48), (1, 80), (130, 64), (2, 1, 33)])

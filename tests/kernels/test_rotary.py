@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from kernels import reference
+from pretrain.kernels import reference
 from pretrain.models.layers import Rotary
 
-rotary = pytest.importorskip("kernels.rotary")
+rotary = pytest.importorskip("pretrain.kernels.rotary")
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 37, 48), (1, 2, 1, 80), (1, 1, 130, 32)])
