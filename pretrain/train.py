@@ -64,6 +64,28 @@ def _launched_rank() -> int:
     return 0
 
 
+def _say_once(exc: Exception, said: bool) -> None:
+    """Before training every rank meets the same user error and rank 0 alone says it. Once a process group exists
+    the launcher kills the other ranks the moment one exits non-zero, so a silent rank that got there first would
+    take rank 0's line with it: it waits (at most 10 s) on the group's store until rank 0 has printed."""
+    if said:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+    if not torch.distributed.is_initialized():
+        return
+    from datetime import timedelta
+
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    key = "pretrain/user-error-said"
+    try:
+        if said:
+            _get_default_store().set(key, "1")
+        else:
+            _get_default_store().wait([key], timedelta(seconds=10))
+    except Exception:  # noqa: BLE001 - rank 0 never said it (another error, or gone): exit all the same
+        pass
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     overrides = [item for group in args.overrides for item in group]
@@ -94,8 +116,7 @@ def main(argv=None) -> int:
         print("interrupted (a second Ctrl-C): stopped without saving", file=sys.stderr)
         return 130
     except USER_ERRORS as exc:
-        if training or _launched_rank() == 0:
-            print(f"error: {exc}", file=sys.stderr)
+        _say_once(exc, training or _launched_rank() == 0)
         return 2
     except OSError as exc:
         if disk_error(exc) is None:
@@ -108,8 +129,7 @@ def main(argv=None) -> int:
     except RuntimeError as exc:
         if "pip install" not in str(exc) and "validation split" not in str(exc):
             raise
-        if training or _launched_rank() == 0:
-            print(f"error: {exc}", file=sys.stderr)
+        _say_once(exc, training or _launched_rank() == 0)
         return 2
     if trainer.preempted:
         distributed.destroy()
