@@ -11,7 +11,7 @@ def require_triton():
     try:
         import triton  # noqa: F401
     except ImportError:
-        raise RuntimeError("the Triton kernels need triton: pip install 'pretrain[triton]'") from None
+        raise RuntimeError("the Triton kernels need triton: pip install -e '.[triton]'") from None
 
 
 def check_device(*tensors: torch.Tensor) -> None:

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
 from pretrain.kernels import reference
 
 OPS = ("attention", "adamw", "rmsnorm", "layernorm", "cross_entropy", "rotary")
@@ -56,9 +55,8 @@ def measure_peaks(dtype=torch.bfloat16) -> tuple[float, float]:
 
 
 def attention_cases(dtype, batch: int, heads: int, seq: int, head_dim: int, causal: bool = True) -> list[Case]:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     from pretrain.kernels.attention import flash_attention
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     q, k, v = (torch.randn(batch, heads, seq, head_dim, device="cuda", dtype=dtype, requires_grad=True)
                for _ in range(3))
@@ -243,9 +241,8 @@ def cross_entropy_memory(tokens: int, dim: int, vocab: int, dtype=torch.bfloat16
         if os.environ.get("TRITON_INTERPRET") == "1":
             raise RuntimeError("cross_entropy_memory on CPU needs TRITON_INTERPRET unset (launches compile only)")
         os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-        from triton.runtime.driver import driver
-
         from pretrain.kernels.compile_check import CompileOnlyDriver, Recorder
+        from triton.runtime.driver import driver
 
         driver.set_active(CompileOnlyDriver(90))
         Recorder().install()
@@ -319,7 +316,7 @@ def plot(rows: list[dict], path: Path, bandwidth: float, matmul: float) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("matplotlib missing: no plot (pip install 'pretrain[plot]')")
+        print("matplotlib missing: no plot (pip install -e '.[plot]')")
         return
     groups = sorted({(r["op"], r["shape"]) for r in rows})
     fig, axes = plt.subplots(len(groups), 1, figsize=(8, 2.2 * len(groups)), squeeze=False)

@@ -21,8 +21,14 @@ then divided by the number of non-ignored targets (the mean). Ignored rows contr
 from __future__ import annotations
 
 import torch
-
-from pretrain.kernels._common import check_device, check_dtypes, interpreting, nbytes, next_power_of_2, require_triton
+from pretrain.kernels._common import (
+    check_device,
+    check_dtypes,
+    interpreting,
+    nbytes,
+    next_power_of_2,
+    require_triton,
+)
 
 require_triton()
 import triton  # noqa: E402

@@ -101,7 +101,7 @@ class MetricsLogger:
             try:
                 import wandb
             except ImportError:
-                raise RuntimeError("logging.wandb_project is set but wandb is not installed: pip install 'pretrain[wandb]'") from None
+                raise RuntimeError("logging.wandb_project is set but wandb is not installed: pip install -e '.[wandb]'") from None
             self.wandb = wandb.init(project=wandb_project, dir=str(self.run_dir), config=config, resume="allow")
 
     def log(self, step: int, values: dict[str, Any]) -> None:

@@ -65,7 +65,7 @@ def build_optimizer(model: nn.Module, o: OptimConfig, device: torch.device, zero
         try:
             from pretrain.kernels.adamw import FusedAdamW
         except (ImportError, RuntimeError) as exc:
-            raise ConfigError(f'optim.impl = "triton" needs triton ({exc}): pip install \'pretrain[triton]\'') from None
+            raise ConfigError(f'optim.impl = "triton" needs triton ({exc}): pip install -e \'.[triton]\'') from None
         return FusedAdamW(groups, lr=o.lr, betas=betas, eps=o.eps)
     if o.impl == "apex":
         try:

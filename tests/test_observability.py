@@ -142,7 +142,7 @@ def test_wandb_missing_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import fails as if not installed
     with pytest.raises(RuntimeError) as info:
         MetricsLogger(tmp_path, wandb_project="p", tensorboard=False)
-    assert "pip install 'pretrain[wandb]'" in str(info.value)
+    assert "pip install -e '.[wandb]'" in str(info.value)
 
 
 def test_gpu_check_dry_run_passes_on_cpu_with_only_python3(tmp_path):

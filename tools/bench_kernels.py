@@ -21,6 +21,16 @@ DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except RuntimeError as exc:  # a missing extra (triton): one line naming it, not a traceback
+        if "pip install" not in str(exc):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--op", default="all", help="attention | adamw | rmsnorm | layernorm | cross_entropy | "
                                                    "rotary | all")
@@ -34,7 +44,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     import torch
-
     from pretrain.kernels.bench import OPS
 
     if args.op != "all" and args.op not in OPS:

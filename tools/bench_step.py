@@ -31,7 +31,7 @@ def hf_llama(cfg, ours):
     try:
         import transformers
     except ImportError:
-        raise SystemExit("error: this benchmark needs transformers: pip install 'pretrain[hf]'") from None
+        raise SystemExit("error: this benchmark needs transformers: pip install -e '.[hf]'") from None
     hf_cfg = transformers.LlamaConfig(
         vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ffn_dim,
         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads,

@@ -100,7 +100,7 @@ def main(argv=None) -> int:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return fail("plotting needs matplotlib: pip install 'pretrain[plot]'")
+        return fail("plotting needs matplotlib: pip install -e '.[plot]'")
 
     partial = out.with_name(out.name + ".partial.png")
     if runs:

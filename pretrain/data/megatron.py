@@ -21,7 +21,7 @@ def _indexed_dataset(prefix: str):
     try:
         from megatron.core.datasets.indexed_dataset import IndexedDataset
     except ImportError:
-        raise DataError("Megatron datasets need megatron-core: pip install 'pretrain[megatron]'") from None
+        raise DataError("Megatron datasets need megatron-core: pip install -e '.[megatron]'") from None
     for suffix in (".bin", ".idx"):
         if not Path(prefix + suffix).is_file():
             raise DataError(f"Megatron dataset {prefix}: {prefix + suffix} is missing")

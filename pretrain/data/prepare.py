@@ -250,7 +250,7 @@ class MegatronWriter:
         try:
             from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
         except ImportError:
-            raise DataError("--format megatron needs megatron-core: pip install 'pretrain[megatron]'") from None
+            raise DataError("--format megatron needs megatron-core: pip install -e '.[megatron]'") from None
         import torch
 
         self.torch, self.out_dir, self.split, self.eos_id = torch, out_dir, split, eos_id

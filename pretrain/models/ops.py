@@ -90,5 +90,5 @@ def _load_triton(module: str, function: str) -> Callable:
     except ImportError as exc:
         raise RuntimeError(
             f'model.kernels = "triton" needs {module}.{function} ({exc}); '
-            "install the extra with: pip install 'pretrain[triton]'"
+            "install the extra with: pip install -e '.[triton]'"
         ) from None

@@ -3,7 +3,7 @@
 The engine gets our model and our AdamW (param groups without decay on norms / biases / embeddings) as its
 client optimizer; its ds_config is built from this config, or read from ``parallel.deepspeed_config`` with
 the batch sizes, accumulation and clipping filled in from ours (a conflicting value is refused). DeepSpeed is
-an optional extra: ``pip install 'pretrain[deepspeed]'``.
+an optional extra: ``pip install -e '.[deepspeed]'``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def _import_deepspeed():
     try:
         import deepspeed
     except ImportError:
-        raise ConfigError("parallel.engine = \"deepspeed\" needs DeepSpeed: pip install 'pretrain[deepspeed]'") from None
+        raise ConfigError("parallel.engine = \"deepspeed\" needs DeepSpeed: pip install -e '.[deepspeed]'") from None
     return deepspeed
 
 

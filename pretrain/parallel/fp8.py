@@ -44,7 +44,7 @@ def _torchao():
     try:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     except ImportError:
-        raise ConfigError("train.fp8 needs torchao: pip install 'pretrain[fp8]'") from None
+        raise ConfigError("train.fp8 needs torchao: pip install -e '.[fp8]'") from None
     finally:
         quiet.setLevel(level)
     return Float8LinearConfig, convert_to_float8_training

@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from pretrain.kernels import reference
 
 attention = pytest.importorskip("pretrain.kernels.attention")

@@ -26,6 +26,14 @@ def test_timing_without_cuda_is_one_clear_line():
         "error: timing needs a CUDA GPU (none visible); run with --check for correctness in the interpreter"]
 
 
+def test_check_without_triton_is_one_line_naming_the_extra():
+    code = ("import runpy, sys; sys.modules['triton'] = None; sys.argv = ['tools/bench_kernels.py', '--check']; "
+            "runpy.run_path('tools/bench_kernels.py', run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == ["error: the Triton kernels need triton: pip install -e '.[triton]'"]
+
+
 def test_no_gpu_and_no_interpreter_is_refused(monkeypatch):
     from pretrain.kernels.norms import rms_norm
 

@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from pretrain.kernels import reference
 
 ce = pytest.importorskip("pretrain.kernels.cross_entropy")

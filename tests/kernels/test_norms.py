@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from pretrain.kernels import reference
 
 norms = pytest.importorskip("pretrain.kernels.norms")
