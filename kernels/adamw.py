@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 
 import torch
+
 from pretrain.kernels._common import check_device, require_triton
 
 require_triton()

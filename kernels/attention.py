@@ -23,6 +23,7 @@ FLOPs: forward 4·B·H·T²·E (half with causal), backward 2.5× that.
 from __future__ import annotations
 
 import torch
+
 from pretrain.kernels._common import (
     autotuned,
     check_device,

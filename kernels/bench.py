@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
 from pretrain.kernels import reference
 
 OPS = ("attention", "adamw", "rmsnorm", "layernorm", "cross_entropy", "rotary")
@@ -55,8 +56,9 @@ def measure_peaks(dtype=torch.bfloat16) -> tuple[float, float]:
 
 
 def attention_cases(dtype, batch: int, heads: int, seq: int, head_dim: int, causal: bool = True) -> list[Case]:
-    from pretrain.kernels.attention import flash_attention
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from pretrain.kernels.attention import flash_attention
 
     q, k, v = (torch.randn(batch, heads, seq, head_dim, device="cuda", dtype=dtype, requires_grad=True)
                for _ in range(3))
@@ -241,8 +243,9 @@ def cross_entropy_memory(tokens: int, dim: int, vocab: int, dtype=torch.bfloat16
         if os.environ.get("TRITON_INTERPRET") == "1":
             raise RuntimeError("cross_entropy_memory on CPU needs TRITON_INTERPRET unset (launches compile only)")
         os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-        from pretrain.kernels.compile_check import CompileOnlyDriver, Recorder
         from triton.runtime.driver import driver
+
+        from pretrain.kernels.compile_check import CompileOnlyDriver, Recorder
 
         driver.set_active(CompileOnlyDriver(90))
         Recorder().install()

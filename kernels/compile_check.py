@@ -203,6 +203,7 @@ def _dtype(name):
 def attention_case(e: int, heads: int, kv_heads: int, causal: bool, padded: bool, t: int = 256):
     def run(dtype):
         import torch
+
         from pretrain.kernels.attention import flash_attention
 
         x = torch.zeros(1, t, heads + 2 * kv_heads, e, dtype=dtype)  # the model's (B, T, H, E) projections
@@ -216,6 +217,7 @@ def attention_case(e: int, heads: int, kv_heads: int, causal: bool, padded: bool
 def norm_case(d: int, rms: bool):
     def run(dtype):
         import torch
+
         from pretrain.kernels.norms import layer_norm, rms_norm
 
         x = torch.zeros(4, d, dtype=dtype, requires_grad=True)
@@ -228,6 +230,7 @@ def norm_case(d: int, rms: bool):
 def rotary_case(e: int, heads: int):
     def run(dtype):
         import torch
+
         from pretrain.kernels.rotary import rotary
 
         x = torch.zeros(1, 16, heads, e, dtype=dtype).transpose(1, 2).requires_grad_()
@@ -239,6 +242,7 @@ def rotary_case(e: int, heads: int):
 def cross_entropy_case(d: int, v: int):
     def run(dtype):
         import torch
+
         from pretrain.kernels.cross_entropy import linear_cross_entropy
 
         hidden = torch.zeros(8, d, dtype=dtype, requires_grad=True)
@@ -250,6 +254,7 @@ def cross_entropy_case(d: int, v: int):
 def adamw_case():
     def run(dtype):
         import torch
+
         from pretrain.kernels.adamw import FusedAdamW
 
         params = [torch.zeros(4096, dtype=dtype, requires_grad=True), torch.zeros(64, 48, dtype=dtype,

@@ -21,6 +21,7 @@ then divided by the number of non-ignored targets (the mean). Ignored rows contr
 from __future__ import annotations
 
 import torch
+
 from pretrain.kernels._common import (
     check_device,
     check_dtypes,

@@ -15,6 +15,7 @@ Math is fp32 whatever the input dtype. Bytes: read x, w (+ b), write y: ≈ 2·N
 from __future__ import annotations
 
 import torch
+
 from pretrain.kernels._common import check_device, check_dtypes, nbytes, next_power_of_2, require_triton
 
 require_triton()

@@ -10,6 +10,7 @@ Bytes: read x and the (T, E) tables, write y: ≈ 2·B·H·T·E·itemsize.
 from __future__ import annotations
 
 import torch
+
 from pretrain.kernels._common import check_device, check_dtypes, nbytes, next_power_of_2, require_triton
 
 require_triton()

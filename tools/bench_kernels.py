@@ -44,6 +44,7 @@ def _main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     import torch
+
     from pretrain.kernels.bench import OPS
 
     if args.op != "all" and args.op not in OPS:

@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from pretrain.kernels import reference
 
 ce = pytest.importorskip("pretrain.kernels.cross_entropy")

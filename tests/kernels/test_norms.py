@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from pretrain.kernels import reference
 
 norms = pytest.importorskip("pretrain.kernels.norms")

@@ -1,7 +1,7 @@
 import pytest
 import torch
-from pretrain.kernels import reference
 
+from pretrain.kernels import reference
 from pretrain.models.layers import Rotary
 
 rotary = pytest.importorskip("pretrain.kernels.rotary")
