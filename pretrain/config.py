@@ -35,14 +35,22 @@ class ModelConfig:
     d_model: int = 64
     n_heads: int = 4
     n_kv_heads: int = 0  # 0 = n_heads (no GQA)
+    head_dim: int = 0  # width of one attention head; 0 = d_model / n_heads (Qwen3-0.6B: 128 with d_model 1024, 16 heads)
     ffn_hidden: int = 0  # 0 = flavour default (llama: 8/3·D rounded to 64; gpt2/bert: 4·D)
     vocab_size: int = 512
     seq_len: int = 128
     max_position_embeddings: int = 0  # learned positions (gpt2, bert); 0 = seq_len
     rope_theta: float = 10000.0
+    # RoPE frequency scaling as Hugging Face configs write it ({} = none): {rope_type = "linear", factor = 4.0};
+    # {rope_type = "llama3", factor, low_freq_factor, high_freq_factor, original_max_position_embeddings};
+    # {rope_type = "yarn", factor, original_max_position_embeddings, beta_fast?, beta_slow?, attention_factor?,
+    # mscale?, mscale_all_dim?, truncate?} (pretrain/models/rope.py)
+    rope_scaling: dict = field(default_factory=dict)
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     qk_norm: bool = False  # llama GPT: RMSNorm over each head's q and k before RoPE (Qwen3, OLMoE-style)
+    qkv_bias: bool = False  # llama GPT: biases on the q, k and v projections (not o), as Qwen2 / Qwen2.5 have
+    hf_architecture: str = ""  # the Hugging Face class an import came from (export writes it again); "" = chosen by shape
     dropout: float = 0.0
     type_vocab_size: int = 2  # bert
     nsp_head: bool = False  # bert: next-sentence prediction head
@@ -71,8 +79,9 @@ class ModelConfig:
         return self.n_kv_heads or self.n_heads
 
     @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+    def head_size(self) -> int:
+        """The resolved ``head_dim``."""
+        return self.head_dim or self.d_model // self.n_heads
 
     @property
     def ffn_dim(self) -> int:
@@ -252,7 +261,7 @@ POSITIVE, NON_NEGATIVE, AT_LEAST_1 = ((0, False), None), ((0, True), None), ((1,
 UNIT_OPEN = ((0, True), (1, False))  # [0, 1)
 RANGES: dict[str, tuple] = {
     "model.n_layers": AT_LEAST_1, "model.d_model": AT_LEAST_1, "model.n_heads": AT_LEAST_1,
-    "model.n_kv_heads": NON_NEGATIVE, "model.ffn_hidden": NON_NEGATIVE, "model.vocab_size": ((2, True), None),
+    "model.n_kv_heads": NON_NEGATIVE, "model.head_dim": NON_NEGATIVE, "model.ffn_hidden": NON_NEGATIVE, "model.vocab_size": ((2, True), None),
     "model.seq_len": AT_LEAST_1, "model.max_position_embeddings": NON_NEGATIVE, "model.rope_theta": POSITIVE,
     "model.norm_eps": POSITIVE, "model.dropout": UNIT_OPEN, "model.type_vocab_size": AT_LEAST_1,
     "model.init_std": POSITIVE, "model.n_experts": NON_NEGATIVE, "model.moe_top_k": AT_LEAST_1,
@@ -349,12 +358,25 @@ class Config:
         if "cross_entropy" in chosen and self.parallel.tp > 1:
             raise ConfigError("the fused cross-entropy kernel takes a whole head: with parallel.tp > 1 the "
                               "vocab-parallel loss is used; drop cross_entropy from model.kernels")
-        if m.d_model % m.n_heads:
-            raise ConfigError(f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads})")
+        llama = m.arch == "gpt" and m.flavor == "llama"
+        if m.head_dim and not llama:
+            raise ConfigError(f"model.head_dim is for the llama-flavour GPT (its heads may be wider or narrower than "
+                              f"d_model / n_heads); {m.arch}/{m.flavor} heads are d_model / n_heads")
+        if not m.head_dim and m.d_model % m.n_heads:
+            raise ConfigError(f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads}), or "
+                              "set model.head_dim")
         if m.n_heads % m.kv_heads:
             raise ConfigError(f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({m.kv_heads})")
-        if m.arch == "gpt" and m.flavor == "llama" and m.head_dim % 2:
-            raise ConfigError(f"rotary embeddings need an even head dim; d_model/n_heads = {m.head_dim}")
+        if llama and m.head_size % 2:
+            source = "model.head_dim" if m.head_dim else "d_model/n_heads"
+            raise ConfigError(f"rotary embeddings need an even head dim; {source} = {m.head_size}")
+        if m.qkv_bias and not llama:
+            raise ConfigError(f"model.qkv_bias is for the llama-flavour GPT; {m.arch}/{m.flavor} projections "
+                              "already have biases")
+        if m.rope_scaling:
+            if not llama:
+                raise ConfigError(f"model.rope_scaling is for the llama-flavour GPT (RoPE), not {m.arch}/{m.flavor}")
+            check_rope_scaling(m.rope_scaling)
         if m.learned_positions and m.seq_len > m.positions:
             raise ConfigError(
                 f"model.seq_len ({m.seq_len}) exceeds model.max_position_embeddings ({m.positions}) "
@@ -364,9 +386,6 @@ class Config:
             raise ConfigError(f"model.flavor = {m.flavor!r} is not one of llama, gpt2")
         if m.qk_norm and (m.arch != "gpt" or m.flavor != "llama"):
             raise ConfigError(f"model.qk_norm is for the llama-flavour GPT, not {m.arch}/{m.flavor}")
-        if m.qk_norm and self.parallel.tp > 1:
-            raise ConfigError("model.qk_norm with parallel.tp > 1 is not supported (each rank would normalise its "
-                              "own heads with a weight whose gradient needs a tp all-reduce): use tp = 1")
         if m.n_experts:
             if m.arch != "gpt" or m.flavor != "llama":
                 raise ConfigError(f"model.n_experts = {m.n_experts}: Mixture-of-Experts layers are for the llama-flavour "
@@ -452,6 +471,41 @@ class Config:
         return self
 
 
+# model.rope_scaling: per type, its required keys and its optional ones (the keys Hugging Face configs use)
+ROPE_SCALING = {
+    "linear": ({"factor"}, set()),
+    "llama3": ({"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}, set()),
+    "yarn": ({"factor", "original_max_position_embeddings"},
+             {"beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate"}),
+}
+
+
+def check_rope_scaling(scaling: dict) -> None:
+    """One line naming what is wrong with a ``model.rope_scaling`` table (models/rope.py computes it)."""
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind not in ROPE_SCALING:
+        raise ConfigError(f"model.rope_scaling.rope_type = {kind!r} is not one of {', '.join(ROPE_SCALING)} "
+                          "(use {} for plain RoPE)")
+    required, optional = ROPE_SCALING[kind]
+    keys = set(scaling) - {"rope_type", "type"}
+    if required - keys:
+        raise ConfigError(f"model.rope_scaling ({kind}) lacks {', '.join(sorted(required - keys))}")
+    if keys - required - optional:
+        raise ConfigError(f"model.rope_scaling ({kind}) has unknown key(s) {', '.join(sorted(keys - required - optional))}"
+                          f"; {kind} takes {', '.join(sorted(required | optional))}")
+    for key in keys:
+        value = scaling[key]
+        if key == "truncate":
+            if not isinstance(value, bool):
+                raise ConfigError(f"model.rope_scaling.truncate must be true or false, got {value!r}")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or value <= 0 and not (key in ("mscale", "mscale_all_dim") and value == 0):
+            raise ConfigError(f"model.rope_scaling.{key} must be a finite number > 0, got {value!r}")
+    if kind == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        raise ConfigError(f"model.rope_scaling: high_freq_factor ({scaling['high_freq_factor']}) must exceed "
+                          f"low_freq_factor ({scaling['low_freq_factor']})")
+
+
 def _relation(path: Path, other: Path) -> str:
     """How ``path`` sits against ``other``: "is", "contains", "lies inside", or "" (apart)."""
     a, b = path.resolve(), other.resolve()
@@ -497,7 +551,7 @@ def _suggest(name: str, options: typing.Iterable[str]) -> str:
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
     """Check ``value`` against the field type; ints are accepted where floats are expected."""
     # annotations are strings here (``from __future__ import annotations``)
-    kind = {"int": int, "float": float, "bool": bool, "str": str, "list": list}.get(str(annotation))
+    kind = {"int": int, "float": float, "bool": bool, "str": str, "list": list, "dict": dict}.get(str(annotation))
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if kind is str and isinstance(value, int) and not isinstance(value, bool):

@@ -19,20 +19,16 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from pretrain.checkpoint.manager import CheckpointError
-from pretrain.config import Config, ConfigError, ModelConfig
+from pretrain.config import ROPE_SCALING, Config, ConfigError, ModelConfig
 from pretrain.files import as_os_error, check_output, replace_dir
 
-SUPPORTED = {"LlamaForCausalLM": ("gpt", "llama"), "GPT2LMHeadModel": ("gpt", "gpt2"), "BertForMaskedLM": ("bert", ""),
-             "Qwen3ForCausalLM": ("gpt", "qwen3"), "MixtralForCausalLM": ("gpt", "mixtral"),
-             "Qwen3MoeForCausalLM": ("gpt", "qwen3_moe"), "Glm4MoeForCausalLM": ("gpt", "glm4_moe")}
-# per HF llama-like class: the MoE block's name and its experts' (gate, up, down) names
-MOE_NAMES = {"mixtral": ("block_sparse_moe", ("w1", "w3", "w2")), "qwen3_moe": ("mlp", ("gate_proj", "up_proj", "down_proj")),
-             "glm4_moe": ("mlp", ("gate_proj", "up_proj", "down_proj"))}
 SHARD_BYTES = 5 * 10 ** 9
 
 LLAMA_NAMES = [(r"^lm_head\.", "lm_head."), (r"^(?!lm_head)", "model.")]
@@ -69,98 +65,314 @@ def _rename(name: str, table) -> str | None:
     return None
 
 
-def hf_config(cfg: ModelConfig):
-    import transformers
 
+# --- families: one record per Hugging Face class -------------------------------------------------------------
+@dataclass(frozen=True)
+class Family:
+    """What the converter knows of one Hugging Face class: the native model it corresponds to, its config both
+    ways, the config fields it implements (anything else that changes the outputs is refused by name), and for
+    llama-like MoE classes the names of the MoE block and its experts' (gate, up, down) projections."""
+
+    hf_class: str
+    kind: str  # our short name (the key of FAMILIES' values)
+    arch: str  # native model.arch
+    config_class: str  # the transformers config class
+    to_hf: Callable[[ModelConfig], dict]  # config keywords beyond the common ones
+    from_hf: Callable[[dict], dict]  # ModelConfig keywords beyond the common ones
+    implemented: dict = field(default_factory=dict)  # field -> (accepts(value) -> bool, what is supported)
+    holds: Callable[[ModelConfig], str] = lambda cfg: ""  # why this class cannot hold cfg ("" = it can)
+    moe: tuple | None = None  # (MoE block name, (gate, up, down) expert projection names)
+
+    @property
+    def llama_like(self) -> bool:
+        return self.kind not in ("gpt2", "bert")
+
+
+def _absent_or(*allowed):
+    return lambda value: value is None or value in allowed
+
+
+def _rope_table(raw: dict) -> dict:
+    """The HF config's RoPE parameters (4.x ``rope_scaling``, 5.x ``rope_parameters``; transformers 5 lets
+    ``rope_scaling`` win when a config has both), one flat dict."""
+    table = raw.get("rope_scaling") or raw.get("rope_parameters") or {}
+    return table if isinstance(table, dict) else {}
+
+
+def _rope_type(value) -> str:
+    if value is None:
+        return "default"
+    return value.get("rope_type", value.get("type", "default")) if isinstance(value, dict) else "?"
+
+
+def _rope_ok(value) -> bool:
+    return _rope_type(value) in ("default", *ROPE_SCALING)
+
+
+def _full_rotary(raw: dict) -> bool:
+    return raw.get("partial_rotary_factor", _rope_table(raw).get("partial_rotary_factor", 1.0)) in (1, 1.0)
+
+
+def _full_attention(value) -> bool:
+    return value is None or isinstance(value, list) and all(v == "full_attention" for v in value)
+
+
+def _leading_layers(value) -> bool:
+    """Qwen3-MoE's mlp_only_layers as our moe_dense_layers: the first k layers, or none."""
+    return value is None or isinstance(value, list) and value == list(range(len(value)))
+
+
+ROPE_SUPPORTED = f'rope_type default, {", ".join(ROPE_SCALING)}'
+LLAMA_FIELDS = {  # what llama and its relatives implement; each family adds or overrides
+    "hidden_act": (_absent_or("silu", "swish"), "silu"),
+    "rope_scaling": (_rope_ok, ROPE_SUPPORTED),
+    "rope_parameters": (_rope_ok, ROPE_SUPPORTED),
+    "partial_rotary_factor": (_absent_or(1, 1.0), "1.0 (full rotary)"),
+    "attention_bias": (_absent_or(False), "false"),
+    "mlp_bias": (_absent_or(False), "false"),
+    "pretraining_tp": (_absent_or(1), "1"),
+    "sliding_window": (_absent_or(), "none"),
+    "layer_types": (_full_attention, "full_attention in every layer"),
+    "attention_dropout": (_absent_or(0, 0.0), "0"),
+}
+NO_SLIDING = {"use_sliding_window": (_absent_or(False), "false"), "sliding_window": (lambda v: True, "")}
+
+
+def _llama_to_hf(cfg: ModelConfig) -> dict:
+    """The config keywords every llama-like class shares. RoPE goes in the keywords every transformers release we
+    support reads (``rope_theta``, ``rope_scaling``; 5.x folds both into ``rope_parameters``)."""
+    positions = max(cfg.seq_len, cfg.max_position_embeddings)
+    kw = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ffn_dim,
+              num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads,
+              head_dim=cfg.head_size, rms_norm_eps=cfg.norm_eps, tie_word_embeddings=cfg.tie_embeddings,
+              rope_theta=cfg.rope_theta, bos_token_id=2, eos_token_id=3, pad_token_id=0, hidden_act="silu",
+              attention_dropout=0.0)
+    if cfg.rope_scaling:
+        scaling = dict(cfg.rope_scaling)
+        scaling["rope_type"] = scaling.pop("type", None) or scaling["rope_type"]
+        kw["rope_scaling"] = scaling
+        if scaling["rope_type"] == "yarn":  # releases before 5.0 read yarn's factor as max_position / original
+            positions = max(positions, round(scaling["factor"] * scaling["original_max_position_embeddings"]))
+    kw["max_position_embeddings"] = positions
+    return kw
+
+
+def _llama_from_hf(raw: dict) -> dict:
+    heads, width = raw["num_attention_heads"], raw["hidden_size"]
+    head_dim = raw.get("head_dim") or 0
+    if not isinstance(head_dim, int) or isinstance(head_dim, bool):
+        raise TypeError(f"head_dim = {head_dim!r}")
+    rope = _rope_table(raw)
+    scaling = {}
+    if _rope_type(rope) != "default":
+        scaling = {k: v for k, v in rope.items() if k not in ("rope_type", "type", "rope_theta",
+                                                              "partial_rotary_factor")}
+        scaling["rope_type"] = _rope_type(rope)
+        if scaling["rope_type"] == "yarn" and "original_max_position_embeddings" not in scaling:
+            scaling["original_max_position_embeddings"] = raw.get("max_position_embeddings")
+    theta = raw.get("rope_theta", rope.get("rope_theta", 10000.0))
+    return dict(arch="gpt", flavor="llama", n_layers=raw["num_hidden_layers"], d_model=width, n_heads=heads,
+                n_kv_heads=raw.get("num_key_value_heads") or heads,
+                head_dim=0 if head_dim * heads == width else head_dim,
+                ffn_hidden=raw["intermediate_size"], vocab_size=raw["vocab_size"],
+                seq_len=min(4096, raw.get("max_position_embeddings", 4096)), rope_theta=float(theta),
+                rope_scaling=scaling, norm_eps=raw.get("rms_norm_eps", 1e-6),
+                tie_embeddings=raw.get("tie_word_embeddings", False))
+
+
+def _dense(cfg: ModelConfig, *, qk_norm: bool, qkv_bias: bool) -> str:
+    if cfg.n_experts:
+        return "it has Mixture-of-Experts layers"
+    if cfg.qk_norm != qk_norm:
+        return "it has QK-norm" if cfg.qk_norm else "it has no QK-norm"
+    if cfg.qkv_bias != qkv_bias:
+        return "it has q/k/v biases" if cfg.qkv_bias else "it has no q/k/v biases"
+    return ""
+
+
+def _softmax_moe(cfg: ModelConfig, *, qk_norm: bool) -> str:
+    if not cfg.n_experts or cfg.moe_router != "softmax":
+        return "it needs softmax-routed Mixture-of-Experts layers"
+    if cfg.n_shared_experts:
+        return ("a softmax router with shared experts has no Hugging Face counterpart (Qwen2-MoE gates its shared "
+                'expert): export needs model.moe_router = "sigmoid" or no shared experts')
+    if cfg.moe_balance != "aux_loss":
+        return ("the aux-loss-free selection bias with a softmax router has no Hugging Face counterpart (Qwen3-MoE / "
+                'Mixtral route without it): export needs model.moe_router = "sigmoid" or model.moe_balance = '
+                '"aux_loss"')
+    if cfg.qkv_bias:
+        return ("q/k/v biases with a softmax MoE router have no Hugging Face counterpart: export needs "
+                'model.moe_router = "sigmoid" (GLM-4-MoE) or model.qkv_bias = false')
+    if cfg.qk_norm != qk_norm:
+        return "it has QK-norm" if cfg.qk_norm else "it has no QK-norm"
+    if not qk_norm and cfg.moe_dense_layers:
+        return ("Mixtral (a softmax MoE without QK-norm) has no dense layers: export needs model.moe_dense_layers = 0, "
+                "or model.qk_norm = true (Qwen3-MoE)")
+    return ""
+
+
+MOE_KW = lambda cfg: dict(num_experts_per_tok=cfg.moe_top_k, output_router_logits=False)  # noqa: E731
+MOE_FROM = lambda raw: dict(moe_top_k=raw["num_experts_per_tok"])  # noqa: E731
+EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")
+
+FAMILY_LIST = [
+    Family("LlamaForCausalLM", "llama", "gpt", "LlamaConfig",
+           to_hf=lambda cfg: dict(attention_bias=False, mlp_bias=False),
+           from_hf=lambda raw: {}, implemented=LLAMA_FIELDS,
+           holds=lambda cfg: _dense(cfg, qk_norm=False, qkv_bias=False)),
+    Family("Qwen2ForCausalLM", "qwen2", "gpt", "Qwen2Config",  # q/k/v biases always (o has none)
+           to_hf=lambda cfg: dict(use_sliding_window=False, sliding_window=None),
+           from_hf=lambda raw: dict(qkv_bias=True), implemented={**LLAMA_FIELDS, **NO_SLIDING},
+           holds=lambda cfg: _dense(cfg, qk_norm=False, qkv_bias=True)),
+    Family("Qwen3ForCausalLM", "qwen3", "gpt", "Qwen3Config",
+           to_hf=lambda cfg: dict(attention_bias=False, use_sliding_window=False, sliding_window=None),
+           from_hf=lambda raw: dict(qk_norm=True), implemented={**LLAMA_FIELDS, **NO_SLIDING},
+           holds=lambda cfg: _dense(cfg, qk_norm=True, qkv_bias=False)),
+    Family("MistralForCausalLM", "mistral", "gpt", "MistralConfig",  # only as it was imported (Llama otherwise)
+           to_hf=lambda cfg: dict(sliding_window=None), from_hf=lambda raw: {}, implemented=LLAMA_FIELDS,
+           holds=lambda cfg: _dense(cfg, qk_norm=False, qkv_bias=False)),
+    Family("Glm4MoeForCausalLM", "glm4_moe", "gpt", "Glm4MoeConfig",  # attention_bias: q/k/v only
+           to_hf=lambda cfg: dict(**MOE_KW(cfg), partial_rotary_factor=1.0, n_routed_experts=cfg.n_experts,
+                                  moe_intermediate_size=cfg.expert_dim, n_shared_experts=cfg.n_shared_experts,
+                                  first_k_dense_replace=cfg.moe_dense_layers, n_group=1, topk_group=1,
+                                  routed_scaling_factor=1.0, norm_topk_prob=True, use_qk_norm=cfg.qk_norm,
+                                  attention_bias=cfg.qkv_bias),
+           from_hf=lambda raw: dict(**MOE_FROM(raw), n_experts=raw["n_routed_experts"],
+                                    moe_ffn_hidden=raw["moe_intermediate_size"],
+                                    n_shared_experts=raw.get("n_shared_experts") or 0,
+                                    qk_norm=bool(raw.get("use_qk_norm")),
+                                    qkv_bias=bool(raw.get("attention_bias")),
+                                    moe_dense_layers=raw.get("first_k_dense_replace") or 0, moe_router="sigmoid",
+                                    moe_balance="bias"),
+           implemented={**LLAMA_FIELDS,
+                        "attention_bias": (_absent_or(True, False), "true or false (on q, k and v)"),
+                        "norm_topk_prob": (_absent_or(True), "true (top-k weights renormalised)"),
+                        "routed_scaling_factor": (_absent_or(1, 1.0), "1.0"),
+                        "n_group": (_absent_or(1), "1 (no group-limited routing)"),
+                        "topk_group": (_absent_or(1), "1"),
+                        "rope_parameters": (lambda v: _rope_ok(v) and _full_rotary({"rope_parameters": v}),
+                                            f"{ROPE_SUPPORTED}; partial_rotary_factor 1.0")},
+           holds=lambda cfg: "" if cfg.n_experts and cfg.moe_router == "sigmoid" else
+           "it needs sigmoid-routed Mixture-of-Experts layers",
+           moe=("mlp", EXPERT_NAMES)),
+    Family("Qwen3MoeForCausalLM", "qwen3_moe", "gpt", "Qwen3MoeConfig",
+           to_hf=lambda cfg: dict(**MOE_KW(cfg), num_experts=cfg.n_experts, moe_intermediate_size=cfg.expert_dim,
+                                  decoder_sparse_step=1, mlp_only_layers=list(range(cfg.moe_dense_layers)),
+                                  norm_topk_prob=True, router_aux_loss_coef=cfg.moe_aux_coef, attention_bias=False),
+           from_hf=lambda raw: dict(**MOE_FROM(raw), n_experts=raw.get("num_experts") or raw["num_local_experts"],
+                                    moe_ffn_hidden=raw["moe_intermediate_size"], qk_norm=True,
+                                    moe_dense_layers=len(raw.get("mlp_only_layers") or []), moe_router="softmax",
+                                    moe_balance="aux_loss"),
+           implemented={**LLAMA_FIELDS, **NO_SLIDING,
+                        "norm_topk_prob": (_absent_or(True), "true (top-k weights renormalised)"),
+                        "decoder_sparse_step": (_absent_or(1), "1"),
+                        "mlp_only_layers": (_leading_layers, "the first k layers")},
+           holds=lambda cfg: _softmax_moe(cfg, qk_norm=True), moe=("mlp", EXPERT_NAMES)),
+    Family("MixtralForCausalLM", "mixtral", "gpt", "MixtralConfig",
+           to_hf=lambda cfg: dict(**MOE_KW(cfg), intermediate_size=cfg.expert_dim, num_local_experts=cfg.n_experts,
+                                  router_aux_loss_coef=cfg.moe_aux_coef, router_jitter_noise=0.0,
+                                  sliding_window=None),  # Mixtral's experts use intermediate_size
+           from_hf=lambda raw: dict(**MOE_FROM(raw), n_experts=raw["num_local_experts"],
+                                    moe_ffn_hidden=raw["intermediate_size"], moe_router="softmax",
+                                    moe_balance="aux_loss"),
+           implemented={**LLAMA_FIELDS, "router_jitter_noise": (_absent_or(0, 0.0), "0")},
+           holds=lambda cfg: _softmax_moe(cfg, qk_norm=False), moe=("block_sparse_moe", ("w1", "w3", "w2"))),
+    Family("GPT2LMHeadModel", "gpt2", "gpt", "GPT2Config",
+           to_hf=lambda cfg: dict(
+               vocab_size=cfg.vocab_size, n_embd=cfg.d_model, n_layer=cfg.n_layers, n_head=cfg.n_heads,
+               n_inner=cfg.ffn_dim, n_positions=cfg.positions, layer_norm_epsilon=cfg.norm_eps,
+               activation_function="gelu_new", resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
+               attn_pdrop=cfg.dropout, tie_word_embeddings=cfg.tie_embeddings, bos_token_id=2, eos_token_id=3),
+           from_hf=lambda raw: dict(
+               arch="gpt", flavor="gpt2", n_layers=raw["n_layer"], d_model=raw["n_embd"], n_heads=raw["n_head"],
+               ffn_hidden=raw.get("n_inner") or 4 * raw["n_embd"], vocab_size=raw["vocab_size"],
+               seq_len=raw["n_positions"], max_position_embeddings=raw["n_positions"],
+               norm_eps=raw.get("layer_norm_epsilon", 1e-5), tie_embeddings=raw.get("tie_word_embeddings", True)),
+           implemented={
+               "activation_function": (_absent_or("gelu_new", "gelu_pytorch_tanh"), "gelu_new (tanh GELU)"),
+               "scale_attn_weights": (_absent_or(True), "true"),
+               "scale_attn_by_inverse_layer_idx": (_absent_or(False), "false"),
+               "add_cross_attention": (_absent_or(False), "false")},
+           holds=lambda cfg: "" if cfg.flavor == "gpt2" else "it is not the gpt2 flavour"),
+    Family("BertForMaskedLM", "bert", "bert", "BertConfig",
+           to_hf=lambda cfg: dict(
+               vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
+               num_attention_heads=cfg.n_heads, intermediate_size=cfg.ffn_dim, hidden_act="gelu",
+               max_position_embeddings=cfg.positions, type_vocab_size=cfg.type_vocab_size, layer_norm_eps=cfg.norm_eps,
+               hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout, tie_word_embeddings=True,
+               pad_token_id=0),
+           from_hf=lambda raw: dict(
+               arch="bert", n_layers=raw["num_hidden_layers"], d_model=raw["hidden_size"],
+               n_heads=raw["num_attention_heads"], ffn_hidden=raw["intermediate_size"], vocab_size=raw["vocab_size"],
+               seq_len=min(512, raw["max_position_embeddings"]), max_position_embeddings=raw["max_position_embeddings"],
+               type_vocab_size=raw.get("type_vocab_size", 2), norm_eps=raw.get("layer_norm_eps", 1e-12),
+               tie_embeddings=True),
+           implemented={
+               "hidden_act": (_absent_or("gelu"), "gelu (erf)"),
+               "position_embedding_type": (_absent_or("absolute"), "absolute"),
+               "is_decoder": (_absent_or(False), "false"),
+               "add_cross_attention": (_absent_or(False), "false")},
+           holds=lambda cfg: "" if cfg.arch == "bert" else "it is not a BERT"),
+]
+FAMILIES: dict[str, Family] = {f.hf_class: f for f in FAMILY_LIST}
+SUPPORTED = list(FAMILIES)
+# export chooses the first of these that holds the model, unless model.hf_architecture names one that does
+EXPORT_ORDER = ["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Glm4MoeForCausalLM",
+                "Qwen3MoeForCausalLM", "MixtralForCausalLM"]
+
+
+def family_of(cfg: ModelConfig) -> Family:
+    """The Hugging Face class that holds ``cfg``, or CheckpointError with one line why none does."""
     if cfg.arch == "bert":
-        return transformers.BertConfig(
-            vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layers,
-            num_attention_heads=cfg.n_heads, intermediate_size=cfg.ffn_dim, hidden_act="gelu",
-            max_position_embeddings=cfg.positions, type_vocab_size=cfg.type_vocab_size, layer_norm_eps=cfg.norm_eps,
-            hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout, tie_word_embeddings=True,
-            architectures=["BertForMaskedLM"], pad_token_id=0)
+        return FAMILIES["BertForMaskedLM"]
     if cfg.flavor == "gpt2":
-        return transformers.GPT2Config(
-            vocab_size=cfg.vocab_size, n_embd=cfg.d_model, n_layer=cfg.n_layers, n_head=cfg.n_heads,
-            n_inner=cfg.ffn_dim, n_positions=cfg.positions, layer_norm_epsilon=cfg.norm_eps,
-            activation_function="gelu_new", resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
-            tie_word_embeddings=cfg.tie_embeddings, architectures=["GPT2LMHeadModel"], bos_token_id=2,
-            eos_token_id=3)
-    return _llama_like_config(cfg, hf_kind(cfg))
+        return FAMILIES["GPT2LMHeadModel"]
+    chosen = FAMILIES.get(cfg.hf_architecture)
+    if chosen is not None and chosen.llama_like and not chosen.holds(cfg):
+        return chosen
+    reasons = []
+    for name in EXPORT_ORDER:
+        why = FAMILIES[name].holds(cfg)
+        if not why:
+            return FAMILIES[name]
+        reasons.append(why)
+    specific = [r for r in reasons if "Hugging Face counterpart" in r or "has no dense layers" in r]
+    if specific:
+        raise CheckpointError(specific[0])
+    features = ", ".join(f for f, on in (("QK-norm", cfg.qk_norm), ("q/k/v biases", cfg.qkv_bias),
+                                          ("MoE", cfg.n_experts)) if on)
+    raise CheckpointError(f"no Hugging Face class holds a llama-flavour GPT with {features or 'this shape'} "
+                          f"(tried {', '.join(EXPORT_ORDER)})")
 
 
 def hf_kind(cfg: ModelConfig) -> str:
-    """Which llama-like HF class (a key of SUPPORTED's flavours) holds a llama-flavour GPT, or one line why none."""
-    if not cfg.n_experts:
-        return "qwen3" if cfg.qk_norm else "llama"
-    if cfg.moe_router == "sigmoid":
-        return "glm4_moe"
-    if cfg.n_shared_experts:
-        raise CheckpointError("a softmax router with shared experts has no Hugging Face counterpart (Qwen2-MoE gates "
-                              'its shared expert): export needs model.moe_router = "sigmoid" or no shared experts')
-    if cfg.moe_balance != "aux_loss":
-        raise CheckpointError("the aux-loss-free selection bias with a softmax router has no Hugging Face counterpart "
-                              '(Qwen3-MoE / Mixtral route without it): export needs model.moe_router = "sigmoid" or '
-                              'model.moe_balance = "aux_loss"')
-    if cfg.qk_norm:
-        return "qwen3_moe"
-    if cfg.moe_dense_layers:
-        raise CheckpointError("Mixtral (a softmax MoE without QK-norm) has no dense layers: export needs "
-                              "model.moe_dense_layers = 0, or model.qk_norm = true (Qwen3-MoE)")
-    return "mixtral"
+    """The short name of the class ``family_of`` chooses (llama, qwen2, qwen3, mistral, mixtral, ...)."""
+    return family_of(cfg).kind
 
 
-def _llama_like_config(cfg: ModelConfig, kind: str):
-    """The HF config of a llama-flavour GPT as ``kind`` (``hf_kind``). RoPE goes in the keyword every transformers
-    release we support reads (``rope_theta``; 5.x folds it into ``rope_parameters``)."""
+def hf_config(cfg: ModelConfig):
     import transformers
 
-    common = dict(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.ffn_dim,
-        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads,
-        max_position_embeddings=max(cfg.seq_len, cfg.max_position_embeddings), rms_norm_eps=cfg.norm_eps,
-        tie_word_embeddings=cfg.tie_embeddings, rope_theta=cfg.rope_theta, bos_token_id=2, eos_token_id=3,
-        pad_token_id=0, hidden_act="silu", attention_dropout=0.0)
-    if kind == "llama":
-        return transformers.LlamaConfig(**common, attention_bias=False, mlp_bias=False,
-                                        architectures=["LlamaForCausalLM"])
-    if kind == "qwen3":
-        return transformers.Qwen3Config(**common, head_dim=cfg.head_dim, attention_bias=False,
-                                        architectures=["Qwen3ForCausalLM"])
-    moe = dict(num_experts_per_tok=cfg.moe_top_k, output_router_logits=False)
-    if kind == "mixtral":
-        common["intermediate_size"] = cfg.expert_dim  # Mixtral's experts use intermediate_size
-        return transformers.MixtralConfig(**common, **moe, head_dim=cfg.head_dim, num_local_experts=cfg.n_experts,
-                                          router_aux_loss_coef=cfg.moe_aux_coef, router_jitter_noise=0.0,
-                                          architectures=["MixtralForCausalLM"])
-    if kind == "qwen3_moe":
-        return transformers.Qwen3MoeConfig(**common, **moe, num_experts=cfg.n_experts,
-                                           moe_intermediate_size=cfg.expert_dim, decoder_sparse_step=1,
-                                           mlp_only_layers=list(range(cfg.moe_dense_layers)), norm_topk_prob=True,
-                                           router_aux_loss_coef=cfg.moe_aux_coef, attention_bias=False,
-                                           architectures=["Qwen3MoeForCausalLM"])
-    return transformers.Glm4MoeConfig(**common, **moe, partial_rotary_factor=1.0, n_routed_experts=cfg.n_experts,
-                                      moe_intermediate_size=cfg.expert_dim, n_shared_experts=cfg.n_shared_experts,
-                                      first_k_dense_replace=cfg.moe_dense_layers, n_group=1, topk_group=1,
-                                      routed_scaling_factor=1.0, norm_topk_prob=True, use_qk_norm=cfg.qk_norm,
-                                      attention_bias=False, architectures=["Glm4MoeForCausalLM"])
+    family = family_of(cfg)
+    kw = {**_llama_to_hf(cfg), **family.to_hf(cfg)} if family.llama_like else family.to_hf(cfg)
+    return getattr(transformers, family.config_class)(**kw, architectures=[family.hf_class])
 
 
-def _moe_tensor(name: str, t: torch.Tensor, cfg: ModelConfig, kind: str):
+def _moe_tensor(name: str, t: torch.Tensor, cfg: ModelConfig, family: Family):
     """(HF name, tensor) pairs of one native MoE-layer tensor, or None when ``name`` is not in an MoE layer."""
     m = re.match(r"^layers\.(\d+)\.mlp\.(gate\.weight|gate\.e_score_correction_bias|experts\.gate_up_proj|"
                  r"experts\.down_proj|shared_experts\..*)$", name)
-    if not m or kind not in MOE_NAMES:
+    if not m or family.moe is None:
         return None
-    block, (gate, up, down) = MOE_NAMES[kind]
+    block, (gate, up, down) = family.moe
     prefix, what, i = f"model.layers.{m.group(1)}.{block}", m.group(2), cfg.expert_dim
     if what == "experts.gate_up_proj":
         return [pair for e in range(t.shape[0]) for pair in ((f"{prefix}.experts.{e}.{gate}.weight", t[e, :i]),
                                                              (f"{prefix}.experts.{e}.{up}.weight", t[e, i:]))]
     if what == "experts.down_proj":
         return [(f"{prefix}.experts.{e}.{down}.weight", t[e]) for e in range(t.shape[0])]
-    if what == "gate.e_score_correction_bias" and kind != "glm4_moe":
-        return []  # zero: hf_kind refused any balance that moves it
+    if what == "gate.e_score_correction_bias" and family.kind != "glm4_moe":
+        return []  # zero: family_of refused any balance that moves it
     return [(f"{prefix}.{what}", t)]
 
 
@@ -174,11 +386,11 @@ def to_hf_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig):
                 yield hf, t
         return
     if cfg.flavor == "llama":
-        kind = hf_kind(cfg)
+        family = family_of(cfg)
         for name, t in state.items():
             if name == "lm_head.weight" and cfg.tie_embeddings:
                 continue
-            moe = _moe_tensor(name, t, cfg, kind)
+            moe = _moe_tensor(name, t, cfg, family)
             yield from moe if moe is not None else [(_rename(name, LLAMA_NAMES), t)]
         return
     for name, t in state.items():
@@ -296,13 +508,14 @@ def native_config(hf_dir: Path) -> tuple[ModelConfig, dict]:
     if not isinstance(raw, dict):
         raise CheckpointError(f"{config_file} is not a JSON object")
     arch = (raw.get("architectures") or [None])[0]
-    if arch not in SUPPORTED:
+    if arch not in FAMILIES:
         raise CheckpointError(f"unsupported Hugging Face architecture {arch!r}: supported are "
                               f"{', '.join(SUPPORTED)}")
-    family, flavor = SUPPORTED[arch]
-    _refuse_unimplemented(raw, "bert" if family == "bert" else flavor, config_file)
+    family = FAMILIES[arch]
+    _refuse_unimplemented(raw, family, config_file)
     try:
-        cfg = _model_config(raw, family, flavor)
+        kw = {**_llama_from_hf(raw), **family.from_hf(raw)} if family.llama_like else family.from_hf(raw)
+        cfg = ModelConfig(**kw, hf_architecture=arch if family.llama_like else "")
         Config(model=cfg).validate()
     except ConfigError as exc:
         raise CheckpointError(f"{config_file}: {exc}") from None
@@ -313,137 +526,13 @@ def native_config(hf_dir: Path) -> tuple[ModelConfig, dict]:
     return cfg, raw
 
 
-def _model_config(raw: dict, family: str, flavor: str) -> ModelConfig:
-    if family == "bert":
-        cfg = ModelConfig(arch="bert", n_layers=raw["num_hidden_layers"], d_model=raw["hidden_size"],
-                          n_heads=raw["num_attention_heads"], ffn_hidden=raw["intermediate_size"],
-                          vocab_size=raw["vocab_size"], seq_len=min(512, raw["max_position_embeddings"]),
-                          max_position_embeddings=raw["max_position_embeddings"],
-                          type_vocab_size=raw.get("type_vocab_size", 2), norm_eps=raw.get("layer_norm_eps", 1e-12),
-                          tie_embeddings=True)
-    elif flavor == "gpt2":
-        d = raw["n_embd"]
-        cfg = ModelConfig(arch="gpt", flavor="gpt2", n_layers=raw["n_layer"], d_model=d, n_heads=raw["n_head"],
-                          ffn_hidden=raw.get("n_inner") or 4 * d, vocab_size=raw["vocab_size"],
-                          seq_len=raw["n_positions"], max_position_embeddings=raw["n_positions"],
-                          norm_eps=raw.get("layer_norm_epsilon", 1e-5),
-                          tie_embeddings=raw.get("tie_word_embeddings", True))
-    else:
-        cfg = _llama_like_model_config(raw, flavor)
-    return cfg
-
-
-def _rope_theta(raw: dict) -> float:
-    return float(raw.get("rope_theta", (raw.get("rope_parameters") or {}).get("rope_theta", 10000.0)))
-
-
-def _llama_like_model_config(raw: dict, kind: str) -> ModelConfig:
-    """Llama, Qwen3, Mixtral, Qwen3-MoE and GLM-4-MoE configs as a llama-flavour GPT (the fields that would change
-    the computation were checked by ``_refuse_unimplemented`` first)."""
-    common = dict(arch="gpt", flavor="llama", n_layers=raw["num_hidden_layers"], d_model=raw["hidden_size"],
-                  n_heads=raw["num_attention_heads"],
-                  n_kv_heads=raw.get("num_key_value_heads") or raw["num_attention_heads"],
-                  ffn_hidden=raw["intermediate_size"], vocab_size=raw["vocab_size"],
-                  seq_len=min(4096, raw.get("max_position_embeddings", 4096)), rope_theta=_rope_theta(raw),
-                  norm_eps=raw.get("rms_norm_eps", 1e-6), tie_embeddings=raw.get("tie_word_embeddings", False))
-    if kind in ("llama", "qwen3"):
-        return ModelConfig(**common, qk_norm=kind == "qwen3")
-    moe = dict(moe_top_k=raw["num_experts_per_tok"])
-    if kind == "mixtral":
-        return ModelConfig(**common, **moe, n_experts=raw["num_local_experts"], moe_ffn_hidden=raw["intermediate_size"],
-                           moe_router="softmax", moe_balance="aux_loss")
-    if kind == "qwen3_moe":
-        return ModelConfig(**common, **moe, n_experts=raw.get("num_experts") or raw["num_local_experts"],
-                           moe_ffn_hidden=raw["moe_intermediate_size"], qk_norm=True,
-                           moe_dense_layers=len(raw.get("mlp_only_layers") or []), moe_router="softmax",
-                           moe_balance="aux_loss")
-    return ModelConfig(**common, **moe, n_experts=raw["n_routed_experts"], moe_ffn_hidden=raw["moe_intermediate_size"],
-                       n_shared_experts=raw.get("n_shared_experts") or 0, qk_norm=bool(raw.get("use_qk_norm")),
-                       moe_dense_layers=raw.get("first_k_dense_replace") or 0, moe_router="sigmoid",
-                       moe_balance="bias")
-
-
-def _leading_layers(value) -> bool:
-    """Qwen3-MoE's mlp_only_layers as our moe_dense_layers: the first k layers, or none."""
-    return value is None or isinstance(value, list) and value == list(range(len(value)))
-
-
-def _full_rotary(raw: dict) -> bool:
-    factor = raw.get("partial_rotary_factor", (raw.get("rope_parameters") or {}).get("partial_rotary_factor", 1.0))
-    return factor in (1, 1.0)
-
-
-def _absent_or(*allowed):
-    return lambda value: value is None or value in allowed
-
-
-def _default_rope(value) -> bool:
-    return value is None or isinstance(value, dict) and value.get("rope_type", value.get("type", "default")) == "default"
-
-
-# Config fields that change what the model computes, per family, with the values our models implement: anything
-# else is refused by name rather than dropped (an import that loads but computes something else is the worst
-# outcome). Fields that only affect speed, memory or generation defaults are not listed.
-IMPLEMENTED: dict[str, dict[str, tuple]] = {
-    "llama": {
-        "hidden_act": (_absent_or("silu", "swish"), "silu"),
-        "rope_scaling": (_default_rope, "none (plain RoPE)"),
-        "rope_parameters": (_default_rope, 'rope_type "default"'),
-        "attention_bias": (_absent_or(False), "false"),
-        "mlp_bias": (_absent_or(False), "false"),
-        "pretraining_tp": (_absent_or(1), "1"),
-        "sliding_window": (_absent_or(), "none"),
-        "attention_dropout": (_absent_or(0, 0.0), "0"),
-        "head_dim": (None, "hidden_size / num_attention_heads"),  # checked below against the two
-    },
-    "qwen3": {},  # the llama fields, filled in below
-    "mixtral": {"router_jitter_noise": (_absent_or(0, 0.0), "0")},
-    "qwen3_moe": {
-        "norm_topk_prob": (_absent_or(True), "true (top-k weights renormalised)"),
-        "decoder_sparse_step": (_absent_or(1), "1"),
-        "mlp_only_layers": (_leading_layers, "the first k layers"),
-        "use_sliding_window": (_absent_or(False), "false"),
-    },
-    "glm4_moe": {
-        "norm_topk_prob": (_absent_or(True), "true (top-k weights renormalised)"),
-        "routed_scaling_factor": (_absent_or(1, 1.0), "1.0"),
-        "n_group": (_absent_or(1), "1 (no group-limited routing)"),
-        "topk_group": (_absent_or(1), "1"),
-        "partial_rotary_factor": (_absent_or(1, 1.0), "1.0 (full rotary)"),
-        "rope_parameters": (lambda v: _default_rope(v) and _full_rotary({"rope_parameters": v}),
-                            'rope_type "default", partial_rotary_factor 1.0'),
-    },
-    "gpt2": {
-        "activation_function": (_absent_or("gelu_new", "gelu_pytorch_tanh"), "gelu_new (tanh GELU)"),
-        "scale_attn_weights": (_absent_or(True), "true"),
-        "scale_attn_by_inverse_layer_idx": (_absent_or(False), "false"),
-        "add_cross_attention": (_absent_or(False), "false"),
-    },
-    "bert": {
-        "hidden_act": (_absent_or("gelu"), "gelu (erf)"),
-        "position_embedding_type": (_absent_or("absolute"), "absolute"),
-        "is_decoder": (_absent_or(False), "false"),
-        "add_cross_attention": (_absent_or(False), "false"),
-    },
-}
-
-
-for _kind in ("qwen3", "mixtral", "qwen3_moe", "glm4_moe"):  # llama's fields hold for its relatives too
-    IMPLEMENTED[_kind] = {**IMPLEMENTED["llama"], **IMPLEMENTED[_kind]}
-
-
-def _refuse_unimplemented(raw: dict, family: str, config_file: Path) -> None:
-    for key, (accepts, supported) in IMPLEMENTED[family].items():
-        if key not in raw:
-            continue
-        value = raw[key]
-        if key == "head_dim":
-            heads, width = raw.get("num_attention_heads"), raw.get("hidden_size")
-            ok = value is None or not all(isinstance(x, int) for x in (value, heads, width)) or value * heads == width
-        else:
-            ok = accepts(value)
-        if not ok:
-            raise CheckpointError(f"{config_file}: {key} = {json.dumps(value)} is not implemented by the converter "
+def _refuse_unimplemented(raw: dict, family: Family, config_file: Path) -> None:
+    """Config fields that change what the model computes, with values our models do not implement, are refused by
+    name rather than dropped (an import that loads but computes something else is the worst outcome). Fields that
+    only affect speed, memory or generation defaults are not listed."""
+    for key, (accepts, supported) in family.implemented.items():
+        if key in raw and not accepts(raw[key]):
+            raise CheckpointError(f"{config_file}: {key} = {json.dumps(raw[key])} is not implemented by the converter "
                                   f"(supported: {supported}); importing it would change the model's outputs")
 
 
@@ -537,9 +626,9 @@ def _reverse_names(expected: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[
     same = lambda t: t  # noqa: E731
     if cfg.arch == "bert" or cfg.flavor == "llama":
         table = BERT_NAMES if cfg.arch == "bert" else LLAMA_NAMES
-        kind = hf_kind(cfg) if cfg.arch == "gpt" else None
+        family = family_of(cfg) if cfg.arch == "gpt" else None
         for name, value in expected.items():
-            moe = _moe_tensor(name, value, cfg, kind) if kind else None
+            moe = _moe_tensor(name, value, cfg, family) if family else None
             if moe is None:
                 hf = _rename(name, table)
                 if hf is not None:

@@ -17,7 +17,7 @@ from pretrain.config import ModelConfig
 
 
 def layer_matmul_params(cfg: ModelConfig) -> int:
-    d, h, k, e, f = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_dim, cfg.ffn_dim
+    d, h, k, e, f = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_size, cfg.ffn_dim
     attention = d * h * e + 2 * d * k * e + h * e * d
     gated = cfg.arch == "gpt" and cfg.flavor == "llama"
     mlp = (3 if gated else 2) * d * f
@@ -45,10 +45,11 @@ def matmul_params(cfg: ModelConfig) -> int:
 def num_params(cfg: ModelConfig) -> int:
     """Closed-form count of every parameter the model holds (tied weights counted once)."""
     d, v, f = cfg.d_model, cfg.vocab_size, cfg.ffn_dim
-    h_e, k_e = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    h_e, k_e = cfg.n_heads * cfg.head_size, cfg.kv_heads * cfg.head_size
     per_layer = layer_matmul_params(cfg)
     if cfg.arch == "gpt" and cfg.flavor == "llama":
-        per_layer += 2 * d + (2 * cfg.head_dim if cfg.qk_norm else 0)  # two RMSNorm weights (+ q/k norms)
+        per_layer += 2 * d + (2 * cfg.head_size if cfg.qk_norm else 0)  # two RMSNorm weights (+ q/k norms)
+        per_layer += h_e + 2 * k_e if cfg.qkv_bias else 0  # Qwen2's q/k/v biases
         total = v * d + cfg.n_layers * per_layer + d  # embedding, blocks, final norm
         if cfg.n_experts:  # MoE layers hold every expert instead of the dense MLP
             moe_layers = cfg.n_layers - cfg.moe_dense_layers
@@ -68,5 +69,5 @@ def num_params(cfg: ModelConfig) -> int:
 def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> int:
     """Training (forward + backward) FLOPs per token at sequence length ``seq_len`` (default: model.seq_len)."""
     t = seq_len or cfg.seq_len
-    attention = 12 * cfg.n_layers * cfg.n_heads * cfg.head_dim * t
+    attention = 12 * cfg.n_layers * cfg.n_heads * cfg.head_size * t
     return 6 * matmul_params(cfg) + attention

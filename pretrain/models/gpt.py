@@ -53,7 +53,7 @@ class GPT(nn.Module):
         llama = cfg.flavor == "llama"
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.embed_positions = None if llama else nn.Embedding(cfg.positions, cfg.d_model)
-        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.seq_len, ops) if llama else None
+        self.rotary = Rotary(cfg.head_size, cfg.rope_theta, cfg.seq_len, ops, cfg.rope_scaling) if llama else None
         self.ops = ops
         self.embed_dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
         self.layers = nn.ModuleDict({str(i): Block(cfg, ops, i) for i in range(cfg.n_layers)})

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from pretrain.config import ModelConfig
 from pretrain.models.ops import Ops
+from pretrain.models.rope import inverse_frequencies
 
 
 class RMSNorm(nn.Module):
@@ -53,11 +54,12 @@ def rotate_half(x):
 
 
 class Rotary(nn.Module):
-    """RoPE in Hugging Face's rotate-half convention (Su et al. 2021), cos/sin cached in fp32."""
+    """RoPE in Hugging Face's rotate-half convention (Su et al. 2021), cos/sin cached in fp32; ``scaling`` is
+    ``model.rope_scaling`` (models/rope.py), folded into the tables."""
 
-    def __init__(self, head_dim: int, theta: float, max_len: int, ops: Ops | None = None):
+    def __init__(self, head_dim: int, theta: float, max_len: int, ops: Ops | None = None, scaling: dict | None = None):
         super().__init__()
-        self.head_dim, self.theta, self.max_len = head_dim, theta, max_len
+        self.head_dim, self.theta, self.max_len, self.scaling = head_dim, theta, max_len, dict(scaling or {})
         self.ops = ops or Ops("torch")
         self.register_buffer("cos", torch.empty(0), persistent=False)
         self.register_buffer("sin", torch.empty(0), persistent=False)
@@ -65,11 +67,11 @@ class Rotary(nn.Module):
 
     def reset_parameters(self, device=None):
         device = device or (self.cos.device if self.cos.device.type != "meta" else None)
-        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device) / self.head_dim))
+        inv_freq, attention_factor = inverse_frequencies(self.head_dim, self.theta, self.scaling, device)
         t = torch.arange(self.max_len, dtype=torch.float32, device=device)
         freqs = torch.outer(t, inv_freq)  # (T, E/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (T, E)
-        self.cos, self.sin = emb.cos(), emb.sin()
+        self.cos, self.sin = emb.cos() * attention_factor, emb.sin() * attention_factor
 
     def forward(self, q, k, positions: torch.Tensor | None = None):
         """q (B, H, T, E), k (B, K, T, E) -> rotated, same shapes and dtypes. ``positions`` (T,): the tokens'
@@ -85,13 +87,14 @@ class Rotary(nn.Module):
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, ops: Ops, *, causal: bool, bias: bool):
+        """``bias``: on every projection (gpt2, bert); ``model.qkv_bias`` adds them to q, k, v only (Qwen2)."""
         super().__init__()
         self.ops, self.causal, self.dropout = ops, causal, cfg.dropout
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        d = cfg.d_model
-        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=bias)
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_size
+        d, qkv_bias = cfg.d_model, bias or getattr(cfg, "qkv_bias", False)
+        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=bias)
         self.context = None  # context parallelism (parallel/context_parallel.py) replaces the attention op
         qk_norm = getattr(cfg, "qk_norm", False)

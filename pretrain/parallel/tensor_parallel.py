@@ -26,10 +26,14 @@ from torch.distributed.tensor.parallel import (
 )
 
 
-def block_plan(arch: str, gated: bool, sequence_parallel: bool, moe: bool = False, shared: bool = False) -> dict:
+def block_plan(arch: str, gated: bool, sequence_parallel: bool, moe: bool = False, shared: bool = False,
+               qk_norm: bool = False) -> dict:
     """Plan for one GPT block or BERT encoder layer (names relative to the block). An MoE layer runs whole on every
     tp rank (replicated input; its experts are split by expert parallelism instead), only its shared experts
-    sharded like a dense MLP; under SP its input is gathered and its output cut back to this rank's sequence."""
+    sharded like a dense MLP; under SP its input is gathered and its output cut back to this rank's sequence.
+    QK-norm weights (one per head width, shared by all heads) stay whole on every rank; each rank normalises its
+    own heads (q viewed (B, T, H/tp, E): sharded over dim 2), so the weight's gradient is a partial sum the
+    DTensor backward all-reduces over tp, as for sequence-parallel norms."""
     residual = Shard(1) if sequence_parallel else Replicate()
     plan = {
         "self_attn.q_proj": ColwiseParallel(),
@@ -37,6 +41,9 @@ def block_plan(arch: str, gated: bool, sequence_parallel: bool, moe: bool = Fals
         "self_attn.v_proj": ColwiseParallel(),
         "self_attn.o_proj": RowwiseParallel(output_layouts=residual),
     }
+    if qk_norm:
+        plan.update({"self_attn.q_norm": SequenceParallel(sequence_dim=2, use_local_output=True),
+                     "self_attn.k_norm": SequenceParallel(sequence_dim=2, use_local_output=True)})
     if moe and shared:
         plan.update({"mlp.shared_experts.gate_proj": ColwiseParallel(), "mlp.shared_experts.up_proj": ColwiseParallel(),
                      "mlp.shared_experts.down_proj": RowwiseParallel(output_layouts=Replicate())})
@@ -81,4 +88,5 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool) ->
     for block in model.layers.values():
         moe = isinstance(block.mlp, MoE)
         shared = moe and block.mlp.shared_experts is not None
-        parallelize_module(block, tp_mesh, block_plan(cfg.arch, gated, sequence_parallel, moe, shared))
+        parallelize_module(block, tp_mesh, block_plan(cfg.arch, gated, sequence_parallel, moe, shared,
+                                                      gpt and cfg.qk_norm))

@@ -214,7 +214,7 @@ def _block_bytes(cfg: Config, dims: ParallelDims, tokens: int, moe: bool) -> flo
     their product; GELU: input and output). Under TP heads and FFN are split; with SP the norms' own tensors
     are too (the matmuls keep their all-gathered input)."""
     m, p = cfg.model, cfg.parallel
-    t, d, e, tp = tokens, m.d_model, m.head_dim, dims.tp
+    t, d, e, tp = tokens, m.d_model, m.head_size, dims.tp
     sp = p.sequence_parallel and tp > 1 and vocab_parallel(m)
     tn = t / tp if sp else t
     llama = m.arch == "gpt" and m.flavor == "llama"
@@ -322,7 +322,7 @@ def activation_bytes(cfg: Config, dims: ParallelDims) -> tuple[int, int, int]:
                 logits += flight * (t * m.vocab_size / vocab_split * 4 + t * 8 + 8)
             acts += flight * stage
         if llama and unwrapped:  # the rotary tables: one cached pair, saved by every block
-            acts += 2 * s * m.head_dim * size
+            acts += 2 * s * m.head_size * size
         if acts + logits > best[0] + best[1]:  # activations and logits of the same rank: they coexist
             best = (int(acts), int(logits), best[2])
         best = (best[0], best[1], max(best[2], int(recompute)))

@@ -22,7 +22,7 @@ def shape_of(cfg: Config) -> Shape:
     gated = m.arch == "gpt" and m.flavor == "llama"
     return Shape(m.n_layers, m.d_model, m.n_heads, m.kv_heads, m.ffn_dim, m.vocab_size, gated,
                  m.n_experts, m.moe_top_k, m.expert_dim if m.n_experts else 0, m.n_shared_experts,
-                 m.moe_dense_layers if m.n_experts else 0, head_dim_=m.head_dim)
+                 m.moe_dense_layers if m.n_experts else 0, head_dim_=m.head_size)
 
 
 def layout_of(cfg: Config, dims: ParallelDims) -> Layout:

@@ -370,7 +370,7 @@ def _torchtitan(cfg, n_layers: int, tokens: int, kernels: str):
         ffn_norm=tt.RMSNorm.Config(normalized_shape=m.d_model, param_init=ones),
         attention=make_gqa_config(dim=m.d_model, n_heads=m.n_heads, n_kv_heads=m.kv_heads, wqkv_param_init=init,
                                   wo_param_init=init, inner_attention=ScaledDotProductAttention.Config(),
-                                  fuse_qkv=True, rope=tt.ComplexRoPE.Config(dim=m.head_dim, max_seq_len=tokens,
+                                  fuse_qkv=True, rope=tt.ComplexRoPE.Config(dim=m.head_size, max_seq_len=tokens,
                                                                             theta=m.rope_theta)),
         feed_forward=make_ffn_config(dim=m.d_model, hidden_dim=m.ffn_dim, w1_param_init=init,
                                      w2w3_param_init=init)) for _ in range(n_layers)]

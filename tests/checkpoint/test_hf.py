@@ -32,9 +32,27 @@ ARCHS = {
                  "model.moe_balance=bias", "model.n_layers=3"],
     "glm4_moe_qk_norm": ["model.n_experts=4", "model.moe_top_k=2", "model.moe_router=sigmoid", "model.qk_norm=true",
                          "model.moe_balance=both"],
+    # today's families, each quirk kept at a small size
+    "llama32": ["model.n_kv_heads=2", "model.tie_embeddings=true", "model.rope_theta=500000.0",
+                'model.rope_scaling={rope_type = "llama3", factor = 32.0, low_freq_factor = 1.0, high_freq_factor = 4.0, '
+                "original_max_position_embeddings = 64}"],
+    "qwen2": ["model.n_kv_heads=2", "model.qkv_bias=true", "model.rope_theta=1000000.0"],
+    "qwen2_yarn": ["model.n_kv_heads=2", "model.qkv_bias=true",
+                   'model.rope_scaling={rope_type = "yarn", factor = 4.0, original_max_position_embeddings = 16}'],
+    "qwen3_head_dim": ["model.n_kv_heads=2", "model.qk_norm=true", "model.head_dim=16"],
+    "mistral": ["model.n_kv_heads=2", "model.head_dim=16", "model.hf_architecture=MistralForCausalLM",
+                'model.rope_scaling={rope_type = "linear", factor = 2.0}'],
+    "qwen3_moe_head_dim": ["model.n_kv_heads=2", "model.n_experts=4", "model.moe_top_k=2", "model.moe_ffn_hidden=16",
+                           "model.qk_norm=true", "model.head_dim=16"],
+    "glm4_moe_bias": ["model.n_kv_heads=2", "model.n_experts=4", "model.moe_top_k=2", "model.moe_ffn_hidden=16",
+                      "model.moe_router=sigmoid", "model.moe_balance=bias", "model.qkv_bias=true"],
 }
 HF_CLASS_OF = {"qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-               "glm4_moe": "Glm4MoeForCausalLM", "glm4_moe_qk_norm": "Glm4MoeForCausalLM"}
+               "glm4_moe": "Glm4MoeForCausalLM", "glm4_moe_qk_norm": "Glm4MoeForCausalLM", "llama32": "LlamaForCausalLM",
+               "qwen2": "Qwen2ForCausalLM", "qwen2_yarn": "Qwen2ForCausalLM", "qwen3_head_dim": "Qwen3ForCausalLM",
+               "mistral": "MistralForCausalLM", "qwen3_moe_head_dim": "Qwen3MoeForCausalLM",
+               "glm4_moe_bias": "Glm4MoeForCausalLM"}
+TODAY = ["llama32", "qwen2", "qwen2_yarn", "qwen3_head_dim", "mistral", "qwen3_moe_head_dim", "glm4_moe_bias"]
 HF_CLASSES = {"gpt": None, "bert": "BertForMaskedLM"}
 
 
@@ -103,6 +121,47 @@ def test_import_from_transformers_gives_its_logits(tmp_path, name):
     tokens = torch.randint(0, cfg.vocab_size, (2, 17))
     with torch.no_grad():
         assert (hf_logits(hf, tokens) - ours(tokens)).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("name", TODAY)
+def test_todays_families_from_transformers_and_back(tmp_path, name):
+    """A model transformers builds (every weight and bias randomised): our import gives its logits and its greedy
+    continuation, and our export writes its safetensors back bit for bit."""
+    from safetensors.torch import load_file
+
+    from pretrain.checkpoint.hf import hf_config
+
+    cfg = model_cfg(name)
+    torch.manual_seed(2)
+    hf = transformers.AutoModelForCausalLM.from_config(hf_config(cfg)).eval()
+    assert type(hf).__name__ == HF_CLASS_OF[name]
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    ours, back_cfg = import_hf(tmp_path / "hf")
+    assert back_cfg.head_size == cfg.head_size and back_cfg.rope_scaling == cfg.rope_scaling
+    assert back_cfg.qkv_bias == cfg.qkv_bias
+    tokens = torch.randint(0, cfg.vocab_size, (2, 19))
+    with torch.no_grad():
+        assert (hf_logits(hf, tokens) - ours(tokens)).abs().max() <= 1e-5
+        # the rotary tables themselves (small random weights make logits nearly blind to RoPE)
+        positions = torch.arange(96)[None]
+        cos, sin = hf.model.rotary_emb(torch.zeros(1, 96, cfg.head_size), positions)
+        table = ours.rotary
+        table.max_len = 96
+        table.reset_parameters()
+        assert (cos[0] - table.cos).abs().max() <= 1e-6 and (sin[0] - table.sin).abs().max() <= 1e-6
+    prompt = torch.randint(7, cfg.vocab_size, (1, 5))
+    theirs = hf.generate(prompt, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert ours.generate(prompt, max_new_tokens=8).tolist() == theirs.tolist()
+    out = export_hf(ours, back_cfg, tmp_path / "again")
+    assert json.loads((out / "config.json").read_text())["architectures"] == [HF_CLASS_OF[name]]
+    original, again = load_file(tmp_path / "hf" / "model.safetensors"), load_file(out / "model.safetensors")
+    original = {k: v for k, v in original.items() if v.numel()}  # GLM-4-MoE stores absent shared experts 0-wide
+    assert original.keys() == again.keys()
+    for key, value in original.items():
+        assert torch.equal(again[key], value), key
 
 
 def test_greedy_generation_is_identical_through_transformers(tmp_path):

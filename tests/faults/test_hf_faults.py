@@ -16,6 +16,8 @@ from .helpers import call, refused, tool
 
 FAMILIES = {
     "llama": ["model.flavor=llama", "model.n_kv_heads=2"],
+    "mistral": ["model.n_kv_heads=2", "model.hf_architecture=MistralForCausalLM"],
+    "qwen2": ["model.n_kv_heads=2", "model.qkv_bias=true"],
     "gpt2": ["model.flavor=gpt2", "model.tie_embeddings=true"],
     "bert": ["model.arch=bert"],
     "mixtral": ["model.n_experts=4", "model.moe_top_k=2", "model.moe_ffn_hidden=16"],
@@ -58,9 +60,8 @@ def set_config(path, **fields):
 
 
 UNIMPLEMENTED = [
-    ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling"),
-    ("llama", {"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling"),
-    ("llama", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope_scaling"),
+    ("llama", {"rope_scaling": {"rope_type": "longrope", "factor": 8.0}}, "rope_scaling"),
+    ("llama", {"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope_scaling"),
     ("llama", {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0}}, "rope_parameters"),
     ("llama", {"hidden_act": "gelu"}, "hidden_act"),
     ("llama", {"hidden_act": "relu"}, "hidden_act"),
@@ -68,7 +69,10 @@ UNIMPLEMENTED = [
     ("llama", {"mlp_bias": True}, "mlp_bias"),
     ("llama", {"pretraining_tp": 2}, "pretraining_tp"),
     ("llama", {"sliding_window": 4096}, "sliding_window"),
-    ("llama", {"head_dim": 16}, "head_dim"),
+    ("llama", {"layer_types": ["sliding_attention"]}, "layer_types"),
+    ("llama", {"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
+    ("mistral", {"sliding_window": 4096}, "sliding_window"),
+    ("qwen2", {"use_sliding_window": True}, "use_sliding_window"),
     ("llama", {"attention_dropout": 0.1}, "attention_dropout"),
     ("gpt2", {"activation_function": "relu"}, "activation_function"),
     ("gpt2", {"activation_function": "gelu"}, "activation_function"),
@@ -138,6 +142,12 @@ def test_implemented_spellings_still_import(hf, tmp_path, capsys):
     ("no_weights", r"has no weights"),
     ("pickle_only", r"holds only pickled weights \(pytorch_model.bin\); pass --allow-pickle"),
     ("shape", r"weight .* has shape .*, the config implies"),
+    ("head_dim_shape", r"weight .*_proj.weight has shape \(\d+, 32\), the config implies \(\d+, 32\)"),
+    ("head_dim_odd", r"rotary embeddings need an even head dim; model.head_dim = 7"),
+    ("rope_incomplete", r"model.rope_scaling \(llama3\) lacks high_freq_factor, low_freq_factor, "
+                        r"original_max_position_embeddings"),
+    ("rope_factor", r"model.rope_scaling.factor must be a finite number > 0, got -2"),
+    ("rope_unknown_key", r"model.rope_scaling \(linear\) has unknown key\(s\) low_freq_factor"),
 ])
 def test_unreadable_hf_directories(hf, tmp_path, capsys, damage, message):
     src = hf("llama")
@@ -165,6 +175,16 @@ def test_unreadable_hf_directories(hf, tmp_path, capsys, damage, message):
         (src / "pytorch_model.bin").write_bytes(b"not read")
     elif damage == "shape":
         set_config(src, intermediate_size=config["intermediate_size"] * 2)
+    elif damage == "head_dim_shape":
+        set_config(src, head_dim=16)
+    elif damage == "head_dim_odd":
+        set_config(src, head_dim=7)
+    elif damage == "rope_incomplete":
+        set_config(src, rope_scaling={"rope_type": "llama3", "factor": 8.0})
+    elif damage == "rope_factor":
+        set_config(src, rope_scaling={"rope_type": "linear", "factor": -2})
+    elif damage == "rope_unknown_key":
+        set_config(src, rope_scaling={"rope_type": "linear", "factor": 2.0, "low_freq_factor": 1.0})
     refused(to_native(src, tmp_path, capsys), message)
     assert not (tmp_path / "native").exists()
 

@@ -41,6 +41,12 @@ FUSED_ADAMW = ["optim.impl=triton"]  # kernels/adamw.py on each rank's shards; t
 MOE = ["model.n_experts=4", "model.moe_top_k=2", "model.moe_ffn_hidden=32", "model.n_shared_experts=1",
        "model.moe_balance=both", "model.moe_bias_rate=0.01", "model.moe_router=sigmoid", "model.moe_aux_coef=0.1",
        "model.moe_z_coef=0.01"]
+QWEN3 = ["model.head_dim=16", "model.qk_norm=true", "model.n_kv_heads=2"]
+LLAMA32 = ["model.n_kv_heads=2", "model.tie_embeddings=true", "model.rope_theta=500000.0",
+           'model.rope_scaling={rope_type = "llama3", factor = 32.0, low_freq_factor = 1.0, high_freq_factor = 4.0, '
+           "original_max_position_embeddings = 8}"]
+QWEN2 = ["model.qkv_bias=true", "model.n_kv_heads=2",
+         'model.rope_scaling={rope_type = "yarn", factor = 4.0, original_max_position_embeddings = 8}']
 
 # name -> (world size, overrides); micro_batch × grad_accum × dp = GLOBAL_BATCH in every one
 LAYOUTS = {
@@ -119,6 +125,15 @@ LAYOUTS = {
     "fp8_rowwise_tp2": (2, ["train.micro_batch_size=8", "parallel.tp=2", "parallel.sequence_parallel=false",
                             "train.fp8=rowwise"]),
     "fp8_pp2": (2, ["train.micro_batch_size=8", "parallel.pp=2", "parallel.n_microbatches=2", *FP8]),
+    # today's model shapes: Qwen3 (head_dim != d_model / n_heads, QK-norm), Llama 3.2 (llama3 RoPE scaling, GQA,
+    # tied head), Qwen2 (q/k/v biases, yarn)
+    "qwen3_tp2": (2, ["train.micro_batch_size=8", "parallel.tp=2", *QWEN3]),
+    "qwen3_zero3_2": (2, ["train.micro_batch_size=4", "parallel.zero_stage=3", *QWEN3]),
+    "llama32_tp2": (2, ["train.micro_batch_size=8", "parallel.tp=2", "parallel.sequence_parallel=false", *LLAMA32]),
+    "llama32_zero3_2": (2, ["train.micro_batch_size=4", "parallel.zero_stage=3", *LLAMA32]),
+    "qwen2_tp2_sp": (2, ["train.micro_batch_size=8", "parallel.tp=2", "parallel.sequence_parallel=true", *QWEN2]),
+    "qwen2_cp2": (2, ["train.micro_batch_size=8", "parallel.cp=2", *QWEN2]),
+    "llama32_cp2": (2, ["train.micro_batch_size=8", "parallel.cp=2", "parallel.cp_impl=alltoall", *LLAMA32]),
     # context parallelism: each sequence split over the cp ranks (zigzag chunks), attention across them
     "cp2_ring": (2, ["train.micro_batch_size=8", "parallel.cp=2"]),
     "cp2_alltoall": (2, ["train.micro_batch_size=8", "parallel.cp=2", "parallel.cp_impl=alltoall",
@@ -328,7 +343,9 @@ def main(names: list[str]) -> int:
             assert world == info.world_size, f"{name} needs {world} ranks"
             arch = [o for o in overrides if o.startswith(("model.arch", "model.flavor", "model.tie", "task=",
                                                           "model.n_experts", "model.moe", "model.n_shared",
-                                                          "model.kernels", "optim.name", "optim.muon", "train.fp8"))]
+                                                          "model.kernels", "optim.name", "optim.muon", "train.fp8",
+                                                          "model.head_dim", "model.qk_norm", "model.qkv_bias",
+                                                          "model.rope", "model.n_kv_heads"))]
             split = REFERENCE_SPLIT.get(name, 1)
             reference, ref_params, ref_dir = reference_run([f"train.micro_batch_size={GLOBAL_BATCH // split}",
                                                    f"train.grad_accum={split}", *arch],
