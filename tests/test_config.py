@@ -93,12 +93,33 @@ def test_overrides_apply_with_types():
     (["data.source=shards", 'data.sources=[{path = "a"}]', 'data.path="b"'], "data.sources (a blend) replaces"),
     (["data.on_bad_sample=ignore"], "data.on_bad_sample = 'ignore' is not one of error, skip"),
     (["model.arch=bert", "data.bert_pairs=nsp"], 'data.bert_pairs = "nsp" needs model.arch = "bert" and model.nsp'),
+    (['model.rope_scaling={rope_type = "dynamic", factor = 2.0}'],
+     "model.rope_scaling.rope_type = 'dynamic' is not one of linear, llama3, yarn"),
+    (['model.rope_scaling={factor = 2.0}'], "model.rope_scaling.rope_type = None is not one of"),
+    (['model.rope_scaling={rope_type = "yarn", factor = 4.0}'],
+     "model.rope_scaling (yarn) lacks original_max_position_embeddings"),
+    (['model.rope_scaling={rope_type = "linear", factor = 0.0}'],
+     "model.rope_scaling.factor must be a finite number > 0, got 0.0"),
+    (['model.rope_scaling={rope_type = "llama3", factor = 8.0, low_freq_factor = 4.0, high_freq_factor = 1.0, '
+      "original_max_position_embeddings = 8192}"], "high_freq_factor (1.0) must exceed low_freq_factor (4.0)"),
+    (['model.rope_scaling={rope_type = "linear", factor = 2.0}', "model.flavor=gpt2"],
+     "model.rope_scaling is for the llama-flavour GPT (RoPE), not gpt/gpt2"),
+    (["model.head_dim=7"], "rotary embeddings need an even head dim; model.head_dim = 7"),
+    (["model.head_dim=16", "model.arch=bert"], "model.head_dim is for the llama-flavour GPT"),
+    (["model.d_model=100", "model.n_heads=3", "model.head_dim=-2"], "model.head_dim must be >= 0, got -2"),
+    (["model.qkv_bias=true", "model.flavor=gpt2"], "model.qkv_bias is for the llama-flavour GPT"),
+    (["model.rope_scaling=4"], "model.rope_scaling expects dict, got int 4"),
 ])
 def test_bad_values_give_one_clear_line(overrides, message):
     with pytest.raises(ConfigError) as info:
         load_config(None, overrides)
     text = str(info.value)
     assert message in text and "\n" not in text
+
+
+def test_head_dim_is_free_of_d_model_over_heads():
+    cfg = load_config(None, ["model.d_model=100", "model.n_heads=3", "model.head_dim=32"])
+    assert cfg.model.head_size == 32 and load_config(None, []).model.head_size == 16
 
 
 def test_llama_seq_len_is_not_bounded_by_positions():

@@ -6,7 +6,8 @@
 
 ``--to hf`` takes a checkpoint directory (its newest complete step) or a step directory and writes config.json,
 safetensors weights and the tokenizer (the run's, or --tokenizer). ``--to native`` writes a model-only checkpoint
-(step 0) that a run continues pretraining from with ``--set checkpoint.resume=OUTPUT/step-00000000``.
+(step 0) and ``OUTPUT/train.toml``, the config that continues pretraining it:
+``python -m pretrain.train --config OUTPUT/train.toml --set data.path=DATA``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pretrain.checkpoint.hf import is_hf_export, is_native_import  # noqa: E402
 from pretrain.checkpoint.manager import CheckpointError  # noqa: E402
+from pretrain.checkpoint.session import IMPORT_CONFIG  # noqa: E402
 from pretrain.files import check_output, disk_error  # noqa: E402
 
 
@@ -32,12 +34,16 @@ def tokenizer_of(cfg, explicit: str | None) -> Path | None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--to", required=True, choices=("hf", "native"))
-    parser.add_argument("--input", required=True)
-    parser.add_argument("--output", required=True)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--to", required=True, choices=("hf", "native"),
+                        help="hf: our checkpoint -> a Hugging Face directory; native: a Hugging Face directory -> a "
+                             "model-only checkpoint and the train.toml that continues it")
+    parser.add_argument("--input", required=True,
+                        help="--to hf: a checkpoint directory (its newest complete step) or one step directory; "
+                             "--to native: a Hugging Face model directory (config.json + safetensors)")
+    parser.add_argument("--output", required=True, help="directory to write (refused if it holds anything else)")
     parser.add_argument("--tokenizer", help="sentencepiece model to ship with the HF export (default: the run's)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory (only one this tool wrote)")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="read HF pytorch_model.bin (with torch.load(weights_only=True))")
     args = parser.parse_args(argv)
@@ -60,7 +66,10 @@ def main(argv=None) -> int:
                          is_native_import, CheckpointError)  # before reading anything
             model, model_cfg = import_hf(args.input, allow_pickle=args.allow_pickle)
             path = save_native(model, model_cfg, args.output, overwrite=args.overwrite, inputs=[args.input])
-            print(f"wrote {path}: continue with --set checkpoint.resume={path}")
+            print(f"wrote {path} ({model_cfg.hf_architecture or model_cfg.arch}, "
+                  f"{sum(p.numel() for p in model.parameters()):,} parameters); continue pretraining it with:\n"
+                  f"  python -m pretrain.train --config {path.parent / IMPORT_CONFIG} --set data.path=DATA\n"
+                  "(DATA: a directory from tools/prepare_data.py, tokenized with this model's tokenizer)")
     except (CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

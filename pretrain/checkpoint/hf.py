@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from pretrain.checkpoint.manager import CheckpointError
+from pretrain.checkpoint.session import IMPORT_CONFIG
 from pretrain.config import ROPE_SCALING, Config, ConfigError, ModelConfig
 from pretrain.files import as_os_error, check_output, replace_dir
 
@@ -423,7 +424,7 @@ def is_hf_export(path: Path) -> bool:
 def is_native_import(path: Path) -> bool:
     """Whether ``path`` holds only model-only checkpoints as :func:`save_native` writes them."""
     names = [p.name for p in Path(path).iterdir()]
-    return "step-00000000" in names and all(n in ("step-00000000", "latest") for n in names)
+    return "step-00000000" in names and all(n in ("step-00000000", "latest", IMPORT_CONFIG) for n in names)
 
 
 def _check_output(out: Path, overwrite: bool, inputs=()) -> Path:
@@ -660,10 +661,26 @@ def _reverse_names(expected: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[
     return reverse
 
 
+def continue_config(cfg: ModelConfig, step: Path) -> str:
+    """A training config that continues pretraining the imported ``step``: its model, resume from it, and a data
+    section the user must fill in (a run refuses to start until ``data.path`` is set)."""
+    run = Config(model=cfg)
+    run.data.source, run.data.path = "shards", ""
+    run.checkpoint.resume = str(step.resolve())
+    run.checkpoint.interval = 1000
+    run.logging.run_dir = f"runs/{step.parent.name}"
+    run.schedule.warmup_steps = 100
+    return (f"# Continue pretraining {cfg.hf_architecture or cfg.arch} imported to {step.resolve()}.\n"
+            "# Set data.path (a directory from tools/prepare_data.py, prepared with this model's tokenizer) and the\n"
+            "# run's length / learning rate; the parallel layout comes from --set parallel.* or the planner.\n"
+            f"{run.to_toml()}")
+
+
 def save_native(model: torch.nn.Module, cfg: ModelConfig, out_dir: str | Path, overwrite: bool = False,
                 inputs=()) -> Path:
-    """A model-only native checkpoint (step 0) of ``model``: the start of a run that continues pretraining.
-    Written beside ``out_dir`` and renamed into place; an earlier import there is replaced only at the end."""
+    """A model-only native checkpoint (step 0) of ``model``: the start of a run that continues pretraining, with
+    the training config to continue it (``train.toml``) beside it. Written beside ``out_dir`` and renamed into
+    place; an earlier import there is replaced only at the end."""
     from pretrain.checkpoint.manager import CheckpointManager, step_dir_name
 
     out = Path(out_dir)
@@ -673,6 +690,7 @@ def save_native(model: torch.nn.Module, cfg: ModelConfig, out_dir: str | Path, o
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         CheckpointManager(tmp).save(0, model, None, {"model_only": True}, Config(model=cfg).to_toml())
+        (tmp / IMPORT_CONFIG).write_text(continue_config(cfg, out / step_dir_name(0)))
         replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -15,8 +15,9 @@ from pretrain.config import Config, ConfigError, config_from_toml
 from pretrain.files import DirLock, LockError, check_writable
 
 # what fixes parameter shapes (resolved values: ffn_hidden = 0 and its default width are the same model)
-SHAPE_KEYS = ("arch", "flavor", "n_layers", "d_model", "n_heads", "kv_heads", "ffn_dim", "vocab_size",
-              "tie_embeddings", "type_vocab_size", "nsp_head")
+IMPORT_CONFIG = "train.toml"  # beside an HF import's step: the config to continue pretraining it with
+SHAPE_KEYS = ("arch", "flavor", "n_layers", "d_model", "n_heads", "kv_heads", "head_size", "ffn_dim", "vocab_size",
+              "tie_embeddings", "type_vocab_size", "nsp_head", "qk_norm", "qkv_bias")
 
 
 def claim_dirs(cfg: Config, is_main: bool, world_size: int, device, n_params: int, say) -> list[DirLock]:
@@ -95,18 +96,26 @@ def resume_step(cfg: Config, manager: CheckpointManager, data_tokenizer_hash: st
     if path is None:
         return None
     try:
-        check_resumable(saved_config_toml(path), cfg, path.parent)
+        imported = json.loads((path / "state.json").read_text()).get("model_only", False)
+        check_resumable(saved_config_toml(path), cfg, path if imported else path.parent, imported)
     except ConfigError as exc:
         raise CheckpointError(f"{path / 'config.toml'}: {exc}") from None
     _check_same_tokenizer(path, data_tokenizer_hash, cfg)
     return path
 
 
-def check_resumable(saved_toml: str, cfg: Config, where: Path) -> None:
+def check_resumable(saved_toml: str, cfg: Config, where: Path, imported: bool = False) -> None:
+    """The run's model has the shape of the checkpoint's. ``imported``: ``where`` is a model-only step (an HF
+    import), whose own training config sits beside it."""
     saved = config_from_toml(saved_toml).model
     keys = SHAPE_KEYS + (("positions",) if cfg.model.learned_positions else ())
     for key in keys:
         old, new = getattr(saved, key), getattr(cfg.model, key)
+        if old != new and imported:
+            raise CheckpointError(
+                f"{where} holds an imported model with model.{key} = {old!r}, this config has {new!r}: continue "
+                f"with the config the import wrote, python -m pretrain.train --config {where.parent / IMPORT_CONFIG} "
+                "--set data.path=DATA")
         if old != new:
             raise CheckpointError(
                 f"{where} holds checkpoints of a different model (model.{key} = {old!r} there, {new!r} here); "

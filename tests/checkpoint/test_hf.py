@@ -270,3 +270,53 @@ def test_cli_round_trip_and_continue_pretraining(tmp_path, prepared):
     original, _ = load_model(run / "checkpoints")
     imported, _ = load_model(step)
     assert all(torch.equal(imported.state_dict()[k], v) for k, v in original.state_dict().items())
+
+
+def test_import_writes_the_config_that_continues_it_under_tensor_parallel(tmp_path, prepared):
+    """Qwen3-shaped weights (head_dim != d_model / n_heads) imported: the printed command with its train.toml
+    trains on one process and on 2 gloo ranks with tp = 2 to the same losses; another model's config is refused
+    with the command to use instead."""
+    import os
+
+    from pretrain.checkpoint.hf import hf_config
+
+    cfg = load_config(None, ["model.n_layers=2", "model.d_model=32", "model.n_heads=4", "model.n_kv_heads=2",
+                             "model.head_dim=16", "model.qk_norm=true", "model.vocab_size=512",
+                             "model.seq_len=16"]).model
+    torch.manual_seed(4)
+    transformers.AutoModelForCausalLM.from_config(hf_config(cfg)).save_pretrained(tmp_path / "hf")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    imported = subprocess.run([sys.executable, "tools/convert_checkpoint.py", "--to", "native", "--input",
+                               str(tmp_path / "hf"), "--output", str(tmp_path / "qwen3")], cwd=ROOT, env=env,
+                              capture_output=True, text=True)
+    assert imported.returncode == 0, imported.stderr
+    command = [line.strip() for line in imported.stdout.splitlines() if "pretrain.train" in line][0]
+    assert command == f"python -m pretrain.train --config {tmp_path / 'qwen3' / 'train.toml'} --set data.path=DATA"
+    config = ["--config", str(tmp_path / "qwen3" / "train.toml")]
+    unset = subprocess.run([sys.executable, "-m", "pretrain.train", *config], cwd=ROOT, env=env, capture_output=True,
+                           text=True)
+    assert unset.returncode != 0 and 'data.source = "shards" needs data.path' in unset.stderr
+    common = [f"data.path={prepared}", "train.steps=3", "train.micro_batch_size=4", "schedule.warmup_steps=1",
+              "logging.interval=1", "logging.tensorboard=false", "eval.interval=0", "checkpoint.interval=0"]
+
+    def train(name, *launcher_and_layout):
+        launcher = [a for a in launcher_and_layout if not a.startswith("parallel.")]
+        layout = [a for a in launcher_and_layout if a.startswith("parallel.")]
+        run = subprocess.run([sys.executable, *launcher, "-m", "pretrain.train", *config, "--set", *common, *layout,
+                              f"logging.run_dir={tmp_path / name}"], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert "initialised the model from" in run.stdout + run.stderr
+        return [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    one = train("one")
+    tp2 = train("tp2", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "parallel.tp=2")
+    assert len(one) == len(tp2) == 3 and max(abs(a - b) for a, b in zip(one, tp2)) <= 1e-5, (one, tp2)
+    wrong = subprocess.run([sys.executable, "-m", "pretrain.train", "--set", *common, "model.vocab_size=512",
+                            f"checkpoint.resume={tmp_path / 'qwen3' / 'step-00000000'}", "data.source=shards",
+                            f"logging.run_dir={tmp_path / 'wrong'}"], cwd=ROOT, env=env, capture_output=True,
+                           text=True)
+    assert wrong.returncode != 0
+    assert "holds an imported model with model.n_layers = 2, this config has" not in wrong.stderr  # same depth
+    assert f"continue with the config the import wrote, python -m pretrain.train --config {tmp_path / 'qwen3'}" \
+        in wrong.stderr
