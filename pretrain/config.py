@@ -197,6 +197,9 @@ class CheckpointConfig:
     keep_every: int = 0  # also keep every step divisible by this for good (0 = off)
     async_save: bool = False  # write in the background (at most one save in flight); training goes on
     resume: str = "auto"  # auto (latest in dir, if any) | never | a step directory
+    hf_interval: int = 0  # also write a Hugging Face copy every this many steps (0 = off), beside the native step
+    hf_at_end: bool = False  # also write a Hugging Face copy of the last step
+    hf_dir: str = ""  # where the copies go, one folder per step; "" = RUN_DIR/hf
 
 
 @dataclass
@@ -283,6 +286,7 @@ RANGES: dict[str, tuple] = {
     "train.seed": NON_NEGATIVE, "train.fp8_keep_edge_blocks": NON_NEGATIVE, "train.max_nonfinite_steps": AT_LEAST_1, "train.collective_timeout_s": POSITIVE,
     "eval.interval": NON_NEGATIVE, "eval.steps": NON_NEGATIVE,
     "checkpoint.interval": NON_NEGATIVE, "checkpoint.keep_last": NON_NEGATIVE, "checkpoint.keep_every": NON_NEGATIVE,
+    "checkpoint.hf_interval": NON_NEGATIVE,
     "plan.usable_fraction": ((0, False), (1, True)),
     "logging.interval": NON_NEGATIVE, "logging.peak_tflops": NON_NEGATIVE, "logging.heartbeat_s": NON_NEGATIVE,
 }
@@ -327,6 +331,10 @@ class Config:
     @property
     def checkpoint_dir(self) -> Path:
         return Path(self.checkpoint.dir) if self.checkpoint.dir else Path(self.logging.run_dir) / "checkpoints"
+
+    @property
+    def hf_dir(self) -> Path:
+        return Path(self.checkpoint.hf_dir) if self.checkpoint.hf_dir else Path(self.logging.run_dir) / "hf"
 
     def validate(self) -> Config:
         """Every check, each failing with one line that names the key: finiteness and the ranges of ``RANGES``
@@ -460,12 +468,17 @@ class Config:
             if sum(src.get("weight", 1.0) for src in d.sources) <= 0:
                 raise ConfigError("data.sources weights sum to zero")
         data_paths = [d.path] if d.path else [src["path"] for src in d.sources]
-        for key, where in (("logging.run_dir", Path(self.logging.run_dir)), ("checkpoint.dir", self.checkpoint_dir)):
+        for key, where in (("logging.run_dir", Path(self.logging.run_dir)), ("checkpoint.dir", self.checkpoint_dir),
+                           ("checkpoint.hf_dir", self.hf_dir)):
             for data in data_paths + ([d.tokenizer] if d.tokenizer else []):
                 relation = _relation(where, Path(data))
                 if relation:
                     raise ConfigError(f"{key} {where} {relation} the data {data}: checkpoints and metrics would be "
                                       "written into it; choose a run dir outside the data")
+        c = self.checkpoint
+        if (c.hf_interval or c.hf_at_end) and _relation(self.hf_dir, self.checkpoint_dir):
+            raise ConfigError(f"checkpoint.hf_dir {self.hf_dir} {_relation(self.hf_dir, self.checkpoint_dir)} the "
+                              f"checkpoint dir {self.checkpoint_dir}: keep the Hugging Face copies apart")
         if d.bert_pairs != "none" and not (self.model.arch == "bert" and self.model.nsp_head):
             raise ConfigError(f'data.bert_pairs = "{d.bert_pairs}" needs model.arch = "bert" and model.nsp_head = true')
         return self

@@ -41,6 +41,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_trainer(cfg: Config, dist: distributed.DistInfo, dims: ParallelDims | None = None) -> Trainer:
     dims = dims or ParallelDims.from_config(cfg, dist.world_size)
+    if cfg.checkpoint.hf_interval or cfg.checkpoint.hf_at_end:  # refused now, not at the first copy an hour in
+        from pretrain.checkpoint.hf import family_of, require_transformers
+
+        require_transformers("checkpoint.hf_interval / checkpoint.hf_at_end")
+        family_of(cfg.model)
     torch.manual_seed(cfg.train.seed)
     mesh = dims.build_mesh(dist.device.type) if dist.world_size > 1 else None
     parallel = parallelize(cfg, dims, mesh, dist.device)

@@ -126,6 +126,33 @@ class Trainer:
         return self.checkpoints.save(self.step, self.raw_model, self.optimizer, state, self.cfg.to_toml(),
                                      self.engine.checkpoint_engine, async_save=self.cfg.checkpoint.async_save)
 
+    def _hf_copy_due(self) -> bool:
+        c = self.cfg.checkpoint
+        return bool(c.hf_interval and self.step % c.hf_interval == 0 or c.hf_at_end and self.step == self.cfg.train.steps)
+
+    def save_hf_copy(self, path: Path) -> None:
+        """The Hugging Face copy of the native step ``path`` (``checkpoint.hf_interval`` / ``hf_at_end``), once
+        that step is complete: rank 0 writes it (checkpoint/hf.py ``write_hf_copy``), every rank learns whether
+        that worked, so a failure ends all of them with rank 0's line."""
+        from pretrain.checkpoint.hf import run_tokenizer, write_hf_copy
+        from pretrain.checkpoint.manager import CheckpointError
+        from pretrain.files import disk_error
+
+        self.checkpoints.wait()
+        error = [""]
+        if self.dist.is_main:
+            try:
+                out = write_hf_copy(path, self.cfg.hf_dir / path.name, run_tokenizer(self.cfg))
+                self.metrics.console(f"wrote Hugging Face copy {out}")
+            except CheckpointError as exc:
+                error[0] = str(exc)
+            except OSError as exc:
+                error[0] = disk_error(exc, self.cfg.hf_dir) or f"cannot write {self.cfg.hf_dir}: {exc}"
+        if self.dist.world_size > 1:
+            torch.distributed.broadcast_object_list(error, src=0)
+        if error[0]:
+            raise CheckpointError(f"Hugging Face copy of {path.name}: {error[0]}" if self.dist.is_main else error[0])
+
     def _dp_sum(self, value: torch.Tensor) -> torch.Tensor:
         """Sum over the data-parallel ranks (the ones holding different samples)."""
         return distributed.all_reduce_sum(value, self.dp_group) if self.dp_size > 1 else value
@@ -270,11 +297,15 @@ class Trainer:
                                      "requeued")
                 self.preempted = True
                 break
+            hf_copy = self._hf_copy_due()
             if self.checkpoints and cfg.checkpoint.interval and (
-                    self.step % cfg.checkpoint.interval == 0 or self.step == last_step):
+                    self.step % cfg.checkpoint.interval == 0 or self.step == last_step) or hf_copy:
+                self.checkpoints = self.checkpoints or self._manager()
                 path = self.save()
                 self.metrics.console(f"saved checkpoint {path}" + (" (writing in the background)"
-                                                                    if cfg.checkpoint.async_save else ""))
+                                                                    if cfg.checkpoint.async_save and not hf_copy else ""))
+                if hf_copy:
+                    self.save_hf_copy(path)
         if self.checkpoints is not None:
             self.checkpoints.wait()
         return self.losses

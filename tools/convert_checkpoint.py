@@ -24,15 +24,6 @@ from pretrain.checkpoint.session import IMPORT_CONFIG  # noqa: E402
 from pretrain.files import check_output, disk_error  # noqa: E402
 
 
-def tokenizer_of(cfg, explicit: str | None) -> Path | None:
-    if explicit:
-        return Path(explicit)
-    for candidate in (cfg.data.tokenizer, Path(cfg.data.path) / "tokenizer.model" if cfg.data.path else ""):
-        if candidate and Path(candidate).is_file():
-            return Path(candidate)
-    return None
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--to", required=True, choices=("hf", "native"),
@@ -50,12 +41,12 @@ def main(argv=None) -> int:
     try:
         if args.to == "hf":
             from pretrain.checkpoint import load_model
-            from pretrain.checkpoint.hf import export_hf
+            from pretrain.checkpoint.hf import export_hf, run_tokenizer
 
             check_output(Path(args.output), [args.input], args.overwrite, "Hugging Face export", is_hf_export,
                          CheckpointError)  # before reading anything
             model, cfg = load_model(args.input)
-            out = export_hf(model, cfg.model, args.output, tokenizer_of(cfg, args.tokenizer), overwrite=args.overwrite,
+            out = export_hf(model, cfg.model, args.output, run_tokenizer(cfg, args.tokenizer), overwrite=args.overwrite,
                             inputs=[args.input])
             print(f"wrote {out} ({cfg.model.arch}/{cfg.model.flavor}, {sum(p.numel() for p in model.parameters()):,} "
                   "parameters)")

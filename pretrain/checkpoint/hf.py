@@ -412,7 +412,7 @@ def to_hf_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig):
 
 HF_EXPORT_FILES = re.compile(r"^(config\.json|generation_config\.json|model(-\d{5}-of-\d{5})?\.safetensors|"
                              r"model\.safetensors\.index\.json|tokenizer\.model|tokenizer\.json|"
-                             r"tokenizer_config\.json|special_tokens_map\.json)$")
+                             r"tokenizer_config\.json|special_tokens_map\.json|manifest\.json)$")
 
 
 def is_hf_export(path: Path) -> bool:
@@ -436,14 +436,19 @@ def _check_output(out: Path, overwrite: bool, inputs=()) -> Path:
 
 
 def export_hf(model: torch.nn.Module, cfg: ModelConfig, out_dir: str | Path, tokenizer_path: str | Path | None = None,
-              overwrite: bool = False, shard_bytes: int = SHARD_BYTES, inputs=()) -> Path:
+              overwrite: bool = False, shard_bytes: int = SHARD_BYTES, inputs=(), step: int | None = None) -> Path:
     """Write ``model`` (native, on CPU) as a Hugging Face model directory; returns it. ``inputs`` (the checkpoint
-    it came from) may not be, contain or hold the output."""
+    it came from) may not be, contain or hold the output. ``step``: also write ``manifest.json`` (the step, every
+    file's size and CRC-32, as native steps have), last, before the folder is renamed into place."""
+    import transformers
 
     out = Path(out_dir)
     tmp = _check_output(out, overwrite, [*inputs, *([tokenizer_path] if tokenizer_path else [])])
     try:
-        hf_config(cfg).save_pretrained(tmp)
+        config = hf_config(cfg)
+        config.save_pretrained(tmp)
+        if cfg.arch == "gpt":
+            transformers.GenerationConfig.from_model_config(config).save_pretrained(tmp)
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0
         for name, tensor in to_hf_tensors(model.state_dict(), cfg):
@@ -466,6 +471,11 @@ def export_hf(model: torch.nn.Module, cfg: ModelConfig, out_dir: str | Path, tok
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
         if tokenizer_path:
             write_tokenizer(Path(tokenizer_path), tmp, cfg)
+        if step is not None:
+            from pretrain.checkpoint.manager import _crc32
+
+            files = {p.name: {"bytes": p.stat().st_size, "crc32": _crc32(p)} for p in sorted(tmp.iterdir())}
+            (tmp / "manifest.json").write_text(json.dumps({"step": step, "files": files}, indent=1))
         replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -659,6 +669,38 @@ def _reverse_names(expected: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[
         conv1d = re.search(r"(o_proj|up_proj|down_proj)\.weight$", name)
         reverse.setdefault(hf, []).append((name, (lambda t: t.t().contiguous()) if conv1d else same))
     return reverse
+
+
+def require_transformers(what: str) -> None:
+    """ImportError-free check that the ``hf`` extra is installed; CheckpointError naming it otherwise."""
+    import importlib.util
+
+    if importlib.util.find_spec("transformers") is None:
+        raise CheckpointError(f"{what} needs transformers: pip install -e '.[hf]'")
+
+
+def run_tokenizer(cfg: Config, explicit: str | None = None) -> Path | None:
+    """The sentencepiece model a run trained with (``data.tokenizer``, else the prepared data's), if any."""
+    if explicit:
+        return Path(explicit)
+    for candidate in (cfg.data.tokenizer, Path(cfg.data.path) / "tokenizer.model" if cfg.data.path else ""):
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    return None
+
+
+def write_hf_copy(step_dir: Path, out: Path, tokenizer: Path | None) -> Path:
+    """The Hugging Face copy of a complete native step (``checkpoint.hf_interval`` / ``hf_at_end``), on one
+    process: the step is read back through DCP, which gathers whatever layout wrote it (FSDP shards, TP, pipeline
+    stages), so every layout writes the same folder. Atomic like any export: a crash leaves at most a hidden
+    temporary folder, and an earlier good copy is replaced only once the new one is complete."""
+    from pretrain.checkpoint import load_model
+    from pretrain.checkpoint.manager import verify
+
+    verify(step_dir)
+    model, cfg = load_model(step_dir)
+    step = json.loads((step_dir / "state.json").read_text())["step"]
+    return export_hf(model, cfg.model, out, tokenizer, overwrite=True, inputs=[step_dir], step=int(step))
 
 
 def continue_config(cfg: ModelConfig, step: Path) -> str:

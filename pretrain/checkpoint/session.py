@@ -27,7 +27,12 @@ def claim_dirs(cfg: Config, is_main: bool, world_size: int, device, n_params: in
     if is_main:
         run, ckpt = Path(cfg.logging.run_dir), cfg.checkpoint_dir
         dirs = [(run, "run dir (logging.run_dir)", True)]
-        if cfg.checkpoint.interval:
+        hf_copies = cfg.checkpoint.hf_interval or cfg.checkpoint.hf_at_end
+        if hf_copies:
+            hf = cfg.hf_dir
+            dirs.append((hf, "Hugging Face copy dir (checkpoint.hf_dir)",
+                         not (run.resolve() == hf.resolve() or run.resolve() in hf.resolve().parents)))
+        if cfg.checkpoint.interval or hf_copies:
             inside = run.resolve() == ckpt.resolve() or run.resolve() in ckpt.resolve().parents
             dirs.append((ckpt, "checkpoint dir (checkpoint.dir)", not inside))
         try:
