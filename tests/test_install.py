@@ -6,6 +6,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -31,3 +33,12 @@ def test_the_wheel_installs_the_kernels_under_pretrain(tmp_path):
                                                  "reference", "_common")} <= set(names)
     assert "pretrain/plan/data/published-training-points.csv" in names
     assert not any(n.startswith("kernels/") for n in names)
+
+
+@pytest.mark.slow
+def test_hf_tests_pass_with_the_oldest_transformers_the_extra_allows():
+    """The ``hf`` extra's lower bound is tested, not guessed: the conversion tests under that release."""
+    done = subprocess.run([sys.executable, "tools/hf_oldest.py", "-q", "-x"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-2000:])
+    assert done.stdout.startswith("transformers 4.") and " passed" in done.stdout and " failed" not in done.stdout
