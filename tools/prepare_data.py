@@ -21,10 +21,13 @@ def main(argv=None) -> int:
                         help="files, directories, globs, or 'builtin' (this Python's standard library sources)")
     parser.add_argument("--output", required=True, help="directory to create (an earlier prepared set there is replaced only with --overwrite; anything else, or an input, never)")
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--tokenizer", help="an existing sentencepiece model")
+    group.add_argument("--tokenizer",
+                       help="an existing sentencepiece model, or a Hugging Face tokenizer.json or model directory "
+                            "(to continue pretraining that model on its own token ids)")
     group.add_argument("--vocab-size", type=int, default=8192, help="train a BPE tokenizer of this size (default 8192)")
-    parser.add_argument("--jsonl-field", default="text", help="field holding the text in .jsonl inputs")
-    parser.add_argument("--val-fraction", type=float, default=0.01)
+    parser.add_argument("--jsonl-field", default="text", help="field holding the text in .jsonl inputs (default text)")
+    parser.add_argument("--val-fraction", type=float, default=0.01,
+                        help="share of documents held out for validation (default 0.01)")
     parser.add_argument("--shard-tokens", type=int, default=1 << 24, help="tokens per shard (default 16M)")
     parser.add_argument("--workers", type=int, default=1,
                         help="encoding processes (default 1: one process already encodes on one thread per core; "
@@ -32,7 +35,7 @@ def main(argv=None) -> int:
     parser.add_argument("--format", default="shards", choices=("shards", "megatron"),
                         help="webdataset shards + index (default), or Megatron .bin/.idx (needs megatron-core)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--quiet", action="store_true", help="no progress line")
     args = parser.parse_args(argv)
 
     received: list[int] = []

@@ -492,13 +492,20 @@ def _save_safetensors(tensors: dict, file: Path, out: Path) -> None:
 
 
 def write_tokenizer(model_file: Path, out: Path, cfg: ModelConfig) -> None:
-    """Our sentencepiece model as a slow LlamaTokenizer / BertTokenizer-free setup AutoTokenizer loads."""
-    from pretrain.data.tokenizer import Tokenizer
+    """The run's tokenizer as ``AutoTokenizer`` loads it: our sentencepiece model as a slow LlamaTokenizer, or a
+    Hugging Face ``tokenizer.json`` (data prepared with an imported model's tokenizer) as it came."""
+    from pretrain.data.tokenizer import HFTokenizer, Tokenizer
 
     tok = Tokenizer.load(model_file)
     if tok.vocab_size > cfg.vocab_size:
         raise CheckpointError(f"tokenizer {model_file} has {tok.vocab_size} pieces, more than the model's vocab "
                               f"({cfg.vocab_size})")
+    if isinstance(tok, HFTokenizer):
+        (out / "tokenizer.json").write_bytes(tok.proto)
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.seq_len,
+                  **{f"{k}_token": v for k, v in tok.specials.items()}}
+        (out / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+        return
     shutil.copy(model_file, out / "tokenizer.model")
     config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False,
               "legacy": False, "add_prefix_space": False, "bos_token": "<s>", "eos_token": "</s>",
@@ -680,12 +687,19 @@ def require_transformers(what: str) -> None:
 
 
 def run_tokenizer(cfg: Config, explicit: str | None = None) -> Path | None:
-    """The sentencepiece model a run trained with (``data.tokenizer``, else the prepared data's), if any."""
+    """The tokenizer a run trained with (``data.tokenizer``, else the one its prepared data names), if any."""
     if explicit:
         return Path(explicit)
-    for candidate in (cfg.data.tokenizer, Path(cfg.data.path) / "tokenizer.model" if cfg.data.path else ""):
-        if candidate and Path(candidate).is_file():
-            return Path(candidate)
+    if cfg.data.tokenizer and Path(cfg.data.tokenizer).exists():
+        return Path(cfg.data.tokenizer)
+    if cfg.data.path:
+        try:
+            name = json.loads((Path(cfg.data.path) / "manifest.json").read_text()).get("tokenizer", "tokenizer.model")
+        except (OSError, ValueError, AttributeError):
+            name = "tokenizer.model"
+        candidate = Path(cfg.data.path) / str(name)
+        if candidate.is_file():
+            return candidate
     return None
 
 

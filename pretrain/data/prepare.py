@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pretrain.data.tokenizer import Tokenizer, train_tokenizer
+from pretrain.data.tokenizer import Tokenizer, tokenizer_from_bytes, train_tokenizer
 from pretrain.files import check_output, replace_dir
 
 MANIFEST_FORMAT = "pretrain-shards"
@@ -147,12 +147,12 @@ _WORKER: list = []
 
 
 def _init_worker(proto: bytes, dtype: str, threads: int) -> None:
-    _WORKER[:] = [Tokenizer(proto), np.dtype(dtype), threads]
+    _WORKER[:] = [tokenizer_from_bytes(proto), np.dtype(dtype), threads]
 
 
 def _encode_chunk(texts: list[str]) -> list[np.ndarray]:
     tok, dtype, threads = _WORKER
-    return [np.asarray(ids, dtype=dtype) for ids in tok.sp.encode(texts, num_threads=threads)]
+    return [np.asarray(ids, dtype=dtype) for ids in tok.encode_many(texts, threads)]
 
 
 def _chunks(docs: Iterator[Document], chunk_bytes: int) -> Iterator[list[Document]]:
@@ -418,14 +418,14 @@ def _write_shards(files, tok, tmp, dtype, jsonl_field, val_fraction, shard_token
         raise DataError(f"corpus yields zero tokens ({stats.docs} documents, {stats.empty_docs} empty): {' '.join(inputs)}")
     if stats.replaced_chars:
         sys.stderr.write(f"prepare: warning: {stats.replaced_chars} undecodable bytes replaced by U+FFFD\n")
-    tok.save(tmp / "tokenizer.model")
+    tok.save(tmp / tok.file_name)
     manifest = {
         "format": manifest_format,
         "version": 1,
         "dtype": dtype.name,
         "vocab_size": tok.vocab_size,
         "eos_id": tok.eos_id,
-        "tokenizer": "tokenizer.model",
+        "tokenizer": tok.file_name,
         "tokenizer_hash": tok.hash,
         "splits": {
             split: {**w.summary(), "tokens": stats.tokens[split]} for split, w in writers.items()
