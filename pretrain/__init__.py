@@ -28,3 +28,23 @@ def _bind_kernels() -> None:
 
 
 _bind_kernels()
+
+
+# Log lines other libraries print on every import, known to be harmless here, dropped (one place, by message):
+# torchao's optional CUDA extensions on a machine without them, and torch's notice about Enum constants torchao
+# registers. Everything else those loggers say still prints.
+_HARMLESS = {
+    "torchao": ("Failed to load ",),
+    "torch.utils._pytree": ("is an Enum subclass and is now natively supported",),
+}
+
+
+def _quiet_harmless_logs() -> None:
+    import logging
+
+    for name, fragments in _HARMLESS.items():
+        logging.getLogger(name).addFilter(
+            lambda record, fragments=fragments: not any(f in str(record.msg) for f in fragments))
+
+
+_quiet_harmless_logs()

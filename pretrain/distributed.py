@@ -91,6 +91,11 @@ def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistInfo
     rank = _env_int("RANK", default=0)
     world_size = _env_int("WORLD_SIZE", default=1)
     local_rank = _env_int("LOCAL_RANK", default=0)
+    if rank != 0:  # every rank runs the same code: its Python warnings are rank 0's, printed there once
+        import warnings
+
+        for category in (UserWarning, FutureWarning, DeprecationWarning):
+            warnings.filterwarnings("ignore", category=category)
     dev = choose_device(device, local_rank)
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"

@@ -100,9 +100,8 @@ def main(argv=None) -> int:
         world = distributed.launched_world_size()
         dims = ParallelDims.from_config(cfg, world)  # before any process group
         if args.check:
-            extra = (f" × cp {dims.cp}" if dims.cp > 1 else "") + (f" (ep {dims.ep} inside)" if dims.ep > 1 else "")
-            print(f"config ok: {args.config or 'defaults'}, {world} processes = dp_replicate {dims.dp_replicate} × "
-                  f"dp_shard {dims.dp_shard} × tp {dims.tp} × pp {dims.pp}{extra}, run dir {cfg.logging.run_dir}")
+            print(f"config ok: {args.config or 'defaults'}, {world} processes = {dims.describe()}, run dir "
+                  f"{cfg.logging.run_dir}")
             from pretrain.plan.check import check
 
             line, error = check(cfg, world)

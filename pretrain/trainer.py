@@ -9,6 +9,7 @@ the gradient of the mean over the whole global batch, whatever the accumulation 
 
 from __future__ import annotations
 
+import collections
 import math
 import signal
 import time
@@ -55,6 +56,26 @@ class StepResult:
     extras: dict[str, float] = field(default_factory=dict)  # the task's extra terms, per target
 
 
+ETA_WINDOW_STEPS = 200  # the ETA is the pace of the last this-many steps, not of the last logging interval
+
+
+def rate(x: float) -> str:
+    """Tokens per second for the console: 512, 12.3k, 1.23M."""
+    if x >= 1e6:
+        return f"{x / 1e6:.2f}M"
+    return f"{x / 1e3:.1f}k" if x >= 1e4 else f"{x:.0f}" if x < 1e3 else f"{x / 1e3:.2f}k"
+
+
+def duration(seconds: float) -> str:
+    """42s, 7m05s, 3h07m."""
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
 class Trainer:
     """Drives a parallelized model through a step engine. Losses and counts are reduced over the data-parallel
     ranks only: tensor- and pipeline-parallel ranks share their samples."""
@@ -82,6 +103,7 @@ class Trainer:
             self.peak = measure_matmul_flops(self.device, torch.bfloat16 if half else torch.float32)
             self.metrics.console(f"MFU peak: measured {self.peak / 1e12:.1f} TFLOP/s (dense matmul on "
                                  f"{self.device.type})")
+        self._eta_window: collections.deque = collections.deque()  # (step, time) of recent log lines
         self.moe_layers = moe_layers(self.raw_model)
         self.step_metrics: dict[str, float] = {}  # what callbacks add to the step's log line (MoE statistics)
         self.callbacks = default_callbacks(cfg.logging, cfg.model)
@@ -232,7 +254,8 @@ class Trainer:
         try:
             if self.checkpoints is not None and self.dist.is_main:
                 self.checkpoints.remove_stale()  # half-written saves of a run that is no longer running
-            self.maybe_resume()
+            resumed = self.maybe_resume()
+            self.metrics.console(self.banner(resumed))
             if self.dist.is_main:
                 run_dir = Path(self.cfg.logging.run_dir)
                 run_dir.mkdir(parents=True, exist_ok=True)
@@ -253,6 +276,28 @@ class Trainer:
         finally:
             for lock in locks:
                 lock.release()
+
+    def banner(self, resumed: bool) -> str:
+        """What this run is, before its first step (what Megatron and torchtitan print): the model, tokens a step,
+        the layout, device and precision, where it writes."""
+        from pretrain.models.flops import num_params
+
+        c, m, d = self.cfg, self.cfg.model, self.parallel.dims
+        n = num_params(m)
+        tokens = c.train.micro_batch_size * c.train.grad_accum * d.dp * m.seq_len
+        shape = f"{m.n_layers} layers × d_model {m.d_model}, {m.n_heads} heads of {m.head_size}" + (
+            f" ({m.kv_heads} kv)" if m.kv_heads != m.n_heads else "") + (
+            f", {m.n_experts} experts top-{m.moe_top_k}" if m.n_experts else "")
+        start = f"from step {self.step}" if resumed and self.step else "from an imported model" if resumed else \
+            "from scratch"
+        ckpt = f"every {c.checkpoint.interval} steps to {c.checkpoint_dir}" if c.checkpoint.interval else "at the end only" \
+            if c.checkpoint.dir else "off"
+        return (f"pretrain: {m.arch}/{m.flavor} {n / 1e6:,.1f}M parameters ({shape}) | {tokens:,} tokens a step "
+                f"({c.train.micro_batch_size} × {m.seq_len} × accum {c.train.grad_accum} × dp {d.dp}), "
+                f"{c.train.steps} steps {start} | {self.dist.world_size} process{'es' if self.dist.world_size > 1 else ''} = "
+                f"{d.describe()} | "
+                f"{self.device.type}, {c.train.dtype}, {m.kernels} kernels | run dir {c.logging.run_dir}, "
+                f"checkpoints {ckpt}")
 
     def _request_stop(self, signum, frame) -> None:
         """Save at the end of this step and stop; a second Ctrl-C stops at once, without saving."""
@@ -328,9 +373,17 @@ class Trainer:
             **result.extras, **self.step_metrics, **memory_stats(self.device),
         }
         self.metrics.log(self.step, values)
-        eta = (time.perf_counter() - fit_start) / max(self.step - start_step, 1) * (self.cfg.train.steps - self.step)
+        now = time.perf_counter()
+        window = self._eta_window
+        if not window:
+            window.append((start_step, fit_start))
+        window.append((self.step, now))
+        while len(window) > 2 and window[-1][0] - window[1][0] >= ETA_WINDOW_STEPS:
+            window.popleft()  # the last ETA_WINDOW_STEPS steps (or all since the start): evals and saves included
+        (first_step, first_time), _ = window[0], window[-1]
+        eta = (now - first_time) / max(self.step - first_step, 1) * (self.cfg.train.steps - self.step)
         self.metrics.console(
             f"step {self.step}/{self.cfg.train.steps} | loss {result.loss:.4f} | lr {result.lr:.2e} | "
-            f"grad {result.grad_norm:.3f} | {tokens_per_s / 1e3:.1f}k tok/s | "
-            f"mfu {'-' if mfu is None else f'{100 * mfu:.1f}%'} | {1e3 * result.seconds:.0f} ms | eta {eta:.0f}s"
+            f"grad {result.grad_norm:.3f} | {rate(tokens_per_s)} tok/s | "
+            f"mfu {'-' if mfu is None else f'{100 * mfu:.1f}%'} | {1e3 * result.seconds:.0f} ms | eta {duration(eta)}"
         )

@@ -154,6 +154,8 @@ def _llama_to_hf(cfg: ModelConfig) -> dict:
         kw["rope_scaling"] = scaling
         if scaling["rope_type"] == "yarn":  # releases before 5.0 read yarn's factor as max_position / original
             positions = max(positions, round(scaling["factor"] * scaling["original_max_position_embeddings"]))
+        elif scaling["rope_type"] == "llama3":  # transformers expects the scaled context to exceed the original
+            positions = max(positions, scaling["original_max_position_embeddings"])
     kw["max_position_embeddings"] = positions
     return kw
 
@@ -177,6 +179,7 @@ def _llama_from_hf(raw: dict) -> dict:
                 head_dim=0 if head_dim * heads == width else head_dim,
                 ffn_hidden=raw["intermediate_size"], vocab_size=raw["vocab_size"],
                 seq_len=min(4096, raw.get("max_position_embeddings", 4096)), rope_theta=float(theta),
+                max_position_embeddings=raw.get("max_position_embeddings") or 0,  # kept for the export
                 rope_scaling=scaling, norm_eps=raw.get("rms_norm_eps", 1e-6),
                 tie_embeddings=raw.get("tie_word_embeddings", False))
 

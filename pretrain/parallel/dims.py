@@ -51,6 +51,11 @@ class ParallelDims:
     def dp(self) -> int:
         return self.dp_replicate * self.dp_shard
 
+    def describe(self) -> str:
+        """dp_replicate 1 × dp_shard 4 × tp 2 × pp 1 (× cp 2) (ep 2 inside)."""
+        extra = (f" × cp {self.cp}" if self.cp > 1 else "") + (f" (ep {self.ep} inside)" if self.ep > 1 else "")
+        return f"dp_replicate {self.dp_replicate} × dp_shard {self.dp_shard} × tp {self.tp} × pp {self.pp}{extra}"
+
     @property
     def world_size(self) -> int:
         return self.dp * self.cp * self.tp * self.pp

@@ -116,6 +116,7 @@ def _search(args) -> int:
         print(f"memory_bytes: {measured:.0f} per activation element and layer, measured by the step-cost meter "
               f"(model.kernels = {cfg.model.kernels}; fitted on published runs: {FITTED.memory_bytes:.0f})")
         constants = replace(FITTED, memory_bytes=measured)
+    print(f"searching the layouts of {args.config or 'defaults'} on {args.gpus} × {device.name} ...", flush=True)
     options, tried = search(cfg, args.gpus, device, tokens, top=args.top, constants=constants)
     if not tried:
         raise ValueError(f"no layout of {args.gpus} GPUs splits {tokens // cfg.model.seq_len} sequences of "

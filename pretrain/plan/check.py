@@ -63,6 +63,7 @@ def check(cfg: Config, world: int) -> tuple[str, str | None]:
     from pretrain.plan.search import minimal_overrides, search
 
     tokens = cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.model.seq_len * _dp(cfg, world)
+    print("predicted not to fit: searching for a layout that does ...", flush=True)
     options, _ = search(cfg, world, device, tokens, top=1)
     if options:
         best = options[0]

@@ -20,6 +20,8 @@ gathered unit (the largest block, twice with prefetch).
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import math
 from dataclasses import dataclass, field
 
@@ -57,6 +59,18 @@ class Memory:
                 **({"detail": self.detail} if self.detail else {})}
 
 
+_SPLITS: dict = {}
+
+
+def _tp_splits_cached(cfg: Config, sequence_parallel: bool) -> dict[str, int]:
+    key = (repr(cfg.model), sequence_parallel)
+    if key not in _SPLITS:
+        if len(_SPLITS) > 64:
+            _SPLITS.clear()
+        _SPLITS[key] = _tp_splits(cfg, sequence_parallel)
+    return _SPLITS[key]
+
+
 def _tp_splits(cfg: Config, sequence_parallel: bool) -> dict[str, int]:
     """Parameter name -> the dim TP splits (absent: replicated), from the trainer's TP plan."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
@@ -84,18 +98,47 @@ def _tp_splits(cfg: Config, sequence_parallel: bool) -> dict[str, int]:
     return splits
 
 
+@contextlib.contextmanager
+def _no_default_init():
+    """nn.Linear / nn.Embedding skip their default initialisation while the planner builds meta models (there is
+    nothing to fill on the meta device, and the random-init decompositions cost most of a 70B search)."""
+    saved = nn.Linear.reset_parameters, nn.Embedding.reset_parameters
+    nn.Linear.reset_parameters = nn.Embedding.reset_parameters = lambda self: None
+    try:
+        yield
+    finally:
+        nn.Linear.reset_parameters, nn.Embedding.reset_parameters = saved
+
+
 def _stage_models(cfg: Config, dims: ParallelDims) -> list[list[nn.Module]]:
-    """For each pp rank, its stage modules (meta device), cut as the trainer cuts them."""
+    """For each pp rank, its stage modules (meta device), cut as the trainer cuts them (``prune_to_stage``), from
+    one build of the whole model: each stage is a shallow copy that shares its parameters."""
     from pretrain.models import build_model
     from pretrain.parallel.pipeline import prune_to_stage, stage_ids
 
-    with torch.device("meta"):
-        if dims.pp == 1:
-            return [[build_model(cfg.model)]]
-        per_rank = stages_per_rank(cfg)
-        n_stages = dims.pp * per_rank
-        return [[prune_to_stage(build_model(cfg.model), sid, n_stages)
-                 for sid in stage_ids(r, dims.pp, per_rank, cfg.parallel.pp_schedule)] for r in range(dims.pp)]
+    key = repr(cfg.model)
+    if key not in _WHOLE:
+        _WHOLE.clear()  # one model at a time (a search is of one model)
+        with torch.device("meta"), _no_default_init():
+            _WHOLE[key] = build_model(cfg.model)
+    whole = _WHOLE[key]
+    if dims.pp == 1:
+        return [[whole]]
+    per_rank = stages_per_rank(cfg)
+    n_stages = dims.pp * per_rank
+    return [[prune_to_stage(_shallow_copy(whole), sid, n_stages)
+             for sid in stage_ids(r, dims.pp, per_rank, cfg.parallel.pp_schedule)] for r in range(dims.pp)]
+
+
+_WHOLE: dict = {}
+
+
+def _shallow_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose own module table and ``layers`` can be pruned; everything below is shared."""
+    copy_ = copy.copy(model)
+    object.__setattr__(copy_, "_modules", dict(model._modules))
+    copy_._modules["layers"] = nn.ModuleDict(dict(model.layers.items()))
+    return copy_
 
 
 def _is_expert(name: str) -> bool:
@@ -127,13 +170,39 @@ def _numel(shape) -> int:
 _STAGES: dict = {}
 
 
-def _stages_cached(cfg: Config, dims: ParallelDims) -> list:
-    """``_stage_models`` memoised by model config and pipeline cut (a search asks for the same ones often)."""
-    key = (repr(cfg.model), dims.pp, stages_per_rank(cfg), cfg.parallel.pp_schedule)
+@dataclass
+class _Part:
+    """What the memory model reads of one stage module: its parameters (name, shape, trainable) and how the
+    optimizer groups them (indices into ``params``; ``muon``: whether a group gets Muon's one moment)."""
+
+    params: list[tuple[str, tuple, bool]]
+    groups: list[tuple[list[int], bool]]
+
+
+def _describe_part(cfg: Config, part: nn.Module) -> _Part:
+    from pretrain.optim import param_groups
+
+    named = list(part.named_parameters())
+    index = {id(t): i for i, (_, t) in enumerate(named)}
+    o = cfg.optim
+    if o.name == "muon":
+        from pretrain.muon import muon_groups
+
+        groups = [([index[id(t)] for t in g["params"]], bool(g["muon"])) for g in muon_groups(part, o.weight_decay)]
+    else:
+        groups = [([index[id(t)] for t in g["params"]], False) for g in param_groups(part, o.weight_decay)]
+    return _Part([(n, tuple(t.shape), t.requires_grad) for n, t in named], groups)
+
+
+def _stages_cached(cfg: Config, dims: ParallelDims) -> list[list[_Part]]:
+    """``_stage_models`` described (``_Part``), memoised by model config, optimizer and pipeline cut (a search
+    asks for the same ones hundreds of times)."""
+    key = (repr(cfg.model), cfg.optim.name, cfg.optim.weight_decay, dims.pp, stages_per_rank(cfg),
+           cfg.parallel.pp_schedule)
     if key not in _STAGES:
         if len(_STAGES) > 64:
             _STAGES.clear()
-        _STAGES[key] = _stage_models(cfg, dims)
+        _STAGES[key] = [[_describe_part(cfg, part) for part in parts] for parts in _stage_models(cfg, dims)]
     return _STAGES[key]
 
 
@@ -141,70 +210,59 @@ def state_bytes(cfg: Config, dims: ParallelDims) -> dict:
     """Parameter, gradient and optimizer bytes, each of its largest rank (max over pipeline ranks), and the bytes of
     what communication holds there: DDP's gradient buckets, FSDP's gathered parameters (ZeRO-2 keeps a stage's
     between forward and backward; ZeRO-3 the largest block, twice with prefetch)."""
-    from pretrain.optim import param_groups
-
     p = cfg.parallel
-    splits = _tp_splits(cfg, p.sequence_parallel)
+    splits = _tp_splits_cached(cfg, p.sequence_parallel)
     fsdp = fsdp_sharded(cfg, dims)
     ddp = not fsdp and dims.dp * dims.cp > 1 and p.engine == "native"
     gathered_size = 2 if cfg.train.dtype == "bf16" else 4
+    tp_only = ParallelDims(1, 1, dims.tp, dims.pp, ep=dims.ep)
     best = None
     for parts in _stages_cached(cfg, dims):
         params = grads = optim = 0
         unsharded, largest_block = 0, 0
         for part in parts:
-            named = list(part.named_parameters())
-            local = {id(t): _local_shape(cfg, dims, n, tuple(t.shape), splits) for n, t in named}
+            local = [_local_shape(cfg, dims, n, shape, splits) for n, shape, _ in part.params]
             blocks: dict[str, int] = {}
-            for n, t in named:
-                size = _numel(local[id(t)]) * 4  # fp32 master parameters
+            for (n, shape, trainable), mine in zip(part.params, local):
+                size = _numel(mine) * 4  # fp32 master parameters
                 params += size
-                if t.requires_grad:
-                    grads += _grad_bytes(cfg, dims, n, t, size)
-                tp_local = _local_shape(cfg, ParallelDims(1, 1, dims.tp, dims.pp, ep=dims.ep), n, tuple(t.shape),
-                                        splits)
-                unsharded += _numel(tp_local) * gathered_size
+                if trainable:
+                    grads += _grad_bytes(cfg, dims, n, shape, size)
+                gathered = _numel(_local_shape(cfg, tp_only, n, shape, splits)) * gathered_size
+                unsharded += gathered
                 if n.startswith("layers."):
                     block = ".".join(n.split(".")[:2])
-                    blocks[block] = blocks.get(block, 0) + _numel(tp_local) * gathered_size
+                    blocks[block] = blocks.get(block, 0) + gathered
             largest_block = max([largest_block, *blocks.values()])
-            optim += _optimizer_bytes(cfg, dims, part, local, param_groups)
+            optim += _optimizer_bytes(cfg, dims, part, local)
         comm = grads if ddp else (unsharded if p.zero_stage == 2 else 2 * largest_block) if fsdp else 0
         mine = (params, grads, optim, comm)
         best = mine if best is None else tuple(max(a, b) for a, b in zip(best, mine))  # each on its largest rank
     return dict(zip(("params_bytes", "grads_bytes", "optimizer_bytes", "comm_bytes"), best))
 
 
-def _grad_bytes(cfg: Config, dims: ParallelDims, name: str, t, size: int) -> int:
+def _grad_bytes(cfg: Config, dims: ParallelDims, name: str, shape: tuple, size: int) -> int:
     """A gradient is its parameter's size, except the vocab-parallel embedding's under TP without FSDP: DTensor's
     embedding backward returns it replicated (whole on every TP rank; measured)."""
     if name == "embed_tokens.weight" and dims.tp > 1 and not fsdp_sharded(cfg, dims) and vocab_parallel(cfg.model):
-        return _numel(t.shape) * 4
+        return _numel(shape) * 4
     return size
 
 
-def _optimizer_bytes(cfg: Config, dims: ParallelDims, part: nn.Module, local: dict, param_groups) -> int:
-    o = cfg.optim
-    adam = lambda t: 2 * _numel(local[id(t)]) * 4 + 4  # exp_avg, exp_avg_sq, step (a float32 scalar)
-    if o.name == "muon":
-        from pretrain.muon import muon_groups
-
-        total = 0
-        for group in muon_groups(part, o.weight_decay):
-            for t in group["params"]:
-                total += _numel(local[id(t)]) * 4 if group["muon"] else adam(t)
-        return total
-    groups = param_groups(part, o.weight_decay)
+def _optimizer_bytes(cfg: Config, dims: ParallelDims, part: _Part, local: list[tuple]) -> int:
+    adam = lambda i: 2 * _numel(local[i]) * 4 + 4  # exp_avg, exp_avg_sq, step (a float32 scalar)
+    if cfg.optim.name == "muon":
+        return sum(_numel(local[i]) * 4 if muon else adam(i) for members, muon in part.groups for i in members)
     if cfg.parallel.zero_stage == 1 and dims.dp * dims.cp > 1:  # ZeroRedundancyOptimizer's greedy partition
         ranks = dims.dp * dims.cp
         sizes, state = [0] * ranks, [0] * ranks
-        for group in groups:
-            for t in sorted(group["params"], key=lambda t: t.numel(), reverse=True):
+        for members, _ in part.groups:
+            for i in sorted(members, key=lambda i: _numel(part.params[i][1]), reverse=True):
                 r = sizes.index(min(sizes))
-                sizes[r] += t.numel()
-                state[r] += adam(t)
+                sizes[r] += _numel(part.params[i][1])
+                state[r] += adam(i)
         return max(state)
-    return sum(adam(t) for group in groups for t in group["params"])
+    return sum(adam(i) for members, _ in part.groups for i in members)
 
 
 def _block_bytes(cfg: Config, dims: ParallelDims, tokens: int, moe: bool) -> float:

@@ -41,9 +41,13 @@ class Option:
 
 
 def with_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """``cfg`` with ``overrides`` applied, validated; ``cfg`` untouched (the sections they name are copied)."""
     from pretrain.config import apply_override
 
-    out = copy.deepcopy(cfg)
+    out = copy.copy(cfg)
+    for section in {item.split(".", 1)[0] for item in overrides}:
+        if hasattr(out, section):
+            setattr(out, section, copy.deepcopy(getattr(cfg, section)))
     for item in overrides:
         apply_override(out, item)
     return out.validate()
