@@ -188,3 +188,22 @@ def test_gpu_check_refuses_without_a_gpu(tmp_path):
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
     assert done.stderr.strip() == "error: no NVIDIA GPU here (nvidia-smi -L failed); on CPU use --dry-run"
+
+
+def test_console_rates_durations_and_the_eta_window():
+    from pretrain.trainer import ETA_WINDOW_STEPS, duration, rate
+
+    assert [rate(x) for x in (0.4, 512, 1234, 12_345, 2_500_000)] == ["0", "512", "1.23k", "12.3k", "2.50M"]
+    assert [duration(x) for x in (0.2, 42, 425, 11_220)] == ["0s", "42s", "7m05s", "3h07m"]
+    assert ETA_WINDOW_STEPS >= 100
+
+
+def test_the_banner_says_what_the_run_is(tmp_path, capsys):
+    from pretrain.train import main
+
+    assert main(["--set", "train.steps=1", "logging.interval=1", "model.head_dim=32", "model.n_kv_heads=2",
+                 f"logging.run_dir={tmp_path / 'run'}", "logging.tensorboard=false"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("pretrain: gpt/llama ") and "4 heads of 32 (2 kv)" in first
+    assert "1,024 tokens a step (8 × 128 × accum 1 × dp 1), 1 steps from scratch" in first
+    assert "1 process = dp_replicate 1 × dp_shard 1 × tp 1 × pp 1 | cpu, fp32, torch kernels" in first

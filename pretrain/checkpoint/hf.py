@@ -729,6 +729,7 @@ def continue_config(cfg: ModelConfig, step: Path) -> str:
     run.checkpoint.interval = 1000
     run.logging.run_dir = f"runs/{step.parent.name}"
     run.schedule.warmup_steps = 100
+    run.parallel.sequence_parallel = not cfg.tie_embeddings  # SP needs an untied head (Llama 3.2 ties it)
     return (f"# Continue pretraining {cfg.hf_architecture or cfg.arch} imported to {step.resolve()}.\n"
             "# Set data.path (a directory from tools/prepare_data.py, prepared with this model's tokenizer) and the\n"
             "# run's length / learning rate; the parallel layout comes from --set parallel.* or the planner.\n"

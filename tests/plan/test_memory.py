@@ -158,3 +158,11 @@ def test_deepspeed_layouts_get_an_estimate_not_a_refusal():
                                                       "parallel.activation_checkpointing=none", "plan.gpu=h100"])
     line, error = check(cfg, 8)
     assert error is None and "as the native engine" in line
+
+
+def test_the_readmes_check_example_is_what_the_command_prints():
+    """README numbers come from a command: tools/readme_numbers.py regenerates the --check example and fails when
+    the README's copy has drifted (the demo block is regenerated the same way after tools/demo.sh)."""
+    done = subprocess.run([sys.executable, "tools/readme_numbers.py", "--check-example"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
