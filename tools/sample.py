@@ -21,12 +21,14 @@ from pretrain.data.tokenizer import Tokenizer, TokenizerError  # noqa: E402
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--checkpoint", required=True, help="a step directory or a checkpoint directory")
-    parser.add_argument("--prompt", default="def ")
-    parser.add_argument("--tokens", type=int, default=120)
-    parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--top-k", type=int, default=40)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tokenizer", help="sentencepiece model (default: the one of the run's data.path)")
+    parser.add_argument("--prompt", default="def ", help="text to continue (default 'def ')")
+    parser.add_argument("--tokens", type=int, default=120, help="new tokens to generate at most (default 120)")
+    parser.add_argument("--temperature", type=float, default=0.8,
+                        help="softmax temperature; 0 = greedy (default 0.8)")
+    parser.add_argument("--top-k", type=int, default=40, help="sample among the k most likely tokens (default 40)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the sampling (default 0)")
+    parser.add_argument("--tokenizer", help="sentencepiece model or Hugging Face tokenizer.json (default: the one "
+                                            "of the run's data.path)")
     args = parser.parse_args(argv)
     try:
         model, cfg = load_model(args.checkpoint)

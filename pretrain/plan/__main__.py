@@ -154,17 +154,20 @@ def main(argv=None) -> int:
                             help="CSV of published runs (default: the calibration file in pretrain/plan/data/)")
     else:
         parser.add_argument("--config", help="TOML preset (configs/*.toml)")
-        parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
+        parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                            help="config overrides, as for pretrain.train")
     if command == "memory":
         parser.add_argument("--world", type=int, required=True, help="ranks (GPUs) of the job")
     if command == "search":
-        parser.add_argument("--gpus", type=int, required=True)
+        parser.add_argument("--gpus", type=int, required=True, help="GPUs of the job")
         parser.add_argument("--gpu", required=True, help="a100_40gb, a100_80gb, h100, h200, b200, gb200, gb300")
         parser.add_argument("--gpu-spec", default="", help='JSON of GPU fields to override, e.g. \'{"network_gb_s": 25}\'')
-        parser.add_argument("--gpus-per-node", type=int, default=0)
-        parser.add_argument("--global-batch-tokens", default="4M")
-        parser.add_argument("--seq", type=int, default=0)
-        parser.add_argument("--top", type=int, default=10)
+        parser.add_argument("--gpus-per-node", type=int, default=0,
+                            help="GPUs per node, the most TP may use (default: the GPU type's, 8 for h100)")
+        parser.add_argument("--global-batch-tokens", default="4M",
+                            help="tokens per optimizer step, fixed across layouts (4M, 512k, 4194304; default 4M)")
+        parser.add_argument("--seq", type=int, default=0, help="sequence length (default: the config's model.seq_len)")
+        parser.add_argument("--top", type=int, default=10, help="layouts to show (default 10)")
         parser.add_argument("--explain", type=int, default=0, metavar="N", help="the breakdown of layout N")
         parser.add_argument("--meter", action="store_true",
                             help="HBM bytes of this model measured by the step-cost meter (~30 s) instead of the "
