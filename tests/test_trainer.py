@@ -58,6 +58,35 @@ def test_accumulation_equals_one_big_batch(tmp_path, arch):
     assert any((grads_other[n] - g).abs().max() > 1e-4 for n, g in grads_big.items())
 
 
+class RaggedTargets:
+    """Ignores every target below 20: each sample, so each micro-batch, keeps a different number of them."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def next_batch(self):
+        batch = dict(self.data.next_batch())
+        batch["targets"] = batch["targets"].masked_fill(batch["targets"] < 20, -100)
+        return batch
+
+
+def test_accumulation_normalises_by_the_count_over_all_micro_batches(tmp_path):
+    """Micro-batches with unequal target counts: the step's loss is the mean over every target of the step, so a
+    scale taken from one micro-batch's count (× grad_accum) would differ."""
+    def grads(*overrides):
+        trainer = build_trainer(tiny_config(tmp_path, *overrides), DistInfo())
+        trainer.data = RaggedTargets(trainer.data)
+        trainer.optimizer.zero_grad = lambda set_to_none=True: None
+        result = trainer.train_step()
+        return result.loss, {n: p.grad.clone() for n, p in trainer.raw_model.named_parameters()}
+
+    loss_big, grads_big = grads("train.micro_batch_size=8")
+    loss_acc, grads_acc = grads("train.micro_batch_size=2", "train.grad_accum=4")
+    assert abs(loss_big - loss_acc) < 1e-6
+    for name, grad in grads_big.items():
+        torch.testing.assert_close(grad, grads_acc[name], rtol=0, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("arch, source", [("gpt", "synthetic"), ("bert", "synthetic"), ("gpt", "shards"),
                                           ("bert", "shards")])
 def test_resume_is_exact(tmp_path, prepared, arch, source):
@@ -152,6 +181,30 @@ def test_lr_schedules(tmp_path):
     wsd = lrs("schedule.decay=wsd", "schedule.decay_fraction=0.2")
     assert wsd[79] == 1.0 and wsd[90] == pytest.approx(1.0 - 0.9 * 10 / 20)
     assert all(a >= b for a, b in zip(cosine[10:], cosine[11:]))
+    # a decay fraction reaching into the warmup: the decay starts when the warmup ends, never before
+    early = lrs("schedule.decay=wsd", "schedule.decay_fraction=0.95")
+    assert early[:10] == pytest.approx([(s + 1) / 10 for s in range(10)]) and early[10] == 1.0
+    assert early[55] == pytest.approx(1.0 - 0.9 * 45 / 90) and early[99] == pytest.approx(0.1, abs=0.01)
+
+
+@pytest.mark.parametrize("source", ["synthetic", "shards"])
+def test_loader_restores_a_position_into_one_that_already_produced_batches(tmp_path, prepared, source):
+    """load_state_dict on a loader that has run ahead (a resume into a live trainer, or a rollback) continues from
+    the restored position, not from where it was."""
+    from pretrain.data import build_stream
+
+    cfg = tiny_config(tmp_path, f"data.source={source}", f"data.path={prepared}", "model.vocab_size=512")
+    first = build_stream(cfg, "train", 0, 1)
+    for _ in range(2):
+        first.next_batch()
+    saved = first.state_dict()
+    expected = [first.next_batch()["tokens"] for _ in range(3)]
+    ahead = build_stream(cfg, "train", 0, 1)
+    for _ in range(5):  # further than the saved position
+        ahead.next_batch()
+    ahead.load_state_dict(saved)
+    got = [ahead.next_batch()["tokens"] for _ in range(3)]
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
 
 
 def test_weight_decay_skips_norms_biases_embeddings(tmp_path):

@@ -234,3 +234,41 @@ def test_resume_is_exact_with_router_biases(tmp_path):
     assert resumed.fit() == straight
     biases = [m.gate.e_score_correction_bias for m in resumed.moe_layers]
     assert biases and all(b.abs().sum() > 0 for b in biases)
+
+
+def test_balancing_terms_enter_the_gradient_at_the_steps_scale(tmp_path, monkeypatch):
+    """One process: the trainer's gradient equals that of (Σ cross-entropy + Σ_layers (aux·coef + z·coef)) divided
+    by the step's target count, computed here by hand — the balancing terms carry the same normalisation as the
+    main loss (a layer ignoring the step's scale would give them ~1000× the weight)."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from pretrain.models import moe
+
+    cfg = tiny_config(tmp_path, "model.n_experts=4", "model.moe_top_k=2", "model.moe_ffn_hidden=32",
+                      "model.moe_aux_coef=0.5", "model.moe_z_coef=0.05", "optim.grad_clip=0",
+                      "train.micro_batch_size=4", "train.grad_accum=2")
+    trainer = build_trainer(cfg, DistInfo())
+    on_one_batch(trainer)
+    batch = trainer.data.next_batch()
+    reference = copy.deepcopy(trainer.raw_model)  # the weights before the step's update
+    trainer.optimizer.zero_grad = lambda set_to_none=True: None
+    trainer.train_step()
+    ours = {n: p.grad.clone() for n, p in trainer.raw_model.named_parameters()}
+
+    terms = []
+    monkeypatch.setattr(moe._LossAtLayer, "apply", lambda y, t, scale: (terms.append(t), y)[1])
+    reference.train()
+    moe.set_loss_scale(moe.moe_layers(reference), torch.ones(()))  # not read: apply is replaced above
+    total, count = 0.0, 0
+    for _ in range(2):  # the step's two micro-batches (on_one_batch feeds the same one each time)
+        tokens, targets = batch["tokens"], batch["targets"]
+        logits = reference(tokens)
+        total = total + F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
+        count += int((targets != -100).sum())
+    assert len(terms) == 2 * cfg.model.n_layers and all(t.requires_grad for t in terms)
+    ((total + sum(terms)) / count).backward()
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(ours[name], p.grad, atol=1e-6, rtol=1e-5, msg=name)
+    assert ours["layers.1.mlp.gate.weight"].abs().max() > 0

@@ -78,3 +78,42 @@ def test_bad_context_parallel_layouts_are_one_line_before_any_process_group(over
     with pytest.raises(ConfigError) as info:
         dims(*overrides, world=world)
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+class _AllChunksInOneProcess:
+    """A context-parallel attention op for one process holding every rank's chunks, in rank order: its tokens sit
+    at the permuted global positions ``order``, and attention masks by those true positions."""
+
+    def __init__(self, order: torch.Tensor):
+        self.order = order
+
+    def positions(self, t_local, device=None):
+        assert t_local == len(self.order)
+        return self.order.to(device)
+
+    def __call__(self, q, k, v):
+        visible = self.order[None, :] <= self.order[:, None]  # key position <= query position
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=visible,
+                                                                enable_gqa=k.shape[1] != q.shape[1])
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+def test_rope_under_context_parallelism_takes_the_true_positions(cp):
+    """Through the whole model, in one process: the tokens of every cp rank's chunks, in zigzag order, with the
+    layers' context op masking by true position, give the one-process logits at those positions — only if RoPE
+    rotates each token by its true position (scaled RoPE here, so the tables matter)."""
+    from pretrain.models import build_model
+
+    cfg = load_config(None, ["model.n_layers=2", "model.seq_len=32", "model.n_kv_heads=2", "model.head_dim=24",
+                             'model.rope_scaling={rope_type = "llama3", factor = 8.0, low_freq_factor = 1.0, '
+                             "high_freq_factor = 4.0, original_max_position_embeddings = 8}"]).model
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    tokens = torch.randint(0, cfg.vocab_size, (2, 32))
+    order = torch.cat([local_positions(32 // cp, cp, r) for r in range(cp)])
+    with torch.no_grad():
+        whole = model(tokens)
+        for layer in model.layers.values():
+            layer.self_attn.context = _AllChunksInOneProcess(order)
+        chunked = model(tokens[:, order])
+    torch.testing.assert_close(chunked, whole[:, order], atol=1e-5, rtol=1e-5)
