@@ -11,7 +11,9 @@ def require_triton():
     try:
         import triton  # noqa: F401
     except ImportError:
-        raise RuntimeError("the Triton kernels need triton: pip install -e '.[triton]'") from None
+        from pretrain.errors import MissingExtra
+
+        raise MissingExtra("the Triton kernels need triton: pip install -e '.[triton]'") from None
 
 
 def check_device(*tensors: torch.Tensor) -> None:

@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pretrain.errors import ConfigError  # re-exported: raised here, defined with the other user errors
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
 
-class ConfigError(ValueError):
-    """A config problem a user can fix; the message is one line naming the key."""
 
 
 @dataclass
@@ -355,8 +355,6 @@ class Config:
             if value not in allowed:
                 raise ConfigError(f"{key} = {value!r} is not one of {', '.join(allowed)}")
         m = self.model
-        from pretrain.models.ops import triton_ops
-
         try:
             chosen = triton_ops(m.kernels)
         except ValueError as exc:
@@ -482,6 +480,23 @@ class Config:
         if d.bert_pairs != "none" and not (self.model.arch == "bert" and self.model.nsp_head):
             raise ConfigError(f'data.bert_pairs = "{d.bert_pairs}" needs model.arch = "bert" and model.nsp_head = true')
         return self
+
+
+KERNEL_OPS = ("attention", "rms_norm", "layer_norm", "rotary", "cross_entropy")  # models/ops.py's Triton ops
+
+
+def triton_ops(kernels: str) -> set[str]:
+    """The ops ``model.kernels`` takes from Triton; ValueError names an unknown one."""
+    if kernels == "torch":
+        return set()
+    if kernels == "triton":
+        return set(KERNEL_OPS)
+    chosen = {name.strip() for name in kernels.split(",") if name.strip()}
+    unknown = sorted(chosen - set(KERNEL_OPS))
+    if unknown or not chosen:
+        raise ValueError(f"model.kernels = {kernels!r}: expected torch, triton, or a comma-separated list of "
+                         f"{', '.join(KERNEL_OPS)}")
+    return chosen
 
 
 # model.rope_scaling: per type, its required keys and its optional ones (the keys Hugging Face configs use)

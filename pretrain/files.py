@@ -7,6 +7,8 @@ import os
 import shutil
 from pathlib import Path
 
+from pretrain.errors import LockError  # re-exported: raised here, defined with the other user errors
+
 
 def is_occupied(out: Path) -> bool:
     """An existing output that writing there would clobber: a file, or a directory that is not empty."""
@@ -24,8 +26,6 @@ def replace_dir(tmp: Path, out: Path) -> None:
         tmp.rename(out)
 
 
-class LockError(RuntimeError):
-    """Another live process holds a directory this run needs for itself."""
 
 
 class DirLock:

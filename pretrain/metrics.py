@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from pretrain.errors import missing_extra
+
 STEP_FIELDS = ("loss", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_device", "mfu", "step_time_s",
                "data_wait_s", "data_skipped", "skipped_updates")
 EVAL_FIELDS = ("val_loss", "val_ppl", "accuracy")
@@ -101,7 +103,7 @@ class MetricsLogger:
             try:
                 import wandb
             except ImportError:
-                raise RuntimeError("logging.wandb_project is set but wandb is not installed: pip install -e '.[wandb]'") from None
+                raise missing_extra("logging.wandb_project", "wandb") from None
             self.wandb = wandb.init(project=wandb_project, dir=str(self.run_dir), config=config, resume="allow")
 
     def log(self, step: int, values: dict[str, Any]) -> None:

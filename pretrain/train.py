@@ -13,19 +13,17 @@ import sys
 import torch
 
 from pretrain import distributed
-from pretrain.checkpoint.manager import CheckpointError
 from pretrain.config import Config, ConfigError, load_config
 from pretrain.data import build_stream
-from pretrain.data.prepare import DataError
-from pretrain.data.tokenizer import TokenizerError
-from pretrain.files import LockError, check_writable, disk_error
+from pretrain.errors import UserError
+from pretrain.files import check_writable, disk_error
 from pretrain.metrics import MetricsLogger
 from pretrain.parallel.dims import ParallelDims
 from pretrain.parallel.parallelize import parallelize
 from pretrain.tasks import task_for
 from pretrain.trainer import PREEMPTED_EXIT, Trainer, TrainingError
 
-USER_ERRORS = (ConfigError, DataError, TokenizerError, CheckpointError, LockError)
+USER_ERRORS = (UserError,)  # config, data, tokenizer, checkpoint, lock, missing extra: pretrain/errors.py
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -130,11 +128,6 @@ def main(argv=None) -> int:
     except TrainingError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
-    except RuntimeError as exc:
-        if "pip install" not in str(exc) and "validation split" not in str(exc):
-            raise
-        _say_once(exc, training or _launched_rank() == 0)
-        return 2
     if trainer.preempted:
         distributed.destroy()
         # Saved; the job is requeued and resumes from latest. A process on its own exits 75 for its launcher to

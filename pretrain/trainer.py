@@ -25,6 +25,7 @@ from pretrain.checkpoint.session import claim_dirs, resume_step
 from pretrain.config import Config
 from pretrain.distributed import DistInfo
 from pretrain.engine import build_engine
+from pretrain.errors import DataError
 from pretrain.metrics import MetricsLogger, measure_matmul_flops, memory_stats, peak_flops
 from pretrain.models.flops import flops_per_token
 from pretrain.models.moe import moe_layers, set_loss_scale
@@ -240,7 +241,7 @@ class Trainer:
             totals += torch.stack([got.loss, got.count, got.correct])
         totals = self._dp_sum(totals)
         if totals[1] == 0:
-            raise RuntimeError("the validation split yielded no batches: prepare more documents or set eval.interval = 0")
+            raise DataError("the validation split yielded no batches: prepare more documents or set eval.interval = 0")
         val_loss = float(totals[0] / totals[1])
         return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50.0)), "accuracy": float(totals[2] / totals[1])}
 

@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pretrain.checkpoint.hf import is_hf_export, is_native_import  # noqa: E402
 from pretrain.checkpoint.manager import CheckpointError  # noqa: E402
 from pretrain.checkpoint.session import IMPORT_CONFIG  # noqa: E402
+from pretrain.errors import UserError  # noqa: E402
 from pretrain.files import check_output, disk_error  # noqa: E402
 
 
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
                   f"{sum(p.numel() for p in model.parameters()):,} parameters); continue pretraining it with:\n"
                   f"  python -m pretrain.train --config {path.parent / IMPORT_CONFIG} --set data.path=DATA\n"
                   "(DATA: a directory from tools/prepare_data.py, tokenized with this model's tokenizer)")
-    except (CheckpointError, FileNotFoundError, ValueError) as exc:
+    except (UserError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # a full or read-only disk: the temporary output is already removed

@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pretrain.data.prepare import DataError, prepare  # noqa: E402
 from pretrain.data.tokenizer import TokenizerError  # noqa: E402
+from pretrain.errors import UserError  # noqa: E402
 from pretrain.files import disk_error  # noqa: E402
 
 
@@ -51,7 +52,7 @@ def main(argv=None) -> int:
                            jsonl_field=args.jsonl_field, val_fraction=args.val_fraction,
                            shard_tokens=args.shard_tokens, workers=args.workers, overwrite=args.overwrite,
                            progress=not args.quiet, fmt=args.format, stopped=lambda: bool(received))
-    except (DataError, TokenizerError) as exc:
+    except (DataError, TokenizerError, UserError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # a full or read-only disk: the temporary output is already removed

@@ -16,6 +16,7 @@ from pretrain.checkpoint import CheckpointError, load_model, resolve_checkpoint 
 from pretrain.data.documents import ShardDataset  # noqa: E402
 from pretrain.data.prepare import DataError  # noqa: E402
 from pretrain.data.tokenizer import Tokenizer, TokenizerError  # noqa: E402
+from pretrain.errors import UserError  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -43,7 +44,7 @@ def main(argv=None) -> int:
         if trained_on and tok.hash != trained_on:
             raise TokenizerError(f"tokenizer {args.tokenizer} ({tok.hash[:12]}) is not the one {args.checkpoint} "
                                  f"was trained with ({trained_on[:12]})")
-    except (CheckpointError, TokenizerError, DataError) as exc:
+    except (CheckpointError, TokenizerError, DataError, UserError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     prompt = torch.tensor([[tok.bos_id, *tok.encode(args.prompt)]])

@@ -36,13 +36,12 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from pretrain import distributed
+from pretrain.errors import CheckpointError  # re-exported: raised here, defined with the other user errors
 from pretrain.files import find_os_error
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
-class CheckpointError(RuntimeError):
-    pass
 
 
 def _is_zero1(optimizer) -> bool:

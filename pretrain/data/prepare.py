@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from pretrain.data.tokenizer import Tokenizer, tokenizer_from_bytes, train_tokenizer
+from pretrain.errors import DataError  # re-exported: raised here, defined with the other user errors
 from pretrain.files import check_output, replace_dir
 
 MANIFEST_FORMAT = "pretrain-shards"
@@ -47,8 +48,6 @@ MEGATRON_FORMAT = "pretrain-megatron"
 TEXT_SUFFIXES = (".txt", ".md", ".py", ".rst", ".text", ".jsonl", ".json")
 
 
-class DataError(ValueError):
-    """A data problem a user can fix; the message is one line naming the file."""
 
 
 @dataclass

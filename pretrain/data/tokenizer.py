@@ -16,11 +16,11 @@ import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from pretrain.errors import TokenizerError  # re-exported: raised here, defined with the other user errors
+
 SPECIAL_PIECES = ("<mask>", "<cls>", "<sep>", "\n")
 
 
-class TokenizerError(ValueError):
-    pass
 
 
 class Tokenizer:

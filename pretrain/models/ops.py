@@ -13,7 +13,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-# op name -> (module in kernels/, function name)
+from pretrain.config import KERNEL_OPS, triton_ops  # noqa: F401  (triton_ops: re-exported)
+
+# op name -> (module in kernels/, function name); the names are config.KERNEL_OPS (what model.kernels may list)
 TRITON_OPS = {
     "attention": ("pretrain.kernels.attention", "flash_attention"),
     "rms_norm": ("pretrain.kernels.norms", "rms_norm"),
@@ -21,20 +23,7 @@ TRITON_OPS = {
     "rotary": ("pretrain.kernels.rotary", "rotary"),
     "cross_entropy": ("pretrain.kernels.cross_entropy", "linear_cross_entropy"),
 }
-
-
-def triton_ops(kernels: str) -> set[str]:
-    """The ops ``model.kernels`` takes from Triton; ValueError names an unknown one."""
-    if kernels == "torch":
-        return set()
-    if kernels == "triton":
-        return set(TRITON_OPS)
-    chosen = {name.strip() for name in kernels.split(",") if name.strip()}
-    unknown = sorted(chosen - set(TRITON_OPS))
-    if unknown or not chosen:
-        raise ValueError(f"model.kernels = {kernels!r}: expected torch, triton, or a comma-separated list of "
-                         f"{', '.join(TRITON_OPS)}")
-    return chosen
+assert tuple(TRITON_OPS) == KERNEL_OPS
 
 
 def torch_attention(q, k, v, causal=True, key_padding_mask=None, scale=None, dropout_p=0.0):
@@ -88,7 +77,6 @@ def _load_triton(module: str, function: str) -> Callable:
     try:
         return getattr(importlib.import_module(module), function)
     except ImportError as exc:
-        raise RuntimeError(
-            f'model.kernels = "triton" needs {module}.{function} ({exc}); '
-            "install the extra with: pip install -e '.[triton]'"
-        ) from None
+        from pretrain.errors import missing_extra
+
+        raise missing_extra(f'model.kernels = "triton" ({module}.{function})', "triton", str(exc)) from None
