@@ -14,6 +14,7 @@ them. Exit 0: every kernel passed; 1: a problem (the table says which); 2: bad a
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -41,6 +42,42 @@ def triton_site(version: str) -> Path:
             raise SystemExit(f"error: could not install triton=={version}: {tail}")
         partial.replace(cache)
     return cache
+
+
+def cache_key(archs: list[str], full: bool, only: str | None, cases: str | None, site: Path | None) -> str:
+    """What a gate run's rows depend on: every file of kernels/ (the kernels and compile_check.py), the cases
+    file, the triton version (its bundled ptxas with it), the arguments. Equal keys compile to equal cubins."""
+    from importlib import metadata
+
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / "kernels").glob("*.py")) + ([Path(cases)] if cases else []):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    version = site.name if site else f"triton-{metadata.version('triton')}"
+    digest.update(json.dumps([version, archs, full, only, os.environ.get("TRITON_DEFAULT_FP_FUSION", "1")]).encode())
+    return digest.hexdigest()[:24]
+
+
+def cached_run(archs: list[str], full: bool, only: str | None, cases: str | None, site: Path | None,
+               use_cache: bool) -> tuple[list[dict], list[str], bool]:
+    """``run_archs``, or the rows a run with the same ``cache_key`` wrote (~/.cache/pretrain/compile-gate/):
+    (rows, crashed, whether they came from the cache). Only complete runs (no crashed worker) are kept."""
+    folder = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pretrain" / "compile-gate"
+    file = folder / f"{cache_key(archs, full, only, cases, site)}.json"
+    if use_cache and file.is_file():
+        try:
+            return json.loads(file.read_text())["rows"], [], True
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable: compile again
+    rows, crashed = run_archs(archs, full, only, cases, site)
+    if not crashed:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = file.with_name(f"{file.name}.tmp-{os.getpid()}")
+            tmp.write_text(json.dumps({"rows": rows}))
+            tmp.replace(file)
+        except OSError:
+            pass  # a read-only home: no cache, same result
+    return rows, crashed, False
 
 
 def run_archs(archs: list[str], full: bool, only: str | None, cases: str | None,
@@ -104,6 +141,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cases", help="a Python file defining CASES to compile instead of the project's kernels")
     parser.add_argument("--markdown", help="also write the table to this file")
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="compile even when a run of the same kernel sources, triton and arguments is cached")
     parser.add_argument("--triton", metavar="VERSION", help="compile with this triton version (pip-installed into "
                         "~/.cache/pretrain/triton-VERSION once) instead of the environment's")
     args = parser.parse_args(argv)
@@ -116,7 +155,8 @@ def main(argv=None) -> int:
         return 2
     start = time.time()
     site = triton_site(args.triton) if args.triton else None
-    rows, crashed = run_archs(args.arch, args.full, args.only, args.cases and str(Path(args.cases).resolve()), site)
+    rows, crashed, cached = cached_run(args.arch, args.full, args.only,
+                                       args.cases and str(Path(args.cases).resolve()), site, not args.no_cache)
     text = table(rows)
     print(text)
     for path, content in ((args.markdown, text + "\n"), (args.json, json.dumps(rows, indent=1))):
@@ -129,7 +169,8 @@ def main(argv=None) -> int:
         print(f"error: {line}", file=sys.stderr)
     print(f"compile gate{f' (triton {args.triton})' if args.triton else ''}: {len(rows)} kernels on "
           f"{', '.join(args.arch)}, {len(failed)} failed, "
-          f"{time.time() - start:.0f} s", file=sys.stderr)
+          f"{time.time() - start:.0f} s{' (cached: the same kernel sources, triton and arguments compiled before; --no-cache to redo)' if cached else ''}",
+          file=sys.stderr)
     if crashed:
         return 2
     return 1 if failed else 0

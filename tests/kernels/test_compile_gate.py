@@ -57,3 +57,21 @@ def test_every_kernel_compiles_fits_and_uses_tensor_cores_on_every_arch(tmp_path
     assert all("HMMA" in r["mma"] for r in attention if r["arch"] == "sm_80")
     hopper_128 = [r for r in attention if r["arch"] == "sm_90a" and "E256" not in " ".join(r["families"])]
     assert hopper_128 and all("HGMMA" in r["mma"] for r in hopper_128)
+
+
+def test_the_gate_cache_key_follows_every_input(tmp_path):
+    """A cached gate result is reused only for the same kernel sources, cases, triton and arguments."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compile_kernels", ROOT / "tools" / "compile_kernels.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    cases = tmp_path / "cases.py"
+    cases.write_text("CASES = []\n")
+    key = tool.cache_key(["sm_80"], False, None, str(cases), None)
+    assert key == tool.cache_key(["sm_80"], False, None, str(cases), None)
+    assert key != tool.cache_key(["sm_90a"], False, None, str(cases), None)
+    assert key != tool.cache_key(["sm_80"], True, None, str(cases), None)
+    assert key != tool.cache_key(["sm_80"], False, None, str(cases), tmp_path / "triton-3.6.0")
+    cases.write_text("CASES = []  # changed\n")
+    assert key != tool.cache_key(["sm_80"], False, None, str(cases), None)
