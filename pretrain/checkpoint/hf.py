@@ -475,10 +475,9 @@ def export_hf(model: torch.nn.Module, cfg: ModelConfig, out_dir: str | Path, tok
         if tokenizer_path:
             write_tokenizer(Path(tokenizer_path), tmp, cfg)
         if step is not None:
-            from pretrain.checkpoint.manager import _crc32
+            from pretrain.checkpoint.manifest import write_manifest
 
-            files = {p.name: {"bytes": p.stat().st_size, "crc32": _crc32(p)} for p in sorted(tmp.iterdir())}
-            (tmp / "manifest.json").write_text(json.dumps({"step": step, "files": files}, indent=1))
+            write_manifest(tmp, step)
         replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -20,7 +20,6 @@ import pickle
 import re
 import shutil
 import warnings
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,14 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from pretrain import distributed
+from pretrain.checkpoint.manifest import (  # noqa: F401  (read_manifest, problems: re-exported)
+    _checksums,
+    _crc32,
+    problems,
+    read_manifest,
+    verify,
+    write_manifest,
+)
 from pretrain.errors import CheckpointError  # re-exported: raised here, defined with the other user errors
 from pretrain.files import find_os_error
 
@@ -191,102 +198,6 @@ def _has_flat_optimizer(path: Path) -> bool:
     keys = SafeReader(str(path)).read_metadata().state_dict_metadata.keys()
     groups = [k for k in keys if k.startswith("optim.param_groups.")]
     return not groups or not groups[0].split(".")[2].isdigit()
-
-
-def _crc32(path: Path) -> str:
-    crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            crc = zlib.crc32(chunk, crc)
-    return f"{crc:08x}"
-
-
-def _checksums(directory: Path) -> dict[str, str]:
-    """CRC-32 of every file below ``directory``, the files split over the ranks and the results gathered."""
-    import torch.distributed as dist
-
-    names = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_file())
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    mine = {name: _crc32(directory / name) for name in names[rank::world]}
-    if world == 1:
-        return mine
-    everyone: list = [None] * world
-    dist.all_gather_object(everyone, mine)
-    return {k: v for part in everyone for k, v in part.items()}
-
-
-def read_manifest(path: Path) -> dict:
-    """A step's manifest.json, checked for shape (plain JSON: nothing in it is executed)."""
-    file = Path(path) / "manifest.json"
-    try:
-        manifest = json.loads(file.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is not a checkpoint step (no manifest.json)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{file} is unreadable ({type(exc).__name__}): the step is damaged") from None
-    if isinstance(manifest, dict) and "splits" in manifest and "format" in manifest:
-        raise CheckpointError(f"{path} is a prepared data set (tools/prepare_data.py), not a checkpoint")
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) or "step" not in manifest:
-        raise CheckpointError(f"{file} is not a checkpoint manifest (no step / files)")
-    return manifest
-
-
-def problems(path: Path, checksums: dict[str, str] | None = None) -> list[str]:
-    """What is wrong with a step against its manifest (missing, resized or changed files, unlisted DCP metadata),
-    before anything in it is unpickled or read as tensors. ``checksums`` (name -> CRC-32) saves re-hashing."""
-    path = Path(path)
-    try:
-        manifest = read_manifest(path)
-    except CheckpointError as exc:
-        return [str(exc)]
-    found = []
-    listed = manifest["files"]
-    for required in ("config.toml", "state.json"):
-        if required not in listed:
-            found.append(f"{path}: {required} is not in its manifest")
-    if (path / ".metadata").exists() and ".metadata" not in listed:
-        found.append(f"{path}: .metadata is not in its manifest (foreign file)")
-    for name, info in listed.items():
-        file = path / name
-        if not isinstance(name, str) or ".." in Path(name).parts or not file.is_file():
-            found.append(f"{file} is missing")
-            continue
-        size = info["bytes"] if isinstance(info, dict) else info
-        if file.stat().st_size != size:
-            found.append(f"{file} has {file.stat().st_size} bytes, its manifest says {size} (truncated?)")
-        elif isinstance(info, dict):
-            crc = checksums[name] if checksums and name in checksums else _crc32(file)
-            if crc != info.get("crc32"):
-                found.append(f"{file} does not match its manifest's CRC-32 (corrupt or replaced)")
-    if not found:
-        found += _unparsable(path)
-    return found
-
-
-def _unparsable(path: Path) -> list[str]:
-    """config.toml and state.json must parse (plain text formats: nothing is executed reading them)."""
-    from pretrain.config import tomllib  # tomli on Python 3.10
-
-    try:
-        tomllib.loads((path / "config.toml").read_text())
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        return [f"{path / 'config.toml'} does not parse ({type(exc).__name__})"]
-    try:
-        state = json.loads((path / "state.json").read_text())
-        if not isinstance(state, dict) or "step" not in state:
-            raise ValueError("no step")
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        return [f"{path / 'state.json'} does not parse ({type(exc).__name__})"]
-    return []
-
-
-def verify(path: Path, distributed_hash: bool = False) -> None:
-    """Sizes and CRC-32s of a checkpoint's files against its manifest; CheckpointError names the first bad file.
-    With ``distributed_hash`` every rank of the job hashes its share of the files (all ranks must call it)."""
-    checksums = _checksums(Path(path)) if distributed_hash and Path(path).is_dir() else None
-    found = problems(path, checksums)
-    if found:
-        raise CheckpointError(found[0])
 
 
 def _write_failure(exc: BaseException, where: Path) -> str:
@@ -448,8 +359,7 @@ class CheckpointManager:
         distributed.barrier()
         checksums = _checksums(tmp)  # every rank hashes its share of the files
         if self.rank == 0:
-            files = {name: {"bytes": (tmp / name).stat().st_size, "crc32": crc} for name, crc in checksums.items()}
-            (tmp / "manifest.json").write_text(json.dumps({"step": step, "files": files}, indent=1))
+            write_manifest(tmp, step, checksums)
             if final.exists() and not is_complete(final):  # not ours to delete: set aside, said aloud
                 aside = final.with_name(f"{final.name}.no-manifest-{os.getpid()}")
                 final.rename(aside)
