@@ -337,148 +337,11 @@ class Config:
         return Path(self.checkpoint.hf_dir) if self.checkpoint.hf_dir else Path(self.logging.run_dir) / "hf"
 
     def validate(self) -> Config:
-        """Every check, each failing with one line that names the key: finiteness and the ranges of ``RANGES``
-        first, then choices and the rules between fields."""
-        for section in SECTIONS:
-            for f in dataclasses.fields(getattr(self, section)):
-                value = getattr(getattr(self, section), f.name)
-                if isinstance(value, float) and not math.isfinite(value):
-                    raise ConfigError(f"{section}.{f.name} must be a finite number, got {value}")
-        for key, (low, high) in RANGES.items():
-            section, name = key.split(".")
-            value = getattr(getattr(self, section), name)
-            if not _in_range(value, low, high):
-                raise ConfigError(f"{key} must be {_describe_range(low, high)}, got {value}")
-        for key, allowed in CHOICES.items():
-            section, name = key.split(".")
-            value = getattr(getattr(self, section), name)
-            if value not in allowed:
-                raise ConfigError(f"{key} = {value!r} is not one of {', '.join(allowed)}")
-        m = self.model
-        try:
-            chosen = triton_ops(m.kernels)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        if "attention" in chosen and m.dropout:
-            raise ConfigError("the Triton attention has no dropout: set model.dropout = 0 or keep attention on torch")
-        if "cross_entropy" in chosen and self.parallel.tp > 1:
-            raise ConfigError("the fused cross-entropy kernel takes a whole head: with parallel.tp > 1 the "
-                              "vocab-parallel loss is used; drop cross_entropy from model.kernels")
-        llama = m.arch == "gpt" and m.flavor == "llama"
-        if m.head_dim and not llama:
-            raise ConfigError(f"model.head_dim is for the llama-flavour GPT (its heads may be wider or narrower than "
-                              f"d_model / n_heads); {m.arch}/{m.flavor} heads are d_model / n_heads")
-        if not m.head_dim and m.d_model % m.n_heads:
-            raise ConfigError(f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads}), or "
-                              "set model.head_dim")
-        if m.n_heads % m.kv_heads:
-            raise ConfigError(f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({m.kv_heads})")
-        if llama and m.head_size % 2:
-            source = "model.head_dim" if m.head_dim else "d_model/n_heads"
-            raise ConfigError(f"rotary embeddings need an even head dim; {source} = {m.head_size}")
-        if m.qkv_bias and not llama:
-            raise ConfigError(f"model.qkv_bias is for the llama-flavour GPT; {m.arch}/{m.flavor} projections "
-                              "already have biases")
-        if m.rope_scaling:
-            if not llama:
-                raise ConfigError(f"model.rope_scaling is for the llama-flavour GPT (RoPE), not {m.arch}/{m.flavor}")
-            check_rope_scaling(m.rope_scaling)
-        if m.learned_positions and m.seq_len > m.positions:
-            raise ConfigError(
-                f"model.seq_len ({m.seq_len}) exceeds model.max_position_embeddings ({m.positions}) "
-                f"of this {m.arch if m.arch == 'bert' else 'gpt2'} model"
-            )
-        if m.arch == "bert" and m.flavor != "llama" and m.flavor != "gpt2":
-            raise ConfigError(f"model.flavor = {m.flavor!r} is not one of llama, gpt2")
-        if m.qk_norm and (m.arch != "gpt" or m.flavor != "llama"):
-            raise ConfigError(f"model.qk_norm is for the llama-flavour GPT, not {m.arch}/{m.flavor}")
-        if m.n_experts:
-            if m.arch != "gpt" or m.flavor != "llama":
-                raise ConfigError(f"model.n_experts = {m.n_experts}: Mixture-of-Experts layers are for the llama-flavour "
-                                  f"GPT, not {m.arch}/{m.flavor}")
-            if m.moe_top_k > m.n_experts:
-                raise ConfigError(f"model.moe_top_k ({m.moe_top_k}) exceeds model.n_experts ({m.n_experts})")
-            if m.moe_dense_layers >= m.n_layers:
-                raise ConfigError(f"model.moe_dense_layers ({m.moe_dense_layers}) leaves no MoE layer of "
-                                  f"model.n_layers ({m.n_layers})")
-            if self.parallel.engine == "deepspeed":
-                raise ConfigError('MoE layers train with parallel.engine = "native" (DeepSpeed\'s engine does not '
-                                  "carry their balancing terms)")
-            if 0 < m.moe_capacity_factor < 1:
-                raise ConfigError(f"model.moe_capacity_factor = {m.moe_capacity_factor} would drop tokens even under "
-                                  "perfect balance: use 0 (dropless) or >= 1")
-        elif self.parallel.ep > 1:
-            raise ConfigError(f"parallel.ep = {self.parallel.ep} splits MoE experts, but model.n_experts = 0")
-        t = self.train
-        if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in t.inject_nan_steps):
-            raise ConfigError(f"train.inject_nan_steps must be a list of step numbers >= 1, got {t.inject_nan_steps!r}")
-        if t.inject_nan_steps and self.parallel.engine == "deepspeed":
-            raise ConfigError('train.inject_nan_steps drills the native engine: it needs parallel.engine = "native"')
-        profile_range(self.logging.profile_steps)
-        o = self.optim
-        if o.min_lr > o.lr:  # each alone is range-checked above
-            raise ConfigError(f"optim.lr must be > 0 and 0 <= optim.min_lr <= optim.lr (lr={o.lr}, min_lr={o.min_lr})")
-        p = self.parallel
-        if o.name == "muon":
-            if o.impl != "torch":
-                raise ConfigError(f'optim.name = "muon" has its own update for every parameter: optim.impl = '
-                                  f'"{o.impl}" does not apply; set optim.impl = "torch"')
-            if p.engine == "deepspeed":
-                raise ConfigError('optim.name = "muon" runs on the native engine: set parallel.engine = "native"')
-            if p.zero_stage == 1:
-                raise ConfigError('optim.name = "muon" with parallel.zero_stage = 1: ZeRO-1 splits the optimizer '
-                                  "by whole tensors for AdamW only; use zero_stage 0, 2 or 3")
-        if o.impl == "triton":  # kernels/adamw.py updates each rank's (local) shard on the GPU
-            if p.engine == "deepspeed":
-                raise ConfigError('optim.impl = "triton" runs on the native engine (DeepSpeed wraps its own fused '
-                                  'Adam): set optim.impl = "torch" with parallel.engine = "deepspeed"')
-            if p.zero_stage == 1:
-                raise ConfigError('optim.impl = "triton" does not combine with parallel.zero_stage = 1 (ZeRO-1 '
-                                  'steps torch\'s AdamW on whole tensors); use zero_stage 0, 2 or 3, or "torch"')
-            if p.cpu_offload:
-                raise ConfigError('optim.impl = "triton" with parallel.cpu_offload = true: the offloaded optimizer '
-                                  'steps on the CPU, where Triton kernels do not run; set optim.impl = "torch"')
-        if t.fp8 != "none":
-            if p.engine == "deepspeed":
-                raise ConfigError('train.fp8 runs on the native engine: set parallel.engine = "native"')
-            if not isinstance(t.fp8_exclude, list) or not all(isinstance(x, str) for x in t.fp8_exclude):
-                raise ConfigError(f"train.fp8_exclude must be a list of module-name patterns, got {t.fp8_exclude!r}")
-        if p.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {p.zero_stage}")
-        if p.engine == "deepspeed" and p.tp * p.pp > 1:
-            raise ConfigError('parallel.engine = "deepspeed" is for pure data parallelism: tp and pp must be 1')
-        d = self.data
-        if d.source in ("shards", "megatron") and not (d.path or d.sources):
-            raise ConfigError(f'data.source = "{d.source}" needs data.path (a directory made by '
-                              "tools/prepare_data.py) or data.sources")
-        if d.path and d.sources:
-            raise ConfigError('data.sources (a blend) replaces data.path: set data.path = "" with it')
-        if d.sources:
-            if d.source == "synthetic":
-                raise ConfigError('data.sources needs data.source = "shards" or "megatron"')
-            for i, src in enumerate(d.sources):
-                if not isinstance(src, dict) or set(src) - {"path", "weight"} or "path" not in src:
-                    raise ConfigError(f"data.sources[{i}] must be {{path = \"...\", weight = 1.0}}, got {src!r}")
-                weight = src.get("weight", 1.0)
-                if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) \
-                        or weight < 0:
-                    raise ConfigError(f"data.sources[{i}].weight must be a finite number >= 0, got {weight!r}")
-            if sum(src.get("weight", 1.0) for src in d.sources) <= 0:
-                raise ConfigError("data.sources weights sum to zero")
-        data_paths = [d.path] if d.path else [src["path"] for src in d.sources]
-        for key, where in (("logging.run_dir", Path(self.logging.run_dir)), ("checkpoint.dir", self.checkpoint_dir),
-                           ("checkpoint.hf_dir", self.hf_dir)):
-            for data in data_paths + ([d.tokenizer] if d.tokenizer else []):
-                relation = _relation(where, Path(data))
-                if relation:
-                    raise ConfigError(f"{key} {where} {relation} the data {data}: checkpoints and metrics would be "
-                                      "written into it; choose a run dir outside the data")
-        c = self.checkpoint
-        if (c.hf_interval or c.hf_at_end) and _relation(self.hf_dir, self.checkpoint_dir):
-            raise ConfigError(f"checkpoint.hf_dir {self.hf_dir} {_relation(self.hf_dir, self.checkpoint_dir)} the "
-                              f"checkpoint dir {self.checkpoint_dir}: keep the Hugging Face copies apart")
-        if d.bert_pairs != "none" and not (self.model.arch == "bert" and self.model.nsp_head):
-            raise ConfigError(f'data.bert_pairs = "{d.bert_pairs}" needs model.arch = "bert" and model.nsp_head = true')
+        """Every rule of ``RULES`` in order (finiteness and the ranges of ``RANGES`` first, then choices and the
+        rules between fields), each failing with one line that names the key. Rules that need the world size live
+        in ``ParallelDims.from_config``."""
+        for rule in RULES:
+            rule(self)
         return self
 
 
@@ -532,6 +395,202 @@ def check_rope_scaling(scaling: dict) -> None:
     if kind == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
         raise ConfigError(f"model.rope_scaling: high_freq_factor ({scaling['high_freq_factor']}) must exceed "
                           f"low_freq_factor ({scaling['low_freq_factor']})")
+
+
+# --- the rules Config.validate runs, each on one concern -----------------------------------------------------
+def _finite(cfg: Config) -> None:
+    for section in SECTIONS:
+        for f in dataclasses.fields(getattr(cfg, section)):
+            value = getattr(getattr(cfg, section), f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{section}.{f.name} must be a finite number, got {value}")
+
+
+def _ranges(cfg: Config) -> None:
+    for key, (low, high) in RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if not _in_range(value, low, high):
+            raise ConfigError(f"{key} must be {_describe_range(low, high)}, got {value}")
+
+
+def _choices(cfg: Config) -> None:
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise ConfigError(f"{key} = {value!r} is not one of {', '.join(allowed)}")
+
+
+def _kernels(cfg: Config) -> None:
+    m = cfg.model
+    try:
+        chosen = triton_ops(m.kernels)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if "attention" in chosen and m.dropout:
+        raise ConfigError("the Triton attention has no dropout: set model.dropout = 0 or keep attention on torch")
+    if "cross_entropy" in chosen and cfg.parallel.tp > 1:
+        raise ConfigError("the fused cross-entropy kernel takes a whole head: with parallel.tp > 1 the "
+                          "vocab-parallel loss is used; drop cross_entropy from model.kernels")
+
+
+def _heads(cfg: Config) -> None:
+    m = cfg.model
+    llama = m.arch == "gpt" and m.flavor == "llama"
+    if m.head_dim and not llama:
+        raise ConfigError(f"model.head_dim is for the llama-flavour GPT (its heads may be wider or narrower than "
+                          f"d_model / n_heads); {m.arch}/{m.flavor} heads are d_model / n_heads")
+    if not m.head_dim and m.d_model % m.n_heads:
+        raise ConfigError(f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads}), or "
+                          "set model.head_dim")
+    if m.n_heads % m.kv_heads:
+        raise ConfigError(f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads ({m.kv_heads})")
+    if llama and m.head_size % 2:
+        source = "model.head_dim" if m.head_dim else "d_model/n_heads"
+        raise ConfigError(f"rotary embeddings need an even head dim; {source} = {m.head_size}")
+
+
+def _llama_features(cfg: Config) -> None:
+    """q/k/v biases, RoPE scaling and QK-norm belong to the llama-flavour GPT."""
+    m = cfg.model
+    if m.arch == "gpt" and m.flavor == "llama":
+        if m.rope_scaling:
+            check_rope_scaling(m.rope_scaling)
+        return
+    if m.qkv_bias:
+        raise ConfigError(f"model.qkv_bias is for the llama-flavour GPT; {m.arch}/{m.flavor} projections "
+                          "already have biases")
+    if m.rope_scaling:
+        raise ConfigError(f"model.rope_scaling is for the llama-flavour GPT (RoPE), not {m.arch}/{m.flavor}")
+    if m.qk_norm:
+        raise ConfigError(f"model.qk_norm is for the llama-flavour GPT, not {m.arch}/{m.flavor}")
+
+
+def _positions(cfg: Config) -> None:
+    m = cfg.model
+    if m.learned_positions and m.seq_len > m.positions:
+        raise ConfigError(f"model.seq_len ({m.seq_len}) exceeds model.max_position_embeddings ({m.positions}) "
+                          f"of this {m.arch if m.arch == 'bert' else 'gpt2'} model")
+    if m.arch == "bert" and m.flavor not in ("llama", "gpt2"):
+        raise ConfigError(f"model.flavor = {m.flavor!r} is not one of llama, gpt2")
+
+
+def _experts(cfg: Config) -> None:
+    m = cfg.model
+    if not m.n_experts:
+        if cfg.parallel.ep > 1:
+            raise ConfigError(f"parallel.ep = {cfg.parallel.ep} splits MoE experts, but model.n_experts = 0")
+        return
+    if m.arch != "gpt" or m.flavor != "llama":
+        raise ConfigError(f"model.n_experts = {m.n_experts}: Mixture-of-Experts layers are for the llama-flavour "
+                          f"GPT, not {m.arch}/{m.flavor}")
+    if m.moe_top_k > m.n_experts:
+        raise ConfigError(f"model.moe_top_k ({m.moe_top_k}) exceeds model.n_experts ({m.n_experts})")
+    if m.moe_dense_layers >= m.n_layers:
+        raise ConfigError(f"model.moe_dense_layers ({m.moe_dense_layers}) leaves no MoE layer of "
+                          f"model.n_layers ({m.n_layers})")
+    if 0 < m.moe_capacity_factor < 1:
+        raise ConfigError(f"model.moe_capacity_factor = {m.moe_capacity_factor} would drop tokens even under "
+                          "perfect balance: use 0 (dropless) or >= 1")
+
+
+def _drills(cfg: Config) -> None:
+    t = cfg.train
+    if any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in t.inject_nan_steps):
+        raise ConfigError(f"train.inject_nan_steps must be a list of step numbers >= 1, got {t.inject_nan_steps!r}")
+    profile_range(cfg.logging.profile_steps)
+
+
+def _optimizer(cfg: Config) -> None:
+    o, p = cfg.optim, cfg.parallel
+    if o.min_lr > o.lr:  # each alone is range-checked above
+        raise ConfigError(f"optim.lr must be > 0 and 0 <= optim.min_lr <= optim.lr (lr={o.lr}, min_lr={o.min_lr})")
+    if o.name == "muon" and o.impl != "torch":
+        raise ConfigError(f'optim.name = "muon" has its own update for every parameter: optim.impl = '
+                          f'"{o.impl}" does not apply; set optim.impl = "torch"')
+    if o.name == "muon" and p.zero_stage == 1:
+        raise ConfigError('optim.name = "muon" with parallel.zero_stage = 1: ZeRO-1 splits the optimizer '
+                          "by whole tensors for AdamW only; use zero_stage 0, 2 or 3")
+    if o.impl == "triton" and p.zero_stage == 1 and p.engine == "native":  # kernels/adamw.py: each rank's shard
+        raise ConfigError('optim.impl = "triton" does not combine with parallel.zero_stage = 1 (ZeRO-1 '
+                          'steps torch\'s AdamW on whole tensors); use zero_stage 0, 2 or 3, or "torch"')
+    if o.impl == "triton" and p.cpu_offload and p.engine == "native":
+        raise ConfigError('optim.impl = "triton" with parallel.cpu_offload = true: the offloaded optimizer '
+                          'steps on the CPU, where Triton kernels do not run; set optim.impl = "torch"')
+    t = cfg.train
+    if t.fp8 != "none" and (not isinstance(t.fp8_exclude, list) or not all(isinstance(x, str) for x in t.fp8_exclude)):
+        raise ConfigError(f"train.fp8_exclude must be a list of module-name patterns, got {t.fp8_exclude!r}")
+
+
+def _deepspeed(cfg: Config) -> None:
+    """DeepSpeed's engine is pure data parallelism around our model and AdamW: everything else needs ours."""
+    p, o, t, m = cfg.parallel, cfg.optim, cfg.train, cfg.model
+    if p.engine != "deepspeed":
+        return
+    refusals = [
+        (m.n_experts, 'MoE layers train with parallel.engine = "native" (DeepSpeed\'s engine does not carry their '
+                      "balancing terms)"),
+        (t.inject_nan_steps, 'train.inject_nan_steps drills the native engine: it needs parallel.engine = "native"'),
+        (o.name == "muon", 'optim.name = "muon" runs on the native engine: set parallel.engine = "native"'),
+        (o.impl == "triton", 'optim.impl = "triton" runs on the native engine (DeepSpeed wraps its own fused Adam): '
+                             'set optim.impl = "torch" with parallel.engine = "deepspeed"'),
+        (t.fp8 != "none", 'train.fp8 runs on the native engine: set parallel.engine = "native"'),
+        (p.tp * p.pp > 1, 'parallel.engine = "deepspeed" is for pure data parallelism: tp and pp must be 1'),
+        (p.cp > 1, 'parallel.engine = "deepspeed" is for pure data parallelism: parallel.cp must be 1'),
+    ]
+    for used, message in refusals:
+        if used:
+            raise ConfigError(message)
+
+
+def _zero_stage(cfg: Config) -> None:
+    if cfg.parallel.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"parallel.zero_stage must be 0, 1, 2 or 3, got {cfg.parallel.zero_stage}")
+    if cfg.parallel.dp_shard == 0 or cfg.parallel.dp_shard < -1:
+        raise ConfigError("parallel.dp_shard must be >= 1, or -1 for the rest of the world, got "
+                          f"{cfg.parallel.dp_shard}")
+
+
+def _data(cfg: Config) -> None:
+    d = cfg.data
+    if d.source in ("shards", "megatron") and not (d.path or d.sources):
+        raise ConfigError(f'data.source = "{d.source}" needs data.path (a directory made by '
+                          "tools/prepare_data.py) or data.sources")
+    if d.path and d.sources:
+        raise ConfigError('data.sources (a blend) replaces data.path: set data.path = "" with it')
+    if d.sources and d.source == "synthetic":
+        raise ConfigError('data.sources needs data.source = "shards" or "megatron"')
+    for i, src in enumerate(d.sources):
+        if not isinstance(src, dict) or set(src) - {"path", "weight"} or "path" not in src:
+            raise ConfigError(f"data.sources[{i}] must be {{path = \"...\", weight = 1.0}}, got {src!r}")
+        weight = src.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+            raise ConfigError(f"data.sources[{i}].weight must be a finite number >= 0, got {weight!r}")
+    if d.sources and sum(src.get("weight", 1.0) for src in d.sources) <= 0:
+        raise ConfigError("data.sources weights sum to zero")
+    if d.bert_pairs != "none" and not (cfg.model.arch == "bert" and cfg.model.nsp_head):
+        raise ConfigError(f'data.bert_pairs = "{d.bert_pairs}" needs model.arch = "bert" and model.nsp_head = true')
+
+
+def _outputs_apart(cfg: Config) -> None:
+    """Nothing the run writes may lie in, contain or be its data; HF copies stay out of the checkpoint dir."""
+    d, c = cfg.data, cfg.checkpoint
+    data_paths = [d.path] if d.path else [src["path"] for src in d.sources]
+    for key, where in (("logging.run_dir", Path(cfg.logging.run_dir)), ("checkpoint.dir", cfg.checkpoint_dir),
+                       ("checkpoint.hf_dir", cfg.hf_dir)):
+        for data in data_paths + ([d.tokenizer] if d.tokenizer else []):
+            relation = _relation(where, Path(data))
+            if relation:
+                raise ConfigError(f"{key} {where} {relation} the data {data}: checkpoints and metrics would be "
+                                  "written into it; choose a run dir outside the data")
+    if (c.hf_interval or c.hf_at_end) and _relation(cfg.hf_dir, cfg.checkpoint_dir):
+        raise ConfigError(f"checkpoint.hf_dir {cfg.hf_dir} {_relation(cfg.hf_dir, cfg.checkpoint_dir)} the "
+                          f"checkpoint dir {cfg.checkpoint_dir}: keep the Hugging Face copies apart")
+
+
+RULES = (_finite, _ranges, _choices, _kernels, _heads, _llama_features, _positions, _experts, _drills, _optimizer,
+         _deepspeed, _zero_stage, _data, _outputs_apart)
 
 
 def _relation(path: Path, other: Path) -> str:

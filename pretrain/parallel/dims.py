@@ -62,13 +62,9 @@ class ParallelDims:
 
     @classmethod
     def from_config(cls, cfg: Config, world_size: int) -> ParallelDims:
-        """Resolve ``dp_shard = -1`` and check everything a user can get wrong, with one line each."""
+        """Resolve ``dp_shard = -1`` and check what depends on the world size or the layout's shape, with one line
+        each. ``cfg`` is validated (``load_config`` does it): the rules that need no world size are its own."""
         p, m = cfg.parallel, cfg.model
-        for key in ("dp_replicate", "tp", "pp", "cp"):
-            if getattr(p, key) < 1:
-                raise ConfigError(f"parallel.{key} must be >= 1, got {getattr(p, key)}")
-        if p.dp_shard == 0 or p.dp_shard < -1:
-            raise ConfigError(f"parallel.dp_shard must be >= 1, or -1 for the rest of the world, got {p.dp_shard}")
         fixed = p.dp_replicate * p.tp * p.pp * p.cp
         if p.dp_shard == -1:
             if world_size % fixed:
@@ -125,8 +121,6 @@ class ParallelDims:
                                   f"parallel.zero_stage = 2 or 3 (got {p.zero_stage})")
         if p.cp > 1:
             _check_context_parallel(cfg)
-        if p.engine == "deepspeed" and (p.tp > 1 or p.pp > 1):
-            raise ConfigError("parallel.engine = \"deepspeed\" is for pure data parallelism: tp and pp must be 1")
         if p.engine == "native" and dims.dp * dims.cp > 1 and p.zero_stage < 2 and (p.tp > 1 or p.pp > 1):
             what = "tensor" if p.tp > 1 else "pipeline"
             raise ConfigError(f"{what} parallelism with data parallelism needs FSDP: set parallel.zero_stage = 2 or "
@@ -175,8 +169,6 @@ def _check_context_parallel(cfg: Config) -> None:
     if m.n_experts and m.moe_balance != "bias":
         raise ConfigError(f'model.moe_balance = "{m.moe_balance}" with parallel.cp > 1: the aux loss would see only '
                           'a rank\'s chunks of each sequence; use moe_balance = "bias"')
-    if p.engine == "deepspeed":
-        raise ConfigError('parallel.engine = "deepspeed" is for pure data parallelism: parallel.cp must be 1')
 
 
 def grad_mesh(mesh, dims: ParallelDims):
