@@ -206,10 +206,23 @@ def _stages_cached(cfg: Config, dims: ParallelDims) -> list[list[_Part]]:
     return _STAGES[key]
 
 
+_STATE: dict = {}
+
+
 def state_bytes(cfg: Config, dims: ParallelDims) -> dict:
     """Parameter, gradient and optimizer bytes, each of its largest rank (max over pipeline ranks), and the bytes of
     what communication holds there: DDP's gradient buckets, FSDP's gathered parameters (ZeRO-2 keeps a stage's
-    between forward and backward; ZeRO-3 the largest block, twice with prefetch)."""
+    between forward and backward; ZeRO-3 the largest block, twice with prefetch). Memoised on what it reads (a
+    search asks again for every micro-batch size of a layout)."""
+    key = (repr(cfg.model), repr(cfg.parallel), cfg.train.dtype, cfg.optim.name, cfg.optim.weight_decay, repr(dims))
+    if key not in _STATE:
+        if len(_STATE) > 4096:
+            _STATE.clear()
+        _STATE[key] = _state_bytes(cfg, dims)
+    return dict(_STATE[key])
+
+
+def _state_bytes(cfg: Config, dims: ParallelDims) -> dict:
     p = cfg.parallel
     splits = _tp_splits_cached(cfg, p.sequence_parallel)
     fsdp = fsdp_sharded(cfg, dims)
