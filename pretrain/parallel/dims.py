@@ -1,10 +1,10 @@
-"""``ParallelDims``: the parallel degrees, checked before any process group exists, and the one DeviceMesh.
+"""``ParallelDims``: the parallel degrees, checked before any process group exists, and their ``Meshes``.
 
 Mesh dimensions, outermost first (torchtitan's order): ``pp``, ``dp_replicate``, ``dp_shard``, ``cp``, ``tp``.
-``dp = dp_replicate × dp_shard`` is also available flattened as ``dp_mesh(mesh)``: the ranks that see different
+``dp = dp_replicate × dp_shard`` is also available flattened as ``Meshes.dp``: the ranks that see different
 data. Ranks that differ only in ``tp``, ``cp`` or ``pp`` see the same samples; ``cp`` peers each keep their own
 chunks of every sequence (``parallel/context_parallel.py``), so gradients are averaged over ``dp × cp``
-(``grad_mesh``) and FSDP shards over ``dp_shard × cp`` (torchtitan's ``dp_shard_cp``).
+(``Meshes.grad``) and FSDP shards over ``dp_shard × cp`` (torchtitan's ``dp_shard_cp``, ``Meshes.fsdp``).
 
 Expert parallelism takes its ``ep`` ranks from ``dp_shard × cp`` (torchtitan's rule): with ``ep > 1`` the mesh
 splits ``dp_shard`` into ``dp_shard_mod_ep`` (outer) × ``dp_shard_in_ep`` (inner, ep / cp ranks) and flattens
@@ -16,6 +16,7 @@ everything else is sharded over the whole ``dp`` (× ``cp``) as without experts.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from pretrain.config import Config, ConfigError
 
@@ -129,8 +130,8 @@ class ParallelDims:
             raise ConfigError("parallel.dp_replicate > 1 with dp_shard > 1 is HSDP: set parallel.zero_stage = 2 or 3")
         return dims
 
-    def build_mesh(self, device_type: str):
-        """The DeviceMesh over every rank (call after the process group exists), with ``dp`` flattened."""
+    def build_mesh(self, device_type: str) -> Meshes:
+        """The device meshes of this layout (call after the process group exists)."""
         from torch.distributed.device_mesh import init_device_mesh
 
         if self.ep > 1:  # dp_shard = dp_shard_mod_ep × dp_shard_in_ep, ep = dp_shard_in_ep × cp
@@ -140,16 +141,47 @@ class ParallelDims:
             shard, shard_sizes = ("dp_shard",), (self.dp_shard,)
         names = ("pp", "dp_replicate", *shard, "cp", "tp")
         sizes = (self.pp, self.dp_replicate, *shard_sizes, self.cp, self.tp)
-        mesh = init_device_mesh(device_type, sizes, mesh_dim_names=names)
-        # kept on the mesh: slicing a flattened dim back out of the root mesh is deprecated
+        root = init_device_mesh(device_type, sizes, mesh_dim_names=names)
+        ep = expert_fsdp = None
         if self.ep > 1:
-            mesh[shard]._flatten("dp_shard")
-            mesh.pretrain_ep = mesh[("dp_shard_in_ep", "cp")]._flatten("ep")
-        mesh.pretrain_dp = mesh[("dp_replicate", *shard)]._flatten("dp")
+            root[shard]._flatten("dp_shard")
+            ep = root[("dp_shard_in_ep", "cp")]._flatten("ep")
+            expert_fsdp = root[("dp_replicate", "dp_shard_mod_ep")] if self.dp_replicate > 1 else \
+                root["dp_shard_mod_ep"]
+        dp = root[("dp_replicate", *shard)]._flatten("dp")
         if self.cp > 1:
-            mesh.pretrain_dp_cp = mesh[("dp_replicate", *shard, "cp")]._flatten("dp_cp")
-            mesh.pretrain_dp_shard_cp = mesh[(*shard, "cp")]._flatten("dp_shard_cp")
-        return mesh
+            grad = root[("dp_replicate", *shard, "cp")]._flatten("dp_cp")
+            shard_cp = root[(*shard, "cp")]._flatten("dp_shard_cp")
+            fsdp = root[("dp_replicate", "dp_shard_cp")] if self.dp_replicate > 1 else shard_cp
+        else:
+            grad = dp
+            fsdp = root[("dp_replicate", "dp_shard")] if self.dp_replicate > 1 else dp
+        return Meshes(root, dp, grad, fsdp, root["tp"], root["pp"], root["cp"], ep, expert_fsdp)
+
+
+@dataclass(frozen=True)
+class Meshes:
+    """The device meshes of one layout (``ParallelDims.build_mesh``), each a ``DeviceMesh``:
+
+    - ``root``: every rank, dims (pp, dp_replicate, dp_shard (split in two under EP), cp, tp);
+    - ``dp``: dp_replicate × dp_shard flattened, the ranks reading different samples;
+    - ``grad``: the ranks whose gradients are averaged (holding different tokens): ``dp``, or ``dp × cp``;
+    - ``fsdp``: what FSDP shards over (HSDP: dp_replicate × dp_shard), ``cp`` folded into the shards;
+    - ``tp``, ``pp``, ``cp``: their own dims;
+    - ``ep``: the ranks one MoE layer's experts are split over (and its tokens exchanged between), or None;
+    - ``expert_fsdp``: what the experts' parameters are FSDP-sharded over (the dp ranks holding the same
+      experts), or None.
+    """
+
+    root: Any
+    dp: Any
+    grad: Any
+    fsdp: Any
+    tp: Any
+    pp: Any
+    cp: Any
+    ep: Any = None
+    expert_fsdp: Any = None
 
 
 def _check_context_parallel(cfg: Config) -> None:
@@ -169,30 +201,3 @@ def _check_context_parallel(cfg: Config) -> None:
     if m.n_experts and m.moe_balance != "bias":
         raise ConfigError(f'model.moe_balance = "{m.moe_balance}" with parallel.cp > 1: the aux loss would see only '
                           'a rank\'s chunks of each sequence; use moe_balance = "bias"')
-
-
-def grad_mesh(mesh, dims: ParallelDims):
-    """The ranks whose gradients are averaged (those holding different tokens): ``dp``, or ``dp × cp``."""
-    return mesh.pretrain_dp if dims.cp == 1 else mesh.pretrain_dp_cp
-
-
-def fsdp_mesh(mesh, dims: ParallelDims):
-    """What FSDP shards over: ``dp`` (HSDP: ``dp_replicate`` × ``dp_shard``), with ``cp`` folded into the shards."""
-    if dims.cp > 1:
-        return mesh[("dp_replicate", "dp_shard_cp")] if dims.dp_replicate > 1 else mesh.pretrain_dp_shard_cp
-    return mesh[("dp_replicate", "dp_shard")] if dims.dp_replicate > 1 else dp_mesh(mesh)
-
-
-def ep_mesh(mesh):
-    """The ranks one MoE layer's experts are split over (and its tokens exchanged between)."""
-    return mesh.pretrain_ep
-
-
-def expert_fsdp_mesh(mesh, dims: ParallelDims):
-    """The mesh the experts' parameters are FSDP-sharded over: the dp ranks holding the same experts."""
-    return mesh[("dp_replicate", "dp_shard_mod_ep")] if dims.dp_replicate > 1 else mesh["dp_shard_mod_ep"]
-
-
-def dp_mesh(mesh):
-    """The flattened ``dp`` mesh (dp_replicate × dp_shard) of a mesh from ``ParallelDims.build_mesh``."""
-    return mesh.pretrain_dp

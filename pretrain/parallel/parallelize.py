@@ -18,15 +18,7 @@ import torch.nn as nn
 
 from pretrain.config import Config
 from pretrain.models import build_model
-from pretrain.parallel.dims import (
-    ParallelDims,
-    dp_mesh,
-    ep_mesh,
-    expert_fsdp_mesh,
-    fsdp_mesh,
-    fsdp_sharded,
-    grad_mesh,
-)
+from pretrain.parallel.dims import Meshes, ParallelDims, fsdp_sharded
 
 
 class PipelineLoss:
@@ -48,7 +40,7 @@ class Parallelized:
     model: nn.Module
     module: nn.Module
     dims: ParallelDims
-    mesh: object = None
+    mesh: Meshes | None = None
     dp_rank: int = 0
     schedule: object = None
     pipeline_loss: PipelineLoss | None = None
@@ -64,7 +56,7 @@ class Parallelized:
         return self.dims.dp
 
     def dp_group(self):
-        return None if self.mesh is None or self.dims.dp == 1 else dp_mesh(self.mesh).get_group()
+        return None if self.mesh is None or self.dims.dp == 1 else self.mesh.dp.get_group()
 
     @property
     def grad_size(self) -> int:
@@ -72,11 +64,11 @@ class Parallelized:
         return self.dims.dp * self.dims.cp
 
     def grad_group(self):
-        return None if self.mesh is None or self.grad_size == 1 else grad_mesh(self.mesh, self.dims).get_group()
+        return None if self.mesh is None or self.grad_size == 1 else self.mesh.grad.get_group()
 
     @property
     def grad_rank(self) -> int:
-        return 0 if self.mesh is None or self.grad_size == 1 else grad_mesh(self.mesh, self.dims).get_local_rank()
+        return 0 if self.mesh is None or self.grad_size == 1 else self.mesh.grad.get_local_rank()
 
     def split_batch(self, batch: dict) -> dict:
         """This rank's share of a micro-batch's sequences under context parallelism (as is otherwise)."""
@@ -88,21 +80,21 @@ class Parallelized:
                 for k, v in batch.items()}
 
     def pp_group(self):
-        return None if self.mesh is None or self.dims.pp == 1 else self.mesh["pp"].get_group()
+        return None if self.mesh is None or self.dims.pp == 1 else self.mesh.pp.get_group()
 
 
 def single(model: nn.Module) -> Parallelized:
     return Parallelized(model, model, ParallelDims(1, 1, 1, 1))
 
 
-def parallelize(cfg: Config, dims: ParallelDims, mesh, device: torch.device) -> Parallelized:
+def parallelize(cfg: Config, dims: ParallelDims, mesh: Meshes | None, device: torch.device) -> Parallelized:
     if mesh is None:  # one process
         model = _build(cfg)
         _convert_fp8(model, cfg, dims, mesh, device)
         _apply_local(model, cfg)
         _materialise(model, device)
         return single(model)
-    dp_rank = dp_mesh(mesh).get_local_rank()
+    dp_rank = mesh.dp.get_local_rank()
     if cfg.parallel.engine == "deepspeed":  # the engine (made by the trainer with its optimizer) does the rest
         model = _build(cfg)  # the same initial values as one process with the same meta_init
         _apply_local(model, cfg)
@@ -116,7 +108,7 @@ def parallelize(cfg: Config, dims: ParallelDims, mesh, device: torch.device) -> 
     if dims.cp > 1:
         from pretrain.parallel.context_parallel import ContextParallel
 
-        parallel.context = ContextParallel(mesh["cp"].get_group(), dims.cp, mesh["cp"].get_local_rank(),
+        parallel.context = ContextParallel(mesh.cp.get_group(), dims.cp, mesh.cp.get_local_rank(),
                                            cfg.parallel.cp_impl)
     return parallel
 
@@ -135,28 +127,28 @@ def _shard(model: nn.Module, cfg: Config, dims: ParallelDims, mesh, device) -> t
     if dims.tp > 1:
         from pretrain.parallel.tensor_parallel import apply_tensor_parallel
 
-        apply_tensor_parallel(model, mesh["tp"], p.sequence_parallel)
+        apply_tensor_parallel(model, mesh.tp, p.sequence_parallel)
     if dims.ep > 1:
         from pretrain.parallel.expert_parallel import apply_expert_parallel
 
-        apply_expert_parallel(model, ep_mesh(mesh))
+        apply_expert_parallel(model, mesh.ep)
     if dims.cp > 1:
         from pretrain.parallel.context_parallel import apply_context_parallel
 
-        apply_context_parallel(model, mesh["cp"], p.cp_impl)
+        apply_context_parallel(model, mesh.cp, p.cp_impl)
     _apply_local(model, cfg)
     sharded = fsdp_sharded(cfg, dims)
     if sharded:
         from pretrain.parallel.data_parallel import apply_fsdp
 
-        apply_fsdp(model, fsdp_mesh(mesh, dims), reshard_after_forward=p.zero_stage == 3, bf16=cfg.train.dtype == "bf16",
-                   cpu_offload=p.cpu_offload, expert_mesh=expert_fsdp_mesh(mesh, dims) if dims.ep > 1 else None)
+        apply_fsdp(model, mesh.fsdp, reshard_after_forward=p.zero_stage == 3, bf16=cfg.train.dtype == "bf16",
+                   cpu_offload=p.cpu_offload, expert_mesh=mesh.expert_fsdp)
     _materialise(model, device)
     runner = model
     if not sharded and dims.dp * dims.cp > 1:
         from pretrain.parallel.data_parallel import apply_ddp
 
-        runner = apply_ddp(model, grad_mesh(mesh, dims), device)
+        runner = apply_ddp(model, mesh.grad, device)
     return model, runner
 
 
@@ -168,18 +160,18 @@ def _parallelize_pipeline(cfg: Config, dims: ParallelDims, mesh, device, dp_rank
 
     per_rank = stages_per_rank(cfg)
     n_stages = dims.pp * per_rank
-    ids = stage_ids(mesh["pp"].get_local_rank(), dims.pp, per_rank, cfg.parallel.pp_schedule)
+    ids = stage_ids(mesh.pp.get_local_rank(), dims.pp, per_rank, cfg.parallel.pp_schedule)
     parts, stages = [], []
     for sid in ids:
         torch.manual_seed(cfg.train.seed)  # every stage is cut from the same whole model
         model, runner = _shard(prune_to_stage(_build(cfg), sid, n_stages), cfg, dims, mesh, device)
         parts.append(model)
-        stage = PipelineStage(runner, sid, n_stages, device, group=mesh["pp"].get_group())
+        stage = PipelineStage(runner, sid, n_stages, device, group=mesh.pp.get_group())
         _uncounted_shape_inference(stage)
         stages.append(stage)
     tied = None
     if is_tied(cfg.model):
-        tied = TiedEmbeddings(mesh, dict(zip(ids, parts)), n_stages, dims.pp, per_rank, cfg.parallel.pp_schedule)
+        tied = TiedEmbeddings(mesh.root, dict(zip(ids, parts)), n_stages, dims.pp, per_rank, cfg.parallel.pp_schedule)
         tied.sync_weights()  # a meta-device init drew the two copies separately
     loss = PipelineLoss()
     schedule = build_schedule(cfg, stages, loss)
