@@ -123,8 +123,8 @@ class MoEBalance(Callback):
             if trainer.parallel.grad_rank == 0:
                 bias = m.gate.e_score_correction_bias
                 table[m.index, e + 4:] = torch.stack([bias.min(), bias.max()]).to(torch.float64)
-        if trainer.dp_size > 1:
-            distributed.all_reduce_sum(table, trainer.dp_group)
+        if trainer.grad_ranks > 1:
+            distributed.all_reduce_sum(table, trainer.grad_group)
         if trainer.parallel.pp_group() is not None:
             distributed.all_reduce_sum(table, trainer.parallel.pp_group())
         if self.bias and trainer.nonfinite_in_a_row == 0:

@@ -86,11 +86,11 @@ class Trainer:
         self.cfg, self.data, self.dist, self.device = cfg, train_data, dist, dist.device
         self.parallel, self.raw_model = parallel, parallel.module
         # losses, counts and gradients are summed / averaged over the ranks holding different tokens (dp × cp)
-        self.dp_size, self.dp_group = parallel.grad_size, parallel.grad_group()
-        zero1 = (self.dp_group if cfg.parallel.engine == "native" and cfg.parallel.zero_stage == 1
-                 and self.dp_size > 1 else None)
+        self.grad_ranks, self.grad_group = parallel.grad_ranks, parallel.grad_group()
+        zero1 = (self.grad_group if cfg.parallel.engine == "native" and cfg.parallel.zero_stage == 1
+                 and self.grad_ranks > 1 else None)
         optimizer = build_optimizer(self.raw_model, cfg.optim, self.device, zero1)
-        self.engine = build_engine(cfg, parallel, task, optimizer, self.device, self.dp_size)
+        self.engine = build_engine(cfg, parallel, task, optimizer, self.device, self.grad_ranks)
         self.model, self.optimizer = self.engine.model, self.engine.optimizer
         self.val_data_factory = val_data_factory
         self.metrics = metrics or MetricsLogger(cfg.logging.run_dir, enabled=False)
@@ -176,9 +176,9 @@ class Trainer:
         if error[0]:
             raise CheckpointError(f"Hugging Face copy of {path.name}: {error[0]}" if self.dist.is_main else error[0])
 
-    def _dp_sum(self, value: torch.Tensor) -> torch.Tensor:
+    def _grad_sum(self, value: torch.Tensor) -> torch.Tensor:
         """Sum over the data-parallel ranks (the ones holding different samples)."""
-        return distributed.all_reduce_sum(value, self.dp_group) if self.dp_size > 1 else value
+        return distributed.all_reduce_sum(value, self.grad_group) if self.grad_ranks > 1 else value
 
     # --- one step -----------------------------------------------------------------------------------------
     def train_step(self) -> StepResult:
@@ -191,14 +191,14 @@ class Trainer:
         micro_batches = [self.parallel.split_batch({k: v.to(self.device, non_blocking=True) for k, v in b.items()
                                                     if k not in META_KEYS}) for b in loaded]
         count = torch.stack([self.task.count(b) for b in micro_batches]).sum().to(torch.float64)
-        count, skipped = self._dp_sum(
+        count, skipped = self._grad_sum(
             torch.stack([count, torch.tensor(float(skipped), dtype=torch.float64, device=self.device)]))
         # DDP / FSDP average gradients over the dp ranks: scale by their number to keep the global mean
-        scale = (self.dp_size / count.clamp(min=1)).float()
+        scale = (self.grad_ranks / count.clamp(min=1)).float()
         set_loss_scale(self.moe_layers, scale)
         totals = self.engine.forward_backward(micro_batches, scale)
         names = sorted(totals.extras)
-        reduced = self._dp_sum(torch.stack([totals.loss, *(totals.extras[n] for n in names)]))
+        reduced = self._grad_sum(torch.stack([totals.loss, *(totals.extras[n] for n in names)]))
         loss_total, extras = reduced[0], dict(zip(names, reduced[1:]))
         if self.step + 1 in cfg.train.inject_nan_steps:  # fault drill for the guard below and the launchers
             loss_total = loss_total * float("nan")
@@ -211,7 +211,7 @@ class Trainer:
             self._nonfinite(loss, grad_norm)
         self.engine.zero_grad()
         self.step += 1
-        tokens = sum(b["tokens"].numel() for b in micro_batches) * self.dp_size
+        tokens = sum(b["tokens"].numel() for b in micro_batches) * self.grad_ranks
         return StepResult(loss, grad_norm, lr, tokens, time.perf_counter() - start, int(skipped), data_wait,
                           {n: float(v / count.clamp(min=1)) for n, v in extras.items()})
 
@@ -239,7 +239,7 @@ class Trainer:
                 break
             got = self.engine.eval_batch(batch)
             totals += torch.stack([got.loss, got.count, got.correct])
-        totals = self._dp_sum(totals)
+        totals = self._grad_sum(totals)
         if totals[1] == 0:
             raise DataError("the validation split yielded no batches: prepare more documents or set eval.interval = 0")
         val_loss = float(totals[0] / totals[1])

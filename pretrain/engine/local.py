@@ -11,7 +11,7 @@ class LocalEngine(Engine):
     def forward_backward(self, micro_batches, scale) -> Totals:
         totals = Totals.zeros(self.device)
         self.model.train()
-        sync_every = self.parallel.dp_size > 1
+        sync_every = self.parallel.grad_ranks > 1  # DDP / FSDP reduce over dp × cp: defer all but the last
         for i, batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
             with no_gradient_sync(self.model, active=not last and sync_every), self.loss_context():

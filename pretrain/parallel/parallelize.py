@@ -59,16 +59,16 @@ class Parallelized:
         return None if self.mesh is None or self.dims.dp == 1 else self.mesh.dp.get_group()
 
     @property
-    def grad_size(self) -> int:
+    def grad_ranks(self) -> int:
         """Ranks holding different tokens, whose gradients are averaged: dp × cp."""
         return self.dims.dp * self.dims.cp
 
     def grad_group(self):
-        return None if self.mesh is None or self.grad_size == 1 else self.mesh.grad.get_group()
+        return None if self.mesh is None or self.grad_ranks == 1 else self.mesh.grad.get_group()
 
     @property
     def grad_rank(self) -> int:
-        return 0 if self.mesh is None or self.grad_size == 1 else self.mesh.grad.get_local_rank()
+        return 0 if self.mesh is None or self.grad_ranks == 1 else self.mesh.grad.get_local_rank()
 
     def split_batch(self, batch: dict) -> dict:
         """This rank's share of a micro-batch's sequences under context parallelism (as is otherwise)."""

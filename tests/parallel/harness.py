@@ -137,6 +137,7 @@ LAYOUTS = {
     "llama32_cp2": (2, ["train.micro_batch_size=8", "parallel.cp=2", "parallel.cp_impl=alltoall", *LLAMA32]),
     # context parallelism: each sequence split over the cp ranks (zigzag chunks), attention across them
     "cp2_ring": (2, ["train.micro_batch_size=8", "parallel.cp=2"]),
+    "cp2_ring_accum": (2, ["train.micro_batch_size=4", "train.grad_accum=2", "parallel.cp=2"]),  # DDP over cp: sync deferred
     "cp2_alltoall": (2, ["train.micro_batch_size=8", "parallel.cp=2", "parallel.cp_impl=alltoall",
                          "parallel.zero_stage=3"]),
     # one layer: the Triton attention runs in the interpreter here (4 layers took ~100 s of a 3-minute launch)
