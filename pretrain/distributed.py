@@ -43,10 +43,17 @@ class DistInfo:
         return self.rank == 0
 
 
-def _env_int(*names: str, default: int) -> int:
+def _env_int(*names: str, default: int, least: int = 0) -> int:
+    """The first of ``names`` set in the environment, as an int >= ``least``; ConfigError naming it otherwise."""
     for name in names:
         if os.environ.get(name):
-            return int(os.environ[name])
+            text = os.environ[name].strip()
+            if not text.isdigit() or int(text) < least:
+                from pretrain.errors import ConfigError
+
+                raise ConfigError(f"{name} = {os.environ[name]!r} is not a whole number >= {least} (the launcher's "
+                                  "environment: torchrun, srun or your own)")
+            return int(text)
     return default
 
 
@@ -74,9 +81,9 @@ def launched_world_size() -> int:
     """How many processes the launcher started (torchrun's WORLD_SIZE or srun's SLURM_NTASKS), read before any
     process group exists so a bad layout fails at once."""
     if "WORLD_SIZE" in os.environ:
-        return int(os.environ["WORLD_SIZE"])
+        return _env_int("WORLD_SIZE", default=1, least=1)
     if "SLURM_PROCID" in os.environ:
-        return int(os.environ.get("SLURM_NTASKS", "1"))
+        return _env_int("SLURM_NTASKS", default=1, least=1)
     return 1
 
 
@@ -89,7 +96,7 @@ def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistInfo
         os.environ.setdefault("MASTER_ADDR", _slurm_master())
         os.environ.setdefault("MASTER_PORT", str(20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000))
     rank = _env_int("RANK", default=0)
-    world_size = _env_int("WORLD_SIZE", default=1)
+    world_size = _env_int("WORLD_SIZE", default=1, least=1)
     local_rank = _env_int("LOCAL_RANK", default=0)
     if rank != 0:  # every rank runs the same code: its Python warnings are rank 0's, printed there once
         import warnings

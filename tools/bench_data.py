@@ -115,14 +115,19 @@ def bench_prepare(inputs: list[str], tokenizer: str, repeats: int) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="data/bench", help="prepared dir (made from --input when missing)")
-    parser.add_argument("--input", nargs="+", default=["builtin"])
-    parser.add_argument("--vocab-size", type=int, default=4096)
-    parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seconds", type=float, default=3.0, help="per loader measurement")
-    parser.add_argument("--repeats", type=int, default=3, help="preprocessing runs (best counts)")
+    parser.add_argument("--input", nargs="+", default=["builtin"],
+                        help="corpus to prepare when --data is missing (default: builtin, this Python's sources)")
+    parser.add_argument("--vocab-size", type=int, default=4096, help="tokenizer size when preparing (default 4096)")
+    parser.add_argument("--seq-len", type=int, default=2048, help="tokens per sample (default 2048)")
+    parser.add_argument("--batch", type=int, default=8, help="samples per batch (default 8)")
+    parser.add_argument("--seconds", type=float, default=3.0, help="per loader measurement (default 3)")
+    parser.add_argument("--repeats", type=int, default=3, help="preprocessing runs, the best counts (default 3)")
     parser.add_argument("--out", help="also write the results as JSON here")
     args = parser.parse_args()
+    for flag, value in (("--seq-len", args.seq_len), ("--batch", args.batch), ("--repeats", args.repeats),
+                        ("--vocab-size", args.vocab_size), ("--seconds", args.seconds)):
+        if not value > 0:
+            parser.error(f"{flag} must be > 0, got {value}")
     data = Path(args.data)
     if not (data / "manifest.json").is_file():
         print(f"preparing {' '.join(args.input)} into {data} ...", file=sys.stderr)

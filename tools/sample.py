@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=120, help="new tokens to generate at most (default 120)")
     parser.add_argument("--temperature", type=float, default=0.8,
                         help="softmax temperature; 0 = greedy (default 0.8)")
-    parser.add_argument("--top-k", type=int, default=40, help="sample among the k most likely tokens (default 40)")
+    parser.add_argument("--top-k", type=int, default=40, help="sample among the k most likely tokens; 0 = all (default 40)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the sampling (default 0)")
     parser.add_argument("--tokenizer", help="sentencepiece model or Hugging Face tokenizer.json (default: the one "
                                             "of the run's data.path)")

@@ -108,7 +108,7 @@ class GPT(nn.Module):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Extend ``tokens`` (B, T) by up to ``max_new_tokens``: greedy when temperature is 0, else sampled
-        from softmax(logits / temperature) restricted to the ``top_k`` most likely tokens."""
+        from softmax(logits / temperature) restricted to the ``top_k`` most likely tokens (0 or None: all)."""
         was_training = self.training
         self.eval()
         window = self.embed_positions.num_embeddings if self.embed_positions is not None else None
@@ -120,7 +120,7 @@ class GPT(nn.Module):
                 next_token = logits.argmax(dim=-1)
             else:
                 logits = logits / temperature
-                if top_k is not None and top_k < logits.shape[-1]:
+                if top_k and top_k < logits.shape[-1]:  # None or 0: every token
                     kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
                     logits = logits.masked_fill(logits < kth, float("-inf"))
                 probs = torch.softmax(logits, dim=-1)

@@ -1,9 +1,12 @@
 """Bad numbers and names in a config: refused at load with one line naming the key, exit 2, before anything
 exists on disk (``--check`` and a real run alike)."""
 
-import pytest
+import re
 
-from .helpers import refused, train
+import pytest
+import torch
+
+from .helpers import ROOT, TINY, refused, train
 
 CASES = [  # (override, what the line must say)
     ("optim.lr=inf", r"optim.lr must be a finite number, got inf"),
@@ -133,3 +136,27 @@ def test_only_rank_zero_says_a_config_error(monkeypatch, capsys):
     assert code == 2 and err == "" and "Traceback" not in out
     monkeypatch.setenv("RANK", "0")
     refused(train(["--check", "--set", "optim.lr=inf"], capsys), "optim.lr must be a finite number")
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-2", "2.5"])
+def test_a_launcher_world_size_that_is_not_a_count_is_one_line(monkeypatch, capsys, value):
+    monkeypatch.setenv("WORLD_SIZE", value)
+    refused(train(["--check", "--set", *TINY], capsys), rf"WORLD_SIZE = '{re.escape(value)}' is not a whole number >= 1")
+
+
+def test_sample_top_k_zero_means_every_token_and_bench_data_refuses_empty_sizes(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from pretrain.config import load_config
+    from pretrain.models import build_model
+
+    model = build_model(load_config(None, TINY).model)
+    prompt = torch.tensor([[5, 6, 7]])
+    generator = torch.Generator().manual_seed(0)
+    out = model.generate(prompt, 4, temperature=1.0, top_k=0, generator=generator)
+    assert out.shape == (1, 7)
+    done = subprocess.run([sys.executable, "tools/bench_data.py", "--seq-len", "0"], cwd=ROOT, capture_output=True,
+                          text=True)
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].endswith("--seq-len must be > 0, got 0")
+    assert "Traceback" not in done.stderr
