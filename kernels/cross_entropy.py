@@ -94,6 +94,10 @@ def forward_and_gradients(hidden, weight, targets, ignore_index: int, z_loss: fl
     n, d = hidden.shape
     v = weight.shape[0]
     keep = targets != ignore_index
+    # a target outside the vocabulary would read another row's logit and give a finite, wrong loss: refuse it, as
+    # torch and Liger do, with an assert that does not wait for the GPU (on CPU it raises at once)
+    torch._assert_async(~(keep & ((targets < 0) | (targets >= v))).any(),
+                        f"linear_cross_entropy: a target is outside the vocabulary [0, {v}) (and not ignore_index)")
     count = int(keep.sum())
     f32 = {"dtype": torch.float32, "device": hidden.device}
     row_max = torch.full((n,), -float("inf"), **f32)

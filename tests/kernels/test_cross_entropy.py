@@ -77,3 +77,16 @@ def test_all_ignored_and_bad_inputs():
         ce.linear_cross_entropy(hidden, torch.randn(10, 9), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ValueError, match="targets must be integer"):
         ce.linear_cross_entropy(hidden, weight, torch.zeros(4))
+
+
+@pytest.mark.parametrize("bad", [10, 11, -1, -7])
+def test_a_target_outside_the_vocabulary_is_refused_not_a_wrong_loss(bad):
+    """torch's cross_entropy raises for a target >= V (or a negative one other than ignore_index); the fused
+    kernel must too, instead of reading a neighbour's logit."""
+    hidden, weight = torch.randn(4, 8), torch.randn(10, 8)
+    targets = torch.tensor([1, bad, 3, -100])
+    with pytest.raises(RuntimeError, match=r"a target is outside the vocabulary \[0, 10\)"):
+        ce.linear_cross_entropy(hidden, weight, targets)
+    with pytest.raises((IndexError, RuntimeError)):
+        torch.nn.functional.cross_entropy(hidden @ weight.t(), targets)
+    assert ce.linear_cross_entropy(hidden, weight, torch.tensor([1, 9, 0, -100])).isfinite()
