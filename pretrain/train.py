@@ -26,6 +26,33 @@ from pretrain.trainer import PREEMPTED_EXIT, Trainer, TrainingError
 USER_ERRORS = (UserError,)  # config, data, tokenizer, checkpoint, lock, missing extra: pretrain/errors.py
 
 
+RANK_LOCAL_KEYS: frozenset[str] = frozenset()  # config keys ranks may set differently (none so far)
+
+
+def check_ranks_agree(cfg: Config, dist: distributed.DistInfo) -> None:
+    """Every rank trains the same config: gather each rank's resolved values and refuse, naming the keys, when
+    they differ (a rank with another optim.lr would otherwise train on with diverging replicas, one with another
+    train.steps or run dir hang at the first save). Each rank raises the same line; rank 0 prints it."""
+    if dist.world_size == 1:
+        return
+    mine = {f"{section}.{key}": repr(value) for section, values in cfg.to_dict().items()
+            for key, value in values.items() if f"{section}.{key}" not in RANK_LOCAL_KEYS}
+    everyone: list = [None] * dist.world_size
+    torch.distributed.all_gather_object(everyone, mine)
+    differing = [key for key in mine if len({str(theirs.get(key)) for theirs in everyone}) > 1]
+    if not differing:
+        return
+    key = differing[0]
+    by_value: dict[str, list[int]] = {}
+    for rank, theirs in enumerate(everyone):
+        by_value.setdefault(str(theirs.get(key)), []).append(rank)
+    shown = "; ".join(f"{value} on rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))}"
+                      for value, ranks in by_value.items())
+    more = f" (and {', '.join(differing[1:4])}{', ...' if len(differing) > 4 else ''})" if len(differing) > 1 else ""
+    raise ConfigError(f"the ranks were started with different configs: {key} = {shown}{more}; launch every rank "
+                      "with the same --config and --set")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="pretrain-train", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="TOML preset (configs/*.toml); defaults apply when omitted")
@@ -108,6 +135,7 @@ def main(argv=None) -> int:
                 raise ConfigError(error)
             return 0
         dist = distributed.init_distributed(cfg.train.device, cfg.train.collective_timeout_s)
+        check_ranks_agree(cfg, dist)
         trainer = build_trainer(cfg, dist, dims)
         try:
             training = True
