@@ -264,13 +264,28 @@ class CheckpointManager:
             if not found:
                 if rejected:
                     say(f"checkpoint: using {path}, the newest step that verifies")
+                    self._set_aside([step for step, _ in rejected], say, distributed_hash)
                 return path
             say(f"checkpoint: skipping {path}: {found[0]}")
-            rejected.append(found[0])
+            rejected.append((path, found[0]))
         if rejected:
             raise CheckpointError(f"no checkpoint in {self.directory} verifies ({len(rejected)} tried; newest: "
-                                  f"{rejected[0]})")
+                                  f"{rejected[0][1]})")
         return None
+
+    def _set_aside(self, steps: list[Path], say, together: bool) -> None:
+        """Rename steps that failed verification out of the way (``step-N.rejected-PID``), so that saving that
+        step number again never deletes them: what was wrong with them stays there to look at. Rank 0 renames,
+        once every rank is done reading them."""
+        if together:
+            distributed.barrier()
+        if self.rank == 0:
+            for step in steps:
+                aside = step.with_name(f"{step.name}.rejected-{os.getpid()}")
+                step.rename(aside)
+                say(f"checkpoint: {step.name} failed verification; kept as {aside}")
+        if together:
+            distributed.barrier()
 
     def steps_on_disk(self) -> list[Path]:
         """Every step directory, complete or not (what a new run would write over)."""

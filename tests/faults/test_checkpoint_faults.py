@@ -136,8 +136,13 @@ def test_damaged_latest_falls_back_to_the_older_step(run, capsys, damage):
     elif damage == "extra_bytes":
         with open(step / "state.json", "a") as f:
             f.write(" ")
+    damaged = digest(step)
     out = resumed_from(resume(run, capsys), 2)
     assert "checkpoint: skipping" in out and "step-00000004" in out.split("checkpoint: skipping", 1)[1]
+    # the rejected step is kept aside, as it was, and saving step 4 again wrote a new one beside it
+    aside = list((run / "checkpoints").glob("step-00000004.rejected-*"))
+    assert len(aside) == 1 and digest(aside[0]) == damaged and "failed verification; kept as" in out
+    assert (step / "manifest.json").is_file() and digest(step) != damaged
 
 
 def test_step_without_manifest_is_reported_and_kept(run, capsys):
