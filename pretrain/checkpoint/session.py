@@ -17,7 +17,8 @@ from pretrain.files import DirLock, LockError, check_writable
 # what fixes parameter shapes (resolved values: ffn_hidden = 0 and its default width are the same model)
 IMPORT_CONFIG = "train.toml"  # beside an HF import's step: the config to continue pretraining it with
 SHAPE_KEYS = ("arch", "flavor", "n_layers", "d_model", "n_heads", "kv_heads", "head_size", "ffn_dim", "vocab_size",
-              "tie_embeddings", "type_vocab_size", "nsp_head", "qk_norm", "qkv_bias")
+              "tie_embeddings", "type_vocab_size", "nsp_head", "qk_norm", "qkv_bias", "n_experts", "expert_dim",
+              "n_shared_experts", "moe_dense_layers")
 
 
 def claim_dirs(cfg: Config, is_main: bool, world_size: int, device, n_params: int, say) -> list[DirLock]:
@@ -126,6 +127,14 @@ def check_resumable(saved_toml: str, cfg: Config, where: Path, imported: bool = 
                 f"{where} holds checkpoints of a different model (model.{key} = {old!r} there, {new!r} here); "
                 "use another checkpoint.dir / logging.run_dir, or set checkpoint.resume = \"never\""
             )
+    if imported:
+        return  # a model-only import carries no optimizer state: any optimizer starts from it
+    saved_optim = config_from_toml(saved_toml).optim.name
+    if saved_optim != cfg.optim.name:
+        raise CheckpointError(
+            f"{where} holds checkpoints trained with optim.name = {saved_optim!r}, this config has "
+            f"{cfg.optim.name!r}: the optimizer state does not carry over (AdamW's two moments, Muon's momentum); "
+            "keep the optimizer, or start another checkpoint.dir / logging.run_dir")
 
 
 def _check_same_tokenizer(path: Path, here: str | None, cfg: Config) -> None:

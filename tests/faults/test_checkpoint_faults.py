@@ -200,10 +200,19 @@ def test_prune_keeps_the_step_just_written_and_latest_names_it(tmp_path):
     verify(tmp_path / latest)
 
 
-def test_another_model_in_the_checkpoint_dir(run, capsys):
+@pytest.mark.parametrize("change, message", [
+    (["model.d_model=64"], r"holds checkpoints of a different model \(model.d_model = 32 there, 64 here\)"),
+    (["model.n_experts=4", "model.moe_top_k=2"], r"\(model.n_experts = 0 there, 4 here\)"),
+    (["model.head_dim=16"], r"\(model.head_size = 8 there, 16 here\)"),
+    (["model.qkv_bias=true"], r"\(model.qkv_bias = False there, True here\)"),
+    (["optim.name=muon"], r"trained with optim.name = 'adamw', this config has 'muon': the optimizer state does "
+                          r"not carry over"),
+])
+def test_another_model_or_optimizer_in_the_checkpoint_dir(run, capsys, change, message):
+    """Resuming across a change that alters a saved tensor or the optimizer state names the key and both values,
+    instead of DCP's size-mismatch or missing-key message."""
     before = digest(run / "checkpoints")
-    refused(resume(run, capsys, "model.d_model=64"),
-            r"holds checkpoints of a different model \(model.d_model = 32 there, 64 here\)")
+    refused(resume(run, capsys, *change), message)
     assert digest(run / "checkpoints") == before
 
 
