@@ -131,7 +131,9 @@ def _search(args) -> int:
     for i, o in enumerate(options, 1):
         print(f"{i:2d} {describe(o):58s} {o.speed.tokens_per_s:12,.0f} {100 * o.speed.mfu:5.1f}% "
               f"{o.speed.step_s:7.2f} {o.memory.total_bytes / GIB:8.1f}")
-    pick = options[min(args.explain or 1, len(options)) - 1]
+    if args.explain > len(options):
+        raise ValueError(f"--explain {args.explain}: only {len(options)} layout(s) shown (raise --top to see more)")
+    pick = options[(args.explain or 1) - 1]
     print(f"\nuse #{options.index(pick) + 1}: --set {' '.join(minimal_overrides(pick, cfg))}")
     if args.explain:
         print(f"\n#{args.explain}: step {pick.speed.step_s:.3f} s")
@@ -181,8 +183,10 @@ def main(argv=None) -> int:
             if args.world < 1:
                 raise ValueError(f"--world must be >= 1, got {args.world}")
             return _memory(args)
-        if args.gpus < 1:
-            raise ValueError(f"--gpus must be >= 1, got {args.gpus}")
+        for flag, value, least in (("--gpus", args.gpus, 1), ("--top", args.top, 1), ("--explain", args.explain, 0),
+                                   ("--gpus-per-node", args.gpus_per_node, 0), ("--seq", args.seq, 0)):
+            if value < least:
+                raise ValueError(f"{flag} must be >= {least}, got {value}")
         return _search(args)
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -79,6 +79,12 @@ def test_memory_command_prints_the_breakdown_as_json():
      "is not a number of tokens"),
     (["--config", "configs/gpt_tiny.toml", "--gpus", "3", "--gpu", "h100", "--global-batch-tokens", "1M"],
      "no layout of 3 GPUs splits 4096 sequences of 256 evenly"),
+    (["--config", "configs/gpt_tiny.toml", "--gpus", "8", "--gpu", "h100", "--explain", "999"],
+     "--explain 999: only 10 layout(s) shown"),
+    (["--config", "configs/gpt_tiny.toml", "--gpus", "8", "--gpu", "h100", "--top", "0"], "--top must be >= 1, got 0"),
+    (["--config", "configs/gpt_tiny.toml", "--gpus", "8", "--gpu", "h100", "--gpus-per-node", "-1"],
+     "--gpus-per-node must be >= 0, got -1"),
+    (["--config", "configs/gpt_tiny.toml", "--gpus", "-4", "--gpu", "h100"], "--gpus must be >= 1, got -4"),
 ])
 def test_plan_bad_input_is_one_line(args, message):
     proc = subprocess.run([sys.executable, "-m", "pretrain.plan", *args], cwd=ROOT, capture_output=True, text=True,
