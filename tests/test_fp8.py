@@ -193,3 +193,15 @@ def test_float8_all_gather_on_gloo_is_refused_in_one_line(tmp_path):
     assert lines == ['error: train.fp8_all_gather = "on" cannot work here: the gloo backend cannot send float8 '
                      'tensors (NCCL only)'], proc.stderr[-3000:]
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_fp8_that_converts_no_layer_is_refused_not_a_silent_no_op(tmp_path, capsys):
+    """Two blocks with one kept at each edge: nothing left to convert — one line, not a bf16 run called FP8."""
+    from pretrain.train import main
+
+    code = main(["--set", "train.fp8=tensorwise", "model.n_layers=2", "train.steps=1", "logging.tensorboard=false",
+                 f"logging.run_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("error:") == 1
+    assert "train.fp8 = 'tensorwise' converts no Linear layer of this model" in err
+    assert "train.fp8_keep_edge_blocks = 1" in err

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from pretrain.config import Config
+from pretrain.config import Config, ConfigError
 from pretrain.models import build_model
 from pretrain.parallel.dims import Meshes, ParallelDims, fsdp_sharded
 
@@ -204,7 +204,14 @@ def _convert_fp8(model: nn.Module, cfg: Config, dims: ParallelDims, mesh, device
 
     fsdp = mesh is not None and fsdp_sharded(cfg, dims)
     backend = dist.get_backend() if dist.is_initialized() else "none"
-    apply_fp8(model, cfg, device, all_gather=all_gather_in_fp8(cfg, backend, fsdp))
+    converted = apply_fp8(model, cfg, device, all_gather=all_gather_in_fp8(cfg, backend, fsdp))
+    if not converted and dims.pp == 1:  # a pipeline stage may hold only edge blocks; a whole model may not
+        t = cfg.train
+        raise ConfigError(f"train.fp8 = {t.fp8!r} converts no Linear layer of this model: of its "
+                          f"{cfg.model.n_layers} blocks train.fp8_keep_edge_blocks = {t.fp8_keep_edge_blocks} keeps "
+                          "the first and last ones in high precision, train.fp8_exclude "
+                          f"{t.fp8_exclude or '[]'} the matching ones, and FP8 GEMMs need both dims multiples of 16; "
+                          'set train.fp8 = "none" or convert some layers')
 
 
 def _apply_local(model: nn.Module, cfg: Config) -> None:
