@@ -559,7 +559,15 @@ def _refuse_unimplemented(raw: dict, family: Family, config_file: Path) -> None:
 def _weight_files(hf_dir: Path, allow_pickle: bool) -> list[Path]:
     index = hf_dir / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted({hf_dir / f for f in json.loads(index.read_text())["weight_map"].values()})
+        try:
+            names = set(json.loads(index.read_text())["weight_map"].values())
+        except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{index} is not a weight index ({type(exc).__name__})") from None
+        for name in sorted(names):
+            if not isinstance(name, str) or Path(name).is_absolute() or len(Path(name).parts) != 1 \
+                    or (hf_dir / name).is_symlink():
+                raise CheckpointError(f"{index} lists {name!r}, not a file of {hf_dir}: not read")
+        files = sorted(hf_dir / name for name in names)
     elif (hf_dir / "model.safetensors").is_file():
         files = [hf_dir / "model.safetensors"]
     elif (hf_dir / "pytorch_model.bin").is_file():

@@ -17,7 +17,6 @@ import contextlib
 import json
 import os
 import pickle
-import re
 import shutil
 import warnings
 from pathlib import Path
@@ -35,7 +34,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from pretrain import distributed
-from pretrain.checkpoint.manifest import (  # noqa: F401  (read_manifest, problems: re-exported)
+from pretrain.checkpoint.manifest import (  # noqa: F401  (read_manifest, problems, STEP_DIR: re-exported)
+    STEP_DIR,
     _checksums,
     _crc32,
     problems,
@@ -45,10 +45,6 @@ from pretrain.checkpoint.manifest import (  # noqa: F401  (read_manifest, proble
 )
 from pretrain.errors import CheckpointError  # re-exported: raised here, defined with the other user errors
 from pretrain.files import find_os_error
-
-STEP_DIR = re.compile(r"^step-(\d{8})$")
-
-
 
 
 def _is_zero1(optimizer) -> bool:
@@ -240,8 +236,10 @@ class CheckpointManager:
     def latest(self) -> Path | None:
         pointer = self.directory / "latest"
         if pointer.is_file():
-            candidate = self.directory / pointer.read_text().strip()
-            if STEP_DIR.match(candidate.name) and is_complete(candidate):
+            name = pointer.read_text().strip()
+            candidate = self.directory / name
+            # only a step name of this directory: "../elsewhere/step-…" or an absolute path is not followed
+            if STEP_DIR.match(name) and is_complete(candidate) and not candidate.is_symlink():
                 return candidate
         steps = self.complete_steps()  # pointer missing or stale: newest complete one
         return steps[-1] if steps else None

@@ -6,10 +6,14 @@ training carry the same manifest: checkpoint/hf.py.)"""
 from __future__ import annotations
 
 import json
+import os
+import re
 import zlib
 from pathlib import Path
 
 from pretrain.errors import CheckpointError
+
+STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
 def _crc32(path: Path) -> str:
@@ -63,6 +67,8 @@ def problems(path: Path, checksums: dict[str, str] | None = None) -> list[str]:
     """What is wrong with a step against its manifest (missing, resized or changed files, unlisted DCP metadata),
     before anything in it is unpickled or read as tensors. ``checksums`` (name -> CRC-32) saves re-hashing."""
     path = Path(path)
+    if path.is_symlink():  # a step is a directory its run wrote: a link may name one step and hold another
+        return [f"{path} is a symbolic link (to {os.readlink(path)}), not a step written here: not loaded"]
     try:
         manifest = read_manifest(path)
     except CheckpointError as exc:
@@ -75,8 +81,14 @@ def problems(path: Path, checksums: dict[str, str] | None = None) -> list[str]:
     if (path / ".metadata").exists() and ".metadata" not in listed:
         found.append(f"{path}: .metadata is not in its manifest (foreign file)")
     for name, info in listed.items():
+        if not isinstance(name, str) or Path(name).is_absolute() or ".." in Path(name).parts:
+            found.append(f"{path}: its manifest lists {name!r}, a path outside the step: not loaded")
+            continue
         file = path / name
-        if not isinstance(name, str) or ".." in Path(name).parts or not file.is_file():
+        if file.is_symlink():
+            found.append(f"{file} is a symbolic link (to {os.readlink(file)}): not loaded")
+            continue
+        if not file.is_file():
             found.append(f"{file} is missing")
             continue
         size = info["bytes"] if isinstance(info, dict) else info
@@ -105,6 +117,10 @@ def _unparsable(path: Path) -> list[str]:
             raise ValueError("no step")
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         return [f"{path / 'state.json'} does not parse ({type(exc).__name__})"]
+    named = STEP_DIR.match(path.name)
+    if named and state["step"] != int(named.group(1)):
+        return [f"{path / 'state.json'} says step {state['step']!r}, the directory is {path.name}: a step copied or "
+                "renamed under another number; not loaded"]
     return []
 
 

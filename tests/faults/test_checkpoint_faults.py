@@ -371,3 +371,59 @@ def test_sample_argument_ranges(run, capsys, argv, message):
     from .helpers import call
 
     refused(call(tool("sample").main, ["--checkpoint", str(run / "checkpoints"), *argv], capsys), message)
+
+
+# --- paths stay inside: a step is a directory its run wrote, under its own number ---------------------------
+@pytest.mark.parametrize("kind, says", [
+    ("symlink", "is a symbolic link (to"),
+    ("copy", "says step 2, the directory is step-00000006: a step copied or renamed under another number"),
+    ("absolute", "a path outside the step"),
+    ("dotdot", "a path outside the step"),
+    ("file_symlink", "is a symbolic link (to"),
+])
+def test_a_step_that_is_not_what_its_name_says_is_never_resumed(run, tmp_path, capsys, kind, says):
+    """A linked or copied step under a newer number, or a manifest naming files outside the step, is skipped
+    (said aloud, kept aside) for the newest real step; the run then goes on from there."""
+    checkpoints = run / "checkpoints"
+    fake = checkpoints / "step-00000006"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "payload").write_text("x")
+    if kind == "symlink":
+        fake.symlink_to(ckpt(run, 2))
+    elif kind == "copy":
+        shutil.copytree(ckpt(run, 2), fake)
+    else:  # step 4's manifest (or one of its files) reaches outside
+        fake = ckpt(run, 4)
+        manifest = json.loads((fake / "manifest.json").read_text())
+        if kind == "file_symlink":
+            target = fake / "state.json"
+            moved = outside / "state.json"
+            shutil.move(target, moved)
+            target.symlink_to(moved)
+        else:
+            name = str(outside / "payload") if kind == "absolute" else "../../../outside/payload"
+            manifest["files"][name] = {"bytes": 1, "crc32": "00000000"}
+            (fake / "manifest.json").write_text(json.dumps(manifest))
+    out = resume(run, capsys, "train.steps=7")[1]
+    assert f"checkpoint: skipping {fake}" in out and says in out, out
+    newest = 2 if kind in ("absolute", "dotdot", "file_symlink") else 4
+    assert f"resumed from {ckpt(run, newest)}" in out, out
+    assert (outside / "payload").read_text() == "x"
+    assert list(checkpoints.glob(f"{fake.name}.rejected-*")), "the rejected step is kept aside"
+
+
+def test_an_hf_index_naming_a_file_outside_the_folder_is_refused(tmp_path, capsys):
+    from .helpers import call
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 1,
+                                                "hidden_size": 32, "num_attention_heads": 4, "intermediate_size": 64,
+                                                "vocab_size": 64}))
+    for name in ("../secret.safetensors", str(tmp_path / "secret.safetensors"), "sub/model.safetensors"):
+        (hf / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"lm_head.weight": name}}))
+        refused(call(tool("convert_checkpoint").main, ["--to", "native", "--input", str(hf), "--output",
+                                                       str(tmp_path / "native")], capsys),
+                r"model.safetensors.index.json lists .*, not a file of .*: not read")
+        assert not (tmp_path / "native").exists()
