@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_TESTS = ["tests/checkpoint/test_hf.py", "tests/models/test_rope.py", "tests/faults/test_hf_faults.py"]
-# what each oldest version needs beside it (transformers 4.x wants huggingface_hub < 1.0; it imports ``kernels``
-# when installed, and today's kernels needs huggingface_hub >= 1.0)
-ERA = {"4.54.0": ["huggingface_hub>=0.34,<1.0", "tokenizers>=0.21,<0.22", "kernels==0.9.0"]}
+# what each oldest version needs beside it (transformers 4.x wants huggingface_hub < 1.0, which needs requests —
+# today's hub uses httpx, so an environment of today's transformers may lack it; transformers 4.x imports
+# ``kernels`` when installed, and today's kernels needs huggingface_hub >= 1.0)
+ERA = {"4.54.0": ["huggingface_hub>=0.34,<1.0", "tokenizers>=0.21,<0.22", "kernels==0.9.0", "requests>=2.32,<3",
+                  "urllib3>=1.21,<3", "idna>=2.5,<4", "charset-normalizer>=2,<4", "certifi>=2017.4.17"]}
 
 
 def oldest_allowed() -> str:
@@ -41,13 +44,18 @@ def site(version: str) -> Path:
         raise SystemExit(f"error: tools/hf_oldest.py does not know the dependencies of transformers {version}: "
                          "add them to ERA")
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pretrain" / f"transformers-{version}"
-    if not (cache / "transformers" / "__init__.py").is_file():
+    wanted = "\n".join([f"transformers=={version}", *ERA[version]])
+    marker = cache / ".requirements"
+    if not (cache / "transformers" / "__init__.py").is_file() or not marker.is_file() or marker.read_text() != wanted:
         partial = cache.with_name(cache.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
         done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(partial),
-                               f"transformers=={version}", *ERA[version]], capture_output=True, text=True)
+                               *wanted.splitlines()], capture_output=True, text=True)
         if done.returncode != 0:
             tail = (done.stderr.strip().splitlines() or ["pip failed"])[-1]
             raise SystemExit(f"error: could not install transformers=={version}: {tail}")
+        (partial / ".requirements").write_text(wanted)
+        shutil.rmtree(cache, ignore_errors=True)
         partial.replace(cache)
     return cache
 
