@@ -144,7 +144,8 @@ class MLP(nn.Module):
 
 def init_weights(model: nn.Module, std: float, n_layers: int) -> None:
     """GPT-2 / Megatron init: N(0, std) everywhere, residual output projections N(0, std / sqrt(2·layers))."""
-    if next(model.parameters()).is_meta:
+    first = next(model.parameters(), None)
+    if first is not None and first.is_meta:
         return  # built on the meta device: nothing to fill (the owner calls this again after ``to_empty``)
     residual_std = std / math.sqrt(2 * n_layers)
     for name, module in model.named_modules():
