@@ -28,10 +28,11 @@ from pretrain.engine import build_engine
 from pretrain.errors import DataError
 from pretrain.metrics import MetricsLogger, measure_matmul_flops, memory_stats, peak_flops
 from pretrain.models.flops import flops_per_token
-from pretrain.models.moe import moe_layers, set_loss_scale
+from pretrain.models.moe import moe_layers
 from pretrain.optim import build_optimizer, param_groups, set_lr  # noqa: F401  (param_groups: re-exported)
 from pretrain.optim import lr_at as schedule_lr
 from pretrain.parallel.parallelize import Parallelized
+from pretrain.step import StepContext
 
 META_KEYS = ("index", "skipped", "source")  # batch entries the loader adds for bookkeeping, not model inputs
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped by a signal after saving; the launcher requeues and the run resumes
@@ -193,10 +194,8 @@ class Trainer:
         count = torch.stack([self.task.count(b) for b in micro_batches]).sum().to(torch.float64)
         count, skipped = self._grad_sum(
             torch.stack([count, torch.tensor(float(skipped), dtype=torch.float64, device=self.device)]))
-        # DDP / FSDP average gradients over the dp ranks: scale by their number to keep the global mean
-        scale = (self.grad_ranks / count.clamp(min=1)).float()
-        set_loss_scale(self.moe_layers, scale)
-        totals = self.engine.forward_backward(micro_batches, scale)
+        # DDP / FSDP average gradients over the gradient ranks: the step's scale multiplies by their number
+        totals = self.engine.forward_backward(micro_batches, StepContext(count, self.grad_ranks))
         names = sorted(totals.extras)
         reduced = self._grad_sum(torch.stack([totals.loss, *(totals.extras[n] for n in names)]))
         loss_total, extras = reduced[0], dict(zip(names, reduced[1:]))

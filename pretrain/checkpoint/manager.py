@@ -400,48 +400,85 @@ class CheckpointManager:
     # --- loading ------------------------------------------------------------------------------------------
     def load(self, path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
              engine=None, local: bool = False) -> dict[str, Any]:
-        """Restore model (+ optimizer, RNG) from ``path``; returns state.json (step, data, scheduler)."""
+        """Restore model (+ optimizer, RNG) from ``path``; returns state.json (step, data, scheduler). ``local``:
+        this process alone reads the whole model (``load_model``), even inside a distributed job."""
         path = Path(path)
         if not is_complete(path):
             raise CheckpointError(f"checkpoint {path} is incomplete (no manifest.json); refusing to load it")
         state = json.loads((path / "state.json").read_text())
         if state.get("model_only"):  # an imported model: weights, no optimizer or data position
             optimizer = None
-        if engine is not None:
-            if not (path / "deepspeed").is_dir():
-                raise CheckpointError(f"{path} was not written by the DeepSpeed engine; resume it with "
-                                      'parallel.engine = "native"')
-            engine.load_checkpoint(str(path / "deepspeed"), tag="state")
-        elif (path / "deepspeed").is_dir():
-            raise CheckpointError(f"{path} was written by the DeepSpeed engine; resume it with "
-                                  'parallel.engine = "deepspeed"')
-        else:
-            model_sd, optim_sd, names = _model_and_optim_state(model, optimizer)
-            to_load = {"model": model_sd} if optim_sd is None else {"model": model_sd, "optim": optim_sd}
-            options = OPTIONS
-            if optim_sd is not None and not _is_zero1(optimizer) and not _has_flat_optimizer(path):
-                # written before optimizer state was flattened: read it in the nested layout
-                model_sd, optim_sd = get_state_dict(model, optimizer)
-                to_load, options, names = {"model": model_sd, "optim": optim_sd}, StateDictOptions(), {}
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                # local: this process alone reads the whole model (load_model), even inside a distributed job
-                try:
-                    dcp.load(to_load, storage_reader=SafeReader(str(path)), no_dist=local)
-                except CheckpointException as exc:  # DCP wraps every rank's failure: surface ours
-                    raise _unwrap(exc, path) from None
-            model_sd, optim_sd = _restore_names(to_load["model"], to_load.get("optim"), names)
-            if optimizer is not None and _is_zero1(optimizer):
-                set_model_state_dict(model, model_sd)  # the optimizer state was loaded in place
-            elif optimizer is not None:
-                set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
-                               options=options)
-            else:
-                set_model_state_dict(model, model_sd)
+        restore = _layout(path, optimizer, engine)
+        restore(path, model, optimizer, engine, local)
         rng_file = path / f"rng-rank{self.rank}.pt"
         if rng_file.is_file() and not state.get("model_only"):
             set_rng_state(torch.load(rng_file, weights_only=True))
         return state
+
+
+# --- one restore per state layout -----------------------------------------------------------------------------
+def _layout(path: Path, optimizer, engine):
+    """The restore for the layout ``path`` holds, as this run reads it; a DeepSpeed step and a native run (or the
+    reverse) are refused in one line."""
+    written_by_deepspeed = (path / "deepspeed").is_dir()
+    if engine is not None and not written_by_deepspeed:
+        raise CheckpointError(f'{path} was not written by the DeepSpeed engine; resume it with parallel.engine = '
+                              '"native"')
+    if engine is None and written_by_deepspeed:
+        raise CheckpointError(f'{path} was written by the DeepSpeed engine; resume it with parallel.engine = '
+                              '"deepspeed"')
+    if engine is not None:
+        return _restore_deepspeed
+    if optimizer is None:
+        return _restore_model
+    if _is_zero1(optimizer):
+        return _restore_zero1
+    return _restore_flat if _has_flat_optimizer(path) else _restore_nested
+
+
+def _dcp_load(path: Path, to_load: dict, local: bool) -> dict:
+    """Read ``to_load``'s entries from the DCP files of ``path`` in place (only the allowlisted metadata)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # single-process DCP warns that no process group exists
+        try:
+            dcp.load(to_load, storage_reader=SafeReader(str(path)), no_dist=local)
+        except CheckpointException as exc:  # DCP wraps every rank's failure: surface ours
+            raise _unwrap(exc, path) from None
+    return to_load
+
+
+def _restore_deepspeed(path: Path, model, optimizer, engine, local: bool) -> None:
+    engine.load_checkpoint(str(path / "deepspeed"), tag="state")
+
+
+def _restore_model(path: Path, model, optimizer, engine, local: bool) -> None:
+    """Weights only (an imported model, ``load_model``, or a run without optimizer)."""
+    model_sd, _, names = _model_and_optim_state(model, None)
+    loaded = _dcp_load(path, {"model": model_sd}, local)
+    set_model_state_dict(model, _restore_names(loaded["model"], None, names)[0])
+
+
+def _restore_zero1(path: Path, model, optimizer, engine, local: bool) -> None:
+    """ZeRO-1: the optimizer's state dict is its own shards' tensors, which DCP fills in place."""
+    model_sd, optim_sd, _ = _model_and_optim_state(model, optimizer)
+    _dcp_load(path, {"model": model_sd, "optim": optim_sd}, local)
+    set_model_state_dict(model, model_sd)
+
+
+def _restore_flat(path: Path, model, optimizer, engine, local: bool) -> None:
+    """The layout every native save writes: flattened optimizer keys under the whole model's parameter names."""
+    model_sd, optim_sd, names = _model_and_optim_state(model, optimizer)
+    loaded = _dcp_load(path, {"model": model_sd, "optim": optim_sd}, local)
+    model_sd, optim_sd = _restore_names(loaded["model"], loaded["optim"], names)
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=OPTIONS)
+
+
+def _restore_nested(path: Path, model, optimizer, engine, local: bool) -> None:
+    """Written before optimizer state was flattened: read in the nested layout."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    loaded = _dcp_load(path, {"model": model_sd, "optim": optim_sd}, local)
+    set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"],
+                   options=StateDictOptions())
 
 
 def saved_config_toml(path: Path) -> str:

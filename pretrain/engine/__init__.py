@@ -1,8 +1,9 @@
 """Step engines: how one optimizer step runs for a parallel layout. The trainer keeps the loop (schedule, cadence,
 signals, the non-finite guard, metrics) and hands each step's micro-batches to the engine chosen here, once.
 
-Every engine takes the step's micro-batches and the global normalisation ``scale`` (data-parallel size / targets
-in the whole global batch) and returns :class:`Totals` — the summed loss, target count, correct guesses and the
+Every engine takes the step's micro-batches and its :class:`~pretrain.step.StepContext` (the global target count,
+the gradient ranks, ``scale`` = gradient ranks / targets in the whole global batch), makes it the active step
+while it runs them (``step.running``: MoE layers read the scale and whether a forward counts from it) and returns :class:`Totals` — the summed loss, target count, correct guesses and the
 task's extra terms (``LossOutput.extra_losses``, added to what is back-propagated, and ``LossOutput.metrics``),
 all as this rank's float64 sums — and owns its backward and optimizer step:
 
@@ -22,6 +23,7 @@ import torch
 from pretrain.config import Config
 from pretrain.distributed import whole
 from pretrain.parallel.data_parallel import clip_grad_norm
+from pretrain.step import StepContext
 
 
 @dataclass
@@ -87,7 +89,7 @@ class Engine:
         return contextlib.nullcontext()
 
     # the step ------------------------------------------------------------------------------------------------
-    def forward_backward(self, micro_batches: list[dict], scale: torch.Tensor) -> Totals:
+    def forward_backward(self, micro_batches: list[dict], step: StepContext) -> Totals:
         raise NotImplementedError
 
     def clip(self, max_norm: float) -> torch.Tensor:
@@ -123,7 +125,7 @@ def build_engine(cfg: Config, parallel, task, optimizer, device: torch.device, d
         from pretrain.engine.deepspeed import DeepSpeedEngine
 
         return DeepSpeedEngine(cfg, parallel, task, optimizer, device, dp_size)
-    if parallel.schedule is not None:
+    if parallel.stages:
         from pretrain.engine.pipeline import PipelineEngine
 
         return PipelineEngine(cfg, parallel, task, optimizer, device)

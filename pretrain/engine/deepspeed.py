@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from pretrain.engine import Engine, Totals, objective
+from pretrain.step import running
 
 
 class DeepSpeedEngine(Engine):
@@ -20,14 +21,15 @@ class DeepSpeedEngine(Engine):
         self.model, self.optimizer = self.ds, self.ds.optimizer
         self.checkpoint_engine = self.ds
 
-    def forward_backward(self, micro_batches, scale) -> Totals:
+    def forward_backward(self, micro_batches, step) -> Totals:
         totals = Totals.zeros(self.device)
         self.ds.train()
         for batch in micro_batches:
-            with self.autocast():
-                out = self.task.loss(self.ds, batch, accuracy=False)
-            # DeepSpeed divides the loss by the accumulation steps itself: undo it, the scale is already global
-            self.ds.backward(objective(out, scale) * self.cfg.train.grad_accum)
+            with running(step):
+                with self.autocast():
+                    out = self.task.loss(self.ds, batch, accuracy=False)
+                # DeepSpeed divides the loss by the accumulation steps itself: undo it, the scale is already global
+                self.ds.backward(objective(out, step.scale) * self.cfg.train.grad_accum)
             self.ds.step()  # steps the optimizer at the accumulation boundary only
             totals.add(out)
         return totals

@@ -25,13 +25,13 @@ the ``ep`` ranks, tokens sent to their experts' ranks and back with two all-to-a
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pretrain import step
 from pretrain.config import ModelConfig
 from pretrain.distributed import local_part
 
@@ -167,8 +167,8 @@ class AllToAllDispatcher:
 
 
 class _LossAtLayer(torch.autograd.Function):
-    """Identity on ``y`` whose backward also gives the layer's balancing loss the gradient ``scale`` (the step's
-    normalisation, dp size / global targets): the loss terms join the objective here, whatever stage runs it."""
+    """Identity on ``y`` whose backward also gives the layer's balancing loss the gradient ``scale`` (the active
+    step's normalisation, ``pretrain/step.py``): the loss terms join the objective here, whatever stage runs it."""
 
     @staticmethod
     def forward(ctx, y, loss, scale):
@@ -179,27 +179,6 @@ class _LossAtLayer(torch.autograd.Function):
     def backward(ctx, grad):
         (scale,) = ctx.saved_tensors
         return grad, scale.to(torch.float32).reshape(()), None
-
-
-_uncounted_depth = 0
-
-
-@contextlib.contextmanager
-def uncounted():
-    """Forwards that are not training steps (a pipeline schedule's shape inference) add nothing to the step's
-    loads and totals."""
-    global _uncounted_depth
-    _uncounted_depth += 1
-    try:
-        yield
-    finally:
-        _uncounted_depth -= 1
-
-
-def _recomputing() -> bool:
-    """Inside a backward pass (activation checkpointing re-running the forward: not a new forward to count), or a
-    forward that is not a step's."""
-    return torch._C._current_graph_task_id() != -1 or _uncounted_depth > 0
 
 
 class MoE(nn.Module):
@@ -218,7 +197,6 @@ class MoE(nn.Module):
         self.shared_experts = MLP(cfg, gated=True, bias=False, hidden=shared) if shared else None
         self.dispatcher = LocalDispatcher()
         self.aux_coef = cfg.moe_aux_coef if cfg.moe_balance in ("aux_loss", "both") else 0.0
-        self.loss_scale = torch.ones(())  # set each step by the trainer (``set_loss_scale``)
         self.register_buffer("load", torch.zeros(cfg.n_experts), persistent=False)
         self.register_buffer("totals", torch.zeros(4), persistent=False)
 
@@ -250,12 +228,13 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
         if self.training:
-            aux = self._aux_sum(chosen, scores, shape[0]) if self.aux_coef or not _recomputing() else None
+            counted = step.counting() and not flat.is_meta  # not a recomputation nor a shape inference
+            aux = self._aux_sum(chosen, scores, shape[0]) if self.aux_coef or counted else None
             z = torch.logsumexp(logits, dim=-1).square().sum()  # summed over tokens, like the loss
             terms = z * self.cfg.moe_z_coef + (aux * self.aux_coef if self.aux_coef else 0.0)
             if torch.is_grad_enabled() and terms.requires_grad:
-                y = _LossAtLayer.apply(y, terms, self.loss_scale.to(y.device))
-            if not _recomputing() and not flat.is_meta:
+                y = _LossAtLayer.apply(y, terms, step.loss_scale(y.device))
+            if counted:
                 with torch.no_grad():
                     self.load += routed.to(self.load.dtype)
                     self.totals += torch.stack([aux.detach(), z.detach(), z.new_tensor(float(flat.shape[0])),
@@ -279,12 +258,6 @@ class MoE(nn.Module):
 def moe_layers(module: nn.Module) -> list[MoE]:
     """The MoE layers of a model (or of one pipeline stage, or one block)."""
     return [m for m in module.modules() if isinstance(m, MoE)]
-
-
-def set_loss_scale(layers, scale: torch.Tensor) -> None:
-    """The step's gradient normalisation for the layers' balancing losses (what the main loss is multiplied by)."""
-    for layer in layers:
-        layer.loss_scale = scale.detach()
 
 
 @torch.no_grad()

@@ -1,6 +1,7 @@
 """Activation checkpointing (Chen et al. 2016): a wrapped block keeps only its input and recomputes its
 activations during backward. ``full`` wraps every block, ``selective`` every k-th (k =
-``parallel.activation_checkpointing_every``), trading memory for ~1/k of the recompute."""
+``parallel.activation_checkpointing_every``), trading memory for ~1/k of the recompute. A block with MoE layers
+recomputes under ``step.recompute_context``: the re-run forward adds nothing to the layers' loads."""
 
 from __future__ import annotations
 
@@ -13,10 +14,14 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 2) 
         return 0
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
+    from pretrain.models.moe import moe_layers
+    from pretrain.step import recompute_context
+
     wrapped = 0
     for name, block in list(model.layers.items()):
         if mode == "full" or int(name) % every == 0:
-            model.layers[name] = checkpoint_wrapper(block, preserve_rng_state=True)
+            extra = {"context_fn": recompute_context} if moe_layers(block) else {}
+            model.layers[name] = checkpoint_wrapper(block, preserve_rng_state=True, **extra)
             wrapped += 1
     return wrapped
 

@@ -21,29 +21,19 @@ from pretrain.models import build_model
 from pretrain.parallel.dims import Meshes, ParallelDims, fsdp_sharded
 
 
-class PipelineLoss:
-    """The schedule's loss function, set by the trainer before each step (it carries the step's normalisation)."""
-
-    def __init__(self):
-        self.fn = None
-
-    def __call__(self, output, target):
-        return self.fn(output, target)
-
-
 @dataclass
 class Parallelized:
     """What the trainer drives: ``model`` runs forward/backward (DDP-wrapped when so), ``module`` is the plain
-    (possibly sharded) module for the optimizer, state dicts and evaluation. With pipeline parallelism
-    ``schedule`` runs forward and backward instead, over this rank's stage(s) ``parts``."""
+    (possibly sharded) module for the optimizer, state dicts and evaluation. With pipeline parallelism ``model``
+    is None: this rank's ``stages`` (over its modules ``parts``) run forward and backward under the schedule the
+    pipeline engine builds around them with its own loss function."""
 
     model: nn.Module
     module: nn.Module
     dims: ParallelDims
     mesh: Meshes | None = None
     dp_rank: int = 0
-    schedule: object = None
-    pipeline_loss: PipelineLoss | None = None
+    stages: list = field(default_factory=list)  # torch.distributed.pipelining stages of this rank
     has_first_stage: bool = True
     has_last_stage: bool = True
     parts: list = field(default_factory=list)
@@ -153,10 +143,8 @@ def _shard(model: nn.Module, cfg: Config, dims: ParallelDims, mesh, device) -> t
 
 
 def _parallelize_pipeline(cfg: Config, dims: ParallelDims, mesh, device, dp_rank: int) -> Parallelized:
-    from torch.distributed.pipelining import PipelineStage
-
     from pretrain.parallel.dims import stages_per_rank
-    from pretrain.parallel.pipeline import TiedEmbeddings, build_schedule, is_tied, prune_to_stage, stage_ids
+    from pretrain.parallel.pipeline import TiedEmbeddings, is_tied, make_stage, prune_to_stage, stage_ids
 
     per_rank = stages_per_rank(cfg)
     n_stages = dims.pp * per_rank
@@ -166,33 +154,14 @@ def _parallelize_pipeline(cfg: Config, dims: ParallelDims, mesh, device, dp_rank
         torch.manual_seed(cfg.train.seed)  # every stage is cut from the same whole model
         model, runner = _shard(prune_to_stage(_build(cfg), sid, n_stages), cfg, dims, mesh, device)
         parts.append(model)
-        stage = PipelineStage(runner, sid, n_stages, device, group=mesh.pp.get_group())
-        _uncounted_shape_inference(stage)
-        stages.append(stage)
+        stages.append(make_stage(runner, sid, n_stages, device, mesh.pp.get_group()))
     tied = None
     if is_tied(cfg.model):
         tied = TiedEmbeddings(mesh.root, dict(zip(ids, parts)), n_stages, dims.pp, per_rank, cfg.parallel.pp_schedule)
         tied.sync_weights()  # a meta-device init drew the two copies separately
-    loss = PipelineLoss()
-    schedule = build_schedule(cfg, stages, loss)
     module = parts[0] if len(parts) == 1 else nn.ModuleList(parts)
-    return Parallelized(None, module, dims, mesh, dp_rank, schedule=schedule, pipeline_loss=loss,
-                        has_first_stage=0 in ids, has_last_stage=n_stages - 1 in ids, parts=parts, tied=tied)
-
-
-def _uncounted_shape_inference(stage) -> None:
-    """The schedule runs a stage's forward once on its first step (and after each eval) to learn the shapes; MoE
-    layers must not count those tokens in the step's loads."""
-    infer = getattr(stage, "_prepare_forward_infra", None)  # the hook torch's pipelining runs the inference in
-    if infer is None:
-        return
-    from pretrain.models.moe import uncounted
-
-    def without_counting(*args, **kwargs):
-        with uncounted():
-            return infer(*args, **kwargs)
-
-    stage._prepare_forward_infra = without_counting
+    return Parallelized(None, module, dims, mesh, dp_rank, stages=stages, has_first_stage=0 in ids,
+                        has_last_stage=n_stages - 1 in ids, parts=parts, tied=tied)
 
 
 def _convert_fp8(model: nn.Module, cfg: Config, dims: ParallelDims, mesh, device: torch.device) -> None:

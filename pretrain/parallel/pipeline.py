@@ -14,6 +14,8 @@ Gradients are not rescaled by the schedule: the loss function already carries th
 
 from __future__ import annotations
 
+import functools
+
 import torch.nn as nn
 
 from pretrain.config import Config
@@ -81,6 +83,33 @@ def prune_to_stage(model: nn.Module, stage: int, n_stages: int) -> nn.Module:
             model.norm = None
             model.lm_head = None
     return model
+
+
+def make_stage(module: nn.Module, stage: int, n_stages: int, device, group):
+    """A ``PipelineStage`` whose shape inference — the forward the schedule runs at its first step, and after an
+    evaluation, to learn the shapes it sends — is not one of the step's forwards (``step.uncounted``)."""
+    return _stage_class()(module, stage, n_stages, device, group=group)
+
+
+@functools.cache
+def _stage_class():
+    from torch.distributed.pipelining import PipelineStage
+
+    from pretrain.step import uncounted
+
+    if not callable(getattr(PipelineStage, "_prepare_forward_infra", None)):  # where the schedule infers shapes
+        import torch
+
+        raise RuntimeError(f"torch {torch.__version__}'s pipelining has no PipelineStage._prepare_forward_infra: "
+                           "MoE statistics under pipeline parallelism would count its shape inference; use the "
+                           "torch range in pyproject.toml")
+
+    class Stage(PipelineStage):
+        def _prepare_forward_infra(self, *args, **kwargs):
+            with uncounted():
+                return super()._prepare_forward_infra(*args, **kwargs)
+
+    return Stage
 
 
 def build_schedule(cfg: Config, stages: list, loss_fn):

@@ -97,3 +97,37 @@ def test_async_save_completes_and_resumes_like_sync(tmp_path):
         verify(first.checkpoints.latest())
         runs[mode] = build_trainer(tiny_config(tmp_path / mode, *extra), DistInfo()).fit()
     assert runs["true"] == runs["false"]
+
+
+@pytest.mark.parametrize("layout", ["flat", "nested"])
+def test_each_optimizer_layout_restores_model_and_adam_state_exactly(tmp_path, monkeypatch, layout):
+    """Steps written with flattened optimizer keys (every save now) and in the nested layout of earlier releases
+    both restore the weights and every Adam moment bit for bit."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    from pretrain.checkpoint import manager
+
+    cfg = load_config(None, CFG)
+
+    def trained():
+        torch.manual_seed(0)
+        model = build_model(cfg.model)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        model(torch.randint(0, 64, (2, 16))).float().square().mean().backward()
+        opt.step()
+        return model, opt
+
+    model, opt = trained()
+    if layout == "nested":
+        monkeypatch.setattr(manager, "OPTIONS", StateDictOptions())
+    path = CheckpointManager(tmp_path).save(1, model, opt, {"data": {}}, cfg.to_toml())
+    monkeypatch.undo()
+    assert manager._has_flat_optimizer(path) == (layout == "flat")
+    torch.manual_seed(1)
+    fresh = build_model(cfg.model)
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+    assert CheckpointManager(tmp_path).load(path, fresh, fresh_opt)["step"] == 1
+    for (name, a), b in zip(model.named_parameters(), fresh.parameters()):
+        assert torch.equal(a, b), name
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(opt.state[a][key], fresh_opt.state[b][key]), (name, key)

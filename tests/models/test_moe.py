@@ -140,16 +140,23 @@ class Grab(Callback):
 
 
 def test_activation_checkpointing_counts_each_token_once(tmp_path):
+    """The recomputation during backward is not counted again — also when it runs the whole block (torch stops a
+    recomputation early once it has the saved tensors it needs, which may or may not reach the counting)."""
+    from torch.utils.checkpoint import set_checkpoint_early_stop
+
     loads = []
-    for ac in ("none", "full"):
-        cfg = tiny_config(tmp_path / ac, *MOE, "train.steps=1", f"parallel.activation_checkpointing={ac}")
+    for ac, early_stop in (("none", True), ("full", True), ("full", False)):
+        cfg = tiny_config(tmp_path / f"{ac}{early_stop}", *MOE, "train.steps=1",
+                          f"parallel.activation_checkpointing={ac}")
         trainer = build_trainer(cfg, DistInfo())
         grab = Grab()
         trainer.callbacks.insert(0, grab)
-        trainer.fit()
+        with set_checkpoint_early_stop(early_stop):
+            trainer.fit()
         loads.append(grab.seen[0])
-    for a, b in zip(*loads):
-        torch.testing.assert_close(a, b)
+    for other in loads[1:]:
+        for a, b in zip(loads[0], other):
+            torch.testing.assert_close(a, b)
     tokens = cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.model.seq_len
     assert float(loads[0][0][-2]) == tokens  # the step's tokens, once
     assert float(loads[0][0][:4].sum()) == 2 * tokens
@@ -260,7 +267,6 @@ def test_balancing_terms_enter_the_gradient_at_the_steps_scale(tmp_path, monkeyp
     terms = []
     monkeypatch.setattr(moe._LossAtLayer, "apply", lambda y, t, scale: (terms.append(t), y)[1])
     reference.train()
-    moe.set_loss_scale(moe.moe_layers(reference), torch.ones(()))  # not read: apply is replaced above
     total, count = 0.0, 0
     for _ in range(2):  # the step's two micro-batches (on_one_batch feeds the same one each time)
         tokens, targets = batch["tokens"], batch["targets"]
