@@ -14,7 +14,16 @@ import torch  # noqa: E402
 from pretrain.config import load_config  # noqa: E402
 
 
+# tools/test.sh runs the files on every core (pytest-xdist, --dist loadfile: a file stays whole on one worker, its
+# module fixtures built once) in collection order; the longest files go first so that short ones fill the tail
+LONG_FIRST = ("tests/test_slurm.py", "tests/parallel/test_parallel.py", "tests/kernels/test_compile_gate.py",
+              "tests/test_install.py", "tests/test_observability.py", "tests/plan/test_memory.py",
+              "tests/checkpoint/test_hf.py")
+
+
 def pytest_collection_modifyitems(config, items):
+    order = {path: i for i, path in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: order.get(item.nodeid.split("::")[0], len(LONG_FIRST)))  # stable: the rest as found
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs CUDA")
         for item in items:
@@ -41,10 +50,13 @@ def prepared(small_corpus, tmp_path_factory) -> Path:
     return out
 
 
+# the tiny model most tests train: 2 blocks of width 32, 4 heads, 64 tokens, sequences of 16
+TINY_MODEL = ["model.n_layers=2", "model.d_model=32", "model.n_heads=4", "model.vocab_size=64", "model.seq_len=16"]
+
+
 def tiny_config(tmp_path, *extra, arch="gpt", flavor="llama"):
     return load_config(None, [
-        f"model.arch={arch}", f"model.flavor={flavor}", "model.n_layers=2", "model.d_model=32", "model.n_heads=4",
-        "model.vocab_size=64", "model.seq_len=16", "train.micro_batch_size=8", "train.steps=6",
+        f"model.arch={arch}", f"model.flavor={flavor}", *TINY_MODEL, "train.micro_batch_size=8", "train.steps=6",
         "schedule.warmup_steps=2", "optim.lr=1e-2", "optim.min_lr=1e-3", "logging.interval=0",
         "logging.tensorboard=false", f"logging.run_dir={tmp_path / 'run'}", "data.source=synthetic", *extra,
     ])

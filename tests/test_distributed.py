@@ -6,9 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .conftest import TINY_MODEL
+
 ROOT = Path(__file__).resolve().parents[1]
-COMMON = ["model.n_layers=2", "model.d_model=32", "model.n_heads=4", "model.vocab_size=64", "model.seq_len=16",
-          "train.steps=4", "schedule.warmup_steps=1", "optim.lr=1e-2", "logging.interval=1",
+COMMON = [*TINY_MODEL, "train.steps=4", "schedule.warmup_steps=1", "optim.lr=1e-2", "logging.interval=1",
           "logging.tensorboard=false", "data.source=synthetic"]
 
 

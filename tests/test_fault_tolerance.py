@@ -17,11 +17,10 @@ from pretrain.distributed import DistInfo
 from pretrain.train import build_trainer
 from pretrain.trainer import PREEMPTED_EXIT, TrainingError
 
-from .conftest import tiny_config
+from .conftest import TINY_MODEL, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMON = ["model.n_layers=2", "model.d_model=32", "model.n_heads=4", "model.vocab_size=64", "model.seq_len=16",
-          "train.micro_batch_size=4", "data.source=synthetic", "eval.interval=0", "logging.interval=1",
+COMMON = [*TINY_MODEL, "train.micro_batch_size=4", "data.source=synthetic", "eval.interval=0", "logging.interval=1",
           "logging.tensorboard=false", "schedule.warmup_steps=1"]
 
 

@@ -15,7 +15,7 @@ from pretrain.models import build_model  # noqa: E402
 from pretrain.parallel.fp8 import all_gather_in_fp8, apply_fp8  # noqa: E402
 from pretrain.train import build_trainer, main  # noqa: E402
 
-from .conftest import on_one_batch, tiny_config  # noqa: E402
+from .conftest import TINY_MODEL, on_one_batch, tiny_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
@@ -153,8 +153,7 @@ def test_float8_all_gather_only_where_it_can_work(tmp_path, caplog):
     (["train.fp8_all_gather=yes"], "train.fp8_all_gather = 'yes' is not one of auto, on, off"),
 ])
 def test_bad_fp8_settings_fail_in_one_line(tmp_path, capsys, extra, message):
-    args = ["--set", "model.n_layers=2", "model.d_model=32", "model.n_heads=4", "model.vocab_size=64",
-            "model.seq_len=16", "train.steps=1", f"logging.run_dir={tmp_path / 'run'}", "data.source=synthetic", *extra]
+    args = ["--set", *TINY_MODEL, "train.steps=1", f"logging.run_dir={tmp_path / 'run'}", "data.source=synthetic", *extra]
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err

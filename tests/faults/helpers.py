@@ -11,10 +11,11 @@ import re
 import subprocess
 from pathlib import Path
 
+from ..conftest import TINY_MODEL
+
 ROOT = Path(__file__).resolve().parents[2]
 
-TINY = ["model.n_layers=2", "model.d_model=32", "model.n_heads=4", "model.vocab_size=64", "model.seq_len=16",
-        "train.micro_batch_size=4", "schedule.warmup_steps=1", "logging.interval=1", "logging.tensorboard=false",
+TINY = [*TINY_MODEL, "train.micro_batch_size=4", "schedule.warmup_steps=1", "logging.interval=1", "logging.tensorboard=false",
         "logging.heartbeat_s=0", "data.source=synthetic"]
 
 

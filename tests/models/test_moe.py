@@ -15,14 +15,13 @@ from pretrain.models.moe import route, update_router_bias
 from pretrain.parallel.dims import ParallelDims
 from pretrain.train import build_trainer
 
-from ..conftest import on_one_batch, tiny_config
+from ..conftest import TINY_MODEL, on_one_batch, tiny_config
 
 MOE = ["model.n_experts=4", "model.moe_top_k=2", "model.moe_ffn_hidden=48"]
 
 
 def moe_cfg(*extra):
-    return load_config(None, ["model.n_layers=2", "model.d_model=32", "model.n_heads=4", "model.vocab_size=64",
-                              "model.seq_len=16", *MOE, *extra]).model
+    return load_config(None, [*TINY_MODEL, *MOE, *extra]).model
 
 
 def layer(*extra, seed=0):

@@ -323,37 +323,68 @@ def consolidated_matches(run_dir: str, reference: dict[str, torch.Tensor]) -> fl
     return max((ours.state_dict()[k] - v).abs().max().item() for k, v in reference.items() if k not in ("grad_norms", "ns_calls"))
 
 
+ARCH_PREFIXES = ("model.arch", "model.flavor", "model.tie", "task=", "model.n_experts", "model.moe", "model.n_shared",
+                 "model.kernels", "optim.name", "optim.muon", "train.fp8", "model.head_dim", "model.qk_norm",
+                 "model.qkv_bias", "model.rope", "model.n_kv_heads", "model.n_layers")
+
+
+def reference_keys(name: str) -> list[tuple]:
+    """The one-process runs layout ``name`` is compared with: (overrides, stop_after, first-step gradients)."""
+    arch = [o for o in LAYOUTS[name][1] if o.startswith(ARCH_PREFIXES)]
+    split = REFERENCE_SPLIT.get(name, 1)
+    keys = [((f"train.micro_batch_size={GLOBAL_BATCH // split}", f"train.grad_accum={split}", *arch), None,
+             name in FIRST_GRADS)]
+    if name in RESHARD:  # its step-2 checkpoint is also consolidated and compared after 2 steps
+        keys.append(((f"train.micro_batch_size={GLOBAL_BATCH}", *arch), 2, False))
+    return keys
+
+
+def shared_references(names: list[str], info: DistInfo, tmp: str) -> dict[tuple, tuple]:
+    """Every distinct one-process reference of this launch, each computed once, by one rank (round-robin), and
+    shared with all: key -> (losses, params, the run directory holding its metrics)."""
+    keys = list(dict.fromkeys(k for name in names for k in reference_keys(name)))
+    mine = {}
+    for i, key in enumerate(keys):
+        if i % info.world_size == info.rank:
+            overrides, stop_after, grads = key
+            run_dir = f"{tmp}/reference-{i}"
+            mine[key] = (*run(list(overrides), DistInfo(0, 1, 0, torch.device("cpu")), run_dir, stop_after, grads),
+                         run_dir)
+    everyone = [None] * info.world_size
+    dist.all_gather_object(everyone, mine)
+    return {key: value for part in everyone for key, value in part.items()}
+
+
+# checks that are not training layouts, run inside the launch of their world size (no launch of their own):
+# name -> (world sizes, module with ``checks() -> failed``); each prints its own lines
+CHECKS = {"cp_attention": ((2, 4), "tests.parallel.cp_attention"), "moe_dispatch": ((2,), "tests.parallel.moe_dispatch")}
+
+
 def main(names: list[str]) -> int:
+    import importlib
+
     info = init_distributed("cpu")
     failed = False
-    references: dict[tuple, tuple] = {}  # one single-process run per distinct reference config in this launch
-
-    def reference_run(overrides: list[str], run_dir: str, stop_after: int | None = None, grads: bool = False):
-        """(losses, params, the run directory that holds its metrics)"""
-        key = (tuple(overrides), stop_after, grads)
-        if key not in references:
-            references[key] = (*run(overrides, DistInfo(0, 1, 0, torch.device("cpu")), run_dir, stop_after, grads),
-                               run_dir)
-        losses, params, where = references[key]
-        return list(losses), dict(params), where
+    for name in [n for n in names if n in CHECKS]:
+        failed |= importlib.import_module(CHECKS[name][1]).checks()
+    names = [n for n in names if n not in CHECKS]
 
     with tempfile.TemporaryDirectory() as own:
         shared = [own]
         dist.broadcast_object_list(shared, src=0)  # one run directory for all ranks (checkpoints are shared)
         tmp = shared[0]
+        started = time.perf_counter()
+        references = shared_references(names, info, tmp)
+        if info.rank == 0:
+            print(f"REFERENCES {len(references)} one-process runs shared by {len(names)} layouts, "
+                  f"seconds={time.perf_counter() - started:.1f}", flush=True)
         for name in names:
             started = time.perf_counter()
             world, overrides = LAYOUTS[name]
             assert world == info.world_size, f"{name} needs {world} ranks"
-            arch = [o for o in overrides if o.startswith(("model.arch", "model.flavor", "model.tie", "task=",
-                                                          "model.n_experts", "model.moe", "model.n_shared",
-                                                          "model.kernels", "optim.name", "optim.muon", "train.fp8",
-                                                          "model.head_dim", "model.qk_norm", "model.qkv_bias",
-                                                          "model.rope", "model.n_kv_heads", "model.n_layers"))]
-            split = REFERENCE_SPLIT.get(name, 1)
-            reference, ref_params, ref_dir = reference_run([f"train.micro_batch_size={GLOBAL_BATCH // split}",
-                                                   f"train.grad_accum={split}", *arch],
-                                                  f"{tmp}/{name}-ref-{info.rank}", grads=name in FIRST_GRADS)
+            main_key, *reshard_key = reference_keys(name)
+            reference, ref_params, ref_dir = references[main_key]
+            reference, ref_params = list(reference), dict(ref_params)
             losses, params = run(overrides, info, f"{tmp}/{name}", grads=name in FIRST_GRADS)
             loss_diff = max(abs(a - b) for a, b in zip(reference, losses))
             assert len(losses) == len(reference) == STEPS
@@ -386,8 +417,7 @@ def main(names: list[str]) -> int:
                 again = resumed_losses(overrides, info, f"{tmp}/{name}-reshard", RESHARD[name])
                 reshard_diff = max(abs(a - b) for a, b in zip(losses, again))
                 ok &= len(again) == STEPS and reshard_diff <= TOLERANCE
-                _, at_two, _ = reference_run([f"train.micro_batch_size={GLOBAL_BATCH}", *arch],
-                                          f"{tmp}/{name}-ref2-{info.rank}", stop_after=2)
+                at_two = references[reshard_key[0]][1]
                 if info.rank == 0:
                     consolidated = consolidated_matches(f"{tmp}/{name}-reshard", at_two)
                     ok &= consolidated <= TOLERANCE

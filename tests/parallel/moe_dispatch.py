@@ -1,4 +1,4 @@
-"""Run under torchrun (2 ranks): the expert-parallel all-to-all dispatcher against the local one, including the
+"""Run under torchrun (2 ranks; the harness runs ``checks`` inside its 2-rank launch): the expert-parallel all-to-all dispatcher against the local one, including the
 case where every token goes to the other rank's experts (this rank's experts run on nothing), and a backward
 that asks only for the input gradient (what a pipeline schedule's shape inference does). Prints
 ``MOEDISPATCH case out_diff grad_diff``; a rank whose backward skipped an all-to-all would hang the other."""
@@ -18,8 +18,8 @@ from pretrain.config import load_config  # noqa: E402
 from pretrain.models.moe import AllToAllDispatcher, MoE  # noqa: E402
 
 
-def main() -> int:
-    dist.init_process_group("gloo")
+def checks() -> bool:
+    """Both cases on this launch's 2 ranks (the process group exists); returns whether one failed."""
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg = load_config(None, ["model.d_model=16", "model.n_heads=2", "model.n_experts=4", "model.moe_top_k=2",
                              "model.moe_ffn_hidden=8"]).model
@@ -56,6 +56,12 @@ def main() -> int:
             print(f"MOEDISPATCH {case} {'ok' if flag.item() == 0 else 'FAILED'} out_diff={out_diff:.2e} "
                   f"grad_diff={grad_diff:.2e}", flush=True)
     dist.barrier()
+    return failed
+
+
+def main() -> int:
+    dist.init_process_group("gloo")
+    failed = checks()
     dist.destroy_process_group()
     return 1 if failed else 0
 

@@ -1,6 +1,8 @@
 """Every parallel layout trains to the single-process losses and parameters (gloo, fp32, 3 steps, 1e-5):
-one torchrun launch per world size runs its whole list (tests/parallel/harness.py)."""
+one torchrun launch per world size runs its whole list (tests/parallel/harness.py) and the checks of that size
+(context-parallel attention, the expert-parallel dispatcher)."""
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -14,24 +16,64 @@ from pretrain.parallel.dims import ParallelDims
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-from tests.parallel.harness import LAYOUTS  # noqa: E402
+from tests.parallel.harness import CHECKS, LAYOUTS  # noqa: E402
+
+from ..conftest import TINY_MODEL  # noqa: E402
 
 
-def launch(world: int, names: list[str]) -> dict[str, str]:
+def launch(world: int, names: list[str]) -> tuple[dict[str, str], str]:
+    """One torchrun launch of the harness over ``names`` (layouts and checks): ({layout: its line}, stdout)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
                            "tests/parallel/harness.py", *names], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=900)
     found = dict(re.findall(r"^LAYOUT (\S+) (.*)$", proc.stdout, re.M))
-    assert set(found) == set(names), proc.stdout[-3000:] + proc.stderr[-5000:]
-    return found
+    layouts = [n for n in names if n not in CHECKS]
+    assert set(found) == set(layouts), proc.stdout[-3000:] + proc.stderr[-5000:]
+    return found, proc.stdout + proc.stderr[-5000:]
+
+
+@pytest.fixture(scope="module")
+def launched():
+    """world -> the launch of every layout and check of that world size, once per module."""
+    done = {}
+
+    def get(world: int) -> tuple[dict[str, str], str]:
+        if world not in done:
+            names = [name for name, (w, _) in LAYOUTS.items() if w == world]
+            done[world] = launch(world, names + [c for c, (worlds, _) in CHECKS.items() if world in worlds])
+        return done[world]
+
+    return get
 
 
 @pytest.mark.parametrize("world", [2, 4, pytest.param(8, marks=pytest.mark.slow)])
-def test_layouts_match_one_process(world):
-    names = [name for name, (w, _) in LAYOUTS.items() if w == world]
-    for name, line in launch(world, names).items():
+def test_layouts_match_one_process(world, launched):
+    for name, line in launched(world)[0].items():
         assert line.startswith("ok "), f"{name}: {line}"
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ring_and_alltoall_attention_equal_one_process(world, launched):
+    """Context-parallel attention (tests/parallel/cp_attention.py, inside the harness launch): outputs and q/k/v
+    gradients within 1e-5 for MHA and GQA (kv heads fewer than cp ranks: repeated for the all-to-all). The ring
+    skips the sub-blocks the causal mask hides but every rank keeps exchanging at every step: a rank that skipped
+    its send/recv with a masked block would leave its neighbour waiting until the launch's timeout."""
+    out = launched(world)[1]
+    lines = re.findall(r"^CPATTN (.*)$", out, re.M)
+    with_triton = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
+    assert len(lines) == (9 if with_triton and world == 2 else 6), out[-3000:]
+    assert all(" ok " in line for line in lines), lines
+
+
+def test_expert_dispatch_equals_local_even_when_a_ranks_experts_get_no_token(launched):
+    """EP2 all-to-all dispatch (tests/parallel/moe_dispatch.py, inside the 2-rank harness launch) = the local
+    dispatcher (output and input gradient), also when every token goes to the other rank's experts; asking only
+    for the input gradient (as a pipeline's shape inference does) must run the same all-to-alls on every rank, or
+    the launch hangs until its timeout."""
+    out = launched(2)[1]
+    lines = re.findall(r"^MOEDISPATCH (.*)$", out, re.M)
+    assert len(lines) == 2 and all(" ok " in line for line in lines), out[-3000:]
 
 
 def dims(*overrides, world):
@@ -97,8 +139,7 @@ def test_deepspeed_checkpoint_converts_like_a_native_one(tmp_path, stage):
     from pretrain.checkpoint.hf import export_hf
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    common = ["model.n_layers=2", "model.d_model=32", "model.n_heads=4", "model.vocab_size=64", "model.seq_len=16",
-              "train.steps=2", "data.source=synthetic", "eval.interval=0", "checkpoint.interval=2",
+    common = [*TINY_MODEL, "train.steps=2", "data.source=synthetic", "eval.interval=0", "checkpoint.interval=2",
               "logging.tensorboard=false", "schedule.warmup_steps=1"]
     ds = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                          "-m", "pretrain.train", "--set", *common, "train.micro_batch_size=2",
@@ -116,13 +157,3 @@ def test_deepspeed_checkpoint_converts_like_a_native_one(tmp_path, stage):
     assert (export_hf(from_ds, cfg.model, tmp_path / "hf") / "model.safetensors").is_file()
 
 
-def test_expert_dispatch_equals_local_even_when_a_ranks_experts_get_no_token():
-    """EP2 all-to-all dispatch = the local dispatcher (output and input gradient), also when every token goes to
-    the other rank's experts; asking only for the input gradient (as a pipeline's shape inference does) must run
-    the same all-to-alls on every rank, or the launch hangs until the timeout."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           "tests/parallel/moe_dispatch.py"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=180)
-    lines = re.findall(r"^MOEDISPATCH (.*)$", proc.stdout, re.M)
-    assert len(lines) == 2 and all(" ok " in line for line in lines), proc.stdout[-2000:] + proc.stderr[-3000:]
