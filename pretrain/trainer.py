@@ -111,7 +111,8 @@ class Trainer:
         self.callbacks = default_callbacks(cfg.logging, cfg.model)
         self.checkpoints = None
         c = cfg.checkpoint
-        if c.interval > 0 or c.resume != "never" and (c.resume != "auto" or cfg.checkpoint_dir.is_dir()):
+        may_resume = c.resume != "never" and (c.resume != "auto" or cfg.checkpoint_dir.is_dir())
+        if c.interval > 0 or may_resume:
             self.checkpoints = self._manager()
 
     @property
@@ -152,7 +153,8 @@ class Trainer:
 
     def _hf_copy_due(self) -> bool:
         c = self.cfg.checkpoint
-        return bool(c.hf_interval and self.step % c.hf_interval == 0 or c.hf_at_end and self.step == self.cfg.train.steps)
+        periodic = c.hf_interval > 0 and self.step % c.hf_interval == 0
+        return periodic or (c.hf_at_end and self.step == self.cfg.train.steps)
 
     def save_hf_copy(self, path: Path) -> None:
         """The Hugging Face copy of the native step ``path`` (``checkpoint.hf_interval`` / ``hf_at_end``), once
