@@ -67,15 +67,16 @@ def _ce_stats_kernel(LOGITS, TARGETS, MAX, SUMEXP, TARGET_LOGIT, TOTAL, stride, 
 
 
 @triton.jit
-def _ce_grad_kernel(LOGITS, TARGETS, LSE, stride, v_start, C, V, ignore_index, inv_count, smoothing, z_loss,
+def _ce_grad_kernel(LOGITS, TARGETS, LSE, stride, v_start, C, V, ignore_index, INV_COUNT, smoothing, z_loss,
                     BLOCK: tl.constexpr):
-    """Overwrite one row's logits chunk with d loss / d logits (zero for an ignored target)."""
+    """Overwrite one row's logits chunk with d loss / d logits (zero for an ignored target). ``INV_COUNT`` points
+    at 1 / (kept targets): read on the device, so the host never waits for the count."""
     row = tl.program_id(0)
     base = LOGITS + row * stride
     target = tl.load(TARGETS + row)
     lse = tl.load(LSE + row)
     keep = target != ignore_index
-    scale = tl.where(keep, inv_count, 0.0)
+    scale = tl.where(keep, tl.load(INV_COUNT), 0.0)
     for start in range(0, C, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         x = tl.load(base + cols, mask=cols < C, other=0.0).to(tl.float32)
@@ -98,7 +99,7 @@ def forward_and_gradients(hidden, weight, targets, ignore_index: int, z_loss: fl
     # torch and Liger do, with an assert that does not wait for the GPU (on CPU it raises at once)
     torch._assert_async(~(keep & ((targets < 0) | (targets >= v))).any(),
                         f"linear_cross_entropy: a target is outside the vocabulary [0, {v}) (and not ignore_index)")
-    count = int(keep.sum())
+    inv_count = 1.0 / keep.sum().clamp(min=1).to(torch.float32)  # a device scalar: no host sync
     f32 = {"dtype": torch.float32, "device": hidden.device}
     row_max = torch.full((n,), -float("inf"), **f32)
     sumexp, total, target_logit = torch.zeros(n, **f32), torch.zeros(n, **f32), torch.zeros(n, **f32)
@@ -111,14 +112,14 @@ def forward_and_gradients(hidden, weight, targets, ignore_index: int, z_loss: fl
     lse = row_max + sumexp.log()
     losses = ((1.0 - label_smoothing) * (lse - target_logit) + label_smoothing * (lse - total / v)
               + z_loss * lse * lse)
-    loss = torch.where(keep, losses, 0.0).sum() / max(count, 1)
+    loss = torch.where(keep, losses, 0.0).sum() * inv_count
     grad_hidden = torch.zeros(n, d, **f32)
     grad_weight = torch.empty_like(weight)
     for start in range(0, v, c):  # pass 2: gradients
         w = weight[start:start + c]
         logits = hidden @ w.t()
         _ce_grad_kernel[(n,)](logits, targets, lse, logits.stride(0), start, logits.shape[1], v, ignore_index,
-                              1.0 / max(count, 1), label_smoothing, z_loss, BLOCK=block, num_warps=warps)
+                              inv_count, label_smoothing, z_loss, BLOCK=block, num_warps=warps)
         torch.mm(logits.t(), hidden, out=grad_weight[start:start + c])
         grad_hidden += logits @ w
     return loss, grad_hidden.to(hidden.dtype), grad_weight

@@ -79,6 +79,14 @@ class Engine:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def outside_autocast(self):
+        """A backward inside a step's ``autocast`` runs without it (as torch recommends), while the enclosing
+        context keeps its cache of cast weights: entered again for the next micro-batch, autocast would cast
+        every fp32 weight anew (torch clears the cache when the outermost autocast exits)."""
+        if self.cfg.train.dtype == "bf16":
+            return torch.autocast(self.device.type, enabled=False)
+        return contextlib.nullcontext()
+
     def loss_context(self):
         """``loss_parallel`` around forward and backward when the head's logits are sharded over the vocab."""
         m = self.cfg.model

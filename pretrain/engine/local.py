@@ -1,5 +1,6 @@
 """One process, DDP or FSDP (with TP / SP inside): forward and backward per micro-batch, the gradient sync
-deferred to the last micro-batch of the step."""
+deferred to the last micro-batch of the step. bf16 autocast is entered once for the whole step (the backward of
+each micro-batch outside it), so its cache casts each fp32 weight once a step instead of once a micro-batch."""
 
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ class LocalEngine(Engine):
         totals = Totals.zeros(self.device)
         self.model.train()
         deferred = step.grad_ranks > 1  # DDP / FSDP reduce over the gradient ranks: defer all but the last
-        for i, batch in enumerate(micro_batches):
-            last = i == len(micro_batches) - 1
-            with running(step), no_gradient_sync(self.model, active=not last and deferred), self.loss_context():
-                with self.autocast():
+        with running(step), self.autocast():  # once a step: each fp32 weight is cast once, not per micro-batch
+            for i, batch in enumerate(micro_batches):
+                last = i == len(micro_batches) - 1
+                with no_gradient_sync(self.model, active=not last and deferred), self.loss_context():
                     out = self.task.loss(self.model, batch, accuracy=False)
-                objective(out, step.scale).backward()
-            totals.add(out)
+                    with self.outside_autocast():
+                        objective(out, step.scale).backward()
+                totals.add(out)
         return totals

@@ -44,9 +44,11 @@ def roofline(m: Measurement, cfg, gpu: GPU | str, tp: int | None = None, pp: int
     bandwidth = g.hbm_tb_s * 1e12 * METER.hbm_efficiency
     memory_bytes = ((m.nonmatmul_bytes_per_token_layer * layers + m.outside_bytes_per_token / pp) * tokens
                     + (m.nonmatmul_bytes_per_microbatch_layer * layers + m.outside_bytes_per_microbatch / pp)
-                    * micro_batches) / split
+                    * micro_batches
+                    + m.nonmatmul_bytes_per_step_layer * layers + m.outside_bytes_per_step / pp) / split
     memory = memory_bytes / bandwidth
-    launches = (m.launches_per_layer * layers + m.outside_launches / pp) * micro_batches + m.optimizer_launches
+    launches = ((m.launches_per_layer * layers + m.outside_launches / pp) * micro_batches + m.optimizer_launches
+                + m.launches_per_step_layer * layers + m.outside_launches_per_step / pp)
     launch = launches * METER.launch_us * 1e-6
     optimizer = m.optimizer_bytes_per_param * num_params(cfg.model) / (tp * pp * dp_shards) / bandwidth
     step = matmul / matmul_rate + attention + memory + launch + optimizer
@@ -73,8 +75,9 @@ def report(m: Measurement, cfg, peer: Measurement | None = None) -> dict:
         "attn_bwd_over_fwd_flops": m.attn_bwd_over_fwd_flops,
         "nonmatmul_bytes_per_token_layer": m.nonmatmul_bytes_per_token_layer,
         "nonmatmul_bytes_per_microbatch_layer": m.nonmatmul_bytes_per_microbatch_layer,
+        "nonmatmul_bytes_per_step_layer": m.nonmatmul_bytes_per_step_layer,
         "launches_per_layer": m.launches_per_layer,
-        "host_syncs_per_step": m.syncs_per_microbatch * micro_batches + m.optimizer_syncs,
+        "host_syncs_per_step": m.syncs_per_microbatch * micro_batches + m.syncs_per_step + m.optimizer_syncs,
         "optimizer_bytes_per_step": m.optimizer_bytes_per_param * _params(cfg),
         "optimizer_bytes_per_param": m.optimizer_bytes_per_param,
         "bytes_by_op": {k: round(v, 1) for k, v in list(m.bytes_by_op.items())[:12]},
@@ -95,9 +98,11 @@ def _params(cfg) -> int:
 
 def memory_bytes_per_element(m: Measurement, cfg) -> float:
     """The planner's ``memory_bytes`` (HBM bytes per activation element per layer) for this model, measured:
-    per-token bytes of a layer over its width, plus the per-micro-batch bytes spread over a micro-batch."""
+    per-token bytes of a layer over its width, plus the per-micro-batch bytes spread over a micro-batch and the
+    per-step bytes over a step."""
     micro_tokens = cfg.train.micro_batch_size * cfg.model.seq_len
-    per_token = m.nonmatmul_bytes_per_token_layer + m.nonmatmul_bytes_per_microbatch_layer / micro_tokens
+    per_token = (m.nonmatmul_bytes_per_token_layer + m.nonmatmul_bytes_per_microbatch_layer / micro_tokens
+                 + m.nonmatmul_bytes_per_step_layer / (micro_tokens * cfg.train.grad_accum))
     return per_token / cfg.model.d_model
 
 
@@ -110,6 +115,7 @@ def fmt_table(rep: dict) -> str:
         ("attention bwd / fwd FLOPs", lambda r: f"{r['attn_bwd_over_fwd_flops']:.2f}"),
         ("non-matmul MB / token / layer", lambda r: f"{r['nonmatmul_bytes_per_token_layer'] / 1e6:.3f}"),
         ("non-matmul MB / micro-batch / layer", lambda r: f"{r['nonmatmul_bytes_per_microbatch_layer'] / 1e6:.1f}"),
+        ("non-matmul MB / step / layer", lambda r: f"{r['nonmatmul_bytes_per_step_layer'] / 1e6:.1f}"),
         ("launches / layer / micro-batch", lambda r: f"{r['launches_per_layer']:.0f}"),
         ("host syncs / step", lambda r: f"{r['host_syncs_per_step']:.0f}"),
         ("optimizer GB / step", lambda r: f"{r['optimizer_bytes_per_step'] / 1e9:.2f}"),

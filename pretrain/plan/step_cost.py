@@ -11,8 +11,10 @@ token counts, under a ``TorchDispatchMode`` that sees every kernel the step woul
 - kernel launches (every op that is not free), host syncs (``aten._local_scalar_dense``: ``.item()``,
   ``int(t)``, ``.tolist()``, also inside the project's custom ops).
 
-Two token counts × two layer counts separate what scales with tokens from what a micro-batch pays once (weight
-casts under autocast) and a layer from the rest of the model: ``bytes = a·tokens + b`` per layer. ``roofline``
+Two token counts × two layer counts separate what scales with tokens from what a micro-batch pays once and a
+layer from the rest of the model: ``bytes = a·tokens + b`` per layer; a second micro-batch in the same step
+splits ``b`` into what each micro-batch pays and what the step pays once (autocast's weight casts: the engine
+enters autocast once a step). ``roofline``
 then reads the step at the config's real micro-batch, sequence length, accumulation and layout: matmuls at the
 GPU's large-GEMM throughput scaled by matmul width, attention at ``attention_efficiency`` of it, everything else
 at ``hbm_efficiency`` of the HBM bandwidth, plus ``launch_us`` per launch (``pretrain.plan.hardware``). TP, PP
@@ -243,8 +245,11 @@ def _dry_launches(active: bool):
 # ---------------------------------------------------------------------------------------------------------------
 @dataclass
 class Measurement:
-    """Per layer: ``a`` per token and ``b`` per micro-batch; ``outside``: the rest of the model (embedding, head,
-    loss) the same way. FLOPs are per token; attention FLOPs at ``seq`` tokens per sequence."""
+    """Per layer: ``a`` per token, ``b`` per micro-batch (as every micro-batch after the first pays it: its
+    gradients added to the accumulated ones) and ``c`` per step (what a step pays once whatever its micro-batches:
+    autocast's weight casts, entered once a step, less what the first micro-batch saves by writing its gradients
+    instead of adding them — so ``c`` may be negative); ``outside``: the rest of the model (embedding, head, loss)
+    the same way. FLOPs are per token; attention FLOPs at ``seq`` tokens per sequence."""
 
     kernels: str
     seq: int  # the sequence length the attention numbers are for (the config's)
@@ -264,8 +269,13 @@ class Measurement:
     optimizer_launches: int
     optimizer_syncs: int
     bytes_by_op: dict  # op -> bytes per token per layer (fitted slope)
+    nonmatmul_bytes_per_step_layer: float = 0.0
+    outside_bytes_per_step: float = 0.0
+    launches_per_step_layer: float = 0.0
+    outside_launches_per_step: float = 0.0
+    syncs_per_step: float = 0.0
     attn_bwd_over_fwd_flops: float = 0.0  # one backward call's FLOPs over one forward call's (recompute aside)
-    runs: list = field(default_factory=list)  # (layers, tokens, Cost totals) as measured
+    runs: list = field(default_factory=list)  # (layers, tokens, micro-batches, Cost totals) as measured
 
 
 def _optimizer_cost(cfg, n_layers, tokens, kernels, model=None) -> tuple[Cost, int]:
@@ -322,8 +332,8 @@ def _batch(cfg, tokens: int, generator) -> dict:
 
 def _ours(cfg, n_layers: int, tokens: int, kernels: str):
     """Our model at ``n_layers`` and its step as the local engine runs it: activation checkpointing as configured
-    (its recomputation is counted), the task's loss under autocast (bf16 configs), the summed loss normalised,
-    backward."""
+    (its recomputation is counted), the micro-batches under one autocast a step (bf16 configs), each one's loss
+    normalised and back-propagated outside it."""
     from pretrain.models import build_model
     from pretrain.tasks import task_for
 
@@ -333,11 +343,13 @@ def _ours(cfg, n_layers: int, tokens: int, kernels: str):
     _checkpointing(model, cfg)
     task = task_for(cfg.model.arch)
 
-    def step(batch):
-        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.train.dtype == "bf16" else contextlib.nullcontext()
-        with ctx:
-            out = task.loss(model, batch, accuracy=False)
-        (out.loss_sum / tokens + sum(out.extra_losses.values(), torch.zeros(()))).backward()
+    def step(batches):
+        bf16 = cfg.train.dtype == "bf16"
+        with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():  # once a step
+            for batch in batches:
+                out = task.loss(model, batch, accuracy=False)
+                with torch.autocast("cpu", enabled=False) if bf16 else contextlib.nullcontext():
+                    (out.loss_sum / tokens + sum(out.extra_losses.values(), torch.zeros(()))).backward()
 
     return model, step
 
@@ -384,9 +396,10 @@ def _torchtitan(cfg, n_layers: int, tokens: int, kernels: str):
             p.data = p.data.to(torch.bfloat16)
     _checkpointing(model, cfg)
 
-    def step(batch):
-        logits = model(batch["tokens"])
-        torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten()).backward()
+    def step(batches):
+        for batch in batches:
+            logits = model(batch["tokens"])
+            torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten()).backward()
 
     return model, step
 
@@ -403,49 +416,66 @@ def measure(cfg, kernels: str | None = None, tokens: tuple[int, int] = (128, 256
     declared = declared_costs(kernels)
     results = {}
     optimizer_cost, n_params = None, 0
-    for n_layers in layers:
-        for t in tokens:
-            torch.manual_seed(seed)
-            model, step = BUILDERS[peer](cfg, n_layers, t, kernels)
-            batch, cost = _batch(cfg, t, torch.Generator().manual_seed(seed)), Cost()  # the loader's work: not counted
-            with counting(cost, declared):
-                step(batch)
-            results[n_layers, t] = cost
-            if optimizer_cost is None:  # the optimizer as a GPU run builds it (fused torch AdamW on CUDA)
-                optimizer_cost, n_params = _optimizer_cost(cfg, n_layers, t, kernels, model if not peer else None)
-            del model
     (l1, l2), (t1, t2) = layers, tokens
+    # one micro-batch at every (layers, tokens); a second micro-batch in the same step at t1 tells what a step
+    # pays once from what each micro-batch pays
+    for n_layers, t, k in [(n, t, 1) for n in layers for t in tokens] + [(n, t1, 2) for n in layers]:
+        torch.manual_seed(seed)
+        model, step = BUILDERS[peer](cfg, n_layers, t, kernels)
+        batches = [_batch(cfg, t, torch.Generator().manual_seed(seed + i)) for i in range(k)]  # not counted
+        cost = Cost()
+        with counting(cost, declared):
+            step(batches)
+        results[n_layers, t, k] = cost
+        if optimizer_cost is None:  # the optimizer as a GPU run builds it (fused torch AdamW on CUDA)
+            optimizer_cost, n_params = _optimizer_cost(cfg, n_layers, t, kernels, model if not peer else None)
+        del model
 
     def per_layer(get):
-        """(a per token, b per micro-batch) of one layer and of the rest, from the four runs."""
-        a1, b1 = _slope(get(results[l1, t1]), get(results[l1, t2]), t1, t2)
-        a2, b2 = _slope(get(results[l2, t1]), get(results[l2, t2]), t1, t2)
+        """(a per token, b per micro-batch + c per step) of one layer and of the rest, from the one-micro-batch
+        runs."""
+        a1, b1 = _slope(get(results[l1, t1, 1]), get(results[l1, t2, 1]), t1, t2)
+        a2, b2 = _slope(get(results[l2, t1, 1]), get(results[l2, t2, 1]), t1, t2)
         a_layer, b_layer = (a2 - a1) / (l2 - l1), (b2 - b1) / (l2 - l1)
         return a_layer, b_layer, a1 - l1 * a_layer, b1 - l1 * b_layer
 
+    def per_step(get, fit):
+        """(b per micro-batch, c per step) of one layer and of the rest: the second micro-batch costs a·t1 + b."""
+        a_layer, bc_layer, a_out, bc_out = fit
+        extra = {n: get(results[n, t1, 2]) - get(results[n, t1, 1]) for n in layers}
+        layer = (extra[l2] - extra[l1]) / (l2 - l1)
+        b_layer, b_out = layer - a_layer * t1, extra[l1] - l1 * layer - a_out * t1
+        return b_layer, bc_layer - b_layer, b_out, bc_out - b_out
+
     mm = per_layer(lambda c: c.matmul_flops)
     by_bytes = per_layer(lambda c: c.bytes)
+    bytes_split = per_step(lambda c: c.bytes, by_bytes)
     att_bytes = per_layer(lambda c: c.attention_bytes)
     launches = per_layer(lambda c: c.launches)
+    launches_split = per_step(lambda c: c.launches, launches)
+    syncs_per_microbatch = results[l1, t1, 2].syncs - results[l1, t1, 1].syncs
     # attention FLOPs per token grow with the sequence: read at t2 per layer, then scaled to the config's length
     scale = cfg.model.seq_len / t2
-    attn_f = (results[l2, t2].attention_fwd_flops - results[l1, t2].attention_fwd_flops) / (l2 - l1) / t2 * scale
-    attn_b = (results[l2, t2].attention_bwd_flops - results[l1, t2].attention_bwd_flops) / (l2 - l1) / t2 * scale
+    attn_f = (results[l2, t2, 1].attention_fwd_flops - results[l1, t2, 1].attention_fwd_flops) / (l2 - l1) / t2 * scale
+    attn_b = (results[l2, t2, 1].attention_bwd_flops - results[l1, t2, 1].attention_bwd_flops) / (l2 - l1) / t2 * scale
     ops = set().union(*(c.by_op for c in results.values()))
     by_op = {op: per_layer(lambda c, op=op: c.by_op.get(op, 0.0))[0] for op in ops}
     return Measurement(
         kernels=kernels, seq=cfg.model.seq_len,
         matmul_flops_per_token_layer=mm[0], attention_fwd_flops_per_token_layer=attn_f,
         attention_bwd_flops_per_token_layer=attn_b, attention_bytes_per_token_layer=att_bytes[0],
-        nonmatmul_bytes_per_token_layer=by_bytes[0], nonmatmul_bytes_per_microbatch_layer=by_bytes[1],
-        launches_per_layer=launches[0] * t1 + launches[1],
+        nonmatmul_bytes_per_token_layer=by_bytes[0], nonmatmul_bytes_per_microbatch_layer=bytes_split[0],
+        nonmatmul_bytes_per_step_layer=bytes_split[1],
+        launches_per_layer=launches[0] * t1 + launches_split[0], launches_per_step_layer=launches_split[1],
         outside_matmul_flops_per_token=mm[2], outside_bytes_per_token=by_bytes[2],
-        outside_bytes_per_microbatch=by_bytes[3], outside_launches=launches[2] * t1 + launches[3],
-        syncs_per_microbatch=results[l1, t1].syncs, optimizer_bytes_per_param=optimizer_cost.bytes / n_params,
+        outside_bytes_per_microbatch=bytes_split[2], outside_bytes_per_step=bytes_split[3],
+        outside_launches=launches[2] * t1 + launches_split[2], outside_launches_per_step=launches_split[3],
+        syncs_per_microbatch=syncs_per_microbatch, syncs_per_step=results[l1, t1, 1].syncs - syncs_per_microbatch,
+        optimizer_bytes_per_param=optimizer_cost.bytes / n_params,
         optimizer_launches=optimizer_cost.launches, optimizer_syncs=optimizer_cost.syncs,
         bytes_by_op={k: v for k, v in sorted(by_op.items(), key=lambda kv: -kv[1]) if abs(v) > 0.5},
-        attn_bwd_over_fwd_flops=_per_call_ratio(results[l2, t2]),
-        runs=[(lay, t, results[lay, t]) for lay, t in sorted(results)])
+        attn_bwd_over_fwd_flops=_per_call_ratio(results[l2, t2, 1]),
+        runs=[(lay, t, k, results[lay, t, k]) for lay, t, k in sorted(results)])
 
 
 def peer_measure(peer: str, cfg, tokens=(128, 256), layers=(1, 2)) -> Measurement:
