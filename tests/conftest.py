@@ -13,7 +13,6 @@ import torch  # noqa: E402
 
 from pretrain.config import load_config  # noqa: E402
 
-
 # tools/test.sh runs the files on every core (pytest-xdist, --dist loadfile: a file stays whole on one worker, its
 # module fixtures built once) in collection order; the longest files go first so that short ones fill the tail
 LONG_FIRST = ("tests/test_slurm.py", "tests/parallel/test_parallel.py", "tests/kernels/test_compile_gate.py",
