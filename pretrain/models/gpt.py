@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pretrain.config import ModelConfig
-from pretrain.models.layers import MLP, Attention, LayerNorm, RMSNorm, Rotary, init_weights
+from pretrain.models.layers import MLP, Attention, LayerNorm, RMSNorm, Rotary, compute_dtype, init_weights
 from pretrain.models.moe import MoE
 from pretrain.models.ops import Ops
 
@@ -41,8 +41,9 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
 
     def forward(self, x, rotary=None):
-        x = x + self.dropout(self.self_attn(self.input_layernorm(x), rotary))
-        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
+        x = x + self.dropout(self.self_attn(compute_dtype(self.input_layernorm(x)), rotary))
+        h = self.post_attention_layernorm(x)
+        return x + self.dropout(self.mlp(h if isinstance(self.mlp, MoE) else compute_dtype(h)))  # the router: fp32
 
 
 class GPT(nn.Module):

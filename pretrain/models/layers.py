@@ -48,6 +48,18 @@ class LayerNorm(nn.Module):
         nn.init.zeros_(self.bias)
 
 
+def compute_dtype(x: torch.Tensor) -> torch.Tensor:
+    """Under autocast, ``x`` in the dtype the matmuls take: a normed activation that several projections read
+    (q, k and v; gate and up) is cast once, not once per projection — and its gradients are summed in that dtype
+    before one cast back. Outside autocast (fp32 runs) it is ``x`` itself."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        if x.dtype != dtype and x.dtype in (torch.float32, torch.float64):
+            return x.to(dtype)
+    return x
+
+
 def rotate_half(x):
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)

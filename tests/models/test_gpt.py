@@ -105,3 +105,40 @@ def test_generate_stops_at_eos():
     first = int(model.generate(prompt, 1)[0, -1])
     out = model.generate(prompt, 10, eos_id=first)
     assert out.shape == (1, 4)
+
+
+@pytest.mark.parametrize("experts", [0, 4])
+def test_under_autocast_the_projections_share_one_cast_of_the_normed_input(experts):
+    """bf16 autocast: q, k and v (and a dense MLP's gate and up) read the same bf16 tensor, cast once from the
+    norm's output, not three (two) casts of it; an MoE layer's router still reads the fp32 one. In fp32 every
+    projection reads the norm's output itself."""
+    extra = [f"model.n_experts={experts}", "model.moe_top_k=2", "model.moe_ffn_hidden=32"] if experts else []
+    cfg = load_config(None, ["model.n_layers=1", "model.d_model=32", "model.n_heads=4", "model.vocab_size=64",
+                             "model.seq_len=8", *extra])
+    model = build_model(cfg.model)
+    block = model.layers["0"]
+    seen = {}
+
+    def record(name):
+        return lambda module, args: seen.__setitem__(name, args[0])
+
+    names = {"q": block.self_attn.q_proj, "k": block.self_attn.k_proj, "v": block.self_attn.v_proj,
+             "attn_norm": block.input_layernorm, "mlp_norm": block.post_attention_layernorm, "mlp": block.mlp}
+    if not experts:
+        names.update(gate=block.mlp.gate_proj, up=block.mlp.up_proj)
+    for name, module in names.items():
+        module.register_forward_pre_hook(record(name))
+    outputs = {}
+    for name in ("attn_norm", "mlp_norm"):
+        names[name].register_forward_hook(lambda m, a, out, name=name: outputs.__setitem__(name, out))
+    tokens = torch.randint(0, 64, (2, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(tokens)
+    assert seen["q"] is seen["k"] is seen["v"] and seen["q"].dtype == torch.bfloat16
+    if experts:
+        assert seen["mlp"] is outputs["mlp_norm"] and seen["mlp"].dtype == torch.float32
+    else:
+        assert seen["gate"] is seen["up"] and seen["gate"].dtype == torch.bfloat16
+    model(tokens)
+    assert seen["q"] is outputs["attn_norm"] and seen["q"].dtype == torch.float32
+    assert seen["mlp"] is outputs["mlp_norm"]
