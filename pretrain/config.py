@@ -51,6 +51,9 @@ class ModelConfig:
     qk_norm: bool = False  # llama GPT: RMSNorm over each head's q and k before RoPE (Qwen3, OLMoE-style)
     qkv_bias: bool = False  # llama GPT: biases on the q, k and v projections (not o), as Qwen2 / Qwen2.5 have
     hf_architecture: str = ""  # the Hugging Face class an import came from (export writes it again); "" = chosen by shape
+    # GPT under bf16 autocast: keep the residual stream (embeddings, the blocks' sums, what pipeline stages send) in
+    # fp32; false (the default): bf16, as Megatron-LM's default and torchtitan's bf16 parameters have it
+    fp32_residual: bool = False
     dropout: float = 0.0
     type_vocab_size: int = 2  # bert
     nsp_head: bool = False  # bert: next-sentence prediction head

@@ -83,6 +83,8 @@ class GPT(nn.Module):
                                      "learned positions")
                 x = x + self.embed_positions(torch.arange(t, device=tokens.device))
             x = self.embed_dropout(x)
+            if not self.cfg.fp32_residual:  # the residual stream in the autocast dtype (bf16) from here on
+                x = compute_dtype(x)
         for layer in self.layers.values():
             x = layer(x, self.rotary)
         return x if self.norm is None else self.norm(x)

@@ -71,6 +71,9 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, counts: torch.Tensor, grouped: bool = True) -> torch.Tensor:
         """x (M, D) sorted by expert, counts (E,) tokens per (local) expert -> (M, D)."""
         gate_up, down = local_part(self.gate_up_proj), local_part(self.down_proj)
+        if torch.is_autocast_enabled(x.device.type):  # the grouped GEMM is not an autocast op: cast as one would
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, gate_up, down = x.to(dtype), gate_up.to(dtype), down.to(dtype)
         if self.grad_scale != 1.0:
             gate_up, down = _ScaleGrad.apply(gate_up, self.grad_scale), _ScaleGrad.apply(down, self.grad_scale)
         if x.shape[0] == 0:
@@ -224,7 +227,7 @@ class MoE(nn.Module):
         token, weight, counts, routed, dropped = route(chosen, weights, self.cfg.n_experts,
                                                       self.capacity(flat.shape[0]))
         y = self.dispatcher(flat, token, counts, self.experts)
-        y = torch.zeros_like(flat).index_add_(0, token, y * weight[:, None].to(y.dtype))
+        y = torch.zeros_like(flat, dtype=y.dtype).index_add_(0, token, y * weight[:, None].to(y.dtype))
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
         if self.training:

@@ -110,8 +110,8 @@ def test_generate_stops_at_eos():
 @pytest.mark.parametrize("experts", [0, 4])
 def test_under_autocast_the_projections_share_one_cast_of_the_normed_input(experts):
     """bf16 autocast: q, k and v (and a dense MLP's gate and up) read the same bf16 tensor, cast once from the
-    norm's output, not three (two) casts of it; an MoE layer's router still reads the fp32 one. In fp32 every
-    projection reads the norm's output itself."""
+    norm's output, not three (two) casts of it; an MoE layer gets the norm's output itself (its router computes in
+    fp32, its experts cast). In fp32 every projection reads the norm's output itself."""
     extra = [f"model.n_experts={experts}", "model.moe_top_k=2", "model.moe_ffn_hidden=32"] if experts else []
     cfg = load_config(None, ["model.n_layers=1", "model.d_model=32", "model.n_heads=4", "model.vocab_size=64",
                              "model.seq_len=8", *extra])
@@ -136,9 +136,25 @@ def test_under_autocast_the_projections_share_one_cast_of_the_normed_input(exper
         model(tokens)
     assert seen["q"] is seen["k"] is seen["v"] and seen["q"].dtype == torch.bfloat16
     if experts:
-        assert seen["mlp"] is outputs["mlp_norm"] and seen["mlp"].dtype == torch.float32
+        assert seen["mlp"] is outputs["mlp_norm"]  # no cast for the router: it reads the norm's output in fp32
     else:
         assert seen["gate"] is seen["up"] and seen["gate"].dtype == torch.bfloat16
     model(tokens)
     assert seen["q"] is outputs["attn_norm"] and seen["q"].dtype == torch.float32
     assert seen["mlp"] is outputs["mlp_norm"]
+
+
+@pytest.mark.parametrize("fp32_residual", [False, True])
+def test_the_residual_stream_is_bf16_under_autocast_unless_fp32_residual(fp32_residual):
+    cfg = load_config(None, ["model.n_layers=2", "model.d_model=32", "model.n_heads=4", "model.vocab_size=64",
+                             "model.seq_len=8", f"model.fp32_residual={str(fp32_residual).lower()}"])
+    model = build_model(cfg.model)
+    seen = []
+    for block in model.layers.values():
+        block.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = model.hidden_states(torch.randint(0, 64, (2, 8)))
+    want = torch.float32 if fp32_residual else torch.bfloat16
+    assert seen == [want, want] and hidden.dtype == want
+    seen.clear()
+    assert model.hidden_states(torch.randint(0, 64, (2, 8))).dtype == torch.float32 and seen == [torch.float32] * 2
