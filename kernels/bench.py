@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from pretrain.kernels import reference
 
-OPS = ("attention", "adamw", "rmsnorm", "layernorm", "cross_entropy", "rotary")
+OPS = ("attention", "adamw", "rmsnorm", "layernorm", "cross_entropy", "rotary", "swiglu")
 
 
 @dataclass
@@ -129,6 +129,22 @@ def rotary_cases(dtype, batch: int, heads: int, seq: int, head_dim: int) -> list
     shape = f"B{batch} H{heads} T{seq} E{head_dim}"
     return [Case("rotary", shape, "triton", lambda: rotary(x, cos, sin), 3.0 * x.numel(), io),
             Case("rotary", shape, "reference", lambda: reference.rotary(x, cos, sin), 3.0 * x.numel(), io)]
+
+
+def swiglu_cases(dtype, tokens: int, hidden: int) -> list[Case]:
+    """Forward + backward: the fused pair against torch's silu and mul (what the model ran before)."""
+    from pretrain.kernels.swiglu import swiglu
+
+    g, u = (torch.randn(tokens, hidden, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
+    dh = torch.randn(tokens, hidden, device="cuda", dtype=dtype)
+    io = 8 * g.numel() * g.element_size()  # fused: 3 tensors forward, 5 backward
+    shape = f"N{tokens} F{hidden}"
+
+    def step(fn):
+        return lambda: torch.autograd.grad(fn(g, u), (g, u), dh)
+
+    return [Case("swiglu", shape, "triton", step(swiglu), 12.0 * g.numel(), io),
+            Case("swiglu", shape, "reference", step(lambda a, b: F.silu(a) * b), 12.0 * g.numel(), io)]
 
 
 def cross_entropy_cases(dtype, tokens: int, dim: int, vocab: int) -> list[Case]:
@@ -274,6 +290,8 @@ def cases_for(op: str, dtype, seq_lens: list[int]) -> list[Case]:
         return rotary_cases(dtype, 4, 32, 4096, 128)
     if op == "cross_entropy":
         return cross_entropy_cases(dtype, 8192, 4096, 131072)
+    if op == "swiglu":
+        return swiglu_cases(dtype, 16384, 5632)
     if op == "adamw":
         return adamw_cases(256 << 20)
     raise ValueError(f"unknown op {op!r}: one of {', '.join(OPS)}")
@@ -339,6 +357,7 @@ def check() -> list[str]:
     from pretrain.kernels.cross_entropy import linear_cross_entropy
     from pretrain.kernels.norms import layer_norm, rms_norm
     from pretrain.kernels.rotary import rotary
+    from pretrain.kernels.swiglu import swiglu
 
     torch.manual_seed(0)
     report = []
@@ -355,6 +374,8 @@ def check() -> list[str]:
     ok &= close("layernorm", layer_norm(x, w, b), reference.layer_norm(x, w, b, 1e-5))
     cos, sin = torch.randn(37, 48), torch.randn(37, 48)
     ok &= close("rotary", rotary(q, cos, sin), reference.rotary(q, cos, sin))
+    g, u = torch.randn(37, 130) * 3, torch.randn(37, 130)
+    ok &= close("swiglu", swiglu(g, u), reference.swiglu(g, u))
     h, wt, t = torch.randn(37, 48), torch.randn(1000, 48) * 0.05, torch.randint(0, 1000, (37,))
     ok &= close("cross_entropy", linear_cross_entropy(h, wt, t), reference.linear_cross_entropy(h, wt, t))
     p1, p2 = torch.nn.Parameter(torch.randn(100)), torch.nn.Parameter(torch.randn(100))

@@ -239,6 +239,18 @@ def rotary_case(e: int, heads: int):
     return run
 
 
+def swiglu_case(f: int):
+    def run(dtype):
+        import torch
+
+        from pretrain.kernels.swiglu import swiglu
+
+        g, u = (torch.zeros(8, f, dtype=dtype, requires_grad=True) for _ in range(2))
+        y = swiglu(g, u)
+        y.backward(torch.zeros_like(y))
+    return run
+
+
 def cross_entropy_case(d: int, v: int):
     def run(dtype):
         import torch
@@ -289,6 +301,7 @@ def cases(full: bool = False) -> list[tuple[str, Callable, tuple[str, ...]]]:
         *[(f"layer_norm D{d}", norm_case(d, False), both) for d in (128, 768, 1024)],
         *[(f"rotary E{e}", rotary_case(e, 4), both) for e in (32, 128)],
         ("linear_cross_entropy D2048 V32000", cross_entropy_case(2048, 32000), both),
+        ("swiglu F5632", swiglu_case(5632), both),
         ("adamw (master weights)", adamw_case(), both),
         ("adamw fp32", adamw_case(), ("fp32",)),
     ]

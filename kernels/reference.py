@@ -40,6 +40,11 @@ def rotary(x, cos, sin):
     return (x.float() * cos.float() + rotated * sin.float()).to(x.dtype)
 
 
+def swiglu(g, u):
+    """silu(g) · u in fp32."""
+    return (F.silu(g.float()) * u.float()).to(g.dtype)
+
+
 def linear_cross_entropy(hidden, weight, targets, ignore_index=-100, z_loss=0.0, label_smoothing=0.0):
     """Mean cross-entropy of ``hidden @ weight.T`` over the non-ignored targets (+ z-loss · logsumexp²)."""
     logits = hidden.float() @ weight.float().t()

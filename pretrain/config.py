@@ -348,7 +348,7 @@ class Config:
         return self
 
 
-KERNEL_OPS = ("attention", "rms_norm", "layer_norm", "rotary", "cross_entropy")  # models/ops.py's Triton ops
+KERNEL_OPS = ("attention", "rms_norm", "layer_norm", "rotary", "cross_entropy", "swiglu")  # models/ops.py's Triton ops
 
 
 def triton_ops(kernels: str) -> set[str]:

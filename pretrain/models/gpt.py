@@ -37,7 +37,7 @@ class Block(nn.Module):
         if cfg.n_experts and index >= cfg.moe_dense_layers:
             self.mlp = MoE(cfg, index)
         else:
-            self.mlp = MLP(cfg, gated=llama, bias=not llama, gelu_approximate="tanh")
+            self.mlp = MLP(cfg, gated=llama, bias=not llama, gelu_approximate="tanh", ops=ops)
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
 
     def forward(self, x, rotary=None):

@@ -140,17 +140,18 @@ class MLP(nn.Module):
     """SwiGLU (llama: down(silu(gate(x)) * up(x)), Shazeer 2020) or a plain GELU MLP (gpt2, bert)."""
 
     def __init__(self, cfg: ModelConfig, *, gated: bool, bias: bool, gelu_approximate: str = "none",
-                 hidden: int | None = None):
+                 hidden: int | None = None, ops: Ops | None = None):
         super().__init__()
         d, f = cfg.d_model, hidden or cfg.ffn_dim
         self.gated, self.gelu_approximate = gated, gelu_approximate
+        self.ops = ops or Ops()
         self.gate_proj = nn.Linear(d, f, bias=bias) if gated else None
         self.up_proj = nn.Linear(d, f, bias=bias)
         self.down_proj = nn.Linear(f, d, bias=bias)
 
     def forward(self, x):
         if self.gated:
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            return self.down_proj(self.ops.swiglu(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(F.gelu(self.up_proj(x), approximate=self.gelu_approximate))
 
 

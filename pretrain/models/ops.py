@@ -22,6 +22,7 @@ TRITON_OPS = {
     "layer_norm": ("pretrain.kernels.norms", "layer_norm"),
     "rotary": ("pretrain.kernels.rotary", "rotary"),
     "cross_entropy": ("pretrain.kernels.cross_entropy", "linear_cross_entropy"),
+    "swiglu": ("pretrain.kernels.swiglu", "swiglu"),
 }
 assert tuple(TRITON_OPS) == KERNEL_OPS
 
@@ -54,6 +55,10 @@ def torch_rotary(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def torch_swiglu(g, u):
+    return F.silu(g) * u
+
+
 def torch_linear_cross_entropy(hidden, weight, targets, ignore_index=-100):
     return F.cross_entropy(F.linear(hidden, weight).float(), targets, ignore_index=ignore_index)
 
@@ -68,6 +73,7 @@ class Ops:
         self.layer_norm: Callable = torch_layer_norm
         self.rotary: Callable = torch_rotary
         self.cross_entropy: Callable = torch_linear_cross_entropy
+        self.swiglu: Callable = torch_swiglu
         self.triton = triton_ops(backend)
         for name in sorted(self.triton):
             setattr(self, name, _load_triton(*TRITON_OPS[name]))
