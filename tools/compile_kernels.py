@@ -44,13 +44,18 @@ def triton_site(version: str) -> Path:
     return cache
 
 
+NOT_COMPILED = ("bench.py", "reference.py")  # kernels/ files the gate never imports
+
+
 def cache_key(archs: list[str], full: bool, only: str | None, cases: str | None, site: Path | None) -> str:
-    """What a gate run's rows depend on: every file of kernels/ (the kernels and compile_check.py), the cases
-    file, the triton version (its bundled ptxas with it), the arguments. Equal keys compile to equal cubins."""
+    """What a gate run's rows depend on: every file of kernels/ the gate imports (the kernels and
+    compile_check.py; not the benchmark and the torch references, which compile nothing), the cases file, the
+    triton version (its bundled ptxas with it), the arguments. Equal keys compile to equal cubins."""
     from importlib import metadata
 
     digest = hashlib.sha256()
-    for path in sorted((ROOT / "kernels").glob("*.py")) + ([Path(cases)] if cases else []):
+    sources = [p for p in sorted((ROOT / "kernels").glob("*.py")) if p.name not in NOT_COMPILED]
+    for path in sources + ([Path(cases)] if cases else []):
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     version = site.name if site else f"triton-{metadata.version('triton')}"
     digest.update(json.dumps([version, archs, full, only, os.environ.get("TRITON_DEFAULT_FP_FUSION", "1")]).encode())
