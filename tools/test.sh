@@ -9,5 +9,4 @@ marker=(-m "not slow")
 if [ "${CI:-}" = "true" ] || [ "${SLOW:-0}" = "1" ]; then
     marker=()
 fi
-# one worker more than cores: the launcher-heavy files (torchrun, SLURM) leave a core idle while ranks start
-exec python -m pytest -n "${PYTEST_WORKERS:-$(( $(nproc) + 1 ))}" --dist loadfile "${marker[@]}" "$@"
+exec python -m pytest -n "${PYTEST_WORKERS:-auto}" --dist loadfile "${marker[@]}" "$@"
