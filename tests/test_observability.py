@@ -181,6 +181,18 @@ def test_gpu_check_rule_catches_a_checkpoint_under_out(tmp_path):
     assert done.returncode == 1 and done.stdout.strip() == f"checkpoints would land in OUT: {out}/train/checkpoints"
 
 
+def test_gpu_check_config_checks_fail_on_a_bad_config():
+    """The dry run's config checks (one process for all): a refused config is a FAIL line and exit 1, the others
+    still checked."""
+    done = subprocess.run([sys.executable, "tools/gpu_report.py", "--check-configs",
+                           "bad|--set model.n_heads=3 model.d_model=32", "good|--set model.n_layers=2"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    lines = done.stdout.splitlines()
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert lines[0] == "FAIL  bad: error: model.d_model (32) must be divisible by model.n_heads (3), or set model.head_dim"
+    assert lines[1].startswith("ok    good: predicted memory per GPU")
+
+
 def test_gpu_check_refuses_without_a_gpu(tmp_path):
     if subprocess.run(["bash", "-c", "nvidia-smi -L"], capture_output=True).returncode == 0:
         pytest.skip("this machine has a GPU")

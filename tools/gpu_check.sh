@@ -97,17 +97,18 @@ if [ "$DRY" = 1 ]; then
         if out=$("$@" 2>&1); then echo "ok    $label: $(tail -n 1 <<< "$out")"
         else echo "FAIL  $label: $(tail -n 3 <<< "$out")"; fail=1; fi
     }
+    # every step's config, as `python -m pretrain.train ARGS --check`, all in one process: "label|ARGS"
+    configs=()
     for variant in torch triton compiled; do
         eval "extra=(\"\${VARIANT_$variant[@]}\")"
-        check "config train_$variant" "$PY" "${TRAIN[@]}" "${extra[@]}" train.device=auto \
-            "logging.run_dir=$scratch/train-$variant" --check
+        configs+=("config train_$variant|${TRAIN[*]:2} ${extra[*]} train.device=auto logging.run_dir=$scratch/train-$variant")
     done
-    check "config train_fp8" "$PY" "${TRAIN[@]}" "${VARIANT_torch[@]}" train.fp8=tensorwise train.device=auto \
-        "logging.run_dir=$scratch/train-fp8" --check
+    configs+=("config train_fp8|${TRAIN[*]:2} ${VARIANT_torch[*]} train.fp8=tensorwise train.device=auto logging.run_dir=$scratch/train-fp8")
     for fp8 in none tensorwise; do
-        check "config gpt7b $fp8" "$PY" "${GPT7B[@]}" train.fp8=$fp8 train.device=auto "logging.run_dir=$scratch/7b" --check
+        configs+=("config gpt7b $fp8|${GPT7B[*]:2} train.fp8=$fp8 train.device=auto logging.run_dir=$scratch/7b")
     done
-    check "bench_step config" "$PY" -m pretrain.train --config configs/gpt_1b.toml --set model.kernels=triton --check
+    configs+=("bench_step config|--config configs/gpt_1b.toml --set model.kernels=triton")
+    "$PY" tools/gpu_report.py --check-configs "${configs[@]}" || fail=1
     check "gpu tests collected" bash -c "$PY -m pytest -p no:cacheprovider -q --collect-only -m gpu tests/kernels \
         | grep -E '^[0-9]+(/[0-9]+)? tests? (collected|selected)'"
     check "kernel ops" "$PY" -c "from pretrain.kernels.bench import OPS; print('ops:', ', '.join(OPS))"

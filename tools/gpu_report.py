@@ -4,6 +4,7 @@
     python tools/gpu_report.py OUT                 # OUT/gpu_report.md
     python tools/gpu_report.py --facts OUT/facts.json
     python tools/gpu_report.py --self-test         # builds a report from made-up inputs; exit 0 when it works
+    python tools/gpu_report.py --check-configs "LABEL|ARGS" ...  # pretrain.train ARGS --check, in one process
 
 Training figures are medians over the steps after the first WARMUP (5): compilation, allocator warm-up and the
 first Triton launches stay out of them. The goals are the project's: gpt_1b >= 55 % MFU on one H200 (dense bf16
@@ -275,6 +276,33 @@ def checkpoints_outside(out: str, commands: list[str]) -> int:
     return 0
 
 
+def check_configs(entries: list[str]) -> int:
+    """The dry run's config checks: each ``LABEL|ARGS`` is ``python -m pretrain.train ARGS --check`` run in this
+    one process (torch and the project imported once, not once a config); one ``ok``/``FAIL`` line each."""
+    import contextlib
+    import io
+    import shlex
+
+    from pretrain.train import main as train_main
+
+    failed = 0
+    for entry in entries:
+        label, _, command = entry.partition("|")
+        captured = io.StringIO()
+        with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
+            try:
+                code = train_main([*shlex.split(command), "--check"])
+            except SystemExit as exc:  # argparse
+                code = exc.code if isinstance(exc.code, int) else 2
+        lines = captured.getvalue().strip().splitlines() or [""]
+        if code == 0:
+            print(f"ok    {label}: {lines[-1]}")
+        else:
+            print(f"FAIL  {label}: " + "\n".join(lines[-3:]))
+            failed = 1
+    return failed
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", nargs="?", help="the directory tools/gpu_check.sh wrote")
@@ -282,9 +310,13 @@ def main(argv=None) -> int:
                         help="check that no training command (arguments after -m pretrain.train) saves under OUT")
     parser.add_argument("--facts", help="write the device facts to this JSON file and exit")
     parser.add_argument("--self-test", action="store_true")
+    parser.add_argument("--check-configs", nargs="+", metavar="LABEL|ARGS",
+                        help="run python -m pretrain.train ARGS --check for each, in this process")
     args = parser.parse_args(argv)
     if args.self_test:
         return self_test()
+    if args.check_configs:
+        return check_configs(args.check_configs)
     if args.checkpoints_outside:
         return checkpoints_outside(args.checkpoints_outside[0], args.checkpoints_outside[1:])
     if args.facts:

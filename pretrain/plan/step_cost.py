@@ -330,16 +330,28 @@ def _batch(cfg, tokens: int, generator) -> dict:
     return {"tokens": ids, "targets": torch.roll(ids, -1, 1)}
 
 
-def _ours(cfg, n_layers: int, tokens: int, kernels: str):
+def _ours(cfg, n_layers: int, tokens: int, kernels: str, like: dict | None = None):
     """Our model at ``n_layers`` and its step as the local engine runs it: activation checkpointing as configured
     (its recomputation is counted), the micro-batches under one autocast a step (bf16 configs), each one's loss
-    normalised and back-propagated outside it."""
+    normalised and back-propagated outside it. ``like``: the parameters and buffers of a fresh build at the same
+    depth (other tokens) to take instead of drawing them again — seconds a build at a 128k vocabulary."""
     from pretrain.models import build_model
     from pretrain.tasks import task_for
 
     model_cfg = replace(cfg.model, n_layers=n_layers, seq_len=tokens, kernels=kernels, dropout=0.0,
                         moe_dense_layers=min(cfg.model.moe_dense_layers, n_layers - 1))
-    model = build_model(model_cfg)
+    if like is None:
+        model = build_model(model_cfg)
+    else:
+        with torch.device("meta"):
+            model = build_model(model_cfg)
+        model.to_empty(device="cpu")
+        with torch.no_grad():
+            for name, t in [*model.named_parameters(), *model.named_buffers()]:
+                if name in like and like[name].shape == t.shape:
+                    t.copy_(like[name])
+                else:  # sized by the tokens (the rotary tables, learned positions): its module's own init
+                    model.get_submodule(name.rpartition(".")[0]).reset_parameters()
     _checkpointing(model, cfg)
     task = task_for(cfg.model.arch)
 
@@ -418,18 +430,29 @@ def measure(cfg, kernels: str | None = None, tokens: tuple[int, int] = (128, 256
     optimizer_cost, n_params = None, 0
     (l1, l2), (t1, t2) = layers, tokens
     # one micro-batch at every (layers, tokens); a second micro-batch in the same step at t1 tells what a step
-    # pays once from what each micro-batch pays
-    for n_layers, t, k in [(n, t, 1) for n in layers for t in tokens] + [(n, t1, 2) for n in layers]:
+    # pays once from what each micro-batch pays. The runs of one depth share the first build's values (ours).
+    runs = [(n, t, k) for n in layers for t, k in ((t1, 1), (t2, 1), (t1, 2))]
+    first = {}
+    for index, (n_layers, t, k) in enumerate(runs):
         torch.manual_seed(seed)
-        model, step = BUILDERS[peer](cfg, n_layers, t, kernels)
+        if peer:
+            model, step = BUILDERS[peer](cfg, n_layers, t, kernels)
+        else:
+            model, step = _ours(cfg, n_layers, t, kernels, first.get(n_layers))
+            first.setdefault(n_layers, {name: x.detach() for name, x in [*model.named_parameters(),
+                                                                        *model.named_buffers()]})
         batches = [_batch(cfg, t, torch.Generator().manual_seed(seed + i)) for i in range(k)]  # not counted
         cost = Cost()
         with counting(cost, declared):
             step(batches)
         results[n_layers, t, k] = cost
-        if optimizer_cost is None:  # the optimizer as a GPU run builds it (fused torch AdamW on CUDA)
+        if optimizer_cost is None and index == 2:  # the optimizer as a GPU run builds it (fused torch AdamW on CUDA),
+            # on the depth's last model: the first one's values stay as built for the next two
             optimizer_cost, n_params = _optimizer_cost(cfg, n_layers, t, kernels, model if not peer else None)
-        del model
+        model.zero_grad(set_to_none=True)
+        del model, step
+        if index == 2:
+            first.clear()
 
     def per_layer(get):
         """(a per token, b per micro-batch + c per step) of one layer and of the rest, from the one-micro-batch

@@ -2,6 +2,7 @@
 tokenizer, sharding, and every bad input as one clear line."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -240,31 +241,36 @@ def test_bad_inputs_are_one_clear_line(tmp_path):
     assert torch.equal(model.embed_tokens.weight, hf.model.embed_tokens.weight)
 
 
-def test_cli_round_trip_and_continue_pretraining(tmp_path, prepared):
-    run = tmp_path / "run"
-    common = ["model.n_layers=2", "model.d_model=32", "model.n_heads=4", "model.vocab_size=512", "model.seq_len=16",
+ROUND_TRIP = ["model.n_layers=2", "model.d_model=32", "model.n_heads=4", "model.vocab_size=512", "model.seq_len=16",
               "train.micro_batch_size=4", "schedule.warmup_steps=1", "logging.tensorboard=false", "eval.interval=0",
-              "data.source=shards", f"data.path={prepared}", "model.tie_embeddings=false"]
+              "data.source=shards", "model.tie_embeddings=false"]
+
+
+@pytest.fixture(scope="module")
+def round_trip(tmp_path_factory, prepared):
+    """A 2-step run converted to HF and back with tools/convert_checkpoint.py: (tmp, run dir, hf dir, step dir,
+    the second --to hf's result)."""
+    tmp = tmp_path_factory.mktemp("round_trip")
+    run, common = tmp / "run", [*ROUND_TRIP, f"data.path={prepared}"]
     subprocess.run([sys.executable, "-m", "pretrain.train", "--set", *common, "train.steps=2",
                     "checkpoint.interval=2", f"logging.run_dir={run}"], cwd=ROOT, check=True, capture_output=True)
-    hf_dir, native = tmp_path / "hf", tmp_path / "native"
+    hf_dir, native = tmp / "hf", tmp / "native"
     to_hf = subprocess.run([sys.executable, "tools/convert_checkpoint.py", "--to", "hf", "--input",
                             str(run / "checkpoints"), "--output", str(hf_dir)], cwd=ROOT, capture_output=True, text=True)
     assert to_hf.returncode == 0, to_hf.stderr
-    assert (hf_dir / "tokenizer.model").is_file() and (hf_dir / "config.json").is_file()
     again = subprocess.run([sys.executable, "tools/convert_checkpoint.py", "--to", "hf", "--input",
                             str(run / "checkpoints"), "--output", str(hf_dir)], cwd=ROOT, capture_output=True, text=True)
-    assert again.returncode == 2 and again.stderr.strip().startswith("error: output") and \
-        len(again.stderr.strip().splitlines()) == 1
     to_native = subprocess.run([sys.executable, "tools/convert_checkpoint.py", "--to", "native", "--input",
                                 str(hf_dir), "--output", str(native)], cwd=ROOT, capture_output=True, text=True)
     assert to_native.returncode == 0, to_native.stderr
-    step = native / "step-00000000"
-    cont = subprocess.run([sys.executable, "-m", "pretrain.train", "--set", *common, "train.steps=2",
-                           f"checkpoint.resume={step}", f"logging.run_dir={tmp_path / 'continued'}"], cwd=ROOT,
-                          capture_output=True, text=True)
-    assert cont.returncode == 0, cont.stderr
-    assert f"initialised the model from {step}" in cont.stdout + cont.stderr
+    return tmp, run, hf_dir, native / "step-00000000", again
+
+
+def test_cli_round_trip_is_bit_identical_and_never_overwrites(round_trip):
+    _, run, hf_dir, step, again = round_trip
+    assert (hf_dir / "tokenizer.model").is_file() and (hf_dir / "config.json").is_file()
+    assert again.returncode == 2 and again.stderr.strip().startswith("error: output") and \
+        len(again.stderr.strip().splitlines()) == 1
     from pretrain.checkpoint import load_model
 
     original, _ = load_model(run / "checkpoints")
@@ -272,51 +278,76 @@ def test_cli_round_trip_and_continue_pretraining(tmp_path, prepared):
     assert all(torch.equal(imported.state_dict()[k], v) for k, v in original.state_dict().items())
 
 
-def test_import_writes_the_config_that_continues_it_under_tensor_parallel(tmp_path, prepared):
-    """Qwen3-shaped weights (head_dim != d_model / n_heads) imported: the printed command with its train.toml
-    trains on one process and on 2 gloo ranks with tp = 2 to the same losses; another model's config is refused
-    with the command to use instead."""
-    import os
+@pytest.mark.hf_independent
+def test_the_round_trip_continues_pretraining(round_trip, prepared):
+    tmp, _, _, step, _ = round_trip
+    cont = subprocess.run([sys.executable, "-m", "pretrain.train", "--set", *ROUND_TRIP, f"data.path={prepared}",
+                           "train.steps=2", f"checkpoint.resume={step}", f"logging.run_dir={tmp / 'continued'}"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert cont.returncode == 0, cont.stderr
+    assert f"initialised the model from {step}" in cont.stdout + cont.stderr
 
+
+_ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def imported_qwen3(tmp_path_factory):
+    """Qwen3-shaped weights (head_dim != d_model / n_heads, QK-norm) saved by transformers and imported with
+    tools/convert_checkpoint.py: (tmp, the import's result)."""
     from pretrain.checkpoint.hf import hf_config
 
+    tmp = tmp_path_factory.mktemp("qwen3")
     cfg = load_config(None, ["model.n_layers=2", "model.d_model=32", "model.n_heads=4", "model.n_kv_heads=2",
                              "model.head_dim=16", "model.qk_norm=true", "model.vocab_size=512",
                              "model.seq_len=16"]).model
     torch.manual_seed(4)
-    transformers.AutoModelForCausalLM.from_config(hf_config(cfg)).save_pretrained(tmp_path / "hf")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    transformers.AutoModelForCausalLM.from_config(hf_config(cfg)).save_pretrained(tmp / "hf")
     imported = subprocess.run([sys.executable, "tools/convert_checkpoint.py", "--to", "native", "--input",
-                               str(tmp_path / "hf"), "--output", str(tmp_path / "qwen3")], cwd=ROOT, env=env,
+                               str(tmp / "hf"), "--output", str(tmp / "qwen3")], cwd=ROOT, env=_ONE_THREAD,
                               capture_output=True, text=True)
     assert imported.returncode == 0, imported.stderr
+    return tmp, imported
+
+
+IMPORTED_RUN = ["train.steps=3", "train.micro_batch_size=4", "schedule.warmup_steps=1", "logging.interval=1",
+                "logging.tensorboard=false", "eval.interval=0", "checkpoint.interval=0"]
+
+
+def test_import_prints_the_command_and_refuses_another_models_config(imported_qwen3, prepared):
+    """The import prints the command with the train.toml it wrote (which still needs data.path); a config of
+    another model resuming the imported step is refused with the command to use instead."""
+    tmp, imported = imported_qwen3
     command = [line.strip() for line in imported.stdout.splitlines() if "pretrain.train" in line][0]
-    assert command == f"python -m pretrain.train --config {tmp_path / 'qwen3' / 'train.toml'} --set data.path=DATA"
-    config = ["--config", str(tmp_path / "qwen3" / "train.toml")]
-    unset = subprocess.run([sys.executable, "-m", "pretrain.train", *config], cwd=ROOT, env=env, capture_output=True,
-                           text=True)
+    assert command == f"python -m pretrain.train --config {tmp / 'qwen3' / 'train.toml'} --set data.path=DATA"
+    unset = subprocess.run([sys.executable, "-m", "pretrain.train", "--config", str(tmp / "qwen3" / "train.toml")],
+                           cwd=ROOT, env=_ONE_THREAD, capture_output=True, text=True)
     assert unset.returncode != 0 and 'data.source = "shards" needs data.path' in unset.stderr
-    common = [f"data.path={prepared}", "train.steps=3", "train.micro_batch_size=4", "schedule.warmup_steps=1",
-              "logging.interval=1", "logging.tensorboard=false", "eval.interval=0", "checkpoint.interval=0"]
+    wrong = subprocess.run([sys.executable, "-m", "pretrain.train", "--set", f"data.path={prepared}", *IMPORTED_RUN,
+                            "model.vocab_size=512", f"checkpoint.resume={tmp / 'qwen3' / 'step-00000000'}",
+                            "data.source=shards", f"logging.run_dir={tmp / 'wrong'}"], cwd=ROOT, env=_ONE_THREAD,
+                           capture_output=True, text=True)
+    assert wrong.returncode != 0
+    assert "holds an imported model with model.n_layers = 2, this config has" not in wrong.stderr  # same depth
+    assert f"continue with the config the import wrote, python -m pretrain.train --config {tmp / 'qwen3'}" \
+        in wrong.stderr
+
+
+@pytest.mark.hf_independent
+def test_the_imported_config_trains_alike_on_one_process_and_under_tensor_parallel(imported_qwen3, prepared):
+    tmp, _ = imported_qwen3
+    config = ["--config", str(tmp / "qwen3" / "train.toml")]
 
     def train(name, *launcher_and_layout):
         launcher = [a for a in launcher_and_layout if not a.startswith("parallel.")]
         layout = [a for a in launcher_and_layout if a.startswith("parallel.")]
-        run = subprocess.run([sys.executable, *launcher, "-m", "pretrain.train", *config, "--set", *common, *layout,
-                              f"logging.run_dir={tmp_path / name}"], cwd=ROOT, env=env, capture_output=True,
-                             text=True, timeout=300)
+        run = subprocess.run([sys.executable, *launcher, "-m", "pretrain.train", *config, "--set",
+                              f"data.path={prepared}", *IMPORTED_RUN, *layout, f"logging.run_dir={tmp / name}"],
+                             cwd=ROOT, env=_ONE_THREAD, capture_output=True, text=True, timeout=300)
         assert run.returncode == 0, run.stderr[-3000:]
         assert "initialised the model from" in run.stdout + run.stderr
-        return [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        return [json.loads(line)["loss"] for line in (tmp / name / "metrics.jsonl").read_text().splitlines()]
 
     one = train("one")
     tp2 = train("tp2", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "parallel.tp=2")
     assert len(one) == len(tp2) == 3 and max(abs(a - b) for a, b in zip(one, tp2)) <= 1e-5, (one, tp2)
-    wrong = subprocess.run([sys.executable, "-m", "pretrain.train", "--set", *common, "model.vocab_size=512",
-                            f"checkpoint.resume={tmp_path / 'qwen3' / 'step-00000000'}", "data.source=shards",
-                            f"logging.run_dir={tmp_path / 'wrong'}"], cwd=ROOT, env=env, capture_output=True,
-                           text=True)
-    assert wrong.returncode != 0
-    assert "holds an imported model with model.n_layers = 2, this config has" not in wrong.stderr  # same depth
-    assert f"continue with the config the import wrote, python -m pretrain.train --config {tmp_path / 'qwen3'}" \
-        in wrong.stderr

@@ -141,7 +141,8 @@ LAYOUTS = {
     "cp2_alltoall": (2, ["train.micro_batch_size=8", "parallel.cp=2", "parallel.cp_impl=alltoall",
                          "parallel.zero_stage=3"]),
     # one layer: the Triton attention runs in the interpreter here (4 layers took ~100 s of a 3-minute launch)
-    "cp2_ring_triton": (2, ["train.micro_batch_size=8", "parallel.cp=2", "model.kernels=attention", "model.n_layers=1"]),
+    "cp2_ring_triton": (2, ["train.micro_batch_size=8", "parallel.cp=2", "model.kernels=attention", "model.n_layers=1",
+                        "model.n_heads=2", "model.n_kv_heads=1"]),
     "moe_cp2": (2, ["train.micro_batch_size=8", "parallel.cp=2", "parallel.zero_stage=2", *MOE,
                     "model.moe_balance=bias"]),
     "cp4_ring": (4, ["train.micro_batch_size=8", "parallel.cp=4", "parallel.zero_stage=2"]),
@@ -325,7 +326,7 @@ def consolidated_matches(run_dir: str, reference: dict[str, torch.Tensor]) -> fl
 
 ARCH_PREFIXES = ("model.arch", "model.flavor", "model.tie", "task=", "model.n_experts", "model.moe", "model.n_shared",
                  "model.kernels", "optim.name", "optim.muon", "train.fp8", "model.head_dim", "model.qk_norm",
-                 "model.qkv_bias", "model.rope", "model.n_kv_heads", "model.n_layers")
+                 "model.qkv_bias", "model.rope", "model.n_kv_heads", "model.n_layers", "model.n_heads")
 
 
 def reference_keys(name: str) -> list[tuple]:
