@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = 60
+STEPS = 30
 MICRO = ["data.source=synthetic", "model.n_layers=2", "model.d_model=32", "model.n_heads=4", "model.n_kv_heads=2",
          "model.vocab_size=64", "model.seq_len=16", "train.micro_batch_size=4", "eval.interval=0",
          "logging.interval=1", "logging.tensorboard=false", "schedule.warmup_steps=1", "checkpoint.interval=10",

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from pretrain import step
 from pretrain.config import ModelConfig
 from pretrain.distributed import local_part
+from pretrain.models.layers import compute_dtype
 
 
 class Router(nn.Module):
@@ -71,9 +72,8 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, counts: torch.Tensor, grouped: bool = True) -> torch.Tensor:
         """x (M, D) sorted by expert, counts (E,) tokens per (local) expert -> (M, D)."""
         gate_up, down = local_part(self.gate_up_proj), local_part(self.down_proj)
-        if torch.is_autocast_enabled(x.device.type):  # the grouped GEMM is not an autocast op: cast as one would
-            dtype = torch.get_autocast_dtype(x.device.type)
-            x, gate_up, down = x.to(dtype), gate_up.to(dtype), down.to(dtype)
+        # the grouped GEMM is not an autocast op: the inputs in the dtype an autocast matmul would take
+        x, gate_up, down = compute_dtype(x), compute_dtype(gate_up), compute_dtype(down)
         if self.grad_scale != 1.0:
             gate_up, down = _ScaleGrad.apply(gate_up, self.grad_scale), _ScaleGrad.apply(down, self.grad_scale)
         if x.shape[0] == 0:

@@ -438,7 +438,7 @@ def measure(cfg, kernels: str | None = None, tokens: tuple[int, int] = (128, 256
         if peer:
             model, step = BUILDERS[peer](cfg, n_layers, t, kernels)
         else:
-            model, step = _ours(cfg, n_layers, t, kernels, first.get(n_layers))
+            model, step = BUILDERS[None](cfg, n_layers, t, kernels, like=first.get(n_layers))
             first.setdefault(n_layers, {name: x.detach() for name, x in [*model.named_parameters(),
                                                                         *model.named_buffers()]})
         batches = [_batch(cfg, t, torch.Generator().manual_seed(seed + i)) for i in range(k)]  # not counted

@@ -71,7 +71,7 @@ class CastOnce(torch.nn.Module):
 
 @pytest.mark.parametrize("per", ["micro_batch", "step"])
 def test_fit_separates_tokens_micro_batches_steps_and_layers(monkeypatch, per):
-    def builder(cfg, n_layers, tokens, kernels):
+    def builder(cfg, n_layers, tokens, kernels, like=None):
         layers = torch.nn.ModuleList((Layer if per == "micro_batch" else CastOnce)() for _ in range(n_layers))
 
         def step(batches):
