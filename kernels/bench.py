@@ -97,9 +97,10 @@ def attention_cases(dtype, batch: int, heads: int, seq: int, head_dim: int, caus
 
 
 def norm_cases(op: str, dtype, rows: int, dim: int) -> list[Case]:
-    from pretrain.kernels.norms import layer_norm, rms_norm
+    from pretrain.kernels.norms import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 
     x = torch.randn(rows, dim, device="cuda", dtype=dtype)
+    r = torch.randn(rows, dim, device="cuda", dtype=dtype)
     w = torch.randn(dim, device="cuda", dtype=dtype)
     b = torch.randn(dim, device="cuda", dtype=dtype)
     io = 2 * x.numel() * x.element_size()
@@ -117,7 +118,16 @@ def norm_cases(op: str, dtype, rows: int, dim: int) -> list[Case]:
             impls["apex"] = lambda: apex_norm(x)
         except ImportError:
             pass
-    return [Case(op, shape, name, fn, 8.0 * x.numel(), io) for name, fn in impls.items()]
+    cases = [Case(op, shape, name, fn, 8.0 * x.numel(), io) for name, fn in impls.items()]
+    # a pre-norm block's residual add and the norm after it: one kernel (reads x, r; writes x + r and y) against
+    # torch's add then its norm
+    if op == "rmsnorm":
+        fused = {"triton_add_norm": lambda: add_rms_norm(x, r, w),
+                 "torch_add_then_F.rms_norm": lambda: F.rms_norm(x + r, (dim,), w, 1e-6)}
+    else:
+        fused = {"triton_add_norm": lambda: add_layer_norm(x, r, w, b),
+                 "torch_add_then_F.layer_norm": lambda: F.layer_norm(x + r, (dim,), w, b)}
+    return cases + [Case(op, shape, name, fn, 9.0 * x.numel(), 2 * io) for name, fn in fused.items()]
 
 
 def rotary_cases(dtype, batch: int, heads: int, seq: int, head_dim: int) -> list[Case]:

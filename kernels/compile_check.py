@@ -227,6 +227,20 @@ def norm_case(d: int, rms: bool):
     return run
 
 
+def add_norm_case(d: int, rms: bool):
+    """The norm with the residual add fused in: both outputs used, so the backward adds the residual's gradient."""
+    def run(dtype):
+        import torch
+
+        from pretrain.kernels.norms import add_layer_norm, add_rms_norm
+
+        x, r = (torch.zeros(4, d, dtype=dtype, requires_grad=True) for _ in range(2))
+        w = torch.ones(d, dtype=dtype, requires_grad=True)
+        s, y = add_rms_norm(x, r, w) if rms else add_layer_norm(x, r, w, torch.zeros(d, dtype=dtype, requires_grad=True))
+        (s.sum() + y.sum()).backward()
+    return run
+
+
 def rotary_case(e: int, heads: int):
     def run(dtype):
         import torch
@@ -299,6 +313,8 @@ def cases(full: bool = False) -> list[tuple[str, Callable, tuple[str, ...]]]:
            ("attention E256 padded", attention_case(256, 4, 4, False, True), both)] if full else []),
         *[(f"rms_norm D{d}", norm_case(d, True), both) for d in (256, 2048, 4096, 8192)],
         *[(f"layer_norm D{d}", norm_case(d, False), both) for d in (128, 768, 1024)],
+        *[(f"add_rms_norm D{d}", add_norm_case(d, True), both) for d in (2048, 4096)],
+        ("add_layer_norm D768", add_norm_case(768, False), both),
         *[(f"rotary E{e}", rotary_case(e, 4), both) for e in (32, 128)],
         ("linear_cross_entropy D2048 V32000", cross_entropy_case(2048, 32000), both),
         ("swiglu F5632", swiglu_case(5632), both),

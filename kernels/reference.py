@@ -33,6 +33,17 @@ def layer_norm(x, weight, bias, eps):
     return F.layer_norm(x.float(), (x.shape[-1],), weight.float(), bias.float(), eps).to(x.dtype)
 
 
+def add_rms_norm(x, residual, weight, eps):
+    """(x + residual, its RMSNorm): the sum in torch's promoted dtype, normalised as stored."""
+    s = x + residual
+    return s, rms_norm(s, weight, eps)
+
+
+def add_layer_norm(x, residual, weight, bias, eps):
+    s = x + residual
+    return s, layer_norm(s, weight, bias, eps)
+
+
 def rotary(x, cos, sin):
     """x (B, H, T, E); cos, sin (T, E) in the rotate-half convention (HF Llama)."""
     x1, x2 = x.float().chunk(2, dim=-1)

@@ -47,9 +47,14 @@ class EncoderLayer(nn.Module):
         self.mlp = MLP(cfg, gated=False, bias=True)
         self.mlp_norm = LayerNorm(cfg.d_model, cfg.norm_eps, ops)
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
+        self.fused_add_norm = self.attn_norm.fused_add  # as the GPT block's (off under tensor parallelism)
 
     def forward(self, x, key_padding_mask=None):
-        x = self.attn_norm(x + self.dropout(self.self_attn(x, key_padding_mask=key_padding_mask)))
+        a = self.dropout(self.self_attn(x, key_padding_mask=key_padding_mask))
+        if self.fused_add_norm:  # post-LN: only the normed sum goes on
+            x = self.attn_norm.add(x, a)[1]
+            return self.mlp_norm.add(x, self.dropout(self.mlp(x)))[1]
+        x = self.attn_norm(x + a)
         return self.mlp_norm(x + self.dropout(self.mlp(x)))
 
 

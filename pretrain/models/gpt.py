@@ -39,10 +39,17 @@ class Block(nn.Module):
         else:
             self.mlp = MLP(cfg, gated=llama, bias=not llama, gelu_approximate="tanh", ops=ops)
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
+        # the attention's residual add and the norm after it as one kernel (Triton norms); tensor parallelism
+        # turns it off (its sequence-parallel norm takes its input through the module's forward)
+        self.fused_add_norm = self.post_attention_layernorm.fused_add
 
     def forward(self, x, rotary=None):
-        x = x + self.dropout(self.self_attn(compute_dtype(self.input_layernorm(x)), rotary))
-        h = self.post_attention_layernorm(x)
+        a = self.dropout(self.self_attn(compute_dtype(self.input_layernorm(x)), rotary))
+        if self.fused_add_norm:
+            x, h = self.post_attention_layernorm.add(x, a)
+        else:
+            x = x + a
+            h = self.post_attention_layernorm(x)
         return x + self.dropout(self.mlp(h if isinstance(self.mlp, MoE) else compute_dtype(h)))  # the router: fp32
 
 

@@ -28,6 +28,15 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         return self.ops.rms_norm(x, self.weight, self.eps)
 
+    @property
+    def fused_add(self) -> bool:
+        """Whether ``add`` is one kernel (the Triton norm) rather than an add and this norm."""
+        return "rms_norm" in self.ops.triton
+
+    def add(self, x, residual):
+        """(x + residual, this norm of it): a pre-norm block's residual add and the next norm."""
+        return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
+
     def reset_parameters(self):
         nn.init.ones_(self.weight)
 
@@ -42,6 +51,13 @@ class LayerNorm(nn.Module):
 
     def forward(self, x):
         return self.ops.layer_norm(x, self.weight, self.bias, self.eps)
+
+    @property
+    def fused_add(self) -> bool:
+        return "layer_norm" in self.ops.triton
+
+    def add(self, x, residual):
+        return self.ops.add_layer_norm(x, residual, self.weight, self.bias, self.eps)
 
     def reset_parameters(self):
         nn.init.ones_(self.weight)

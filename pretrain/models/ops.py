@@ -25,6 +25,8 @@ TRITON_OPS = {
     "swiglu": ("pretrain.kernels.swiglu", "swiglu"),
 }
 assert tuple(TRITON_OPS) == KERNEL_OPS
+# functions that come with an op from the same kernel: the norms with the residual add fused in
+COMPANIONS = {"rms_norm": ("add_rms_norm",), "layer_norm": ("add_layer_norm",)}
 
 
 def torch_attention(q, k, v, causal=True, key_padding_mask=None, scale=None, dropout_p=0.0):
@@ -47,6 +49,16 @@ def torch_rms_norm(x, weight, eps):
 
 def torch_layer_norm(x, weight, bias, eps):
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def torch_add_rms_norm(x, residual, weight, eps):
+    s = x + residual
+    return s, torch_rms_norm(s, weight, eps)
+
+
+def torch_add_layer_norm(x, residual, weight, bias, eps):
+    s = x + residual
+    return s, torch_layer_norm(s, weight, bias, eps)
 
 
 def torch_rotary(x, cos, sin):
@@ -74,9 +86,14 @@ class Ops:
         self.rotary: Callable = torch_rotary
         self.cross_entropy: Callable = torch_linear_cross_entropy
         self.swiglu: Callable = torch_swiglu
+        self.add_rms_norm: Callable = torch_add_rms_norm  # (x + r, norm(x + r))
+        self.add_layer_norm: Callable = torch_add_layer_norm
         self.triton = triton_ops(backend)
         for name in sorted(self.triton):
-            setattr(self, name, _load_triton(*TRITON_OPS[name]))
+            module, function = TRITON_OPS[name]
+            setattr(self, name, _load_triton(module, function))
+            for companion in COMPANIONS.get(name, ()):
+                setattr(self, companion, _load_triton(module, companion))
 
 
 def _load_triton(module: str, function: str) -> Callable:

@@ -86,6 +86,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool) ->
 
     gated = gpt and cfg.flavor == "llama"
     for block in model.layers.values():
+        block.fused_add_norm = False  # the norms' plan acts on their forward (see models/gpt.py Block)
         moe = isinstance(block.mlp, MoE)
         shared = moe and block.mlp.shared_experts is not None
         parallelize_module(block, tp_mesh, block_plan(cfg.arch, gated, sequence_parallel, moe, shared,

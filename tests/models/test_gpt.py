@@ -158,3 +158,33 @@ def test_the_residual_stream_is_bf16_under_autocast_unless_fp32_residual(fp32_re
     assert seen == [want, want] and hidden.dtype == want
     seen.clear()
     assert model.hidden_states(torch.randint(0, 64, (2, 8))).dtype == torch.float32 and seen == [torch.float32] * 2
+
+
+@pytest.mark.parametrize("arch, flavor, norm", [("gpt", "llama", "rms_norm"), ("gpt", "gpt2", "layer_norm"),
+                                                ("bert", "llama", "layer_norm")])
+def test_the_residual_add_fused_into_the_triton_norm_trains_like_add_then_norm(arch, flavor, norm):
+    """model.kernels with the Triton norm: each block's residual add and the norm after it are one kernel
+    (GPT: the attention's add and post_attention_layernorm; BERT's post-LN: both adds). fp32 logits and every
+    gradient equal the same model with the add and the norm apart, within 1e-6."""
+    pytest.importorskip("triton")
+    from ..conftest import TINY_MODEL
+
+    cfg = load_config(None, [f"model.arch={arch}", f"model.flavor={flavor}", *TINY_MODEL, f"model.kernels={norm}"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    tokens = torch.randint(0, cfg.model.vocab_size, (2, cfg.model.seq_len))
+    blocks = list(model.layers.values())
+
+    def run(fused):
+        for block in blocks:
+            block.fused_add_norm = fused
+        model.zero_grad()
+        logits = model(tokens)
+        (logits * torch.linspace(-1, 1, logits.shape[-1])).sum().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    assert all(block.fused_add_norm for block in blocks)  # on by default with the Triton norm
+    fused, unfused = run(True), run(False)
+    torch.testing.assert_close(fused[0], unfused[0], atol=1e-6, rtol=1e-6)
+    for name, grad in unfused[1].items():
+        torch.testing.assert_close(fused[1][name], grad, atol=1e-6, rtol=1e-6, msg=name)
