@@ -433,6 +433,11 @@ def _kernels(cfg: Config) -> None:
         raise ConfigError(str(exc)) from None
     if "attention" in chosen and m.dropout:
         raise ConfigError("the Triton attention has no dropout: set model.dropout = 0 or keep attention on torch")
+    sharded_norms = (cfg.parallel.tp > 1 and cfg.parallel.sequence_parallel and m.arch == "gpt"
+                     and not m.tie_embeddings)  # parallel/dims.vocab_parallel: the norms sharded over the sequence
+    if chosen & {"rms_norm", "layer_norm"} and sharded_norms:
+        raise ConfigError("the Triton norms take whole tensors, not the sequence shards of parallel.sequence_parallel: "
+                          "set parallel.sequence_parallel = false or drop rms_norm / layer_norm from model.kernels")
     if "cross_entropy" in chosen and cfg.parallel.tp > 1:
         raise ConfigError("the fused cross-entropy kernel takes a whole head: with parallel.tp > 1 the "
                           "vocab-parallel loss is used; drop cross_entropy from model.kernels")

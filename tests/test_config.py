@@ -83,6 +83,8 @@ def test_overrides_apply_with_types():
     (["model.arch=bert", "model.seq_len=1024", "model.max_position_embeddings=512"],
      "model.seq_len (1024) exceeds model.max_position_embeddings (512) of this bert model"),
     (["schedule.decay=cosin"], "schedule.decay = 'cosin' is not one of cosine, linear, wsd, constant"),
+    (["model.kernels=rms_norm,attention", "parallel.tp=2"],
+     "the Triton norms take whole tensors, not the sequence shards of parallel.sequence_parallel"),
     (["data.source=shards", "data.path="], 'data.source = "shards" needs data.path'),
     (["steps=3"], "is not of the form section.key"),
     (["data.source=shards", 'data.sources=[{path = "a", weight = -1}]'],

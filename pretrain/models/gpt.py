@@ -39,18 +39,28 @@ class Block(nn.Module):
         else:
             self.mlp = MLP(cfg, gated=llama, bias=not llama, gelu_approximate="tanh", ops=ops)
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
-        # the attention's residual add and the norm after it as one kernel (Triton norms); tensor parallelism
-        # turns it off (its sequence-parallel norm takes its input through the module's forward)
+        # each residual add and the norm after it as one kernel (Triton norms): the attention's with
+        # post_attention_layernorm, the MLP's with the next block's input_layernorm (or the final norm; see
+        # ``GPT.hidden_states``). Tensor parallelism turns it off (its sequence-parallel norms take their input
+        # through the module's forward)
         self.fused_add_norm = self.post_attention_layernorm.fused_add
 
-    def forward(self, x, rotary=None):
-        a = self.dropout(self.self_attn(compute_dtype(self.input_layernorm(x)), rotary))
+    def forward(self, x, rotary=None, pending=None, defer: bool = False):
+        """x (B, T, D) -> x + attn + mlp. ``pending``: the previous block's MLP output, not yet added to ``x``
+        (added here, in one kernel with this block's first norm); ``defer``: return (x + attn, mlp) and leave that
+        add to the next block the same way."""
+        if pending is not None:
+            x, h = self.input_layernorm.add(x, pending)
+        else:
+            h = self.input_layernorm(x)
+        a = self.dropout(self.self_attn(compute_dtype(h), rotary))
         if self.fused_add_norm:
             x, h = self.post_attention_layernorm.add(x, a)
         else:
             x = x + a
             h = self.post_attention_layernorm(x)
-        return x + self.dropout(self.mlp(h if isinstance(self.mlp, MoE) else compute_dtype(h)))  # the router: fp32
+        m = self.dropout(self.mlp(h if isinstance(self.mlp, MoE) else compute_dtype(h)))  # the router: fp32
+        return (x, m) if defer else x + m
 
 
 class GPT(nn.Module):
@@ -92,9 +102,17 @@ class GPT(nn.Module):
             x = self.embed_dropout(x)
             if not self.cfg.fp32_residual:  # the residual stream in the autocast dtype (bf16) from here on
                 x = compute_dtype(x)
-        for layer in self.layers.values():
-            x = layer(x, self.rotary)
-        return x if self.norm is None else self.norm(x)
+        layers = list(self.layers.values())
+        if not (layers and layers[0].fused_add_norm):
+            for layer in layers:
+                x = layer(x, self.rotary)
+            return x if self.norm is None else self.norm(x)
+        pending = None  # each block's MLP output, added by the next block's first norm (one kernel)
+        for layer in layers:
+            x, pending = layer(x, self.rotary, pending, defer=True)
+        if self.norm is None:  # a pipeline stage sends the whole residual stream
+            return x + pending
+        return self.norm.add(x, pending)[1]
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, V) (a pipeline stage: see ``hidden_states``). With ``targets`` (B, T):

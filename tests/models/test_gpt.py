@@ -163,9 +163,10 @@ def test_the_residual_stream_is_bf16_under_autocast_unless_fp32_residual(fp32_re
 @pytest.mark.parametrize("arch, flavor, norm", [("gpt", "llama", "rms_norm"), ("gpt", "gpt2", "layer_norm"),
                                                 ("bert", "llama", "layer_norm")])
 def test_the_residual_add_fused_into_the_triton_norm_trains_like_add_then_norm(arch, flavor, norm):
-    """model.kernels with the Triton norm: each block's residual add and the norm after it are one kernel
-    (GPT: the attention's add and post_attention_layernorm; BERT's post-LN: both adds). fp32 logits and every
-    gradient equal the same model with the add and the norm apart, within 1e-6."""
+    """model.kernels with the Triton norm: each residual add and the norm after it are one kernel (GPT: the
+    attention's add with post_attention_layernorm, the MLP's with the next block's input_layernorm or the final
+    norm; BERT's post-LN: both adds). fp32 logits and every gradient equal the same model with the adds and the
+    norms apart, within 1e-6 — also with every block's activations recomputed (full activation checkpointing)."""
     pytest.importorskip("triton")
     from ..conftest import TINY_MODEL
 
@@ -181,10 +182,17 @@ def test_the_residual_add_fused_into_the_triton_norm_trains_like_add_then_norm(a
         model.zero_grad()
         logits = model(tokens)
         (logits * torch.linspace(-1, 1, logits.shape[-1])).sum().backward()
-        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+        return logits.detach(), {n.replace("._checkpoint_wrapped_module", ""): p.grad.clone()
+                                 for n, p in model.named_parameters()}
 
     assert all(block.fused_add_norm for block in blocks)  # on by default with the Triton norm
     fused, unfused = run(True), run(False)
-    torch.testing.assert_close(fused[0], unfused[0], atol=1e-6, rtol=1e-6)
-    for name, grad in unfused[1].items():
-        torch.testing.assert_close(fused[1][name], grad, atol=1e-6, rtol=1e-6, msg=name)
+    from pretrain.parallel.checkpointing import apply_activation_checkpointing
+
+    apply_activation_checkpointing(model, "full", 1)
+    blocks = list(model.layers.values())
+    recomputed = run(True)
+    for got in (fused, recomputed):
+        torch.testing.assert_close(got[0], unfused[0], atol=1e-6, rtol=1e-6)
+        for name, grad in unfused[1].items():
+            torch.testing.assert_close(got[1][name], grad, atol=1e-6, rtol=1e-6, msg=name)
