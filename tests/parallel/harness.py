@@ -142,9 +142,10 @@ LAYOUTS = {
                          "parallel.zero_stage=3"]),
     # the Triton norms with the residual adds fused in (models/gpt.py Block): across pipeline stages (each stage
     # sends its whole residual stream), under FSDP with every block recomputed
-    "pp2_fused_norms": (2, ["train.micro_batch_size=8", "parallel.pp=2", "model.kernels=rms_norm"]),
+    # (2 layers: the norms run in the interpreter)
+    "pp2_fused_norms": (2, ["train.micro_batch_size=8", "parallel.pp=2", "model.kernels=rms_norm", "model.n_layers=2"]),
     "zero3_ac_fused_norms": (2, ["train.micro_batch_size=4", "parallel.zero_stage=3",
-                                 "parallel.activation_checkpointing=full", "model.kernels=rms_norm"]),
+                                 "parallel.activation_checkpointing=full", "model.kernels=rms_norm", "model.n_layers=2"]),
     # one layer: the Triton attention runs in the interpreter here (4 layers took ~100 s of a 3-minute launch)
     "cp2_ring_triton": (2, ["train.micro_batch_size=8", "parallel.cp=2", "model.kernels=attention", "model.n_layers=1",
                         "model.n_heads=2", "model.n_kv_heads=1"]),
