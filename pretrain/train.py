@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import torch
 
@@ -94,13 +95,23 @@ def _launched_rank() -> int:
     return 0
 
 
+# before a process group exists, how long a silent rank stays up after a user error: long enough for rank 0 (which
+# says it at once) to exit first and the launcher to stop this rank; still alive after it, rank 0 never met it
+SILENT_RANK_GRACE_S = 5.0
+
+
 def _say_once(exc: Exception, said: bool) -> None:
-    """Before training every rank meets the same user error and rank 0 alone says it. Once a process group exists
-    the launcher kills the other ranks the moment one exits non-zero, so a silent rank that got there first would
-    take rank 0's line with it: it waits (at most 10 s) on the group's store until rank 0 has printed."""
+    """Before training every rank meets the same user error and rank 0 alone says it. The launcher (torchrun, srun)
+    stops the other ranks the moment one exits non-zero, so a silent rank that got there first would take rank
+    0's line with it: it waits — on the group's store until rank 0 has printed (at most 10 s), or, before there
+    is a group, ``SILENT_RANK_GRACE_S``. A silent rank still running after that met an error rank 0 did not
+    (a rank-local cause) and says it itself."""
     if said:
         print(f"error: {exc}", file=sys.stderr, flush=True)
     if not torch.distributed.is_initialized():
+        if not said:
+            time.sleep(SILENT_RANK_GRACE_S)
+            print(f"error: {exc}", file=sys.stderr, flush=True)
         return
     from datetime import timedelta
 
@@ -112,8 +123,8 @@ def _say_once(exc: Exception, said: bool) -> None:
             _get_default_store().set(key, "1")
         else:
             _get_default_store().wait([key], timedelta(seconds=10))
-    except Exception:  # noqa: BLE001 - rank 0 never said it (another error, or gone): exit all the same
-        pass
+    except Exception:  # noqa: BLE001 - rank 0 never said it (a rank-local cause, or it is gone): say it here
+        print(f"error: {exc}", file=sys.stderr, flush=True)
 
 
 def main(argv=None) -> int:
