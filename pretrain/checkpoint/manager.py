@@ -217,6 +217,7 @@ class CheckpointManager:
         self.keep_last, self.keep_every = keep_last, keep_every
         self.rank = rank
         self.pending = None  # (future, tmp dir, final dir, step) of a save still being written
+        self._write_group = None  # asynchronous saves' own process group (see _background_group)
         if clean and rank == 0:
             self.remove_stale()
 
@@ -332,7 +333,7 @@ class CheckpointManager:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # single-process DCP warns that no process group exists
                 if async_save:
-                    future = dcp.async_save(payload, checkpoint_id=str(tmp))
+                    future = dcp.async_save(payload, checkpoint_id=str(tmp), process_group=self._background_group())
                 else:
                     dcp.save(payload, checkpoint_id=str(tmp))
         torch.save(rng_state(), tmp / f"rng-rank{self.rank}.pt")
@@ -343,6 +344,17 @@ class CheckpointManager:
         if future is None:
             self._finish()
         return final
+
+    def _background_group(self):
+        """The process group of an asynchronous save's background writes: their collectives (gathering what each
+        rank wrote, before the metadata) must not share the default group with the training's, which run at the
+        same time — interleaved on one gloo group they mismatch (aborts) or wait on each other for good. One gloo
+        group, made by every rank at its first asynchronous save (all ranks save the same steps)."""
+        if not torch.distributed.is_initialized():
+            return None
+        if self._write_group is None:
+            self._write_group = torch.distributed.new_group(backend="gloo")
+        return self._write_group
 
     def poll(self) -> bool:
         """Complete an asynchronous save if every rank's write is done (call from all ranks, e.g. each step);
