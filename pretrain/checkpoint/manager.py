@@ -14,9 +14,11 @@ own files (``deepspeed/``) inside the same atomic step directory.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import pickle
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -24,6 +26,7 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -175,6 +178,30 @@ class SafeReader(dcp.FileSystemReader):
                 metadata.storage_meta = StorageMeta()
             metadata.storage_meta.load_id = self.load_id
         return metadata
+
+
+class SafeLoadPlanner(DefaultLoadPlanner):
+    """DCP keeps every non-tensor entry (the optimizer's hyper-parameters, anything not a tensor) as a torch.save
+    pickle inside the ``.distcp`` files and reads it back with ``torch.load(weights_only=False)``: a step whose
+    files (and manifest) were rewritten would run code on resume. Each entry is read with ``weights_only=True``
+    here (plain data: numbers, strings, tuples, dicts, tensors) and handed on as such."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.path = path
+
+    def load_bytes(self, read_item, value: io.BytesIO) -> None:
+        try:
+            obj = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as exc:  # torch's message goes on to suggest weights_only=False: not here
+            found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+            what = f"refers to {found[1]}" if found else "is"
+            raise CheckpointError(f"entry {read_item.dest_index.fqn} of {self.path} holds a pickle that {what}, not "
+                                  "plain data: not loaded") from None
+        plain = io.BytesIO()
+        torch.save(obj, plain)  # what the parent reads back: only the plain data just loaded
+        plain.seek(0)
+        super().load_bytes(read_item, plain)
 
 
 def _unwrap(exc: BaseException, path: Path) -> CheckpointError:
@@ -453,7 +480,7 @@ def _dcp_load(path: Path, to_load: dict, local: bool) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # single-process DCP warns that no process group exists
         try:
-            dcp.load(to_load, storage_reader=SafeReader(str(path)), no_dist=local)
+            dcp.load(to_load, storage_reader=SafeReader(str(path)), planner=SafeLoadPlanner(path), no_dist=local)
         except CheckpointException as exc:  # DCP wraps every rank's failure: surface ours
             raise _unwrap(exc, path) from None
     return to_load

@@ -104,6 +104,50 @@ def test_pickle_with_a_forged_manifest_is_refused_by_the_unpickler(run, tmp_path
     assert not marker.exists()
 
 
+def _forge_manifest(step: Path) -> None:
+    from pretrain.checkpoint.manager import _checksums
+
+    manifest = json.loads((step / "manifest.json").read_text())
+    manifest["files"] = {name: {"bytes": (step / name).stat().st_size, "crc32": crc}
+                         for name, crc in _checksums(step).items() if name != "manifest.json"}
+    (step / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_pickle_in_a_dcp_byte_entry_is_never_run_even_with_a_forged_manifest(run, tmp_path, capsys):
+    """DCP keeps non-tensor entries (the optimizer's hyper-parameters) as torch.save pickles inside the .distcp
+    files and reads them back with weights_only=False: an attacker appends a payload to the shard, points one
+    entry's storage record at it (re-pickling .metadata with only DCP's own classes, so that check passes) and
+    forges the manifest. The entry is read with weights_only=True: one line naming it, nothing run, and no
+    advice to turn the check off."""
+    import io
+
+    import torch
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    from pretrain.checkpoint.manager import SafeReader
+
+    marker = tmp_path / "pwned"
+    step = ckpt(run, 4)
+    metadata = SafeReader(str(step)).read_metadata()
+    metadata.storage_meta = None
+    entry = next(k for k, v in metadata.state_dict_metadata.items() if isinstance(v, BytesStorageMetadata))
+    index = next(i for i in metadata.storage_data if i.fqn == entry)
+    shard = step / metadata.storage_data[index].relative_path
+    payload = io.BytesIO()
+    torch.save(Payload(marker), payload)
+    offset = shard.stat().st_size
+    with shard.open("ab") as f:
+        f.write(payload.getvalue())
+    metadata.storage_data[index] = _StorageInfo(shard.name, offset, len(payload.getvalue()))
+    (step / ".metadata").write_bytes(pickle.dumps(metadata))
+    _forge_manifest(step)
+    message = refused(resume(run, capsys), rf"entry {entry} of .*step-00000004 holds a pickle that refers to "
+                                           r"posix.system, not plain data: not loaded")
+    assert "weights_only" not in message
+    assert not marker.exists()
+
+
 def _shard(step_dir: Path) -> Path:
     return sorted(step_dir.glob("*.distcp"))[0]
 
