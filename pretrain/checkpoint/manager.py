@@ -171,6 +171,10 @@ class SafeReader(dcp.FileSystemReader):
                 metadata = _MetadataUnpickler(f).load()
             except CheckpointError as exc:
                 raise CheckpointError(f"{path} {exc}") from None
+        for info in (getattr(metadata, "storage_data", None) or {}).values():
+            name = getattr(info, "relative_path", None)
+            if not isinstance(name, str) or name != Path(name).name or name in ("", ".", ".."):
+                raise CheckpointError(f"{path} points a shard at {name!r}, outside its step: not loaded")
         if hasattr(metadata, "storage_meta") and hasattr(self, "load_id"):
             from torch.distributed.checkpoint.metadata import StorageMeta
 

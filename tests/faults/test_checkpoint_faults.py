@@ -148,6 +148,25 @@ def test_pickle_in_a_dcp_byte_entry_is_never_run_even_with_a_forged_manifest(run
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("where", ["../../outside.distcp", "/etc/passwd", "sub/__0_0.distcp"])
+def test_a_metadata_storage_path_outside_its_step_is_refused(run, tmp_path, capsys, where):
+    """A .metadata whose storage record sends a read outside the step (``..``, an absolute path, a sub-folder),
+    even with a forged manifest: one line naming it; nothing is read from there."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    from pretrain.checkpoint.manager import SafeReader
+
+    step = ckpt(run, 4)
+    metadata = SafeReader(str(step)).read_metadata()
+    metadata.storage_meta = None
+    index = next(iter(metadata.storage_data))
+    info = metadata.storage_data[index]
+    metadata.storage_data[index] = _StorageInfo(where, info.offset, info.length)
+    (step / ".metadata").write_bytes(pickle.dumps(metadata))
+    _forge_manifest(step)
+    refused(resume(run, capsys), rf"\.metadata points a shard at '{where}', outside its step: not loaded")
+
+
 def _shard(step_dir: Path) -> Path:
     return sorted(step_dir.glob("*.distcp"))[0]
 
