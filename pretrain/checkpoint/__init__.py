@@ -72,12 +72,15 @@ def _deepspeed_module_state(path: Path, cfg: Config) -> dict[str, torch.Tensor]:
 __all__ = ["CheckpointError", "CheckpointManager", "load_model", "resolve_checkpoint", "verify"]
 
 
-def _load_deepspeed_file(file: Path) -> dict:
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+def _load_deepspeed_file(file: Path, mmap: bool = False) -> dict:
+    """A DeepSpeed checkpoint file with ``weights_only=True``: tensors, plain data and the plain classes DeepSpeed
+    writes in them (its loss scalers, the ZeRO stage enum, the optimizer's parameter-slice records)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
 
-    with torch.serialization.safe_globals([LossScaler, ZeroStageEnum]):
-        return torch.load(file, map_location="cpu", weights_only=True)
+    with torch.serialization.safe_globals([LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]):
+        return torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 def _gather_zero3(state_dir: Path) -> dict[str, torch.Tensor]:

@@ -184,6 +184,13 @@ class SafeReader(dcp.FileSystemReader):
         return metadata
 
 
+def _not_plain(exc: pickle.UnpicklingError) -> str:
+    """The refusal of a pickle ``weights_only`` rejected: what it refers to (torch's own message goes on to suggest
+    ``weights_only=False``: never repeated here)."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    return f"holds a pickle that {f'refers to {found[1]}' if found else 'is'}, not plain data: not loaded"
+
+
 class SafeLoadPlanner(DefaultLoadPlanner):
     """DCP keeps every non-tensor entry (the optimizer's hyper-parameters, anything not a tensor) as a torch.save
     pickle inside the ``.distcp`` files and reads it back with ``torch.load(weights_only=False)``: a step whose
@@ -197,11 +204,8 @@ class SafeLoadPlanner(DefaultLoadPlanner):
     def load_bytes(self, read_item, value: io.BytesIO) -> None:
         try:
             obj = torch.load(value, weights_only=True)
-        except pickle.UnpicklingError as exc:  # torch's message goes on to suggest weights_only=False: not here
-            found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-            what = f"refers to {found[1]}" if found else "is"
-            raise CheckpointError(f"entry {read_item.dest_index.fqn} of {self.path} holds a pickle that {what}, not "
-                                  "plain data: not loaded") from None
+        except pickle.UnpicklingError as exc:
+            raise CheckpointError(f"entry {read_item.dest_index.fqn} of {self.path} {_not_plain(exc)}") from None
         plain = io.BytesIO()
         torch.save(obj, plain)  # what the parent reads back: only the plain data just loaded
         plain.seek(0)
@@ -491,6 +495,16 @@ def _dcp_load(path: Path, to_load: dict, local: bool) -> dict:
 
 
 def _restore_deepspeed(path: Path, model, optimizer, engine, local: bool) -> None:
+    """DeepSpeed reads its files with ``torch.load(weights_only=False)``: each is read here first with
+    ``weights_only=True`` (memory-mapped: the tensors stay on disk; DeepSpeed's two plain classes allowlisted), and
+    one that refers to anything else is refused before DeepSpeed unpickles it."""
+    from pretrain.checkpoint import _load_deepspeed_file
+
+    for file in sorted((path / "deepspeed").rglob("*.pt")):
+        try:
+            _load_deepspeed_file(file, mmap=True)
+        except pickle.UnpicklingError as exc:
+            raise CheckpointError(f"{file} {_not_plain(exc)}") from None
     engine.load_checkpoint(str(path / "deepspeed"), tag="state")
 
 

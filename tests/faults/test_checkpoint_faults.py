@@ -167,6 +167,26 @@ def test_a_metadata_storage_path_outside_its_step_is_refused(run, tmp_path, caps
     refused(resume(run, capsys), rf"\.metadata points a shard at '{where}', outside its step: not loaded")
 
 
+def test_a_pickle_in_a_deepspeed_file_is_never_run_on_resume(tmp_path):
+    """The DeepSpeed engine reads its own files with torch.load(weights_only=False): a file swapped for a payload
+    (and the manifest forged to match) is refused naming the file before DeepSpeed reads it; nothing runs."""
+    import sys
+
+    import torch
+
+    run, marker = tmp_path / "run", tmp_path / "pwned"
+    ds = ["parallel.engine=deepspeed", "parallel.zero_stage=1"]  # its own processes: DeepSpeed keeps global state
+    code, out, err = process([sys.executable, "-m", "pretrain.train", *args(run, "train.steps=2", *ds)])
+    assert code == 0, err[-2000:]
+    step = ckpt(run, 2)
+    target = step / "deepspeed" / "state" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    torch.save(Payload(marker), target)
+    _forge_manifest(step)
+    refused(process([sys.executable, "-m", "pretrain.train", *args(run, "train.steps=4", *ds)]),
+            rf"{target} holds a pickle that refers to posix.system, not plain data: not loaded")
+    assert not marker.exists()
+
+
 def _shard(step_dir: Path) -> Path:
     return sorted(step_dir.glob("*.distcp"))[0]
 
