@@ -496,7 +496,7 @@ def _dcp_load(path: Path, to_load: dict, local: bool) -> dict:
 
 def _restore_deepspeed(path: Path, model, optimizer, engine, local: bool) -> None:
     """DeepSpeed reads its files with ``torch.load(weights_only=False)``: each is read here first with
-    ``weights_only=True`` (memory-mapped: the tensors stay on disk; DeepSpeed's two plain classes allowlisted), and
+    ``weights_only=True`` (memory-mapped: the tensors stay on disk; DeepSpeed's plain classes allowlisted), and
     one that refers to anything else is refused before DeepSpeed unpickles it."""
     from pretrain.checkpoint import _load_deepspeed_file
 
