@@ -175,6 +175,9 @@ class TrainConfig:
     grad_accum: int = 1
     seed: int = 1234
     dtype: str = "fp32"  # fp32 | bf16 (autocast on CUDA)
+    # bf16: auto | weights (bf16 compute copies of the matmul weights over fp32 masters, FSDP's policy where
+    # sharded) | autocast (autocast over fp32 weights) — pretrain/parallel/mixed_precision.py
+    mixed_precision: str = "auto"
     compile: bool = False
     fp8: str = "none"  # none | tensorwise | rowwise: Linear matmuls in FP8 (torchao; emulated off CUDA sm_89+)
     fp8_all_gather: str = "auto"  # auto | on | off: FSDP gathers FP8 weights as float8 (tensorwise, NCCL only)
@@ -255,6 +258,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.muon_ns_dtype": ("bf16", "fp32"),
     "schedule.decay": ("cosine", "linear", "wsd", "constant"),
     "train.dtype": ("fp32", "bf16"),
+    "train.mixed_precision": ("auto", "weights", "autocast"),
     "train.fp8": ("none", "tensorwise", "rowwise"),
     "train.fp8_all_gather": ("auto", "on", "off"),
     "train.device": ("auto", "cpu", "cuda"),
@@ -443,6 +447,18 @@ def _kernels(cfg: Config) -> None:
                           "vocab-parallel loss is used; drop cross_entropy from model.kernels")
 
 
+def _mixed_precision(cfg: Config) -> None:
+    if cfg.train.mixed_precision != "weights" or (cfg.train.dtype == "bf16" and cfg.parallel.zero_stage >= 2
+                                                   and cfg.parallel.engine == "native"):
+        return  # FSDP's policy where it shards
+    from pretrain.parallel.mixed_precision import not_covered
+
+    why = not_covered(cfg)
+    if why:
+        raise ConfigError(f'train.mixed_precision = "weights" (bf16 compute weights over fp32 masters): {why}; '
+                          'use "auto" or "autocast"')
+
+
 def _heads(cfg: Config) -> None:
     m = cfg.model
     llama = m.arch == "gpt" and m.flavor == "llama"
@@ -597,8 +613,8 @@ def _outputs_apart(cfg: Config) -> None:
                           f"checkpoint dir {cfg.checkpoint_dir}: keep the Hugging Face copies apart")
 
 
-RULES = (_finite, _ranges, _choices, _kernels, _heads, _llama_features, _positions, _experts, _drills, _optimizer,
-         _deepspeed, _zero_stage, _data, _outputs_apart)
+RULES = (_finite, _ranges, _choices, _kernels, _mixed_precision, _heads, _llama_features, _positions, _experts,
+         _drills, _optimizer, _deepspeed, _zero_stage, _data, _outputs_apart)
 
 
 def _relation(path: Path, other: Path) -> str:

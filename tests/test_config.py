@@ -111,6 +111,12 @@ def test_overrides_apply_with_types():
     (["model.d_model=100", "model.n_heads=3", "model.head_dim=-2"], "model.head_dim must be >= 0, got -2"),
     (["model.qkv_bias=true", "model.flavor=gpt2"], "model.qkv_bias is for the llama-flavour GPT"),
     (["model.rope_scaling=4"], "model.rope_scaling expects dict, got int 4"),
+    (["train.mixed_precision=weights"], 'train.mixed_precision = "weights" (bf16 compute weights over fp32 '
+                                        'masters): it is bf16 training: set train.dtype = "bf16"'),
+    (["train.mixed_precision=weights", "train.dtype=bf16", "parallel.tp=2", "parallel.sequence_parallel=false"],
+     "parallel.tp = 2 is not covered yet"),
+    (["train.mixed_precision=weights", "train.dtype=bf16", "train.fp8=tensorwise"], "train.fp8 casts the weights"),
+    (["train.mixed_precision=bf16"], "train.mixed_precision = 'bf16' is not one of auto, weights, autocast"),
 ])
 def test_bad_values_give_one_clear_line(overrides, message):
     with pytest.raises(ConfigError) as info:

@@ -67,3 +67,29 @@ def test_resume_on_another_data_parallel_size_continues_the_global_stream(tmp_pa
     a, b = losses(tmp_path / "straight"), losses(tmp_path / "moved")
     assert len(a) == len(b) == 6
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5, (a, b)
+
+
+def grad_norms(run_dir: Path) -> list[float]:
+    return [json.loads(line)["grad_norm"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_bf16_weights_under_ddp_reduce_their_gradients_like_one_process(tmp_path):
+    """bf16 compute weights under DDP (train.mixed_precision = "weights"): DDP's own reduction never sees the fp32
+    parameters' gradients, so the engine averages them over the ranks — two ranks of two micro-batches of 2 give
+    one process's loss and gradient norm (8 samples a step) to bf16 noise; without the average each rank's norm
+    is that of its own half."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    bf16 = ["train.dtype=bf16", "train.mixed_precision=weights", "parallel.meta_init=false"]
+    single = subprocess.run([sys.executable, "-m", "pretrain.train", "--set", *COMMON, *bf16,
+                             "train.micro_batch_size=8", f"logging.run_dir={tmp_path / 'single'}"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                          "-m", "pretrain.train", "--set", *COMMON, *bf16, "train.micro_batch_size=2",
+                          "train.grad_accum=2", f"logging.run_dir={tmp_path / 'ddp'}"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    a, b = losses(tmp_path / "single"), losses(tmp_path / "ddp")
+    assert max(abs(x - y) for x, y in zip(a, b)) < 5e-3, (a, b)  # 1.4e-3 seen
+    na, nb = grad_norms(tmp_path / "single"), grad_norms(tmp_path / "ddp")
+    assert max(abs(x - y) / x for x, y in zip(na, nb)) < 2e-3, (na, nb)  # 2e-4 seen

@@ -48,7 +48,8 @@ def test_bf16_autocast_casts_each_weight_once_a_step_with_the_same_gradients(tmp
     from pretrain.plan.step_cost import Cost, counting
     from pretrain.step import StepContext
 
-    cfg = tiny_config(tmp_path, "train.dtype=bf16", "model.d_model=64", "train.micro_batch_size=2")
+    cfg = tiny_config(tmp_path, "train.dtype=bf16", "train.mixed_precision=autocast", "model.d_model=64",
+                      "train.micro_batch_size=2")
     trainer = build_trainer(cfg, DistInfo())
     engine = trainer.engine
     batches = [{k: v for k, v in trainer.data.next_batch().items() if k in ("tokens", "targets")} for _ in range(2)]
@@ -74,3 +75,82 @@ def test_bf16_autocast_casts_each_weight_once_a_step_with_the_same_gradients(tmp
         (out.loss_sum / 64.0).backward()
     for name, p in trainer.raw_model.named_parameters():
         assert torch.equal(ours[name], p.grad), name
+
+
+def _two_batches(trainer):
+    return [{k: v for k, v in trainer.data.next_batch().items() if k in ("tokens", "targets")} for _ in range(2)]
+
+
+def test_bf16_weights_accumulate_bf16_gradients_into_the_fp32_parameters(tmp_path):
+    """``train.mixed_precision = "weights"`` (the default for one process): the matmuls read bf16 copies made once
+    a step, whose gradients accumulate in bf16 — a second micro-batch adds 6 B a weight (2 + 2 read, 2 written)
+    where autocast over fp32 weights adds 6 B more (its bf16 gradient cast to fp32) and adds in fp32 (12 B). The
+    module keeps its fp32 parameters (the optimizer's, the checkpoints'), whose gradients match autocast's to bf16
+    noise."""
+    from pretrain.plan.step_cost import Cost, counting
+    from pretrain.step import StepContext
+
+    grads, per_micro_batch = {}, {}
+    for mode in ("autocast", "weights"):
+        cfg = tiny_config(tmp_path / mode, "train.dtype=bf16", f"train.mixed_precision={mode}", "model.d_model=64",
+                          "train.micro_batch_size=2")
+        trainer = build_trainer(cfg, DistInfo())
+        engine = trainer.engine
+        assert (engine.weights is None) == (mode == "autocast")
+        params = dict(trainer.raw_model.named_parameters())
+        linear = sum(m.weight.numel() for m in trainer.raw_model.modules() if isinstance(m, torch.nn.Linear))
+        batches = _two_batches(trainer)
+
+        def count(micro_batches):
+            engine.zero_grad()
+            cost = Cost()
+            with counting(cost):
+                engine.forward_backward(micro_batches, StepContext(torch.tensor(64.0, dtype=torch.float64)))
+            return cost
+
+        one, two = count(batches[:1]), count(batches)
+        per_micro_batch[mode] = {op: (two.by_op.get(op, 0) - one.by_op.get(op, 0)) / linear
+                                 for op in ("aten::_to_copy", "aten::add_")}
+        assert dict(trainer.raw_model.named_parameters()) == params  # the same Parameter objects, back in place
+        assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in params.values())
+        grads[mode] = {n: p.grad.clone() for n, p in params.items()}
+    casts = per_micro_batch["autocast"]["aten::_to_copy"] - per_micro_batch["weights"]["aten::_to_copy"]
+    assert casts == pytest.approx(2 + 4, rel=0.05)  # the weight gradients' bf16 -> fp32 cast, gone
+    adds = per_micro_batch["autocast"]["aten::add_"] - per_micro_batch["weights"]["aten::add_"]
+    assert adds == pytest.approx((4 + 4 + 4) - (2 + 2 + 2), rel=0.05)  # fp32 accumulation -> bf16 (the rest: equal)
+    for name, g in grads["autocast"].items():
+        assert (grads["weights"][name] - g).norm() <= 0.02 * g.norm() + 1e-6, name
+
+
+def test_bf16_weights_train_like_autocast_and_an_fp32_run_is_untouched(tmp_path):
+    """50 steps of one batch, two micro-batches a step: the bf16-weights loss curve stays within 1 % of
+    autocast's; fp32 runs never swap weights; a failing micro-batch leaves the fp32 parameters in place."""
+    from .conftest import on_one_batch
+
+    curves = {}
+    for mode in ("autocast", "weights"):
+        torch.manual_seed(0)
+        cfg = tiny_config(tmp_path / mode, "train.dtype=bf16", f"train.mixed_precision={mode}", "train.steps=50",
+                          "train.micro_batch_size=4", "train.grad_accum=2")
+        trainer = on_one_batch(build_trainer(cfg, DistInfo()))
+        trainer.fit()
+        curves[mode] = trainer.losses
+    assert curves["weights"][-1] < 0.5 * curves["weights"][0]  # it learns the batch
+    assert max(abs(a - b) / a for a, b in zip(curves["autocast"], curves["weights"])) < 0.01
+
+    assert build_trainer(tiny_config(tmp_path / "fp32"), DistInfo()).engine.weights is None
+
+    trainer = build_trainer(tiny_config(tmp_path / "fails", "train.dtype=bf16"), DistInfo())
+    params = dict(trainer.raw_model.named_parameters())
+
+    class Broken:
+        def loss(self, model, batch, accuracy=False):
+            model(batch["tokens"])
+            raise RuntimeError("planted")
+
+    trainer.engine.task = Broken()
+    from pretrain.step import StepContext
+
+    with pytest.raises(RuntimeError, match="planted"):
+        trainer.engine.forward_backward(_two_batches(trainer), StepContext(torch.tensor(64.0, dtype=torch.float64)))
+    assert dict(trainer.raw_model.named_parameters()) == params and trainer.engine.weights.copies == {}

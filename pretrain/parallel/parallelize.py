@@ -130,8 +130,9 @@ def _shard(model: nn.Module, cfg: Config, dims: ParallelDims, mesh, device) -> t
     sharded = fsdp_sharded(cfg, dims)
     if sharded:
         from pretrain.parallel.data_parallel import apply_fsdp
+        from pretrain.parallel.mixed_precision import bf16_weights
 
-        apply_fsdp(model, mesh.fsdp, reshard_after_forward=p.zero_stage == 3, bf16=cfg.train.dtype == "bf16",
+        apply_fsdp(model, mesh.fsdp, reshard_after_forward=p.zero_stage == 3, bf16=bf16_weights(cfg, sharded=True),
                    cpu_offload=p.cpu_offload, expert_mesh=mesh.expert_fsdp)
     _materialise(model, device)
     runner = model

@@ -355,9 +355,15 @@ def _ours(cfg, n_layers: int, tokens: int, kernels: str, like: dict | None = Non
     _checkpointing(model, cfg)
     task = task_for(cfg.model.arch)
 
+    from pretrain.parallel.mixed_precision import ComputeWeights, bf16_weights
+
+    # bf16 weights over fp32 masters where the engine has them (FSDP's policy at zero_stage 2 / 3)
+    weights = ComputeWeights(model) if bf16_weights(cfg, sharded=cfg.parallel.zero_stage >= 2) else None
+
     def step(batches):
         bf16 = cfg.train.dtype == "bf16"
-        with torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext():  # once a step
+        with (weights.step() if weights is not None else contextlib.nullcontext(),
+              torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()):  # once a step
             for batch in batches:
                 out = task.loss(model, batch, accuracy=False)
                 with torch.autocast("cpu", enabled=False) if bf16 else contextlib.nullcontext():
