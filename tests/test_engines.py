@@ -101,7 +101,7 @@ def test_bf16_weights_accumulate_bf16_gradients_into_the_fp32_parameters(tmp_pat
         linear = sum(m.weight.numel() for m in trainer.raw_model.modules() if isinstance(m, torch.nn.Linear))
         batches = _two_batches(trainer)
 
-        def count(micro_batches):
+        def count(micro_batches, engine=engine):
             engine.zero_grad()
             cost = Cost()
             with counting(cost):
