@@ -8,8 +8,10 @@ left of it run without any mask: only the diagonal blocks (and, bidirectionally,
 the element-wise mask. A query head h reads key/value head h // (H / K) directly: repeated K/V never exist.
 Backward (recompute, no stored probabilities): Δ = rowsum(dO ∘ O) in its own kernel; one kernel per key/value
 block and kv head accumulates dV = Pᵀ dO and dK = scale · dSᵀ Q over the query blocks of every query head of
-its GQA group (no per-query-head temporaries), another per query block dQ = scale · dS K, with
-P = exp(scale · QKᵀ - L) and dS = P ∘ (dO Vᵀ - Δ). Both are computed transposed where that keeps the long tile
+its GQA group (no per-query-head temporaries), with P = exp(scale · QKᵀ - L) and dS = P ∘ (dO Vᵀ - Δ), and adds
+each block pair's dQ = scale · dS K atomically into an fp32 accumulator (one pass: 5 matmuls a block pair, as
+FlashAttention-2); ``PRETRAIN_ATTENTION_BACKWARD=split`` runs dQ in a kernel of its own per query block instead,
+recomputing S and dP (7 matmuls, deterministic). Both are computed transposed where that keeps the long tile
 dimension first (the M of Hopper's warpgroup MMA).
 Layout: q, k, v are (B, H, T, E) views with any strides whose last one is 1 — the model's transposed
 (B, T, H, E) projections go in without a copy, and the output is written (B, T, H, E)-contiguous, so the
@@ -17,7 +19,7 @@ model's reshape back to (B, T, H·E) is free. Head dims up to 256 (non-powers of
 and masked). Matmuls take the inputs' dtype (tensor cores for fp16 / bf16) and accumulate in fp32; fp32
 inputs use full-precision (IEEE) dots. Block sizes are autotuned per target from candidate lists that the
 compile gate (``pretrain.kernels.compile_check``) compiles for sm_80, sm_90a and sm_100a.
-FLOPs: forward 4·B·H·T²·E (half with causal), backward 2.5× that.
+FLOPs: forward 4·B·H·T²·E (half with causal), backward 2.5× that (split: 3.5×).
 """
 
 from __future__ import annotations
@@ -80,6 +82,21 @@ DKDV_CONFIGS = {
     (100, 128): [_cfg(16, 64, 8, 2), _cfg(16, 32, 8, 2)],
     (100, 256): [_cfg(32, 32, 8, 2), _cfg(16, 32, 8, 2)],
 }
+# The one-pass backward (the dK/dV kernel with WITH_DQ: a dQ tile and its atomic add beside dK, dV) holds more
+# registers: from the dK/dV lists, the candidates the compile gate showed spilling with it (sm_80 head dim 64
+# causal 8–16 B, 256 with 4 warps 16 B; sm_90a 32×64 at head dim 128: 88 B; sm_100a head dim 64 padded 8 B) are
+# replaced by narrower query tiles or 8 warps (key tiles of 64 or more on sm_90a: 32 gets no HGMMA there).
+ONE_PASS_CONFIGS = {
+    (80, 64): [_cfg(16, 64, 8, 2), _cfg(16, 128, 8, 2)],
+    (80, 128): [_cfg(32, 64, 8, 2), _cfg(16, 64, 8, 2)],
+    (80, 256): [_cfg(16, 32, 8, 1)],
+    (90, 64): [_cfg(32, 128, 8, 3), _cfg(32, 64, 8, 3)],
+    (90, 128): [_cfg(16, 64, 8, 2), _cfg(16, 64, 8, 3)],
+    (90, 256): [_cfg(32, 32, 8, 2), _cfg(16, 32, 8, 2)],
+    (100, 64): [_cfg(32, 64, 8, 3), _cfg(16, 64, 4, 3)],
+    (100, 128): [_cfg(16, 64, 8, 2), _cfg(16, 32, 8, 2)],
+    (100, 256): [_cfg(32, 32, 8, 2), _cfg(16, 32, 8, 2)],
+}
 DQ_CONFIGS = {
     (80, 64): [_cfg(128, 32, 8, 3), _cfg(64, 64, 4, 2)],
     (80, 128): [_cfg(128, 32, 8, 2), _cfg(64, 32, 4, 2)],
@@ -110,6 +127,19 @@ def _choose(arch, named_args, kwargs):
 
 
 KEY = ["T_BUCKET", "BLOCK_E", "CAUSAL", "HAS_MASK"]  # and the tensors' dtypes, which triton.autotune adds
+BACKWARDS = ("one_pass", "split")
+
+
+def backward_kind() -> str:
+    """Which backward runs: ``one_pass`` (the default: dK, dV and dQ from one kernel, dQ added atomically in fp32,
+    FlashAttention-2's 5 matmuls a block pair) or ``split`` (a dK/dV kernel and a dQ kernel, each recomputing S and
+    dP: 7 matmuls, deterministic) — ``PRETRAIN_ATTENTION_BACKWARD``, until a GPU has timed both."""
+    import os
+
+    kind = os.environ.get("PRETRAIN_ATTENTION_BACKWARD", "one_pass")
+    if kind not in BACKWARDS:
+        raise ValueError(f"PRETRAIN_ATTENTION_BACKWARD = {kind!r} is not one of {', '.join(BACKWARDS)}")
+    return kind
 
 
 @triton.jit
@@ -205,11 +235,13 @@ def _attn_bwd_delta_kernel(OUT, DO, DELTA, T, H, E, stride_ob, stride_oh, stride
 
 
 @triton.jit
-def _dkdv_blocks(dk, dv, k, v, Q_BASE, DO_BASE, LSE_ROW, DELTA_ROW, MASK_ROW, stride_qt, stride_dot, offs_n,
-                 offs_e, lo, hi, T, qk_scale, E, MASKED: tl.constexpr, HAS_MASK: tl.constexpr,
-                 BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
+def _dkdv_blocks(dk, dv, k, v, Q_BASE, DO_BASE, LSE_ROW, DELTA_ROW, MASK_ROW, DQ_BASE, stride_qt, stride_dot, offs_n,
+                 offs_e, lo, hi, T, qk_scale, scale, E, MASKED: tl.constexpr, HAS_MASK: tl.constexpr,
+                 BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, WITH_DQ: tl.constexpr, BLOCK_E: tl.constexpr):
     """Key block offs_n against query blocks [lo, hi), transposed: (N, M) scores. Queries past T load as zero
-    (q, dO, L, Δ), which makes their contributions exactly zero."""
+    (q, dO, L, Δ), which makes their contributions exactly zero. ``WITH_DQ``: also add this key block's share of
+    dQ = scale · dS K into the fp32 accumulator at DQ_BASE ((T, BLOCK_E) rows, atomically: other key blocks add
+    to the same rows) — the one-pass backward, which recomputes neither S nor dP in a second kernel."""
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q_mask = (offs_m[:, None] < T) & (offs_e[None, :] < E)
@@ -226,16 +258,21 @@ def _dkdv_blocks(dk, dv, k, v, Q_BASE, DO_BASE, LSE_ROW, DELTA_ROW, MASK_ROW, st
         dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (N, M)
         dst = pt * (dpt - delta[None, :])
         dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
+        if WITH_DQ:
+            dq = tl.dot(tl.trans(dst).to(k.dtype), k, input_precision=PRECISION) * scale  # (M, E)
+            tl.atomic_add(DQ_BASE + offs_m[:, None] * BLOCK_E + offs_e[None, :], dq, mask=offs_m[:, None] < T,
+                          sem="relaxed")
     return dk, dv
 
 
 @triton.jit(do_not_specialize=["H", "KV_GROUP", "T_BUCKET"])
-def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, qk_scale, scale, T, H, KV_GROUP, E,
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, MASK, qk_scale, scale, T, H, KV_GROUP, E,
                           stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                           stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
                           stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt, T_BUCKET,
                           CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+                          WITH_DQ: tl.constexpr = False):
     start_n = tl.program_id(0) * BLOCK_N
     bk = tl.program_id(1)  # b · K + kv head
     kv_heads = H // KV_GROUP
@@ -257,18 +294,19 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, MASK, qk_scale, scale
         do_base = DO + b * stride_dob + h * stride_doh
         lse_row = LSE + (b * H + h) * T
         delta_row = DELTA + (b * H + h) * T
+        dq_base = DQ + (b * H + h).to(tl.int64) * T * BLOCK_E
         if CAUSAL:  # the diagonal query blocks (masked), then every later one (unmasked)
             diag_end = start_n + BLOCK_N
-            dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_row, delta_row, mask_row, stride_qt,
-                                  stride_dot, offs_n, offs_e, start_n, tl.minimum(diag_end, T), T, qk_scale, E, True,
-                                  HAS_MASK, BLOCK_M, PRECISION)
-            dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_row, delta_row, mask_row, stride_qt,
-                                  stride_dot, offs_n, offs_e, diag_end, T, T, qk_scale, E, False, HAS_MASK, BLOCK_M,
-                                  PRECISION)
+            dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_row, delta_row, mask_row, dq_base, stride_qt,
+                                  stride_dot, offs_n, offs_e, start_n, tl.minimum(diag_end, T), T, qk_scale, scale, E,
+                                  True, HAS_MASK, BLOCK_M, PRECISION, WITH_DQ, BLOCK_E)
+            dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_row, delta_row, mask_row, dq_base, stride_qt,
+                                  stride_dot, offs_n, offs_e, diag_end, T, T, qk_scale, scale, E, False, HAS_MASK,
+                                  BLOCK_M, PRECISION, WITH_DQ, BLOCK_E)
         else:
-            dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_row, delta_row, mask_row, stride_qt,
-                                  stride_dot, offs_n, offs_e, 0, T, T, qk_scale, E, False, HAS_MASK, BLOCK_M,
-                                  PRECISION)
+            dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_row, delta_row, mask_row, dq_base, stride_qt,
+                                  stride_dot, offs_n, offs_e, 0, T, T, qk_scale, scale, E, False, HAS_MASK, BLOCK_M,
+                                  PRECISION, WITH_DQ, BLOCK_E)
     tl.store(DK + b * stride_dkb + kvh * stride_dkh + offs_n[:, None] * stride_dkt + offs_e[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + b * stride_dvb + kvh * stride_dvh + offs_n[:, None] * stride_dvt + offs_e[None, :],
@@ -333,7 +371,13 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, MASK, qk_scale, scale, T, H
 
 
 _attn_fwd = autotuned(FWD_CONFIGS, _choose, KEY, INTERPRETER_CONFIG)(_attn_fwd_kernel)
-_attn_bwd_dkdv = autotuned(DKDV_CONFIGS, _choose, KEY, INTERPRETER_CONFIG)(_attn_bwd_dkdv_kernel)
+def _choose_dkdv(arch, named_args, kwargs):
+    return (*_choose(arch, named_args, kwargs), bool(kwargs.get("WITH_DQ")))
+
+
+DKDV_TABLE = {**{(*key, False): configs for key, configs in DKDV_CONFIGS.items()},
+              **{(*key, True): configs for key, configs in ONE_PASS_CONFIGS.items()}}
+_attn_bwd_dkdv = autotuned(DKDV_TABLE, _choose_dkdv, [*KEY, "WITH_DQ"], INTERPRETER_CONFIG)(_attn_bwd_dkdv_kernel)
 _attn_bwd_dq = autotuned(DQ_CONFIGS, _choose, KEY, INTERPRETER_CONFIG)(_attn_bwd_dq_kernel)
 TUNED = {"attention_fwd": _attn_fwd, "attention_bwd_dkdv": _attn_bwd_dkdv, "attention_bwd_dq": _attn_bwd_dq}
 
@@ -399,8 +443,8 @@ def _(q, k, v, mask, causal, has_mask, scale):
 
 @torch.library.custom_op("pretrain::flash_attention_bwd", mutates_args=())
 def attention_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                  mask: torch.Tensor, dout: torch.Tensor, causal: bool, has_mask: bool,
-                  scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  mask: torch.Tensor, dout: torch.Tensor, causal: bool, has_mask: bool, scale: float,
+                  one_pass: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, h, t, e = q.shape
     kv_heads = k.shape[1]
     meta = _meta(q, causal, has_mask)
@@ -408,19 +452,25 @@ def attention_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
     rows = 16 if interpreting() else 32
     _attn_bwd_delta_kernel[(triton.cdiv(t, rows), b * h)](out, dout, delta, t, h, e, *_bht(out), *_bht(dout),
                                                           BLOCK_M=rows, BLOCK_E=meta["BLOCK_E"], num_warps=4)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
     common = (scale * LOG2E, scale, t, h, h // kv_heads, e, *_bht(q), *_bht(k), *_bht(v), *_bht(dout))
     grid = lambda meta: (triton.cdiv(t, meta["BLOCK_N"]), b * kv_heads)
-    _attn_bwd_dkdv[grid](q, k, v, dout, lse, delta, dk, dv, mask, *common, *_bht(dk), *_bht(dv), seq_bucket(t),
-                         **meta)
+    if one_pass:  # dQ summed over the key blocks in fp32 (B, H, T, BLOCK_E) rows, then cast once (torch's calls)
+        dq_acc = torch.zeros(b, h, t, meta["BLOCK_E"], dtype=torch.float32, device=q.device)
+        _attn_bwd_dkdv[grid](q, k, v, dout, lse, delta, dk, dv, dq_acc, mask, *common, *_bht(dk), *_bht(dv),
+                             seq_bucket(t), WITH_DQ=True, **meta)
+        return dq_acc[..., :e].to(q.dtype, memory_format=torch.contiguous_format), dk, dv
+    _attn_bwd_dkdv[grid](q, k, v, dout, lse, delta, dk, dv, delta, mask, *common, *_bht(dk), *_bht(dv),
+                         seq_bucket(t), WITH_DQ=False, **meta)
+    dq = torch.empty_like(q)
     grid = lambda meta: (triton.cdiv(t, meta["BLOCK_M"]), b * h)
     _attn_bwd_dq[grid](q, k, v, dout, lse, delta, dq, mask, *common, *_bht(dq), seq_bucket(t), **meta)
     return dq, dk, dv
 
 
 @attention_bwd.register_fake
-def _(q, k, v, out, lse, mask, dout, causal, has_mask, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _(q, k, v, out, lse, mask, dout, causal, has_mask, scale, one_pass=True):
+    return q.new_empty(q.shape) if one_pass else torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _pairs(q: torch.Tensor, k: torch.Tensor, causal: bool) -> float:
@@ -438,12 +488,20 @@ def _fwd_cost(args, kwargs, outputs) -> dict:
 
 
 def _bwd_cost(args, kwargs, outputs) -> dict:
-    """Backward, three kernels: delta = rowsum(dO·O); dK/dV recomputes S = QKᵀ and dP = dO·Vᵀ beside dV and dK
-    (4 matmuls a pair); dQ recomputes S and dP again beside dQ (3): 7 matmuls, 3.5× the forward's 2."""
+    """Backward. Split, three kernels: delta = rowsum(dO·O); dK/dV recomputes S = QKᵀ and dP = dO·Vᵀ beside dV
+    and dK (4 matmuls a pair); dQ recomputes S and dP again beside dQ (3): 7 matmuls, 3.5× the forward's 2. One
+    pass: delta, then one kernel with dQ = dS·K as the fifth matmul (2.5×), added atomically into an fp32
+    accumulator (counted once: the adds meet in L2); zeroing it and casting it into dQ are torch calls, which the
+    meter counts itself."""
     q, k, v, out, lse, mask, dout, causal = args[:8]
+    one_pass = args[10] if len(args) > 10 else kwargs.get("one_pass", True)
     b, h, t, e = q.shape
     delta = 4 * b * h * t
-    reads = nbytes(q, k, v, dout, lse) + delta  # by each of the two gradient kernels
+    reads = nbytes(q, k, v, dout, lse) + delta  # by each gradient kernel
+    if one_pass:
+        return {"flops": 10.0 * b * h * e * _pairs(q, k, causal),
+                "bytes": nbytes(out, dout) + delta + reads + nbytes(mask, *outputs) + 4 * q.numel(), "launches": 2,
+                "attention": "bwd"}
     return {"flops": 14.0 * b * h * e * _pairs(q, k, causal),
             "bytes": nbytes(out, dout) + delta + 2 * reads + nbytes(mask, *outputs), "launches": 3,
             "attention": "bwd"}
@@ -469,7 +527,8 @@ class FlashAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, mask = ctx.saved_tensors
-        dq, dk, dv = attention_bwd(q, k, v, out, lse, mask, _rows(dout), ctx.causal, ctx.has_mask, ctx.scale)
+        dq, dk, dv = attention_bwd(q, k, v, out, lse, mask, _rows(dout), ctx.causal, ctx.has_mask, ctx.scale,
+                                   backward_kind() == "one_pass")
         return dq, dk, dv, None, None, None
 
 

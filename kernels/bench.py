@@ -93,6 +93,16 @@ def attention_cases(dtype, batch: int, heads: int, seq: int, head_dim: int, caus
             out = fn()
             torch.autograd.grad(out, (q, k, v), do)
         cases.append(Case("attention_fwd_bwd", shape, name, fwd_bwd, 3.5 * flops, 2.5 * io))
+
+    def split_fwd_bwd():  # the triton row runs the one-pass backward; this one the split one (its 7 matmuls)
+        import os
+
+        os.environ["PRETRAIN_ATTENTION_BACKWARD"] = "split"
+        try:
+            torch.autograd.grad(flash_attention(q, k, v, causal=causal), (q, k, v), do)
+        finally:
+            os.environ.pop("PRETRAIN_ATTENTION_BACKWARD")
+    cases.append(Case("attention_fwd_bwd", shape, "triton_split_bwd", split_fwd_bwd, 3.5 * flops, 2.5 * io))
     return cases
 
 

@@ -200,17 +200,23 @@ def _dtype(name):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
-def attention_case(e: int, heads: int, kv_heads: int, causal: bool, padded: bool, t: int = 256):
+def attention_case(e: int, heads: int, kv_heads: int, causal: bool, padded: bool, t: int = 256,
+                   backward: str = "one_pass"):
     def run(dtype):
+        import os
+
         import torch
 
         from pretrain.kernels.attention import flash_attention
+
+        os.environ["PRETRAIN_ATTENTION_BACKWARD"] = backward
 
         x = torch.zeros(1, t, heads + 2 * kv_heads, e, dtype=dtype)  # the model's (B, T, H, E) projections
         q, k, v = (y.transpose(1, 2).requires_grad_() for y in x.split([heads, kv_heads, kv_heads], dim=2))
         mask = torch.ones(1, t, dtype=torch.bool) if padded else None
         out = flash_attention(q, k, v, causal=causal, key_padding_mask=mask)
         out.backward(torch.zeros_like(out))
+        os.environ.pop("PRETRAIN_ATTENTION_BACKWARD")
     return run
 
 
@@ -306,6 +312,8 @@ def cases(full: bool = False) -> list[tuple[str, Callable, tuple[str, ...]]]:
     both, bf16 = DTYPES, ("bf16",) if not full else DTYPES
     return [
         ("attention E128 causal (gpt_1b/7b MHA 32; GQA 32:8; E80)", attention_case(128, 32, 8, True, False), both),
+        ("attention E128 causal, split backward (PRETRAIN_ATTENTION_BACKWARD=split)",
+         attention_case(128, 32, 8, True, False, backward="split"), both),
         ("attention E64 causal (gpt_125m, gpt_tiny: E <= 64 share it)", attention_case(64, 12, 12, True, False), bf16),
         ("attention E64 padded (bert_base/large/tiny)", attention_case(64, 16, 16, False, True), bf16),
         ("attention E256 causal", attention_case(256, 4, 4, True, False), bf16),

@@ -83,10 +83,10 @@ def _two_batches(trainer):
 
 def test_bf16_weights_accumulate_bf16_gradients_into_the_fp32_parameters(tmp_path):
     """``train.mixed_precision = "weights"`` (the default for one process): the matmuls read bf16 copies made once
-    a step, whose gradients accumulate in bf16 — a second micro-batch adds 6 B a weight (2 + 2 read, 2 written)
-    where autocast over fp32 weights adds 6 B more (its bf16 gradient cast to fp32) and adds in fp32 (12 B). The
-    module keeps its fp32 parameters (the optimizer's, the checkpoints'), whose gradients match autocast's to bf16
-    noise."""
+    a step, whose weight gradients the GEMM itself accumulates (``addmm_``: no bytes outside the matmul) where
+    autocast over fp32 weights casts each micro-batch's bf16 gradient to fp32 (2 + 4 B a weight) and adds it to the
+    fp32 one (4 + 4 + 4 B). The module keeps its fp32 parameters (the optimizer's, the checkpoints'), whose
+    gradients match autocast's to bf16 noise."""
     from pretrain.plan.step_cost import Cost, counting
     from pretrain.step import StepContext
 
@@ -110,14 +110,17 @@ def test_bf16_weights_accumulate_bf16_gradients_into_the_fp32_parameters(tmp_pat
 
         one, two = count(batches[:1]), count(batches)
         per_micro_batch[mode] = {op: (two.by_op.get(op, 0) - one.by_op.get(op, 0)) / linear
-                                 for op in ("aten::_to_copy", "aten::add_")}
+                                 for op in ("aten::_to_copy", "aten::add_", "aten::addmm_")}
+        per_micro_batch[mode]["matmul"] = (two.matmul_flops - one.matmul_flops) / linear
         assert dict(trainer.raw_model.named_parameters()) == params  # the same Parameter objects, back in place
         assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in params.values())
         grads[mode] = {n: p.grad.clone() for n, p in params.items()}
     casts = per_micro_batch["autocast"]["aten::_to_copy"] - per_micro_batch["weights"]["aten::_to_copy"]
     assert casts == pytest.approx(2 + 4, rel=0.05)  # the weight gradients' bf16 -> fp32 cast, gone
     adds = per_micro_batch["autocast"]["aten::add_"] - per_micro_batch["weights"]["aten::add_"]
-    assert adds == pytest.approx((4 + 4 + 4) - (2 + 2 + 2), rel=0.05)  # fp32 accumulation -> bf16 (the rest: equal)
+    assert adds == pytest.approx(4 + 4 + 4, rel=0.05)  # the fp32 accumulation, gone into the GEMM (the rest: equal)
+    assert per_micro_batch["weights"]["aten::addmm_"] == 0  # a matmul: FLOPs, not bytes
+    assert per_micro_batch["weights"]["matmul"] == pytest.approx(per_micro_batch["autocast"]["matmul"], rel=1e-6)
     for name, g in grads["autocast"].items():
         assert (grads["weights"][name] - g).norm() <= 0.02 * g.norm() + 1e-6, name
 

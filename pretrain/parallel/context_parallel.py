@@ -144,10 +144,11 @@ class TritonBlocks:
 
     @staticmethod
     def backward(q, k, v, out, lse, dout, relation):
-        from pretrain.kernels.attention import attention_bwd
+        from pretrain.kernels.attention import attention_bwd, backward_kind
 
         dq, dk, dv = attention_bwd(q, k, v, out.to(q.dtype), lse.contiguous(), TritonBlocks._mask(q),
-                                   dout.to(q.dtype), relation == "diagonal", False, 1.0 / math.sqrt(q.shape[-1]))
+                                   dout.to(q.dtype), relation == "diagonal", False, 1.0 / math.sqrt(q.shape[-1]),
+                                   backward_kind() == "one_pass")
         return dq.float(), dk.float(), dv.float()
 
 

@@ -21,10 +21,12 @@ cast back and added to the fp32 one every micro-batch).
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 
 from pretrain.config import Config
 
@@ -67,14 +69,47 @@ def matmul_weights(module: nn.Module) -> list[tuple[nn.Module, str, nn.Parameter
     return slots
 
 
+class _AccumulatingLinear(torch.autograd.Function):
+    """``F.linear`` on a bf16 weight copy whose weight gradient is accumulated by the GEMM itself: the first
+    micro-batch's ``dyᵀ x`` is written, each later one added by ``addmm_`` (cuBLAS's beta = 1: the accumulation rides
+    in the GEMM's epilogue; Megatron-LM's gradient-accumulation fusion) into ``weights.sums`` — no gradient tensor
+    per micro-batch and no separate add. The input is cast to the weight's dtype, as autocast would, and its
+    gradient cast back."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, weights, keys):
+        ctx.x_dtype = x.dtype
+        x = x.to(weight.dtype)
+        ctx.save_for_backward(x, weight)
+        ctx.weights, ctx.keys = weights, keys
+        return F.linear(x, weight, bias.to(weight.dtype) if bias is not None else None)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        dy = dy.to(weight.dtype)
+        dx = (dy @ weight).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
+        ctx.weights.accumulate(ctx.keys[0], dy2, x2)
+        if ctx.keys[1] is not None:
+            ctx.weights.add(ctx.keys[1], dy2.sum(0))
+        return dx, None, None, None, None
+
+
 class ComputeWeights:
     """bf16 copies of ``module``'s matmul weights for the steps of one process or of DDP (``ddp``: the wrapper,
     whose reduction this takes over)."""
 
-    def __init__(self, module: nn.Module, ddp: nn.Module | None = None):
+    def __init__(self, module: nn.Module, ddp: nn.Module | None = None, fuse_accumulation: bool = True):
         self.slots = matmul_weights(module)
         self.masters = {id(p): p for _, _, p in self.slots}
         self.copies: dict[int, nn.Parameter] = {}  # made anew each step, as autocast's cache (read 4 B, write 2)
+        self.sums: dict[int, torch.Tensor] = {}  # GEMM-accumulated bf16 gradients of the nn.Linear copies
+        # the nn.Linear modules whose forward accumulates its weight gradient in the GEMM (their weight may still
+        # be read directly elsewhere — the fused cross-entropy reads lm_head.weight —, which autograd accumulates)
+        self.linears = list(dict.fromkeys(o for o, n, _ in self.slots if isinstance(o, nn.Linear) and n == "weight")) \
+            if fuse_accumulation else []
+        self.keys = {(id(o), n): id(p) for o, n, p in self.slots}  # (module, name) -> its master's key
         self.module, self.ddp = module, ddp
 
     @classmethod
@@ -84,7 +119,22 @@ class ComputeWeights:
         if fsdp_sharded(cfg, parallel.dims) or not bf16_weights(cfg, sharded=False):
             return None
         ddp = parallel.model if isinstance(parallel.model, nn.parallel.DistributedDataParallel) else None
-        return cls(parallel.module, ddp)
+        return cls(parallel.module, ddp, fuse_accumulation=not cfg.train.compile)
+
+    def accumulate(self, key: int, dy: torch.Tensor, x: torch.Tensor) -> None:
+        """Add ``dyᵀ x`` to the gradient of weight ``key``: written by the first GEMM, added by the next ones'."""
+        total = self.sums.get(key)
+        if total is None:
+            self.sums[key] = dy.t().mm(x)
+        else:
+            total.addmm_(dy.t(), x)
+
+    def add(self, key: int, grad: torch.Tensor) -> None:
+        total = self.sums.get(key)
+        if total is None:
+            self.sums[key] = grad
+        else:
+            total.add_(grad)
 
     @property
     def syncs_gradients(self) -> bool:
@@ -99,29 +149,40 @@ class ComputeWeights:
             self.copies = {key: nn.Parameter(p.to(torch.bfloat16)) for key, p in self.masters.items()}
         for owner, name, p in self.slots:
             owner._parameters[name] = self.copies[id(p)]
+        for owner in self.linears:
+            owner.forward = functools.partial(self._linear, owner)
         try:
             yield
         except BaseException:
             self._restore()
-            self.copies = {}
+            self.copies, self.sums = {}, {}
             raise
         self._restore()
         self._gradients_to_masters()
 
+    def _linear(self, owner: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        keys = (self.keys[id(owner), "weight"], self.keys.get((id(owner), "bias")))
+        return _AccumulatingLinear.apply(x, owner.weight, owner.bias, self, keys)
+
     def _restore(self) -> None:
         for owner, name, p in self.slots:
             owner._parameters[name] = p
+        for owner in self.linears:
+            del owner.forward
 
     def _gradients_to_masters(self) -> None:
         for key, copy in self.copies.items():
             p = self.masters[key]
-            if copy.grad is None:
+            grad = self.sums.pop(key, None)
+            if copy.grad is not None:  # read directly too (autograd's accumulation)
+                grad = copy.grad if grad is None else grad.add_(copy.grad)
+            if grad is None:
                 continue
             if p.grad is None:
-                p.grad = copy.grad.to(torch.float32)
+                p.grad = grad.to(torch.float32)
             else:  # a parameter some other module reads in fp32 too (a tied weight)
-                p.grad.add_(copy.grad)
-        self.copies = {}
+                p.grad.add_(grad)
+        self.copies, self.sums = {}, {}
         if self.ddp is not None:
             self._all_reduce()
 

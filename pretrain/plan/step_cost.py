@@ -33,7 +33,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "aten::_grouped_mm",
+MATMULS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::addbmm", "aten::_grouped_mm",
            "aten::_scaled_mm", "aten::_scaled_grouped_mm"}
 # SDPA kernels: FlashAttention-2's work, forward (QKᵀ and PV) and backward (recomputed QKᵀ, dV, dP, dQ, dK: 2.5×)
 SDPA_FORWARD = {"aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_flash_attention",
@@ -197,7 +197,7 @@ def _written(func, args, kwargs, out) -> list[torch.Tensor]:
 
 def _contracted(name: str, args) -> int:
     """K of a matmul op: the contracted dimension of its first matrix operand."""
-    a = args[1] if name in ("aten::addmm", "aten::baddbmm", "aten::addbmm") else args[0]
+    a = args[1] if name in ("aten::addmm", "aten::addmm_", "aten::baddbmm", "aten::addbmm") else args[0]
     return a.shape[-1]
 
 

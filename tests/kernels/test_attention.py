@@ -47,6 +47,38 @@ def test_flash_attention_matches_reference(b, h, kv, t, e, causal, padded, layou
         torch.testing.assert_close(g, r, atol=2e-4, rtol=2e-4, msg=lambda m, n=name: f"d{n}: {m}")
 
 
+@pytest.mark.parametrize("kind", ["one_pass", "split"])
+@pytest.mark.parametrize("b, h, kv, t, e, causal, padded, layout", [
+    (1, 4, 2, 1, 64, True, False, "bthe"),      # one token, GQA
+    (2, 4, 2, 17, 128, True, False, "bthe"),    # GQA 2:1, causal
+    (1, 2, 2, 129, 64, False, True, "bhte"),    # bidirectional, padded, a partial last block
+    (1, 2, 1, 17, 256, True, False, "bthe"),    # the widest head, MQA
+    pytest.param(1, 1, 1, 1000, 16, True, False, "bhte", marks=pytest.mark.slow),  # 63 key blocks
+])
+def test_both_backwards_match_the_reference(monkeypatch, kind, b, h, kv, t, e, causal, padded, layout):
+    """The one-pass backward (dQ added atomically by the dK/dV kernel) and the split one (a dQ kernel of its own)
+    give the reference's dq, dk, dv; and each other's to fp32 rounding (the same block order here)."""
+    monkeypatch.setenv("PRETRAIN_ATTENTION_BACKWARD", kind)
+    if t == 1000 and kind == "split":
+        pytest.skip("the long sequence runs the default (one-pass) backward only: ~20-40 s a pass in the interpreter")
+    test_flash_attention_matches_reference(b, h, kv, t, e, causal, padded, layout)
+
+
+def test_the_backwards_agree_and_a_bad_choice_is_refused(monkeypatch):
+    torch.manual_seed(0)
+    q, k, v = _qkv(1, 4, 1, 40, 48, "bthe")
+    dout = torch.randn(1, 4, 40, 48)
+    grads = {}
+    for kind in ("one_pass", "split"):
+        monkeypatch.setenv("PRETRAIN_ATTENTION_BACKWARD", kind)
+        grads[kind] = torch.autograd.grad(attention.flash_attention(q, k, v), (q, k, v), dout)
+    for a, c in zip(grads["one_pass"], grads["split"]):
+        torch.testing.assert_close(a, c, atol=1e-6, rtol=1e-6)
+    monkeypatch.setenv("PRETRAIN_ATTENTION_BACKWARD", "fast")
+    with pytest.raises(ValueError, match="PRETRAIN_ATTENTION_BACKWARD = 'fast' is not one of one_pass, split"):
+        attention.flash_attention(q, k, v).sum().backward()
+
+
 def test_scale_and_the_torch_backend_agree():
     from pretrain.models.ops import torch_attention
 
@@ -102,3 +134,14 @@ def test_the_torch_attention_path_reaches_flash_or_cudnn_in_bf16(kv_heads):
             loss = model(tokens, tokens)
         loss.backward()
     assert torch.isfinite(loss) and model.layers["0"].self_attn.q_proj.weight.grad is not None
+
+
+def test_the_meter_reads_each_backward():
+    """What the step-cost meter is told: one pass does FlashAttention-2's 5 matmuls a block pair (2.5× the
+    forward), the split backward 7 (3.5×)."""
+    q, k, v, out, dout = (torch.zeros(1, 2, 32, 16) for _ in range(5))
+    lse, mask = torch.zeros(1, 2, 32), torch.zeros(1, dtype=torch.int8)
+    fwd = attention._fwd_cost((q, k, v, mask, True), {}, (out, lse))
+    for one_pass, ratio in ((True, 2.5), (False, 3.5)):
+        bwd = attention._bwd_cost((q, k, v, out, lse, mask, dout, True, False, 0.25, one_pass), {}, (q, k, v))
+        assert bwd["flops"] / fwd["flops"] == pytest.approx(ratio)

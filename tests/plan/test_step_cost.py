@@ -116,12 +116,12 @@ def test_gpt_with_torch_kernels(tiny):
     assert m.attention_fwd_flops_per_token_layer == pytest.approx(4 * h * e * 65 / 2)
     assert m.attn_bwd_over_fwd_flops == pytest.approx(2.5)
     assert m.syncs_per_microbatch == 0 and m.syncs_per_step == 0
-    # per weight (bf16 weight copies, the default): each micro-batch adds its bf16 gradient to the accumulated one
-    # (2 + 2 + 2 B); the step copies each fp32 weight to bf16 (4 + 2 B) and casts the gradient back (2 + 4 B), and
-    # its first micro-batch writes its gradients instead of adding them (- 6 B)
+    # per weight (bf16 weight copies, the default): each micro-batch's weight gradient is added by its GEMM
+    # (addmm_, a matmul: no bytes); the step copies each fp32 weight to bf16 (4 + 2 B) and casts the gradient back
+    # (2 + 4 B). What is left a micro-batch is the norms' fp32 weights' (a hundredth of 6 B a weight)
     weights = 2 * d * h * e + 2 * d * kv * e + 3 * d * f
-    assert m.nonmatmul_bytes_per_microbatch_layer == pytest.approx(6 * weights, rel=0.02)
-    assert m.nonmatmul_bytes_per_step_layer == pytest.approx((6 + 6 - 6) * weights, rel=0.02)
+    assert m.nonmatmul_bytes_per_microbatch_layer < 0.02 * 6 * weights
+    assert m.nonmatmul_bytes_per_step_layer == pytest.approx((6 + 6) * weights, rel=0.02)
     # autocast over fp32 weights: each micro-batch casts its bf16 gradient to fp32 (2 + 4 B) and adds it to the
     # accumulated one (4 + 4 + 4 B); the step casts each fp32 weight to bf16 once (autocast entered once a step:
     # 4 + 2 B) and its first micro-batch writes its gradients instead of adding them (- 12 B)
@@ -147,7 +147,7 @@ def test_gpt_with_triton_kernels_declares_their_work(tiny):
     m = measure(tiny, "triton", tokens=(32, 64))
     assert m.matmul_flops_per_token_layer == pytest.approx(torch_m.matmul_flops_per_token_layer)
     assert m.attention_fwd_flops_per_token_layer == pytest.approx(torch_m.attention_fwd_flops_per_token_layer)
-    assert m.attn_bwd_over_fwd_flops == pytest.approx(3.5)  # 7 matmuls in the backward against 2
+    assert m.attn_bwd_over_fwd_flops == pytest.approx(2.5)  # one pass: 5 matmuls in the backward against 2
     assert m.syncs_per_microbatch == 0 and m.syncs_per_step == 0  # the cross-entropy's count stays on the device
     rep = report(m, tiny)
     assert rep["host_syncs_per_step"] == 0
@@ -198,10 +198,9 @@ def test_peer_torchtitan_column(tiny):
     peer = step_cost.peer_measure("torchtitan", tiny, tokens=(32, 64))
     ours = measure(tiny, "torch", tokens=(32, 64))
     # the same shape: the same matmul work; bf16 parameters (FSDP's mixed precision) accumulate bf16 gradients
-    # (2 + 2 + 2 B a weight and micro-batch), as our bf16 weight copies do (autocast over fp32 weights: 6 + 12)
+    # (2 + 2 + 2 B a weight and micro-batch), where our GEMMs accumulate them (autocast over fp32 weights: 6 + 12)
     assert peer.matmul_flops_per_token_layer == pytest.approx(ours.matmul_flops_per_token_layer)
-    assert peer.nonmatmul_bytes_per_microbatch_layer == pytest.approx(ours.nonmatmul_bytes_per_microbatch_layer,
-                                                                       rel=0.01)
+    assert ours.nonmatmul_bytes_per_microbatch_layer < 0.05 * peer.nonmatmul_bytes_per_microbatch_layer
 
 
 def test_planner_search_takes_the_meters_bytes(capsys):
