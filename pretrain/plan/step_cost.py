@@ -355,10 +355,13 @@ def _ours(cfg, n_layers: int, tokens: int, kernels: str, like: dict | None = Non
     _checkpointing(model, cfg)
     task = task_for(cfg.model.arch)
 
-    from pretrain.parallel.mixed_precision import ComputeWeights, bf16_weights
+    from pretrain.parallel.mixed_precision import ComputeWeights, bf16_weights, gemm_accumulation
 
-    # bf16 weights over fp32 masters where the engine has them (FSDP's policy at zero_stage 2 / 3)
-    weights = ComputeWeights(model) if bf16_weights(cfg, sharded=cfg.parallel.zero_stage >= 2) else None
+    # bf16 weights over fp32 masters where the engine has them (FSDP's policy at zero_stage 2 / 3, which
+    # accumulates bf16 gradients through autograd)
+    sharded = cfg.parallel.zero_stage >= 2
+    weights = ComputeWeights(model, fuse_accumulation=gemm_accumulation(cfg) and not sharded) \
+        if bf16_weights(cfg, sharded=sharded) else None
 
     def step(batches):
         bf16 = cfg.train.dtype == "bf16"

@@ -142,6 +142,16 @@ def test_activation_checkpointing_is_counted_and_keeps_the_per_call_ratio(tiny):
     assert full.attn_bwd_over_fwd_flops == pytest.approx(2.5)  # the recomputed forward is not a cheaper backward
 
 
+def test_bf16_weight_copies_recompute_what_autocast_recomputes(tiny):
+    """Under full activation checkpointing the copies accumulate through autograd: a custom Function's GEMM
+    accumulation would save its inputs after its matmul and make torch's recompute run each block's last
+    projection again (+6 % of the matmul FLOPs here before)."""
+    full = [*_overrides(tiny), "parallel.activation_checkpointing=full"]
+    weights = measure(load_config(None, full), "torch", tokens=(32, 64))
+    autocast = measure(load_config(None, [*full, "train.mixed_precision=autocast"]), "torch", tokens=(32, 64))
+    assert weights.matmul_flops_per_token_layer == pytest.approx(autocast.matmul_flops_per_token_layer, rel=1e-9)
+
+
 def test_gpt_with_triton_kernels_declares_their_work(tiny):
     torch_m = measure(tiny, "torch", tokens=(32, 64))
     m = measure(tiny, "triton", tokens=(32, 64))
