@@ -93,3 +93,62 @@ def test_bf16_weights_under_ddp_reduce_their_gradients_like_one_process(tmp_path
     assert max(abs(x - y) for x, y in zip(a, b)) < 5e-3, (a, b)  # 1.4e-3 seen
     na, nb = grad_norms(tmp_path / "single"), grad_norms(tmp_path / "ddp")
     assert max(abs(x - y) / x for x, y in zip(na, nb)) < 2e-3, (na, nb)  # 2e-4 seen
+
+
+KILLED_DURING_ASYNC_SAVE = r"""
+import os, signal, sys
+sys.path.insert(0, {root!r})
+from pretrain.checkpoint import manager
+real = manager.dcp.async_save
+
+def async_save_then_die(*args, **kwargs):
+    future = real(*args, **kwargs)  # staged; the background write in flight
+    if os.environ.get("RANK") == "1" and str(kwargs.get("checkpoint_id", "")).endswith("step-00000002.tmp"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return future
+
+manager.dcp.async_save = async_save_then_die
+from pretrain.train import run
+run()
+"""
+
+
+def per_step(run_dir: Path) -> dict[int, float]:
+    """The last logged loss of each step (a resumed run logs its steps again)."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        out[record["step"]] = record["loss"]
+    return out
+
+
+def test_a_rank_killed_during_an_async_save_resumes_from_the_last_complete_step(tmp_path):
+    """checkpoint.async_save on 2 DDP ranks, rank 1 SIGKILLed while step 2's write is in flight: torchrun ends the
+    job, step 2 never becomes a checkpoint (``latest`` stays on step 1), and the rerun resumes from step 1 to the
+    losses of a run never interrupted — as with a synchronous save."""
+    from pretrain.checkpoint.manager import CheckpointManager
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    script = tmp_path / "dies.py"
+    script.write_text(KILLED_DURING_ASYNC_SAVE.format(root=str(ROOT)))
+    args = ["--set", *COMMON, "train.micro_batch_size=4", "parallel.meta_init=false", "checkpoint.interval=1",
+            "checkpoint.async_save=true"]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    killed = subprocess.run([*launch, str(script), *args, f"logging.run_dir={tmp_path / 'run'}"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=180)
+    assert killed.returncode != 0, killed.stdout[-2000:]
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == "step-00000001"
+    assert not (checkpoints / "step-00000002").exists()
+    assert CheckpointManager(checkpoints).latest().name == "step-00000001"  # the half-written step set aside
+
+    again = subprocess.run([*launch, "-m", "pretrain.train", *args, f"logging.run_dir={tmp_path / 'run'}"], cwd=ROOT,
+                           env=env, capture_output=True, text=True, timeout=180)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resum" in (again.stdout + again.stderr).lower()
+    whole = subprocess.run([*launch, "-m", "pretrain.train", *args, f"logging.run_dir={tmp_path / 'whole'}"], cwd=ROOT,
+                           env=env, capture_output=True, text=True, timeout=180)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    resumed, reference = per_step(tmp_path / "run"), per_step(tmp_path / "whole")
+    assert sorted(resumed) == [1, 2, 3, 4]
+    assert max(abs(resumed[s] - reference[s]) for s in (2, 3, 4)) < 1e-6, (resumed, reference)
