@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from pretrain.checkpoint.manager import CheckpointError
+from pretrain.checkpoint.manager import CheckpointError, _not_plain
 from pretrain.checkpoint.session import IMPORT_CONFIG
 from pretrain.config import ROPE_SCALING, Config, ConfigError, ModelConfig
 from pretrain.files import as_os_error, check_output, replace_dir
@@ -588,7 +589,11 @@ def _read_tensors(files: list[Path]):
 
     for file in files:
         if file.suffix == ".bin":
-            yield from torch.load(file, map_location="cpu", weights_only=True).items()
+            try:
+                weights = torch.load(file, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as exc:
+                raise CheckpointError(f"{file} {_not_plain(exc)}") from None
+            yield from weights.items()
             continue
         try:
             with safe_open(str(file), framework="pt") as f:

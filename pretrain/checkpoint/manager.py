@@ -459,7 +459,11 @@ class CheckpointManager:
         restore(path, model, optimizer, engine, local)
         rng_file = path / f"rng-rank{self.rank}.pt"
         if rng_file.is_file() and not state.get("model_only"):
-            set_rng_state(torch.load(rng_file, weights_only=True))
+            try:
+                rng = torch.load(rng_file, weights_only=True)
+            except pickle.UnpicklingError as exc:
+                raise CheckpointError(f"{rng_file} {_not_plain(exc)}") from None
+            set_rng_state(rng)
         return state
 
 

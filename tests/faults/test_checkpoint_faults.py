@@ -510,3 +510,38 @@ def test_an_hf_index_naming_a_file_outside_the_folder_is_refused(tmp_path, capsy
                                                        str(tmp_path / "native")], capsys),
                 r"model.safetensors.index.json lists .*, not a file of .*: not read")
         assert not (tmp_path / "native").exists()
+
+
+def test_a_pickle_in_an_rng_file_is_never_run_even_with_a_forged_manifest(run, tmp_path, capsys):
+    """rng-rank0.pt is read with weights_only=True: a payload there, with the manifest forged to match, is one
+    line naming the file — no code run, no advice to turn the check off."""
+    import torch
+
+    marker = tmp_path / "pwned"
+    step = ckpt(run, 4)
+    torch.save(Payload(marker), step / "rng-rank0.pt")
+    _forge_manifest(step)
+    message = refused(resume(run, capsys), r"rng-rank0.pt holds a pickle that refers to posix.system, not plain "
+                                           r"data: not loaded")
+    assert "weights_only" not in message
+    assert not marker.exists()
+
+
+def test_a_pickle_in_an_hf_bin_is_never_run(tmp_path, capsys):
+    """pytorch_model.bin (read only with --allow-pickle) goes through weights_only=True: a payload is one line
+    naming the file, nothing run, nothing written."""
+    import torch
+
+    from .helpers import call
+
+    marker, hf = tmp_path / "pwned", tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 1,
+                                                "hidden_size": 32, "num_attention_heads": 4, "intermediate_size": 64,
+                                                "vocab_size": 64}))
+    torch.save({"lm_head.weight": Payload(marker)}, hf / "pytorch_model.bin")
+    message = refused(call(tool("convert_checkpoint").main, ["--to", "native", "--input", str(hf), "--output",
+                                                             str(tmp_path / "native"), "--allow-pickle"], capsys),
+                      r"pytorch_model.bin holds a pickle that refers to posix.system, not plain data: not loaded")
+    assert "weights_only" not in message
+    assert not marker.exists() and not (tmp_path / "native").exists()
