@@ -13,7 +13,7 @@ import math
 import re
 import sys
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -342,6 +342,31 @@ class Config:
     @property
     def hf_dir(self) -> Path:
         return Path(self.checkpoint.hf_dir) if self.checkpoint.hf_dir else Path(self.logging.run_dir) / "hf"
+
+    def inert(self) -> list[str]:
+        """One line for each key set away from its default that this config never reads (a feature left off):
+        said aloud at start and by ``--check``, not refused — a config may carry them for a later run."""
+        m, o, t, p = self.model, self.optim, self.train, self.parallel
+        off = [
+            ("model", "moe_", not m.n_experts, "model.n_experts = 0"),
+            ("model", "n_shared_experts", not m.n_experts, "model.n_experts = 0"),
+            ("optim", "muon_", o.name != "muon", f"optim.name = {o.name!r}"),
+            ("train", "fp8_", t.fp8 == "none", 'train.fp8 = "none"'),
+            ("train", "mixed_precision", t.dtype != "bf16", f"train.dtype = {t.dtype!r}"),
+            ("parallel", "cp_impl", p.cp == 1, "parallel.cp = 1"),
+            ("parallel", "pp_schedule", p.pp == 1, "parallel.pp = 1"),
+            ("parallel", "n_microbatches", p.pp == 1, "parallel.pp = 1"),
+            ("parallel", "stages_per_rank", p.pp == 1, "parallel.pp = 1"),
+        ]
+        lines = []
+        for section, prefix, inactive, because in off:
+            if not inactive:
+                continue
+            ours, default = getattr(self, section), type(getattr(self, section))()
+            for f in fields(ours):
+                if f.name.startswith(prefix) and getattr(ours, f.name) != getattr(default, f.name):
+                    lines.append(f"{section}.{f.name} = {getattr(ours, f.name)!r} has no effect: {because}")
+        return lines
 
     def validate(self) -> Config:
         """Every rule of ``RULES`` in order (finiteness and the ranges of ``RANGES`` first, then choices and the

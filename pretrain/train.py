@@ -135,13 +135,17 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, overrides)
         world = distributed.launched_world_size()
         dims = ParallelDims.from_config(cfg, world)  # before any process group
+        if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+            for line in cfg.inert():
+                print(f"note: {line}")
         if args.check:
             print(f"config ok: {args.config or 'defaults'}, {world} processes = {dims.describe()}, run dir "
                   f"{cfg.logging.run_dir}")
             from pretrain.plan.check import check
 
             line, error = check(cfg, world)
-            print(line)
+            if line:
+                print(line)
             if error:
                 raise ConfigError(error)
             return 0

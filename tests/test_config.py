@@ -162,3 +162,26 @@ def test_cli_bad_input_exits_nonzero_with_one_line(args, message, tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(message), proc.stderr
+
+
+def test_keys_a_config_never_reads_are_said_aloud(capsys):
+    """A key set for a feature that is off (Muon's with AdamW, MoE's without experts, FP8's without FP8, pipeline
+    and context-parallel choices on one stage / one cp rank, mixed precision in fp32) is a note at start and
+    under --check; the presets carry none."""
+    cfg = load_config(None, ["optim.muon_lr=0.01", "model.moe_top_k=4", "train.fp8_keep_edge_blocks=2",
+                             "parallel.pp_schedule=zbv", "parallel.cp_impl=alltoall", "train.mixed_precision=autocast"])
+    assert cfg.inert() == [
+        "model.moe_top_k = 4 has no effect: model.n_experts = 0",
+        "optim.muon_lr = 0.01 has no effect: optim.name = 'adamw'",
+        'train.fp8_keep_edge_blocks = 2 has no effect: train.fp8 = "none"',
+        "train.mixed_precision = 'autocast' has no effect: train.dtype = 'fp32'",
+        "parallel.cp_impl = 'alltoall' has no effect: parallel.cp = 1",
+        "parallel.pp_schedule = 'zbv' has no effect: parallel.pp = 1",
+    ]
+    assert load_config(None, ["optim.name=muon", "optim.muon_lr=0.01"]).inert() == []
+    for path in sorted((ROOT / "configs").glob("*.toml")):
+        assert load_config(path).inert() == [], path.name
+    from pretrain.train import main
+
+    assert main(["--check", "--set", "data.source=synthetic", "optim.muon_lr=0.01"]) == 0
+    assert "note: optim.muon_lr = 0.01 has no effect: optim.name = 'adamw'" in capsys.readouterr().out

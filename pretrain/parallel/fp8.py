@@ -103,6 +103,27 @@ def convertible(cfg: Config):
     return convert
 
 
+def converts_nothing(cfg: Config, converted: int) -> str:
+    """The one line for a ``train.fp8`` that converts no Linear layer of a whole model ("" when it converts some)."""
+    if converted or cfg.train.fp8 == "none" or cfg.parallel.pp > 1:  # a pipeline stage may hold only edge blocks
+        return ""
+    t = cfg.train
+    return (f"train.fp8 = {t.fp8!r} converts no Linear layer of this model: of its {cfg.model.n_layers} blocks "
+            f"train.fp8_keep_edge_blocks = {t.fp8_keep_edge_blocks} keeps the first and last ones in high precision, "
+            f"train.fp8_exclude {t.fp8_exclude or '[]'} the matching ones, and FP8 GEMMs need both dims multiples of "
+            '16; set train.fp8 = "none" or convert some layers')
+
+
+def convertible_count(cfg: Config) -> int:
+    """Linear layers ``train.fp8`` would convert in the whole model (built on the meta device)."""
+    from pretrain.models import build_model
+
+    with torch.device("meta"):
+        model = build_model(cfg.model)
+    convert = convertible(cfg)
+    return sum(convert(module, name) for name, module in model.named_modules())
+
+
 def apply_fp8(model: nn.Module, cfg: Config, device: torch.device, all_gather: bool = False) -> int:
     """Swap the eligible Linear layers of ``model`` (whole, unsharded, possibly on meta) for Float8Linear in place;
     returns how many were converted."""

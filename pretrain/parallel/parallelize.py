@@ -170,18 +170,13 @@ def _convert_fp8(model: nn.Module, cfg: Config, dims: ParallelDims, mesh, device
         return
     import torch.distributed as dist
 
-    from pretrain.parallel.fp8 import all_gather_in_fp8, apply_fp8
+    from pretrain.parallel.fp8 import all_gather_in_fp8, apply_fp8, converts_nothing
 
     fsdp = mesh is not None and fsdp_sharded(cfg, dims)
     backend = dist.get_backend() if dist.is_initialized() else "none"
-    converted = apply_fp8(model, cfg, device, all_gather=all_gather_in_fp8(cfg, backend, fsdp))
-    if not converted and dims.pp == 1:  # a pipeline stage may hold only edge blocks; a whole model may not
-        t = cfg.train
-        raise ConfigError(f"train.fp8 = {t.fp8!r} converts no Linear layer of this model: of its "
-                          f"{cfg.model.n_layers} blocks train.fp8_keep_edge_blocks = {t.fp8_keep_edge_blocks} keeps "
-                          "the first and last ones in high precision, train.fp8_exclude "
-                          f"{t.fp8_exclude or '[]'} the matching ones, and FP8 GEMMs need both dims multiples of 16; "
-                          'set train.fp8 = "none" or convert some layers')
+    why = converts_nothing(cfg, apply_fp8(model, cfg, device, all_gather=all_gather_in_fp8(cfg, backend, fsdp)))
+    if why:
+        raise ConfigError(why)
 
 
 def _apply_local(model: nn.Module, cfg: Config) -> None:

@@ -47,7 +47,14 @@ def summary(mem: Memory) -> str:
 
 
 def check(cfg: Config, world: int) -> tuple[str, str | None]:
-    """(the line to print, an error line or None). The error names the best fitting layout's overrides."""
+    """(the line to print, an error line or None). The error names the best fitting layout's overrides; a
+    ``train.fp8`` that would convert no layer is the trainer's own line."""
+    if cfg.train.fp8 != "none":
+        from pretrain.parallel.fp8 import converts_nothing, convertible_count
+
+        why = converts_nothing(cfg, convertible_count(cfg))
+        if why:
+            return "", why
     mem = estimate_memory(cfg, world)
     if cfg.parallel.engine == "deepspeed":  # its flat buffers are its own: an estimate, never a refusal
         return (f"predicted memory per GPU (as the native engine; DeepSpeed's buffers differ): {summary(mem)}",

@@ -167,3 +167,14 @@ def test_sample_top_k_zero_means_every_token_and_bench_data_refuses_empty_sizes(
                           text=True)
     assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].endswith("--seq-len must be > 0, got 0")
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_fp8_that_converts_no_layer_is_the_same_line_with_and_without_check(tmp_path, capsys, check):
+    """Every block of a 2-layer model is an edge block that train.fp8 keeps in high precision: training refuses
+    in one line, and --check names the same rule instead of saying the config is fine."""
+    argv = ["--set", *TINY, "model.n_layers=2", "train.fp8=tensorwise", "train.steps=1",
+            f"logging.run_dir={tmp_path / 'run'}"]
+    refused(train(["--check", *argv] if check else argv, capsys),
+            r"train.fp8 = 'tensorwise' converts no Linear layer of this model: of its 2 blocks "
+            r"train.fp8_keep_edge_blocks = 1 keeps the first and last ones in high precision")
