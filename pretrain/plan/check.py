@@ -50,7 +50,7 @@ def check(cfg: Config, world: int) -> tuple[str, str | None]:
     """(the line to print, an error line or None). The error names the best fitting layout's overrides; a
     ``train.fp8`` that would convert no layer is the trainer's own line."""
     if cfg.train.fp8 != "none":
-        from pretrain.parallel.fp8 import converts_nothing, convertible_count
+        from pretrain.parallel.fp8 import convertible_count, converts_nothing
 
         why = converts_nothing(cfg, convertible_count(cfg))
         if why:
