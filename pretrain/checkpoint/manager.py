@@ -288,6 +288,12 @@ class CheckpointManager:
         hashing (each rank reads its part of the files)."""
         if not self.directory.is_dir():
             return None
+        pointer = self.directory / "latest"
+        if pointer.is_symlink() or pointer.is_file():
+            name = pointer.read_text(errors="replace").strip() if pointer.is_file() else ""
+            if pointer.is_symlink() or not STEP_DIR.match(name) or (self.directory / name).is_symlink():
+                shown = f"a symbolic link (to {os.readlink(pointer)})" if pointer.is_symlink() else repr(name[:200])
+                say(f"checkpoint: {pointer} is {shown}, not the name of a step of {self.directory}: not followed")
         for path in sorted(self.directory.iterdir()):
             if STEP_DIR.match(path.name) and path.is_dir() and not is_complete(path):
                 say(f"checkpoint: {path} has no manifest.json (an unfinished or foreign save): not loaded, left "

@@ -545,3 +545,19 @@ def test_a_pickle_in_an_hf_bin_is_never_run(tmp_path, capsys):
                       r"pytorch_model.bin holds a pickle that refers to posix.system, not plain data: not loaded")
     assert "weights_only" not in message
     assert not marker.exists() and not (tmp_path / "native").exists()
+
+
+@pytest.mark.parametrize("pointer", ["../../outside/step-00000006", "/etc", "symlink"])
+def test_a_latest_pointing_outside_is_said_and_not_followed(run, tmp_path, capsys, pointer):
+    """``latest`` naming a path outside the checkpoint dir (``..``, absolute) or being a symbolic link is said
+    aloud and not followed: the run resumes from its newest verified step."""
+    latest = run / "checkpoints" / "latest"
+    outside = tmp_path / "outside" / "step-00000006"
+    shutil.copytree(ckpt(run, 2), outside)
+    latest.unlink()
+    if pointer == "symlink":
+        latest.symlink_to(outside / "state.json")
+    else:
+        latest.write_text(pointer)
+    out = resumed_from(resume(run, capsys), 4)
+    assert f"checkpoint: {latest} is " in out and "not the name of a step of" in out and "not followed" in out, out
