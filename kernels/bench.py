@@ -153,7 +153,7 @@ def rotary_cases(dtype, batch: int, heads: int, seq: int, head_dim: int) -> list
 
 def swiglu_cases(dtype, tokens: int, hidden: int) -> list[Case]:
     """Forward + backward: the fused pair against torch's silu and mul (what the model ran before)."""
-    from pretrain.kernels.swiglu import swiglu
+    from pretrain.kernels.swiglu import swiglu, swiglu_packed
 
     g, u = (torch.randn(tokens, hidden, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
     dh = torch.randn(tokens, hidden, device="cuda", dtype=dtype)
@@ -163,7 +163,10 @@ def swiglu_cases(dtype, tokens: int, hidden: int) -> list[Case]:
     def step(fn):
         return lambda: torch.autograd.grad(fn(g, u), (g, u), dh)
 
+    gu = torch.cat([g, u], dim=-1).detach().requires_grad_()  # a fused gate/up projection's output
+    packed = lambda: torch.autograd.grad(swiglu_packed(gu), gu, dh)  # noqa: E731
     return [Case("swiglu", shape, "triton", step(swiglu), 12.0 * g.numel(), io),
+            Case("swiglu", shape, "triton_packed", packed, 12.0 * g.numel(), io),
             Case("swiglu", shape, "reference", step(lambda a, b: F.silu(a) * b), 12.0 * g.numel(), io)]
 
 
@@ -377,7 +380,7 @@ def check() -> list[str]:
     from pretrain.kernels.cross_entropy import linear_cross_entropy
     from pretrain.kernels.norms import layer_norm, rms_norm
     from pretrain.kernels.rotary import rotary
-    from pretrain.kernels.swiglu import swiglu
+    from pretrain.kernels.swiglu import swiglu, swiglu_packed
 
     torch.manual_seed(0)
     report = []
@@ -396,6 +399,8 @@ def check() -> list[str]:
     ok &= close("rotary", rotary(q, cos, sin), reference.rotary(q, cos, sin))
     g, u = torch.randn(37, 130) * 3, torch.randn(37, 130)
     ok &= close("swiglu", swiglu(g, u), reference.swiglu(g, u))
+    gu = torch.cat([g, u], dim=-1)
+    ok &= close("swiglu_packed", swiglu_packed(gu), reference.swiglu_packed(gu))
     h, wt, t = torch.randn(37, 48), torch.randn(1000, 48) * 0.05, torch.randint(0, 1000, (37,))
     ok &= close("cross_entropy", linear_cross_entropy(h, wt, t), reference.linear_cross_entropy(h, wt, t))
     p1, p2 = torch.nn.Parameter(torch.randn(100)), torch.nn.Parameter(torch.randn(100))

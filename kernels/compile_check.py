@@ -263,10 +263,13 @@ def swiglu_case(f: int):
     def run(dtype):
         import torch
 
-        from pretrain.kernels.swiglu import swiglu
+        from pretrain.kernels.swiglu import swiglu, swiglu_packed
 
         g, u = (torch.zeros(8, f, dtype=dtype, requires_grad=True) for _ in range(2))
         y = swiglu(g, u)
+        y.backward(torch.zeros_like(y))
+        gu = torch.zeros(8, 2 * f, dtype=dtype, requires_grad=True)  # a fused gate/up projection's output
+        y = swiglu_packed(gu)
         y.backward(torch.zeros_like(y))
     return run
 

@@ -56,6 +56,11 @@ def swiglu(g, u):
     return (F.silu(g.float()) * u.float()).to(g.dtype)
 
 
+def swiglu_packed(gu):
+    g, u = gu.chunk(2, dim=-1)
+    return swiglu(g, u)
+
+
 def linear_cross_entropy(hidden, weight, targets, ignore_index=-100, z_loss=0.0, label_smoothing=0.0):
     """Mean cross-entropy of ``hidden @ weight.T`` over the non-ignored targets (+ z-loss · logsumexp²)."""
     logits = hidden.float() @ weight.float().t()

@@ -164,8 +164,13 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(d, f, bias=bias) if gated else None
         self.up_proj = nn.Linear(d, f, bias=bias)
         self.down_proj = nn.Linear(f, d, bias=bias)
+        # for a step, a function computing gate and up as one (..., 2F) projection (parallel/mixed_precision.py
+        # sets it over its bf16 copies; the parameters stay gate_proj and up_proj)
+        self.gate_up = None
 
     def forward(self, x):
+        if self.gated and self.gate_up is not None:
+            return self.down_proj(self.ops.swiglu_packed(self.gate_up(x)))
         if self.gated:
             return self.down_proj(self.ops.swiglu(self.gate_proj(x), self.up_proj(x)))
         return self.down_proj(F.gelu(self.up_proj(x), approximate=self.gelu_approximate))

@@ -26,7 +26,7 @@ TRITON_OPS = {
 }
 assert tuple(TRITON_OPS) == KERNEL_OPS
 # functions that come with an op from the same kernel: the norms with the residual add fused in
-COMPANIONS = {"rms_norm": ("add_rms_norm",), "layer_norm": ("add_layer_norm",)}
+COMPANIONS = {"rms_norm": ("add_rms_norm",), "layer_norm": ("add_layer_norm",), "swiglu": ("swiglu_packed",)}
 
 
 def torch_attention(q, k, v, causal=True, key_padding_mask=None, scale=None, dropout_p=0.0):
@@ -71,6 +71,12 @@ def torch_swiglu(g, u):
     return F.silu(g) * u
 
 
+def torch_swiglu_packed(gu):
+    """silu(g) · u of gu = [g, u] along the last dim (a fused gate/up projection's output)."""
+    g, u = gu.chunk(2, dim=-1)
+    return F.silu(g) * u
+
+
 def torch_linear_cross_entropy(hidden, weight, targets, ignore_index=-100):
     return F.cross_entropy(F.linear(hidden, weight).float(), targets, ignore_index=ignore_index)
 
@@ -86,6 +92,7 @@ class Ops:
         self.rotary: Callable = torch_rotary
         self.cross_entropy: Callable = torch_linear_cross_entropy
         self.swiglu: Callable = torch_swiglu
+        self.swiglu_packed: Callable = torch_swiglu_packed
         self.add_rms_norm: Callable = torch_add_rms_norm  # (x + r, norm(x + r))
         self.add_layer_norm: Callable = torch_add_layer_norm
         self.triton = triton_ops(backend)

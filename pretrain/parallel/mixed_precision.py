@@ -78,6 +78,18 @@ def matmul_weights(module: nn.Module) -> list[tuple[nn.Module, str, nn.Parameter
     return slots
 
 
+def _gated_mlps(module: nn.Module, slots) -> list:
+    from pretrain.models.layers import MLP
+
+    ours = {id(p) for _, _, p in slots}
+    # with the Triton SwiGLU only, which writes the (..., 2F) gradient whole: torch's silu · mul over the two
+    # halves would hand back dg and du apart, and concatenating them costs more than the add it saves
+    return [m for m in module.modules() if isinstance(m, MLP) and m.gated and "swiglu" in m.ops.triton
+            and all(p is not None and id(p) in ours for p in (m.gate_proj.weight, m.up_proj.weight))
+            and (m.gate_proj.bias is None) == (m.up_proj.bias is None)
+            and (m.gate_proj.bias is None or {id(m.gate_proj.bias), id(m.up_proj.bias)} <= ours)]
+
+
 class _AccumulatingLinear(torch.autograd.Function):
     """``F.linear`` on a bf16 weight copy whose weight gradient is accumulated by the GEMM itself: the first
     micro-batch's ``dyᵀ x`` is written, each later one added by ``addmm_`` (cuBLAS's beta = 1: the accumulation rides
@@ -109,8 +121,20 @@ class ComputeWeights:
     """bf16 copies of ``module``'s matmul weights for the steps of one process or of DDP (``ddp``: the wrapper,
     whose reduction this takes over)."""
 
-    def __init__(self, module: nn.Module, ddp: nn.Module | None = None, fuse_accumulation: bool = True):
+    def __init__(self, module: nn.Module, ddp: nn.Module | None = None, fuse_accumulation: bool = True,
+                 fuse_projections: bool = True):
         self.slots = matmul_weights(module)
+        # gated MLPs whose gate and up projections run as one GEMM on one bf16 copy of both (the parameters stay
+        # two) into the Triton SwiGLU: one launch, and its backward reads one (..., 2F) gradient — no add of two
+        # input gradients
+        self.fused = _gated_mlps(module, self.slots) if fuse_projections else []
+        self.halves: dict = {}  # fused copy's key -> (gate's master, up's master)
+        for mlp in self.fused:
+            self.halves["w", id(mlp)] = (mlp.gate_proj.weight, mlp.up_proj.weight)
+            if mlp.gate_proj.bias is not None:
+                self.halves["b", id(mlp)] = (mlp.gate_proj.bias, mlp.up_proj.bias)
+        in_fused = {id(p) for pair in self.halves.values() for p in pair}
+        self.slots = [slot for slot in self.slots if id(slot[2]) not in in_fused]
         self.masters = {id(p): p for _, _, p in self.slots}
         self.copies: dict[int, nn.Parameter] = {}  # made anew each step, as autocast's cache (read 4 B, write 2)
         self.sums: dict[int, torch.Tensor] = {}  # GEMM-accumulated bf16 gradients of the nn.Linear copies
@@ -128,7 +152,8 @@ class ComputeWeights:
         if fsdp_sharded(cfg, parallel.dims) or not bf16_weights(cfg, sharded=False):
             return None
         ddp = parallel.model if isinstance(parallel.model, nn.parallel.DistributedDataParallel) else None
-        return cls(parallel.module, ddp, fuse_accumulation=gemm_accumulation(cfg))
+        return cls(parallel.module, ddp, fuse_accumulation=gemm_accumulation(cfg),
+                   fuse_projections=not cfg.train.compile)
 
     def accumulate(self, key: int, dy: torch.Tensor, x: torch.Tensor) -> None:
         """Add ``dyᵀ x`` to the gradient of weight ``key``: written by the first GEMM, added by the next ones'."""
@@ -156,10 +181,17 @@ class ComputeWeights:
         cast into the fp32 parameters (and averaged over DDP's ranks) and the parameters are back in the module."""
         with torch.no_grad():
             self.copies = {key: nn.Parameter(p.to(torch.bfloat16)) for key, p in self.masters.items()}
+            for key, (gate, up) in self.halves.items():  # each half copied in: 4 B read, 2 written
+                both = torch.empty((2 * gate.shape[0], *gate.shape[1:]), dtype=torch.bfloat16, device=gate.device)
+                both[:gate.shape[0]].copy_(gate)
+                both[gate.shape[0]:].copy_(up)
+                self.copies[key] = nn.Parameter(both)
         for owner, name, p in self.slots:
             owner._parameters[name] = self.copies[id(p)]
         for owner in self.linears:
             owner.forward = functools.partial(self._linear, owner)
+        for mlp in self.fused:
+            mlp.gate_up = functools.partial(self._gate_up, mlp)
         try:
             yield
         except BaseException:
@@ -173,24 +205,38 @@ class ComputeWeights:
         keys = (self.keys[id(owner), "weight"], self.keys.get((id(owner), "bias")))
         return _AccumulatingLinear.apply(x, owner.weight, owner.bias, self, keys)
 
+    def _gate_up(self, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.copies["w", id(mlp)], self.copies.get(("b", id(mlp)))
+        if self.linears:  # the GEMM accumulates, as for every nn.Linear
+            return _AccumulatingLinear.apply(x, weight, bias, self, (("w", id(mlp)),
+                                                                      ("b", id(mlp)) if bias is not None else None))
+        return F.linear(x, weight, bias)
+
     def _restore(self) -> None:
         for owner, name, p in self.slots:
             owner._parameters[name] = p
         for owner in self.linears:
             del owner.forward
+        for mlp in self.fused:
+            mlp.gate_up = None
 
     def _gradients_to_masters(self) -> None:
         for key, copy in self.copies.items():
-            p = self.masters[key]
             grad = self.sums.pop(key, None)
             if copy.grad is not None:  # read directly too (autograd's accumulation)
                 grad = copy.grad if grad is None else grad.add_(copy.grad)
             if grad is None:
                 continue
-            if p.grad is None:
-                p.grad = grad.to(torch.float32)
-            else:  # a parameter some other module reads in fp32 too (a tied weight)
-                p.grad.add_(grad)
+            if key in self.halves:  # a fused gate/up copy: each half to its own parameter
+                gate, up = self.halves[key]
+                pieces = ((gate, grad[:gate.shape[0]]), (up, grad[gate.shape[0]:]))
+            else:
+                pieces = ((self.masters[key], grad),)
+            for p, g in pieces:
+                if p.grad is None:
+                    p.grad = g.to(torch.float32)
+                else:  # a parameter some other module reads in fp32 too (a tied weight)
+                    p.grad.add_(g)
         self.copies, self.sums = {}, {}
         if self.ddp is not None:
             self._all_reduce()

@@ -149,6 +149,8 @@ class CostMode(TorchDispatchMode):
         if name in FREE or getattr(func, "is_view", False) or name.startswith(("prim::", "profiler::")):
             return out
         skip = {id(t) for t in _tensors(kwargs.get("out"))}
+        if name in NOT_READ and args:
+            skip.add(id(args[0]))
         inputs = [t for t in _tensors((args, kwargs)) if id(t) not in skip]
         outputs = _written(func, args, kwargs, out)
         moved = sum(tensor_bytes(t) for t in inputs) + sum(tensor_bytes(t) for t in outputs)
@@ -178,6 +180,8 @@ class CostMode(TorchDispatchMode):
 # arguments a schema marks as mutated that the kernel writes only in a case a training step does not take (the
 # fused Adam kernels unscale gradients in place only under a gradient scaler)
 NOT_WRITTEN = {"aten::_fused_adamw_": {"grads"}, "aten::_fused_adam_": {"grads"}}
+# in-place ops that only write their destination: ``copy_`` (into a slice), ``fill_`` / ``zero_``
+NOT_READ = {"aten::copy_", "aten::fill_", "aten::zero_"}
 
 
 def _written(func, args, kwargs, out) -> list[torch.Tensor]:
@@ -360,7 +364,8 @@ def _ours(cfg, n_layers: int, tokens: int, kernels: str, like: dict | None = Non
     # bf16 weights over fp32 masters where the engine has them (FSDP's policy at zero_stage 2 / 3, which
     # accumulates bf16 gradients through autograd)
     sharded = cfg.parallel.zero_stage >= 2
-    weights = ComputeWeights(model, fuse_accumulation=gemm_accumulation(cfg) and not sharded) \
+    weights = ComputeWeights(model, fuse_accumulation=gemm_accumulation(cfg) and not sharded,
+                             fuse_projections=not sharded and not cfg.train.compile) \
         if bf16_weights(cfg, sharded=sharded) else None
 
     def step(batches):

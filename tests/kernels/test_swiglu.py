@@ -23,6 +23,24 @@ def test_swiglu_matches_silu_times_up(shape, dtype, tol):
         torch.testing.assert_close(a, b, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.float16, 2e-3)])
+@pytest.mark.parametrize("shape", [(3, 74), (1, 2), (2, 5, 3000)])
+def test_packed_swiglu_matches_the_two_halves(shape, dtype, tol):
+    """gu = [g, u] side by side (a fused gate/up projection's output): h from each row's halves, and the
+    (..., 2F) gradient written whole equals the reference's."""
+    torch.manual_seed(sum(shape))
+    gu = (torch.randn(*shape) * 4).to(dtype).requires_grad_()
+    ours, ref = swiglu.swiglu_packed(gu), reference.swiglu_packed(gu)
+    assert ours.dtype == dtype and ours.shape == (*shape[:-1], shape[-1] // 2)
+    torch.testing.assert_close(ours, ref, atol=tol, rtol=tol)
+    dh = torch.randn(*ours.shape).to(dtype)
+    got, want = torch.autograd.grad(ours, gu, dh)[0], torch.autograd.grad(ref, gu, dh)[0]
+    assert got.shape == gu.shape and got.is_contiguous()
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    with pytest.raises(ValueError, match="the last dim must be even"):
+        swiglu.swiglu_packed(torch.randn(2, 5))
+
+
 def test_swiglu_reads_non_contiguous_inputs():
     h = torch.randn(4, 6, 20, requires_grad=True)
     g, u = h.transpose(0, 1), (h * 2).transpose(0, 1)  # strided views, as a split projection might hand over

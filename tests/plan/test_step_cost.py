@@ -164,6 +164,12 @@ def test_gpt_with_triton_kernels_declares_their_work(tiny):
     assert {"pretrain::norm_fwd", "pretrain::norm_bwd", "pretrain::rotary"} <= set(m.bytes_by_op)
     # one fused norm moves x in and y out: less than torch's decomposed rms_norm
     assert m.nonmatmul_bytes_per_token_layer < torch_m.nonmatmul_bytes_per_token_layer
+    # gate and up as one GEMM into the packed SwiGLU (bf16 weight copies): one input gradient, not two added
+    # (2 + 2 read, 2 written a token and element of d_model)
+    a = measure(load_config(None, [*_overrides(tiny), "train.mixed_precision=autocast"]), "triton", tokens=(32, 64))
+    assert {"pretrain::swiglu_packed_fwd", "pretrain::swiglu_packed_bwd"} <= set(m.bytes_by_op)
+    assert "pretrain::swiglu_fwd" in a.bytes_by_op
+    assert a.nonmatmul_bytes_per_token_layer - m.nonmatmul_bytes_per_token_layer == pytest.approx(6 * 64, rel=0.02)
 
 
 def test_roofline_reads_the_config(tiny):
