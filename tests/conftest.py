@@ -17,7 +17,7 @@ from pretrain.config import load_config  # noqa: E402
 # module fixtures built once) in collection order; the longest files go first so that short ones fill the tail
 LONG_FIRST = ("tests/test_slurm.py", "tests/parallel/test_parallel.py", "tests/kernels/test_compile_gate.py",
               "tests/test_install.py", "tests/test_observability.py", "tests/plan/test_memory.py",
-              "tests/checkpoint/test_hf.py")
+              "tests/checkpoint/test_hf.py", "tests/test_distributed.py", "tests/plan/test_step_cost.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from .conftest import TINY_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,7 +19,30 @@ def losses(run_dir: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_torchrun_data_parallel_matches_single_process_with_checkpoints_written_in_the_background(tmp_path):
+ASYNC = ["train.micro_batch_size=4", "parallel.meta_init=false",  # whole-model init from the seed, then sharded
+         "checkpoint.interval=1", "checkpoint.async_save=true"]
+LAUNCH = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+
+
+def launch(run_dir: Path, *overrides: str, script: list[str] | None = None) -> subprocess.CompletedProcess:
+    """2 gloo ranks of ``pretrain.train`` (or ``script``) with COMMON, ASYNC and ``overrides``."""
+    return subprocess.run([*LAUNCH, *(script or ["-m", "pretrain.train"]), "--set", *COMMON, *ASYNC, *overrides,
+                           f"logging.run_dir={run_dir}"], cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=180)
+
+
+@pytest.fixture(scope="module")
+def ddp_async(tmp_path_factory) -> Path:
+    """DDP on 2 ranks, a checkpoint written in the background after every step: the run dir."""
+    run_dir = tmp_path_factory.mktemp("ddp_async") / "ddp"
+    run = launch(run_dir, "parallel.zero_stage=0")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "(writing in the background)" in run.stdout + run.stderr
+    return run_dir
+
+
+def test_torchrun_data_parallel_matches_single_process_with_checkpoints_written_in_the_background(tmp_path,
+                                                                                                  ddp_async):
     """DDP and FSDP (ZeRO-3) on 2 gloo ranks train to the one-process losses while a checkpoint is written in the
     background after every step (checkpoint.async_save): the background writes' collectives run on their own
     process group — on the training's group they interleaved with the next step's and the job hung at its first
@@ -29,22 +54,17 @@ def test_torchrun_data_parallel_matches_single_process_with_checkpoints_written_
     assert single.returncode == 0, single.stderr
     from pretrain.checkpoint.manager import is_complete
 
-    for name, layout in (("ddp", "parallel.zero_stage=0"), ("fsdp", "parallel.zero_stage=3")):
-        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                              "-m", "pretrain.train", "--set", *COMMON, "train.micro_batch_size=4", layout,
-                              "parallel.meta_init=false",  # whole-model init from the seed, then sharded
-                              "checkpoint.interval=1", "checkpoint.async_save=true",
-                              f"logging.run_dir={tmp_path / name}"], cwd=ROOT, env=env, capture_output=True,
-                             text=True, timeout=120)
-        assert run.returncode == 0, run.stderr[-3000:]
-        a, b = losses(tmp_path / "single"), losses(tmp_path / name)
+    fsdp = launch(tmp_path / "fsdp", "parallel.zero_stage=3")
+    assert fsdp.returncode == 0, fsdp.stderr[-3000:]
+    assert "(writing in the background)" in fsdp.stdout + fsdp.stderr
+    for name, run_dir in (("ddp", ddp_async), ("fsdp", tmp_path / "fsdp")):
+        a, b = losses(tmp_path / "single"), losses(run_dir)
         assert len(a) == len(b) == 4
         assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5, (name, a, b)
-        checkpoints = tmp_path / name / "checkpoints"
+        checkpoints = run_dir / "checkpoints"
         kept = sorted(p.name for p in checkpoints.iterdir() if p.name.startswith("step-"))
         assert kept == ["step-00000002", "step-00000003", "step-00000004"], kept  # keep_last 3, none .tmp
         assert all(is_complete(checkpoints / k) for k in kept)
-        assert "(writing in the background)" in run.stdout + run.stderr
 
 
 def test_resume_on_another_data_parallel_size_continues_the_global_stream(tmp_path, prepared):
@@ -122,33 +142,24 @@ def per_step(run_dir: Path) -> dict[int, float]:
     return out
 
 
-def test_a_rank_killed_during_an_async_save_resumes_from_the_last_complete_step(tmp_path):
+def test_a_rank_killed_during_an_async_save_resumes_from_the_last_complete_step(tmp_path, ddp_async):
     """checkpoint.async_save on 2 DDP ranks, rank 1 SIGKILLed while step 2's write is in flight: torchrun ends the
     job, step 2 never becomes a checkpoint (``latest`` stays on step 1), and the rerun resumes from step 1 to the
     losses of a run never interrupted — as with a synchronous save."""
     from pretrain.checkpoint.manager import CheckpointManager
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     script = tmp_path / "dies.py"
     script.write_text(KILLED_DURING_ASYNC_SAVE.format(root=str(ROOT)))
-    args = ["--set", *COMMON, "train.micro_batch_size=4", "parallel.meta_init=false", "checkpoint.interval=1",
-            "checkpoint.async_save=true"]
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
-    killed = subprocess.run([*launch, str(script), *args, f"logging.run_dir={tmp_path / 'run'}"], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=180)
+    killed = launch(tmp_path / "run", "parallel.zero_stage=0", script=[str(script)])
     assert killed.returncode != 0, killed.stdout[-2000:]
     checkpoints = tmp_path / "run" / "checkpoints"
     assert (checkpoints / "latest").read_text().strip() == "step-00000001"
     assert not (checkpoints / "step-00000002").exists()
     assert CheckpointManager(checkpoints).latest().name == "step-00000001"  # the half-written step set aside
 
-    again = subprocess.run([*launch, "-m", "pretrain.train", *args, f"logging.run_dir={tmp_path / 'run'}"], cwd=ROOT,
-                           env=env, capture_output=True, text=True, timeout=180)
+    again = launch(tmp_path / "run", "parallel.zero_stage=0")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resum" in (again.stdout + again.stderr).lower()
-    whole = subprocess.run([*launch, "-m", "pretrain.train", *args, f"logging.run_dir={tmp_path / 'whole'}"], cwd=ROOT,
-                           env=env, capture_output=True, text=True, timeout=180)
-    assert whole.returncode == 0, whole.stderr[-3000:]
-    resumed, reference = per_step(tmp_path / "run"), per_step(tmp_path / "whole")
+    resumed, reference = per_step(tmp_path / "run"), per_step(ddp_async)  # the same run, never interrupted
     assert sorted(resumed) == [1, 2, 3, 4]
     assert max(abs(resumed[s] - reference[s]) for s in (2, 3, 4)) < 1e-6, (resumed, reference)

@@ -6,9 +6,12 @@ from :class:`ComputeWeights`: the module's parameters stay fp32 — what the opt
 checkpoints and the Hugging Face export hold, so none of them changes and old checkpoints load as before — and for
 each step the local engine swaps bf16 copies of the matmul weights (every parameter of an ``nn.Linear`` and the MoE
 experts' weights) into the module: copied once a step, their gradients accumulated in bf16 over the micro-batches
-(2 + 2 read, 2 written a weight; autocast over fp32 weights pays 18 B: the bf16 gradient cast to fp32 and added to
-the fp32 one), then cast once into the fp32 parameters' ``.grad`` — under DDP then averaged over its ranks in fp32
-(DDP's own reduction is skipped: it would see no gradient of the fp32 parameters). Autocast stays entered once a
+— by the weight-gradient GEMM itself for an ``nn.Linear`` (``_AccumulatingLinear``: ``addmm_``), through autograd
+(2 + 2 read, 2 written a weight) for the rest or under activation checkpointing; autocast over fp32 weights pays
+18 B: the bf16 gradient cast to fp32 and added to the fp32 one — then cast once into the fp32 parameters'
+``.grad``, under DDP then averaged over its ranks in fp32 (DDP's own reduction is skipped: it would see no
+gradient of the fp32 parameters). With the Triton SwiGLU a gated MLP's gate and up run as one GEMM on one copy of
+both, into ``swiglu_packed``. Autocast stays entered once a
 step for what it decides beyond the weights (norm statistics, softmax, the loss at fp32), and its casts of these
 weights become no-ops. The embeddings, norms, the router and other parameters stay fp32 under autocast.
 

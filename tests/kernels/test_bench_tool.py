@@ -14,7 +14,7 @@ def test_check_mode_runs_every_op_against_the_reference():
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.strip().splitlines()
-    assert lines[-1] == "all ok" and len(lines) == 8  # attention, 2 norms, rotary, cross-entropy, swiglu, adamw
+    assert lines[-1] == "all ok" and len(lines) == 9  # attention, 2 norms, rotary, cross-entropy, 2 swiglu, adamw
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
