@@ -44,6 +44,12 @@ def torch_attention(q, k, v, causal=True, key_padding_mask=None, scale=None, dro
 
 
 def torch_rms_norm(x, weight, eps):
+    """torch's rms_norm, the weight in the input's dtype: a bf16 activation under autocast meets an fp32 weight,
+    which autocast leaves alone (rms_norm is on none of its lists) — and with mismatched dtypes torch's rms_norm
+    does not dispatch to its fused CUDA kernel but runs as pow / mean / rsqrt / mul (warning "Mismatch dtype between
+    input and weight"). The weight's cast is D elements; fp32 runs are untouched."""
+    if weight is not None and weight.dtype != x.dtype and x.dtype in (torch.bfloat16, torch.float16):
+        weight = weight.to(x.dtype)
     return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 

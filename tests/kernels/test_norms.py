@@ -89,3 +89,32 @@ def test_residual_add_fused_into_the_norm_matches_add_then_norm(dtypes, shape, k
 def test_residual_add_fused_refuses_mismatched_shapes():
     with pytest.raises(ValueError, match=r"residual add: shapes \(4, 32\) and \(4, 16\) differ"):
         norms.add_rms_norm(torch.randn(4, 32), torch.randn(4, 16), torch.ones(32))
+
+
+@pytest.mark.gpu
+def test_the_torch_rms_norm_reaches_the_fused_cuda_kernel_under_bf16_autocast():
+    """model.kernels = "torch": the block's norm under bf16 autocast (bf16 input, fp32 parameter) dispatches torch's
+    fused rms_norm forward and backward, not its pow / mean / rsqrt / mul decomposition — the dispatch is
+    inspected, not timed."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from pretrain.models.layers import RMSNorm
+    from pretrain.models.ops import Ops
+
+    class Recorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(func._schema.name)
+            return func(*args, **(kwargs or {}))
+
+    norm = RMSNorm(2048, 1e-6, Ops()).cuda()
+    x = torch.randn(4, 256, 2048, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    with Recorder() as mode:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = norm(x)
+        y.float().sum().backward()
+    assert {"aten::_fused_rms_norm", "aten::_fused_rms_norm_backward"} <= mode.seen, sorted(mode.seen)
+    assert "aten::pow" not in mode.seen and norm.weight.grad.dtype == torch.float32

@@ -196,3 +196,23 @@ def test_the_residual_add_fused_into_the_triton_norm_trains_like_add_then_norm(a
         torch.testing.assert_close(got[0], unfused[0], atol=1e-6, rtol=1e-6)
         for name, grad in unfused[1].items():
             torch.testing.assert_close(got[1][name], grad, atol=1e-6, rtol=1e-6, msg=name)
+
+
+def test_the_torch_rms_norm_takes_its_weight_in_the_inputs_dtype():
+    """Under bf16 autocast the residual stream is bf16 and the norm weight fp32: torch's rms_norm gets the weight
+    in bf16 (with mismatched dtypes it never reaches its fused CUDA kernel); fp32 stays fp32 and bit for bit."""
+    import warnings
+
+    from pretrain.models.ops import torch_rms_norm
+
+    x, w = torch.randn(4, 64), torch.rand(64) + 0.5
+    assert torch.equal(torch_rms_norm(x, w, 1e-6), torch.nn.functional.rms_norm(x, (64,), w, 1e-6))
+    xb = x.bfloat16().requires_grad_()
+    wr = w.clone().requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns "Mismatch dtype between input and weight" otherwise
+        y = torch_rms_norm(xb, wr, 1e-6)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), torch.nn.functional.rms_norm(x, (64,), w, 1e-6), atol=2e-2, rtol=2e-2)
+    y.float().sum().backward()
+    assert wr.grad.dtype == torch.float32 and torch.isfinite(wr.grad).all()
