@@ -232,3 +232,26 @@ def test_planner_search_takes_the_meters_bytes(capsys):
     assert f"memory_bytes: {expected:.0f} per activation element and layer" in metered
     tokens_per_s = lambda out: [line.split()[-4] for line in out.splitlines() if line.startswith(" 1 ")][0]
     assert tokens_per_s(fitted) != tokens_per_s(metered)
+
+
+def test_rms_norm_counts_as_cuda_runs_it():
+    """While the meter runs a model, ``F.rms_norm`` with the weight in the input's dtype counts as CUDA's fused
+    forward and backward kernels (the values are torch's own); with dtypes that differ CUDA decomposes it too,
+    and the CPU's decomposition is counted."""
+    from pretrain.plan.step_cost import Cost, _as_cuda_runs, counting
+
+    x = torch.randn(6, 64, dtype=torch.bfloat16, requires_grad=True)
+    for weight, fused in ((torch.rand(64, dtype=torch.bfloat16, requires_grad=True), True),
+                          (torch.rand(64, requires_grad=True), False)):
+        cost = Cost()
+        with _as_cuda_runs(), counting(cost):
+            y = torch.nn.functional.rms_norm(x, (64,), weight, 1e-6)
+            y.float().sum().backward()
+        want = torch.nn.functional.rms_norm(x.detach(), (64,), weight.detach(), 1e-6)
+        assert torch.equal(y.detach(), want)
+        if fused:
+            assert cost.by_op["rms_norm (CUDA fused)"] == 6 * 64 * 2 * 2 + 64 * 2 + 6 * 4  # x, y; w; rstd
+            assert cost.launches_by_op["rms_norm_backward (CUDA fused)"] == 1 and "aten::pow" not in cost.by_op
+        else:
+            assert "aten::pow" in cost.by_op and "rms_norm (CUDA fused)" not in cost.by_op
+    assert torch.nn.functional.rms_norm.__name__ == "rms_norm"  # put back
