@@ -178,6 +178,9 @@ class TrainConfig:
     # bf16: auto | weights (bf16 compute copies of the matmul weights over fp32 masters, FSDP's policy where
     # sharded) | autocast (autocast over fp32 weights) — pretrain/parallel/mixed_precision.py
     mixed_precision: str = "auto"
+    # bf16 weight copies: the micro-batches' gradients summed in fp32 (default, as Megatron-LM's main grads and
+    # FSDP2's reduce dtype) or bf16 (the GEMM adds into its own output: faster, bf16's precision)
+    grad_accum_dtype: str = "fp32"
     compile: bool = False
     fp8: str = "none"  # none | tensorwise | rowwise: Linear matmuls in FP8 (torchao; emulated off CUDA sm_89+)
     fp8_all_gather: str = "auto"  # auto | on | off: FSDP gathers FP8 weights as float8 (tensorwise, NCCL only)
@@ -259,6 +262,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "schedule.decay": ("cosine", "linear", "wsd", "constant"),
     "train.dtype": ("fp32", "bf16"),
     "train.mixed_precision": ("auto", "weights", "autocast"),
+    "train.grad_accum_dtype": ("fp32", "bf16"),
     "train.fp8": ("none", "tensorwise", "rowwise"),
     "train.fp8_all_gather": ("auto", "on", "off"),
     "train.device": ("auto", "cpu", "cuda"),

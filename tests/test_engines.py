@@ -81,12 +81,13 @@ def _two_batches(trainer):
     return [{k: v for k, v in trainer.data.next_batch().items() if k in ("tokens", "targets")} for _ in range(2)]
 
 
-@pytest.mark.parametrize("kernels", ["torch", "swiglu"])
-def test_bf16_weights_accumulate_bf16_gradients_into_the_fp32_parameters(tmp_path, kernels):
+@pytest.mark.parametrize("kernels, accum", [("torch", "fp32"), ("swiglu", "fp32"), ("torch", "bf16")])
+def test_bf16_weights_accumulate_bf16_gradients_into_the_fp32_parameters(tmp_path, kernels, accum):
     """``train.mixed_precision = "weights"`` (the default for one process): the matmuls read bf16 copies made once
-    a step, whose weight gradients the GEMM itself accumulates (``addmm_``: no bytes outside the matmul) where
-    autocast over fp32 weights casts each micro-batch's bf16 gradient to fp32 (2 + 4 B a weight) and adds it to the
-    fp32 one (4 + 4 + 4 B). The module keeps its fp32 parameters (the optimizer's, the checkpoints'), whose
+    a step; each micro-batch's bf16 weight gradient is added to an fp32 sum (2 + 4 read, 4 written a weight) or,
+    with ``train.grad_accum_dtype = "bf16"``, by the GEMM itself (``addmm_``: no bytes outside the matmul), where
+    autocast over fp32 weights casts each micro-batch's bf16 gradient to fp32 (2 + 4 B) and adds it to the fp32
+    one (4 + 4 + 4 B). The module keeps its fp32 parameters (the optimizer's, the checkpoints'), whose
     gradients match autocast's to bf16 noise — also where gate and up run as one GEMM into the Triton SwiGLU."""
     from pretrain.plan.step_cost import Cost, counting
     from pretrain.step import StepContext
@@ -94,7 +95,7 @@ def test_bf16_weights_accumulate_bf16_gradients_into_the_fp32_parameters(tmp_pat
     grads, per_micro_batch = {}, {}
     for mode in ("autocast", "weights"):
         cfg = tiny_config(tmp_path / mode, "train.dtype=bf16", f"train.mixed_precision={mode}", "model.d_model=64",
-                          "train.micro_batch_size=2", f"model.kernels={kernels}")
+                          "train.micro_batch_size=2", f"model.kernels={kernels}", f"train.grad_accum_dtype={accum}")
         trainer = build_trainer(cfg, DistInfo())
         engine = trainer.engine
         assert (engine.weights is None) == (mode == "autocast")
@@ -122,7 +123,8 @@ def test_bf16_weights_accumulate_bf16_gradients_into_the_fp32_parameters(tmp_pat
     casts = per_micro_batch["autocast"]["aten::_to_copy"] - per_micro_batch["weights"]["aten::_to_copy"]
     assert casts == pytest.approx(2 + 4, rel=0.05)  # the weight gradients' bf16 -> fp32 cast, gone
     adds = per_micro_batch["autocast"]["aten::add_"] - per_micro_batch["weights"]["aten::add_"]
-    assert adds == pytest.approx(4 + 4 + 4, rel=0.05)  # the fp32 accumulation, gone into the GEMM (the rest: equal)
+    # fp32 sums: 2 + 4 + 4 B against autocast's 4 + 4 + 4; bf16: gone into the GEMM (the rest: equal)
+    assert adds == pytest.approx(12 - 10 if accum == "fp32" else 12, rel=0.05)
     assert per_micro_batch["weights"]["aten::addmm_"] == 0  # a matmul: FLOPs, not bytes
     assert per_micro_batch["weights"]["matmul"] == pytest.approx(per_micro_batch["autocast"]["matmul"], rel=1e-6)
     for name, g in grads["autocast"].items():

@@ -125,8 +125,12 @@ class ComputeWeights:
     whose reduction this takes over)."""
 
     def __init__(self, module: nn.Module, ddp: nn.Module | None = None, fuse_accumulation: bool = True,
-                 fuse_projections: bool = True):
+                 fuse_projections: bool = True, fp32_sums: bool = True):
         self.slots = matmul_weights(module)
+        # the micro-batches' gradients summed in fp32 (train.grad_accum_dtype = "fp32", Megatron-LM's and FSDP2's
+        # way: each bf16 gradient added to an fp32 sum, 2 + 4 read, 4 written a weight) or in bf16 (the GEMM adds
+        # into its own output: no bytes outside it, at bf16's precision)
+        self.fp32_sums = fp32_sums
         # gated MLPs whose gate and up projections run as one GEMM on one bf16 copy of both (the parameters stay
         # two) into the Triton SwiGLU: one launch, and its backward reads one (..., 2F) gradient — no add of two
         # input gradients
@@ -156,22 +160,32 @@ class ComputeWeights:
             return None
         ddp = parallel.model if isinstance(parallel.model, nn.parallel.DistributedDataParallel) else None
         return cls(parallel.module, ddp, fuse_accumulation=gemm_accumulation(cfg),
-                   fuse_projections=not cfg.train.compile)
+                   fuse_projections=not cfg.train.compile, fp32_sums=cfg.train.grad_accum_dtype == "fp32")
 
-    def accumulate(self, key: int, dy: torch.Tensor, x: torch.Tensor) -> None:
-        """Add ``dyᵀ x`` to the gradient of weight ``key``: written by the first GEMM, added by the next ones'."""
+    def accumulate(self, key, dy: torch.Tensor, x: torch.Tensor) -> None:
+        """Add ``dyᵀ x`` to the gradient of weight ``key``: written by the first GEMM; in bf16 added by the next
+        ones' (``addmm_``), in fp32 each product added to the fp32 sum."""
         total = self.sums.get(key)
-        if total is None:
-            self.sums[key] = dy.t().mm(x)
-        else:
+        if total is not None and not self.fp32_sums:
             total.addmm_(dy.t(), x)
+        else:
+            self.add(key, dy.t().mm(x))
 
-    def add(self, key: int, grad: torch.Tensor) -> None:
+    def add(self, key, grad: torch.Tensor) -> None:
         total = self.sums.get(key)
         if total is None:
-            self.sums[key] = grad
+            self.sums[key] = grad.float() if self.fp32_sums else grad
         else:
             total.add_(grad)
+
+    def _sum_hook(self, key):
+        """fp32 sums for a copy autograd accumulates (the MoE experts', a weight read directly, everything under
+        activation checkpointing): each micro-batch's gradient moved into the sum."""
+        def hook(copy: torch.Tensor) -> None:
+            if copy.grad is not None:  # None when the copy's GEMM took its gradient (the hook fires regardless)
+                self.add(key, copy.grad)
+                copy.grad = None
+        return hook
 
     @property
     def syncs_gradients(self) -> bool:
@@ -189,6 +203,9 @@ class ComputeWeights:
                 both[:gate.shape[0]].copy_(gate)
                 both[gate.shape[0]:].copy_(up)
                 self.copies[key] = nn.Parameter(both)
+        if self.fp32_sums:
+            for key, copy in self.copies.items():
+                copy.register_post_accumulate_grad_hook(self._sum_hook(key))
         for owner, name, p in self.slots:
             owner._parameters[name] = self.copies[id(p)]
         for owner in self.linears:

@@ -430,7 +430,8 @@ def _ours(cfg, n_layers: int, tokens: int, kernels: str, like: dict | None = Non
     # accumulates bf16 gradients through autograd)
     sharded = cfg.parallel.zero_stage >= 2
     weights = ComputeWeights(model, fuse_accumulation=gemm_accumulation(cfg) and not sharded,
-                             fuse_projections=not sharded and not cfg.train.compile) \
+                             fuse_projections=not sharded and not cfg.train.compile,
+                             fp32_sums=cfg.train.grad_accum_dtype == "fp32" and not sharded) \
         if bf16_weights(cfg, sharded=sharded) else None
 
     def step(batches):
