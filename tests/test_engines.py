@@ -81,21 +81,25 @@ def _two_batches(trainer):
     return [{k: v for k, v in trainer.data.next_batch().items() if k in ("tokens", "targets")} for _ in range(2)]
 
 
-@pytest.mark.parametrize("kernels, accum", [("torch", "fp32"), ("swiglu", "fp32"), ("torch", "bf16")])
-def test_bf16_weights_accumulate_bf16_gradients_into_the_fp32_parameters(tmp_path, kernels, accum):
+@pytest.mark.parametrize("kernels, accum, extra", [
+    ("torch", "fp32", ("model.n_kv_heads=2", "model.qkv_bias=true")),  # q/k/v of unequal widths, with biases
+    ("swiglu", "fp32", ()), ("torch", "bf16", ())])
+def test_bf16_weights_accumulate_bf16_gradients_into_the_fp32_parameters(tmp_path, kernels, accum, extra):
     """``train.mixed_precision = "weights"`` (the default for one process): the matmuls read bf16 copies made once
     a step; each micro-batch's bf16 weight gradient is added to an fp32 sum (2 + 4 read, 4 written a weight) or,
     with ``train.grad_accum_dtype = "bf16"``, by the GEMM itself (``addmm_``: no bytes outside the matmul), where
     autocast over fp32 weights casts each micro-batch's bf16 gradient to fp32 (2 + 4 B) and adds it to the fp32
     one (4 + 4 + 4 B). The module keeps its fp32 parameters (the optimizer's, the checkpoints'), whose
-    gradients match autocast's to bf16 noise — also where gate and up run as one GEMM into the Triton SwiGLU."""
+    gradients match autocast's to bf16 noise — where q, k and v run as one GEMM (of unequal widths under grouped-
+    query attention, with biases), and gate and up as one into the Triton SwiGLU."""
     from pretrain.plan.step_cost import Cost, counting
     from pretrain.step import StepContext
 
     grads, per_micro_batch = {}, {}
     for mode in ("autocast", "weights"):
         cfg = tiny_config(tmp_path / mode, "train.dtype=bf16", f"train.mixed_precision={mode}", "model.d_model=64",
-                          "train.micro_batch_size=2", f"model.kernels={kernels}", f"train.grad_accum_dtype={accum}")
+                          "train.micro_batch_size=2", f"model.kernels={kernels}", f"train.grad_accum_dtype={accum}",
+                          *extra)
         trainer = build_trainer(cfg, DistInfo())
         engine = trainer.engine
         assert (engine.weights is None) == (mode == "autocast")
@@ -116,8 +120,11 @@ def test_bf16_weights_accumulate_bf16_gradients_into_the_fp32_parameters(tmp_pat
         per_micro_batch[mode]["matmul"] = (two.matmul_flops - one.matmul_flops) / linear
         assert dict(trainer.raw_model.named_parameters()) == params  # the same Parameter objects, back in place
         if mode == "weights":
-            assert len(engine.weights.fused) == (2 if kernels == "swiglu" else 0)  # one per layer's MLP
-        assert all(getattr(m, "gate_up", None) is None for m in trainer.raw_model.modules())
+            fused = sorted(attribute for _, attribute, _ in engine.weights.fused)
+            # per layer: q/k/v, and gate/up with the Triton SwiGLU
+            assert fused == (["gate_up"] * 2 if kernels == "swiglu" else []) + ["qkv"] * 2
+        assert all(getattr(m, "gate_up", None) is None and getattr(m, "qkv", None) is None
+                   for m in trainer.raw_model.modules())
         assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in params.values())
         grads[mode] = {n: p.grad.clone() for n, p in params.items()}
     casts = per_micro_batch["autocast"]["aten::_to_copy"] - per_micro_batch["weights"]["aten::_to_copy"]

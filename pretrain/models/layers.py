@@ -128,15 +128,25 @@ class Attention(nn.Module):
         qk_norm = getattr(cfg, "qk_norm", False)
         self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps, ops) if qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps, ops) if qk_norm else None
+        # for a step, a function computing q, k and v as one (..., (H + 2K)·E) projection (parallel/
+        # mixed_precision.py sets it over its bf16 copies; the parameters stay q_proj, k_proj and v_proj)
+        self.qkv = None
+
+    def _projections(self, x):
+        if self.qkv is None:
+            return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q_width, kv_width = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        return self.qkv(x).split([q_width, kv_width, kv_width], dim=-1)  # three views of one output
 
     def forward(self, x, rotary: Rotary | None = None, key_padding_mask=None):
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, -1, self.head_dim)  # (B, T, H, E)
-        k = self.k_proj(x).view(b, t, -1, self.head_dim)  # (B, T, K, E)
+        q, k, v = self._projections(x)
+        q = q.view(b, t, -1, self.head_dim)  # (B, T, H, E)
+        k = k.view(b, t, -1, self.head_dim)  # (B, T, K, E)
         if self.q_norm is not None:  # per head, before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, E), (B, K, T, E)
-        v = self.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, K, T, E)
+        v = v.view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, K, T, E)
         if self.context is not None:  # this rank's chunks of the sequence: their positions, attention over all
             if rotary is not None:
                 q, k = rotary(q, k, self.context.positions(t, q.device))

@@ -10,8 +10,8 @@ experts' weights) into the module: copied once a step, their gradients accumulat
 (2 + 2 read, 2 written a weight) for the rest or under activation checkpointing; autocast over fp32 weights pays
 18 B: the bf16 gradient cast to fp32 and added to the fp32 one — then cast once into the fp32 parameters'
 ``.grad``, under DDP then averaged over its ranks in fp32 (DDP's own reduction is skipped: it would see no
-gradient of the fp32 parameters). With the Triton SwiGLU a gated MLP's gate and up run as one GEMM on one copy of
-both, into ``swiglu_packed``. Autocast stays entered once a
+gradient of the fp32 parameters). Attention's q, k and v run as one GEMM on one copy of the three, and with the
+Triton SwiGLU a gated MLP's gate and up as one, into ``swiglu_packed``. Autocast stays entered once a
 step for what it decides beyond the weights (norm statistics, softmax, the loss at fp32), and its casts of these
 weights become no-ops. The embeddings, norms, the router and other parameters stay fp32 under autocast.
 
@@ -81,16 +81,33 @@ def matmul_weights(module: nn.Module) -> list[tuple[nn.Module, str, nn.Parameter
     return slots
 
 
-def _gated_mlps(module: nn.Module, slots) -> list:
-    from pretrain.models.layers import MLP
+def _fusable(linears: tuple[nn.Linear, ...], ours: set[int]) -> bool:
+    """Whether these projections of one input can run as one GEMM on one copy: every weight (and every bias, or
+    none) among the copies."""
+    biases = [m.bias for m in linears]
+    return all(id(m.weight) in ours for m in linears) and (
+        all(b is None for b in biases) or all(b is not None and id(b) in ours for b in biases))
+
+
+def _fused_groups(module: nn.Module, slots) -> list[tuple[nn.Module, str, tuple[nn.Linear, ...]]]:
+    """(owner, attribute, projections) of each group of projections that read one input and run as one GEMM for a
+    step: a gated MLP's gate and up into ``swiglu_packed`` (``MLP.gate_up``), attention's q, k and v
+    (``Attention.qkv``: the output split into three views)."""
+    from pretrain.models.layers import MLP, Attention
 
     ours = {id(p) for _, _, p in slots}
-    # with the Triton SwiGLU only, which writes the (..., 2F) gradient whole: torch's silu · mul over the two
-    # halves would hand back dg and du apart, and concatenating them costs more than the add it saves
-    return [m for m in module.modules() if isinstance(m, MLP) and m.gated and "swiglu" in m.ops.triton
-            and all(p is not None and id(p) in ours for p in (m.gate_proj.weight, m.up_proj.weight))
-            and (m.gate_proj.bias is None) == (m.up_proj.bias is None)
-            and (m.gate_proj.bias is None or {id(m.gate_proj.bias), id(m.up_proj.bias)} <= ours)]
+    groups = []
+    for m in module.modules():
+        # gate/up with the Triton SwiGLU only, which writes the (..., 2F) gradient whole: torch's silu · mul over
+        # the two halves would hand back dg and du apart, and concatenating them costs more than the add it saves
+        if isinstance(m, MLP) and m.gated and "swiglu" in m.ops.triton and _fusable((m.gate_proj, m.up_proj), ours):
+            groups.append((m, "gate_up", (m.gate_proj, m.up_proj)))
+        # q/k/v: the split's backward concatenates dq, dk and dv (H + 2K heads, read and written once) where three
+        # projections add three input gradients (3 H heads' worth, read twice and written once): equal bytes with
+        # as many kv heads as query heads, fewer with grouped-query attention, and one GEMM launch instead of three
+        if isinstance(m, Attention) and _fusable((m.q_proj, m.k_proj, m.v_proj), ours):
+            groups.append((m, "qkv", (m.q_proj, m.k_proj, m.v_proj)))
+    return groups
 
 
 class _AccumulatingLinear(torch.autograd.Function):
@@ -131,16 +148,16 @@ class ComputeWeights:
         # way: each bf16 gradient added to an fp32 sum, 2 + 4 read, 4 written a weight) or in bf16 (the GEMM adds
         # into its own output: no bytes outside it, at bf16's precision)
         self.fp32_sums = fp32_sums
-        # gated MLPs whose gate and up projections run as one GEMM on one bf16 copy of both (the parameters stay
-        # two) into the Triton SwiGLU: one launch, and its backward reads one (..., 2F) gradient — no add of two
-        # input gradients
-        self.fused = _gated_mlps(module, self.slots) if fuse_projections else []
-        self.halves: dict = {}  # fused copy's key -> (gate's master, up's master)
-        for mlp in self.fused:
-            self.halves["w", id(mlp)] = (mlp.gate_proj.weight, mlp.up_proj.weight)
-            if mlp.gate_proj.bias is not None:
-                self.halves["b", id(mlp)] = (mlp.gate_proj.bias, mlp.up_proj.bias)
-        in_fused = {id(p) for pair in self.halves.values() for p in pair}
+        # projections of one input that run as one GEMM on one bf16 copy of their weights stacked (the parameters
+        # stay apart: checkpoints, the HF export, Muon's per-matrix rule and FP8's filters see no change): a gated
+        # MLP's gate and up into the Triton SwiGLU, attention's q, k and v — one launch each, and one input gradient
+        self.fused = _fused_groups(module, self.slots) if fuse_projections else []
+        self.parts: dict = {}  # fused copy's key -> the masters stacked in it, in order
+        for owner, _, linears in self.fused:
+            self.parts["w", id(owner)] = tuple(m.weight for m in linears)
+            if linears[0].bias is not None:
+                self.parts["b", id(owner)] = tuple(m.bias for m in linears)
+        in_fused = {id(p) for group in self.parts.values() for p in group}
         self.slots = [slot for slot in self.slots if id(slot[2]) not in in_fused]
         self.masters = {id(p): p for _, _, p in self.slots}
         self.copies: dict[int, nn.Parameter] = {}  # made anew each step, as autocast's cache (read 4 B, write 2)
@@ -198,11 +215,12 @@ class ComputeWeights:
         cast into the fp32 parameters (and averaged over DDP's ranks) and the parameters are back in the module."""
         with torch.no_grad():
             self.copies = {key: nn.Parameter(p.to(torch.bfloat16)) for key, p in self.masters.items()}
-            for key, (gate, up) in self.halves.items():  # each half copied in: 4 B read, 2 written
-                both = torch.empty((2 * gate.shape[0], *gate.shape[1:]), dtype=torch.bfloat16, device=gate.device)
-                both[:gate.shape[0]].copy_(gate)
-                both[gate.shape[0]:].copy_(up)
-                self.copies[key] = nn.Parameter(both)
+            for key, masters in self.parts.items():  # each master copied in: 4 B read, 2 written
+                rows = sum(p.shape[0] for p in masters)
+                stacked = torch.empty((rows, *masters[0].shape[1:]), dtype=torch.bfloat16, device=masters[0].device)
+                for piece, p in zip(stacked.split([p.shape[0] for p in masters]), masters):
+                    piece.copy_(p)
+                self.copies[key] = nn.Parameter(stacked)
         if self.fp32_sums:
             for key, copy in self.copies.items():
                 copy.register_post_accumulate_grad_hook(self._sum_hook(key))
@@ -210,8 +228,8 @@ class ComputeWeights:
             owner._parameters[name] = self.copies[id(p)]
         for owner in self.linears:
             owner.forward = functools.partial(self._linear, owner)
-        for mlp in self.fused:
-            mlp.gate_up = functools.partial(self._gate_up, mlp)
+        for owner, attribute, _ in self.fused:
+            setattr(owner, attribute, functools.partial(self._stacked, owner))
         try:
             yield
         except BaseException:
@@ -225,11 +243,12 @@ class ComputeWeights:
         keys = (self.keys[id(owner), "weight"], self.keys.get((id(owner), "bias")))
         return _AccumulatingLinear.apply(x, owner.weight, owner.bias, self, keys)
 
-    def _gate_up(self, mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.copies["w", id(mlp)], self.copies.get(("b", id(mlp)))
+    def _stacked(self, owner: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The fused projections of ``owner`` on ``x``: their outputs side by side along the last dim."""
+        weight, bias = self.copies["w", id(owner)], self.copies.get(("b", id(owner)))
         if self.linears:  # the GEMM accumulates, as for every nn.Linear
-            return _AccumulatingLinear.apply(x, weight, bias, self, (("w", id(mlp)),
-                                                                      ("b", id(mlp)) if bias is not None else None))
+            return _AccumulatingLinear.apply(x, weight, bias, self, (("w", id(owner)),
+                                                                      ("b", id(owner)) if bias is not None else None))
         return F.linear(x, weight, bias)
 
     def _restore(self) -> None:
@@ -237,8 +256,8 @@ class ComputeWeights:
             owner._parameters[name] = p
         for owner in self.linears:
             del owner.forward
-        for mlp in self.fused:
-            mlp.gate_up = None
+        for owner, attribute, _ in self.fused:
+            setattr(owner, attribute, None)
 
     def _gradients_to_masters(self) -> None:
         for key, copy in self.copies.items():
@@ -247,9 +266,9 @@ class ComputeWeights:
                 grad = copy.grad if grad is None else grad.add_(copy.grad)
             if grad is None:
                 continue
-            if key in self.halves:  # a fused gate/up copy: each half to its own parameter
-                gate, up = self.halves[key]
-                pieces = ((gate, grad[:gate.shape[0]]), (up, grad[gate.shape[0]:]))
+            if key in self.parts:  # a fused copy: each piece to its own parameter
+                masters = self.parts[key]
+                pieces = tuple(zip(masters, grad.split([p.shape[0] for p in masters])))
             else:
                 pieces = ((self.masters[key], grad),)
             for p, g in pieces:
