@@ -43,7 +43,9 @@ def summary(mem: Memory) -> str:
     g = lambda b: f"{b / GIB:.2f}"
     return (f"{g(mem.total_bytes)} GiB (params {g(mem.params_bytes)}, grads {g(mem.grads_bytes)}, optimizer "
             f"{g(mem.optimizer_bytes)}, activations {g(mem.activations_bytes)}, logits {g(mem.logits_bytes)}, "
-            f"recompute {g(mem.detail.get('recompute_bytes', 0))}, communication {g(mem.comm_bytes)})")
+            f"recompute {g(mem.detail.get('recompute_bytes', 0))}, communication {g(mem.comm_bytes)}"
+            + (f", bf16 weight copies {g(mem.detail['weight_copies_bytes'])}" if mem.detail.get("weight_copies_bytes")
+               else "") + ")")
 
 
 def check(cfg: Config, world: int) -> tuple[str, str | None]:

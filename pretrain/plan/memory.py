@@ -15,7 +15,8 @@ each rank the parameters torch's ZeroRedundancyOptimizer assigns it (largest fir
 Activations are the tensors autograd keeps between a micro-batch's forward and its backward, per layer, from the
 layer's own operations (see ``layer_activation_bytes``), times the micro-batches a pipeline schedule keeps in
 flight; logits (and the loss's fp32 copy) on the last stage; communication buffers: DDP's gradient buckets, FSDP's
-gathered unit (the largest block, twice with prefetch).
+gathered unit (the largest block, twice with prefetch); bf16 weight copies (one process and DDP in bf16: 2 B a
+matmul weight during the step, ``parallel/mixed_precision.py``) in ``detail["weight_copies_bytes"]``.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ class Memory:
     @property
     def total_bytes(self) -> int:
         return (self.params_bytes + self.grads_bytes + self.optimizer_bytes + self.activations_bytes +
-                self.logits_bytes + self.comm_bytes + self.detail.get("recompute_bytes", 0))
+                self.logits_bytes + self.comm_bytes + self.detail.get("recompute_bytes", 0) +
+                self.detail.get("weight_copies_bytes", 0))
 
     def as_dict(self) -> dict:
         return {"params_bytes": self.params_bytes, "grads_bytes": self.grads_bytes,
@@ -177,6 +179,7 @@ class _Part:
 
     params: list[tuple[str, tuple, bool]]
     groups: list[tuple[list[int], bool]]
+    copied: set[int] = field(default_factory=set)  # the matmul weights bf16 weight copies duplicate
 
 
 def _describe_part(cfg: Config, part: nn.Module) -> _Part:
@@ -191,7 +194,10 @@ def _describe_part(cfg: Config, part: nn.Module) -> _Part:
         groups = [([index[id(t)] for t in g["params"]], bool(g["muon"])) for g in muon_groups(part, o.weight_decay)]
     else:
         groups = [([index[id(t)] for t in g["params"]], False) for g in param_groups(part, o.weight_decay)]
-    return _Part([(n, tuple(t.shape), t.requires_grad) for n, t in named], groups)
+    from pretrain.parallel.mixed_precision import matmul_weights
+
+    copied = {index[id(t)] for _, _, t in matmul_weights(part)}
+    return _Part([(n, tuple(t.shape), t.requires_grad) for n, t in named], groups, copied)
 
 
 def _stages_cached(cfg: Config, dims: ParallelDims) -> list[list[_Part]]:
@@ -214,7 +220,8 @@ def state_bytes(cfg: Config, dims: ParallelDims) -> dict:
     what communication holds there: DDP's gradient buckets, FSDP's gathered parameters (ZeRO-2 keeps a stage's
     between forward and backward; ZeRO-3 the largest block, twice with prefetch). Memoised on what it reads (a
     search asks again for every micro-batch size of a layout)."""
-    key = (repr(cfg.model), repr(cfg.parallel), cfg.train.dtype, cfg.optim.name, cfg.optim.weight_decay, repr(dims))
+    key = (repr(cfg.model), repr(cfg.parallel), cfg.train.dtype, cfg.train.mixed_precision, cfg.train.fp8,
+           cfg.optim.name, cfg.optim.weight_decay, repr(dims))
     if key not in _STATE:
         if len(_STATE) > 4096:
             _STATE.clear()
@@ -229,16 +236,23 @@ def _state_bytes(cfg: Config, dims: ParallelDims) -> dict:
     ddp = not fsdp and dims.dp * dims.cp > 1 and p.engine == "native"
     gathered_size = 2 if cfg.train.dtype == "bf16" else 4
     tp_only = ParallelDims(1, 1, dims.tp, dims.pp, ep=dims.ep)
+    from pretrain.parallel.mixed_precision import bf16_weights
+
+    # one process and DDP in bf16: a step's bf16 copies of the matmul weights (parallel/mixed_precision.py; their
+    # gradient sums become the fp32 gradients, counted as such)
+    copies_apply = not fsdp and bf16_weights(cfg, sharded=False)
     best = None
     for parts in _stages_cached(cfg, dims):
-        params = grads = optim = 0
+        params = grads = optim = copies = 0
         unsharded, largest_block = 0, 0
         for part in parts:
             local = [_local_shape(cfg, dims, n, shape, splits) for n, shape, _ in part.params]
             blocks: dict[str, int] = {}
-            for (n, shape, trainable), mine in zip(part.params, local):
+            for i, ((n, shape, trainable), mine) in enumerate(zip(part.params, local)):
                 size = _numel(mine) * 4  # fp32 master parameters
                 params += size
+                if copies_apply and i in part.copied:
+                    copies += _numel(mine) * 2
                 if trainable:
                     grads += _grad_bytes(cfg, dims, n, shape, size)
                 gathered = _numel(_local_shape(cfg, tp_only, n, shape, splits)) * gathered_size
@@ -249,9 +263,9 @@ def _state_bytes(cfg: Config, dims: ParallelDims) -> dict:
             largest_block = max([largest_block, *blocks.values()])
             optim += _optimizer_bytes(cfg, dims, part, local)
         comm = grads if ddp else (unsharded if p.zero_stage == 2 else 2 * largest_block) if fsdp else 0
-        mine = (params, grads, optim, comm)
+        mine = (params, grads, optim, comm, copies)
         best = mine if best is None else tuple(max(a, b) for a, b in zip(best, mine))  # each on its largest rank
-    return dict(zip(("params_bytes", "grads_bytes", "optimizer_bytes", "comm_bytes"), best))
+    return dict(zip(("params_bytes", "grads_bytes", "optimizer_bytes", "comm_bytes", "weight_copies_bytes"), best))
 
 
 def _grad_bytes(cfg: Config, dims: ParallelDims, name: str, shape: tuple, size: int) -> int:
@@ -403,7 +417,11 @@ def activation_bytes(cfg: Config, dims: ParallelDims) -> tuple[int, int, int]:
 def estimate_memory(cfg: Config, world_size: int) -> Memory:
     """The per-rank memory of ``cfg`` on ``world_size`` ranks (ConfigError for a layout the trainer refuses)."""
     dims = ParallelDims.from_config(cfg, world_size)
-    mem = Memory(**state_bytes(cfg, dims))
+    state = state_bytes(cfg, dims)
+    copies = state.pop("weight_copies_bytes")
+    mem = Memory(**state)
+    if copies:
+        mem.detail["weight_copies_bytes"] = copies
     mem.activations_bytes, mem.logits_bytes, recompute = activation_bytes(cfg, dims)
     mem.detail["recompute_bytes"] = recompute
     return mem

@@ -172,3 +172,30 @@ def test_the_readmes_check_example_is_what_the_command_prints():
     done = subprocess.run([sys.executable, "tools/readme_numbers.py", "--check-example"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+
+
+def test_bf16_weight_copies_are_counted_as_the_step_holds_them(tmp_path):
+    """One process in bf16 (``train.mixed_precision`` auto): the step holds a bf16 copy of every matmul weight —
+    the bytes the engine's copies take, q/k/v and gate/up stacked or not; none in fp32, under autocast, or where
+    FSDP's policy gathers bf16 weights instead."""
+    import torch
+
+    from pretrain.distributed import DistInfo
+    from pretrain.train import build_trainer
+
+    from ..conftest import tiny_config
+
+    extra = ("train.dtype=bf16", "model.kernels=swiglu", "model.n_kv_heads=2")
+    trainer = build_trainer(tiny_config(tmp_path, *extra), DistInfo())
+    with trainer.engine.weights.step():
+        copies = list(trainer.engine.weights.copies.values())
+    assert copies and all(c.dtype == torch.bfloat16 for c in copies)
+    held = sum(c.numel() * c.element_size() for c in copies)
+    predicted = estimate_memory(tiny_config(tmp_path, *extra), 1)
+    assert predicted.detail["weight_copies_bytes"] == held > 0
+    assert predicted.total_bytes == estimate_memory(tiny_config(tmp_path, *extra, "train.mixed_precision=autocast"),
+                                                    1).total_bytes + held
+    for other in (("train.dtype=fp32",), ("train.mixed_precision=autocast",)):
+        assert "weight_copies_bytes" not in estimate_memory(tiny_config(tmp_path, *extra, *other), 1).detail
+    assert "weight_copies_bytes" not in estimate_memory(tiny_config(tmp_path, *extra, "parallel.zero_stage=3"),
+                                                        2).detail
