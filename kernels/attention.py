@@ -126,7 +126,7 @@ def _choose(arch, named_args, kwargs):
     return arch_class(arch), head_dim_class(kwargs["BLOCK_E"])
 
 
-KEY = ["T_BUCKET", "BLOCK_E", "CAUSAL", "HAS_MASK"]  # and the tensors' dtypes, which triton.autotune adds
+KEY = ["T_BUCKET", "BLOCK_E", "CAUSAL", "HAS_MASK", "HAS_DOCS"]  # and the tensors' dtypes, which triton.autotune adds
 BACKWARDS = ("one_pass", "split")
 
 
@@ -143,33 +143,58 @@ def backward_kind() -> str:
 
 
 @triton.jit
-def _score_mask(offs_m, offs_n, T, MASK_ROW, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):
-    """(M, N) keep-mask of queries offs_m against keys offs_n: keys inside T, causal, key padding."""
+def _score_mask(offs_m, offs_n, T, MASK_ROW, DOC_ROW, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+                HAS_DOCS: tl.constexpr):
+    """(M, N) keep-mask of queries offs_m against keys offs_n: keys inside T, causal, key padding, and with
+    documents the same document (DOC_ROW: each token's document start, equal within a document)."""
     ok = offs_n[None, :] < T
     if CAUSAL:
         ok = ok & (offs_n[None, :] <= offs_m[:, None])
     if HAS_MASK:
         keep = tl.load(MASK_ROW + offs_n, mask=offs_n < T, other=0)
         ok = ok & (keep[None, :] != 0)
+    if HAS_DOCS:
+        doc_q = tl.load(DOC_ROW + offs_m, mask=offs_m < T, other=-1)
+        doc_k = tl.load(DOC_ROW + offs_n, mask=offs_n < T, other=-2)
+        ok = ok & (doc_q[:, None] == doc_k[None, :])
     return ok
 
 
 @triton.jit
-def _fwd_blocks(acc, l_i, m_i, q, K_BASE, V_BASE, MASK_ROW, stride_kt, stride_vt, offs_m, offs_e, lo, hi, T,
-                qk_scale, E, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-                BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+def _first_key(DOC_ROW, start, BLOCK: tl.constexpr, HAS_DOCS: tl.constexpr):
+    """The first block (of BLOCK tokens) a block of rows from ``start`` can see: 0, or with documents the block
+    holding the start of the first row's document — every block before it lies wholly in earlier documents and is
+    skipped (no loads, no FLOPs)."""
+    if HAS_DOCS:
+        return (tl.load(DOC_ROW + start) // BLOCK) * BLOCK
+    return 0
+
+
+@triton.jit
+def _last_key(END_ROW, last, T, HAS_DOCS: tl.constexpr):
+    """One past the last token rows up to ``last`` can see without a causal limit: T, or with documents the end of
+    the last row's document."""
+    if HAS_DOCS:
+        return tl.load(END_ROW + last)
+    return T
+
+
+@triton.jit
+def _fwd_blocks(acc, l_i, m_i, q, K_BASE, V_BASE, MASK_ROW, DOC_ROW, stride_kt, stride_vt, offs_m, offs_e, lo, hi,
+                T, qk_scale, E, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+                HAS_DOCS: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         kv_mask = (offs_n[:, None] < T) & (offs_e[None, :] < E)
         k = tl.load(K_BASE + offs_n[:, None] * stride_kt + offs_e[None, :], mask=kv_mask, other=0.0)
         v = tl.load(V_BASE + offs_n[:, None] * stride_vt + offs_e[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (M, N), log2 domain
-        if MASKED or HAS_MASK:
-            ok = _score_mask(offs_m, offs_n, T, MASK_ROW, CAUSAL and MASKED, HAS_MASK)
+        if MASKED or HAS_MASK or HAS_DOCS:
+            ok = _score_mask(offs_m, offs_n, T, MASK_ROW, DOC_ROW, CAUSAL and MASKED, HAS_MASK, HAS_DOCS)
             s = tl.where(ok, s, NEG)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.exp2(s - m_new[:, None])
-        if MASKED or HAS_MASK:
+        if MASKED or HAS_MASK or HAS_DOCS:
             p = tl.where(ok, p, 0.0)  # a row masked so far has m_new = NEG and would give exp2(0)
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, axis=1)
@@ -179,11 +204,12 @@ def _fwd_blocks(acc, l_i, m_i, q, K_BASE, V_BASE, MASK_ROW, stride_kt, stride_vt
 
 
 @triton.jit(do_not_specialize=["H", "KV_GROUP", "T_BUCKET"])
-def _attn_fwd_kernel(Q, K, V, OUT, LSE, MASK, qk_scale, T, H, KV_GROUP, E,
+def _attn_fwd_kernel(Q, K, V, OUT, LSE, MASK, DOCS, qk_scale, T, H, KV_GROUP, E,
                      stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                      stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot, T_BUCKET,
                      CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+                     HAS_DOCS: tl.constexpr = False):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b = bh // H
@@ -197,19 +223,27 @@ def _attn_fwd_kernel(Q, K, V, OUT, LSE, MASK, qk_scale, T, H, KV_GROUP, E,
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_vb + kvh * stride_vh
     mask_row = MASK + b * T
+    doc_row = DOCS + b * T  # each token's document start; its document's end at DOCS + (B + b) · T
+    end_row = DOCS + (tl.num_programs(1) // H + b) * T
     m_i = tl.full([BLOCK_M], NEG, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)
+    lo = _first_key(doc_row, start_m, BLOCK_N, HAS_DOCS)
     if CAUSAL:  # whole key blocks left of this query block, then the diagonal
         full_end = start_m
         end = tl.minimum(start_m + BLOCK_M, T)
+    elif HAS_DOCS:  # the key blocks of the query block's documents, each masked
+        full_end = lo
+        end = _last_key(end_row, tl.minimum(start_m + BLOCK_M, T) - 1, T, HAS_DOCS)
     else:  # whole key blocks, then the partial last one
         full_end = (T // BLOCK_N) * BLOCK_N
         end = T
-    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, mask_row, stride_kt, stride_vt, offs_m, offs_e,
-                                0, full_end, T, qk_scale, E, False, CAUSAL, HAS_MASK, BLOCK_N, PRECISION)
-    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, mask_row, stride_kt, stride_vt, offs_m, offs_e,
-                                full_end, end, T, qk_scale, E, True, CAUSAL, HAS_MASK, BLOCK_N, PRECISION)
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, mask_row, doc_row, stride_kt, stride_vt, offs_m,
+                                offs_e, lo, full_end, T, qk_scale, E, False, CAUSAL, HAS_MASK, HAS_DOCS, BLOCK_N,
+                                PRECISION)
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, mask_row, doc_row, stride_kt, stride_vt, offs_m,
+                                offs_e, full_end, end, T, qk_scale, E, True, CAUSAL, HAS_MASK, HAS_DOCS, BLOCK_N,
+                                PRECISION)
     safe_l = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / safe_l[:, None]
     tl.store(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_e[None, :],
@@ -235,9 +269,10 @@ def _attn_bwd_delta_kernel(OUT, DO, DELTA, T, H, E, stride_ob, stride_oh, stride
 
 
 @triton.jit
-def _dkdv_blocks(dk, dv, k, v, Q_BASE, DO_BASE, LSE_ROW, DELTA_ROW, MASK_ROW, DQ_BASE, stride_qt, stride_dot, offs_n,
-                 offs_e, lo, hi, T, qk_scale, scale, E, MASKED: tl.constexpr, HAS_MASK: tl.constexpr,
-                 BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, WITH_DQ: tl.constexpr, BLOCK_E: tl.constexpr):
+def _dkdv_blocks(dk, dv, k, v, Q_BASE, DO_BASE, LSE_ROW, DELTA_ROW, MASK_ROW, DOC_ROW, DQ_BASE, stride_qt, stride_dot,
+                 offs_n, offs_e, lo, hi, T, qk_scale, scale, E, MASKED: tl.constexpr, HAS_MASK: tl.constexpr,
+                 HAS_DOCS: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, WITH_DQ: tl.constexpr,
+                 BLOCK_E: tl.constexpr):
     """Key block offs_n against query blocks [lo, hi), transposed: (N, M) scores. Queries past T load as zero
     (q, dO, L, Δ), which makes their contributions exactly zero. ``WITH_DQ``: also add this key block's share of
     dQ = scale · dS K into the fp32 accumulator at DQ_BASE ((T, BLOCK_E) rows, atomically: other key blocks add
@@ -251,8 +286,8 @@ def _dkdv_blocks(dk, dv, k, v, Q_BASE, DO_BASE, LSE_ROW, DELTA_ROW, MASK_ROW, DQ
         delta = tl.load(DELTA_ROW + offs_m, mask=offs_m < T, other=0.0)
         st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (N, M)
         pt = tl.exp2(st - lse[None, :])
-        if MASKED or HAS_MASK:
-            ok = tl.trans(_score_mask(offs_m, offs_n, T, MASK_ROW, MASKED, HAS_MASK))
+        if MASKED or HAS_MASK or HAS_DOCS:
+            ok = tl.trans(_score_mask(offs_m, offs_n, T, MASK_ROW, DOC_ROW, MASKED, HAS_MASK, HAS_DOCS))
             pt = tl.where(ok, pt, 0.0)
         dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
         dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (N, M)
@@ -266,13 +301,13 @@ def _dkdv_blocks(dk, dv, k, v, Q_BASE, DO_BASE, LSE_ROW, DELTA_ROW, MASK_ROW, DQ
 
 
 @triton.jit(do_not_specialize=["H", "KV_GROUP", "T_BUCKET"])
-def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, MASK, qk_scale, scale, T, H, KV_GROUP, E,
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, MASK, DOCS, qk_scale, scale, T, H, KV_GROUP, E,
                           stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                           stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
                           stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt, T_BUCKET,
                           CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
-                          WITH_DQ: tl.constexpr = False):
+                          WITH_DQ: tl.constexpr = False, HAS_DOCS: tl.constexpr = False):
     start_n = tl.program_id(0) * BLOCK_N
     bk = tl.program_id(1)  # b · K + kv head
     kv_heads = H // KV_GROUP
@@ -288,6 +323,12 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, MASK, qk_scale, s
     dk = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
     mask_row = MASK + b * T
+    doc_row = DOCS + b * T
+    end_row = DOCS + (tl.num_programs(1) // kv_heads + b) * T
+    # with documents, the query blocks of this key block's documents only: from the first key's document start
+    # (bidirectional; causal starts at the diagonal anyway) to the last key's document end
+    q_end = _last_key(end_row, tl.minimum(start_n + BLOCK_N, T) - 1, T, HAS_DOCS)
+    q_lo = _first_key(doc_row, start_n, BLOCK_M, HAS_DOCS)
     for g in range(KV_GROUP):  # every query head of this kv head's group, summed in registers
         h = kvh * KV_GROUP + g
         q_base = Q + b * stride_qb + h * stride_qh
@@ -297,16 +338,16 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, MASK, qk_scale, s
         dq_base = DQ + (b * H + h).to(tl.int64) * T * BLOCK_E
         if CAUSAL:  # the diagonal query blocks (masked), then every later one (unmasked)
             diag_end = start_n + BLOCK_N
-            dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_row, delta_row, mask_row, dq_base, stride_qt,
-                                  stride_dot, offs_n, offs_e, start_n, tl.minimum(diag_end, T), T, qk_scale, scale, E,
-                                  True, HAS_MASK, BLOCK_M, PRECISION, WITH_DQ, BLOCK_E)
-            dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_row, delta_row, mask_row, dq_base, stride_qt,
-                                  stride_dot, offs_n, offs_e, diag_end, T, T, qk_scale, scale, E, False, HAS_MASK,
-                                  BLOCK_M, PRECISION, WITH_DQ, BLOCK_E)
+            dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_row, delta_row, mask_row, doc_row, dq_base,
+                                  stride_qt, stride_dot, offs_n, offs_e, start_n, tl.minimum(diag_end, T), T, qk_scale,
+                                  scale, E, True, HAS_MASK, HAS_DOCS, BLOCK_M, PRECISION, WITH_DQ, BLOCK_E)
+            dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_row, delta_row, mask_row, doc_row, dq_base,
+                                  stride_qt, stride_dot, offs_n, offs_e, diag_end, q_end, T, qk_scale, scale, E, False,
+                                  HAS_MASK, HAS_DOCS, BLOCK_M, PRECISION, WITH_DQ, BLOCK_E)
         else:
-            dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_row, delta_row, mask_row, dq_base, stride_qt,
-                                  stride_dot, offs_n, offs_e, 0, T, T, qk_scale, scale, E, False, HAS_MASK, BLOCK_M,
-                                  PRECISION, WITH_DQ, BLOCK_E)
+            dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_row, delta_row, mask_row, doc_row, dq_base,
+                                  stride_qt, stride_dot, offs_n, offs_e, q_lo, q_end, T, qk_scale, scale, E, False,
+                                  HAS_MASK, HAS_DOCS, BLOCK_M, PRECISION, WITH_DQ, BLOCK_E)
     tl.store(DK + b * stride_dkb + kvh * stride_dkh + offs_n[:, None] * stride_dkt + offs_e[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + b * stride_dvb + kvh * stride_dvh + offs_n[:, None] * stride_dvt + offs_e[None, :],
@@ -314,9 +355,9 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, MASK, qk_scale, s
 
 
 @triton.jit
-def _dq_blocks(dq, q, do, lse, delta, K_BASE, V_BASE, MASK_ROW, stride_kt, stride_vt, offs_m, offs_e, lo, hi, T,
-               qk_scale, E, MASKED: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_N: tl.constexpr,
-               PRECISION: tl.constexpr):
+def _dq_blocks(dq, q, do, lse, delta, K_BASE, V_BASE, MASK_ROW, DOC_ROW, stride_kt, stride_vt, offs_m, offs_e, lo, hi,
+               T, qk_scale, E, MASKED: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DOCS: tl.constexpr,
+               BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """Query block offs_m against key blocks [lo, hi). Keys past T load as zero and add nothing to dQ."""
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -325,8 +366,8 @@ def _dq_blocks(dq, q, do, lse, delta, K_BASE, V_BASE, MASK_ROW, stride_kt, strid
         v = tl.load(V_BASE + offs_n[:, None] * stride_vt + offs_e[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         p = tl.exp2(s - lse[:, None])
-        if MASKED or HAS_MASK:
-            p = tl.where(_score_mask(offs_m, offs_n, T, MASK_ROW, MASKED, HAS_MASK), p, 0.0)
+        if MASKED or HAS_MASK or HAS_DOCS:
+            p = tl.where(_score_mask(offs_m, offs_n, T, MASK_ROW, DOC_ROW, MASKED, HAS_MASK, HAS_DOCS), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
@@ -334,12 +375,13 @@ def _dq_blocks(dq, q, do, lse, delta, K_BASE, V_BASE, MASK_ROW, stride_kt, strid
 
 
 @triton.jit(do_not_specialize=["H", "KV_GROUP", "T_BUCKET"])
-def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, MASK, qk_scale, scale, T, H, KV_GROUP, E,
+def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, MASK, DOCS, qk_scale, scale, T, H, KV_GROUP, E,
                         stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                         stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
                         stride_dqb, stride_dqh, stride_dqt, T_BUCKET,
                         CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr):
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr,
+                        HAS_DOCS: tl.constexpr = False):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
     b = bh // H
@@ -357,15 +399,20 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, MASK, qk_scale, scale, T, H
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_vb + kvh * stride_vh
     mask_row = MASK + b * T
+    doc_row = DOCS + b * T
+    end_row = DOCS + (tl.num_programs(1) // H + b) * T
+    lo = _first_key(doc_row, start_m, BLOCK_N, HAS_DOCS)
     dq = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)
     if CAUSAL:
-        dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, mask_row, stride_kt, stride_vt, offs_m, offs_e,
-                        0, start_m, T, qk_scale, E, False, HAS_MASK, BLOCK_N, PRECISION)
-        dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, mask_row, stride_kt, stride_vt, offs_m, offs_e,
-                        start_m, tl.minimum(start_m + BLOCK_M, T), T, qk_scale, E, True, HAS_MASK, BLOCK_N, PRECISION)
+        dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, mask_row, doc_row, stride_kt, stride_vt, offs_m, offs_e,
+                        lo, start_m, T, qk_scale, E, False, HAS_MASK, HAS_DOCS, BLOCK_N, PRECISION)
+        dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, mask_row, doc_row, stride_kt, stride_vt, offs_m, offs_e,
+                        start_m, tl.minimum(start_m + BLOCK_M, T), T, qk_scale, E, True, HAS_MASK, HAS_DOCS, BLOCK_N,
+                        PRECISION)
     else:
-        dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, mask_row, stride_kt, stride_vt, offs_m, offs_e,
-                        0, T, T, qk_scale, E, False, HAS_MASK, BLOCK_N, PRECISION)
+        hi = _last_key(end_row, tl.minimum(start_m + BLOCK_M, T) - 1, T, HAS_DOCS)
+        dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, mask_row, doc_row, stride_kt, stride_vt, offs_m, offs_e,
+                        lo, hi, T, qk_scale, E, False, HAS_MASK, HAS_DOCS, BLOCK_N, PRECISION)
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_e[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
@@ -398,8 +445,26 @@ def _meta(q: torch.Tensor, causal: bool, has_mask: bool) -> dict:
             "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32"}
 
 
-def _check(q, k, v, key_padding_mask):
+def document_bounds(document_ids: torch.Tensor) -> torch.Tensor:
+    """(2, B, T) int32 of (B, T) document ids (equal ids side by side form one document): each token's document
+    start and end (one past its last token) — what the kernels read to skip the key blocks of other documents and
+    to mask the blocks that straddle a boundary. Device ops only (no host sync)."""
+    ids = document_ids
+    b, t = ids.shape
+    pos = torch.arange(t, device=ids.device).expand(b, t)
+    new = torch.ones(b, t, dtype=torch.bool, device=ids.device)
+    new[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    last = torch.ones_like(new)
+    last[:, :-1] = new[:, 1:]
+    starts = torch.where(new, pos, 0).cummax(dim=1).values
+    ends = torch.where(last, pos + 1, t).flip(1).cummin(dim=1).values.flip(1)
+    return torch.stack([starts, ends]).to(torch.int32).contiguous()
+
+
+def _check(q, k, v, key_padding_mask, document_ids=None):
     tensors = [q, k, v] + ([key_padding_mask] if key_padding_mask is not None else [])
+    if document_ids is not None:
+        tensors.append(document_ids)
     check_device(*tensors)
     check_dtypes(q, k, v)
     if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
@@ -415,6 +480,10 @@ def _check(q, k, v, key_padding_mask):
                          "tiles fit shared memory on sm_80); use model.kernels = \"torch\"")
     if key_padding_mask is not None and key_padding_mask.shape != (b, t):
         raise ValueError(f"key_padding_mask must be (B, T) = ({b}, {t}), got {tuple(key_padding_mask.shape)}")
+    if document_ids is not None and (document_ids.shape != (b, t) or document_ids.is_floating_point()
+                                     or document_ids.dtype == torch.bool):
+        raise ValueError(f"document_ids must be integers (B, T) = ({b}, {t}), got {document_ids.dtype} "
+                         f"{tuple(document_ids.shape)}")
 
 
 def _out_like(q: torch.Tensor) -> torch.Tensor:
@@ -426,28 +495,33 @@ def _out_like(q: torch.Tensor) -> torch.Tensor:
 # The launches are registered as custom ops so torch.compile treats them as opaque calls.
 @torch.library.custom_op("pretrain::flash_attention_fwd", mutates_args=())
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, causal: bool,
-                  has_mask: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                  has_mask: bool, scale: float, docs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``docs``: ``document_bounds`` of the batch's document ids, or None (one document a row)."""
     b, h, t, e = q.shape
     out = _out_like(q)
     lse = torch.empty(b, h, t, dtype=torch.float32, device=q.device)
     grid = lambda meta: (triton.cdiv(t, meta["BLOCK_M"]), b * h)
-    _attn_fwd[grid](q, k, v, out, lse, mask, scale * LOG2E, t, h, h // k.shape[1], e, *_bht(q), *_bht(k), *_bht(v),
-                    *_bht(out), seq_bucket(t), **_meta(q, causal, has_mask))
+    _attn_fwd[grid](q, k, v, out, lse, mask, mask if docs is None else docs, scale * LOG2E, t, h, h // k.shape[1],
+                    e, *_bht(q), *_bht(k), *_bht(v), *_bht(out), seq_bucket(t), **_meta(q, causal, has_mask),
+                    HAS_DOCS=docs is not None)
     return out, lse
 
 
 @attention_fwd.register_fake
-def _(q, k, v, mask, causal, has_mask, scale):
+def _(q, k, v, mask, causal, has_mask, scale, docs=None):
     return _out_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("pretrain::flash_attention_bwd", mutates_args=())
 def attention_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                   mask: torch.Tensor, dout: torch.Tensor, causal: bool, has_mask: bool, scale: float,
-                  one_pass: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  one_pass: bool = True, docs: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, h, t, e = q.shape
     kv_heads = k.shape[1]
     meta = _meta(q, causal, has_mask)
+    meta["HAS_DOCS"] = docs is not None
+    docs = mask if docs is None else docs
     delta = torch.empty(b, h, t, dtype=torch.float32, device=q.device)
     rows = 16 if interpreting() else 32
     _attn_bwd_delta_kernel[(triton.cdiv(t, rows), b * h)](out, dout, delta, t, h, e, *_bht(out), *_bht(dout),
@@ -457,19 +531,19 @@ def attention_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
     grid = lambda meta: (triton.cdiv(t, meta["BLOCK_N"]), b * kv_heads)
     if one_pass:  # dQ summed over the key blocks in fp32 (B, H, T, BLOCK_E) rows, then cast once (torch's calls)
         dq_acc = torch.zeros(b, h, t, meta["BLOCK_E"], dtype=torch.float32, device=q.device)
-        _attn_bwd_dkdv[grid](q, k, v, dout, lse, delta, dk, dv, dq_acc, mask, *common, *_bht(dk), *_bht(dv),
+        _attn_bwd_dkdv[grid](q, k, v, dout, lse, delta, dk, dv, dq_acc, mask, docs, *common, *_bht(dk), *_bht(dv),
                              seq_bucket(t), WITH_DQ=True, **meta)
         return dq_acc[..., :e].to(q.dtype, memory_format=torch.contiguous_format), dk, dv
-    _attn_bwd_dkdv[grid](q, k, v, dout, lse, delta, dk, dv, delta, mask, *common, *_bht(dk), *_bht(dv),
+    _attn_bwd_dkdv[grid](q, k, v, dout, lse, delta, dk, dv, delta, mask, docs, *common, *_bht(dk), *_bht(dv),
                          seq_bucket(t), WITH_DQ=False, **meta)
     dq = torch.empty_like(q)
     grid = lambda meta: (triton.cdiv(t, meta["BLOCK_M"]), b * h)
-    _attn_bwd_dq[grid](q, k, v, dout, lse, delta, dq, mask, *common, *_bht(dq), seq_bucket(t), **meta)
+    _attn_bwd_dq[grid](q, k, v, dout, lse, delta, dq, mask, docs, *common, *_bht(dq), seq_bucket(t), **meta)
     return dq, dk, dv
 
 
 @attention_bwd.register_fake
-def _(q, k, v, out, lse, mask, dout, causal, has_mask, scale, one_pass=True):
+def _(q, k, v, out, lse, mask, dout, causal, has_mask, scale, one_pass=True, docs=None):
     return q.new_empty(q.shape) if one_pass else torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -511,30 +585,45 @@ def _bwd_cost(args, kwargs, outputs) -> dict:
 COSTS = {"pretrain::flash_attention_fwd": _fwd_cost, "pretrain::flash_attention_bwd": _bwd_cost}
 
 
+_BOUNDS: list = []  # [(ids, bounds)] of the last call: the layers of one forward share one batch's ids
+
+
+def _bounds_of(document_ids: torch.Tensor) -> torch.Tensor:
+    if _BOUNDS and _BOUNDS[0][0] is document_ids and _BOUNDS[0][2] == document_ids._version:
+        return _BOUNDS[0][1]
+    bounds = document_bounds(document_ids)
+    _BOUNDS[:] = [(document_ids, bounds, document_ids._version)]
+    return bounds
+
+
 class FlashAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, key_padding_mask, scale):
-        _check(q, k, v, key_padding_mask)
+    def forward(ctx, q, k, v, causal, key_padding_mask, scale, document_ids=None):
+        _check(q, k, v, key_padding_mask, document_ids)
         q, k, v = _rows(q), _rows(k), _rows(v)
         scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
         has_mask = key_padding_mask is not None
         mask = key_padding_mask.to(torch.int8).contiguous() if has_mask else q.new_zeros(1, dtype=torch.int8)
-        out, lse = attention_fwd(q, k, v, mask, bool(causal), has_mask, scale)
-        ctx.save_for_backward(q, k, v, out, lse, mask)
+        docs = _bounds_of(document_ids) if document_ids is not None else None
+        out, lse = attention_fwd(q, k, v, mask, bool(causal), has_mask, scale, docs)
+        ctx.save_for_backward(q, k, v, out, lse, mask, docs)
         ctx.causal, ctx.scale, ctx.has_mask = bool(causal), scale, has_mask
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse, mask = ctx.saved_tensors
+        q, k, v, out, lse, mask, docs = ctx.saved_tensors
         dq, dk, dv = attention_bwd(q, k, v, out, lse, mask, _rows(dout), ctx.causal, ctx.has_mask, ctx.scale,
-                                   backward_kind() == "one_pass")
-        return dq, dk, dv, None, None, None
+                                   backward_kind() == "one_pass", docs)
+        return dq, dk, dv, None, None, None, None
 
 
-def flash_attention(q, k, v, causal: bool = True, key_padding_mask=None, scale=None, dropout_p: float = 0.0):
+def flash_attention(q, k, v, causal: bool = True, key_padding_mask=None, scale=None, dropout_p: float = 0.0,
+                    document_ids=None):
     """q (B, H, T, E); k, v (B, K, T, E) with K dividing H, any strides with a unit last one (e.g. transposed
-    (B, T, H, E) views); key_padding_mask (B, T) bool, True = keep. Returns (B, H, T, E), stored (B, T, H, E)."""
+    (B, T, H, E) views); key_padding_mask (B, T) bool, True = keep; document_ids (B, T) integers, equal ids side by
+    side forming one document: a token attends only within its document (key blocks wholly in other documents are
+    skipped). Returns (B, H, T, E), stored (B, T, H, E)."""
     if dropout_p:
         raise ValueError("the Triton attention has no dropout: set model.dropout = 0 or model.kernels = \"torch\"")
-    return FlashAttentionFunction.apply(q, k, v, causal, key_padding_mask, scale)
+    return FlashAttentionFunction.apply(q, k, v, causal, key_padding_mask, scale, document_ids)

@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 
 
-def attention(q, k, v, causal=True, key_padding_mask=None, scale=None):
-    """q (B, H, T, E); k, v (B, K, T, E), K dividing H; key_padding_mask (B, T) bool, True = keep."""
+def attention(q, k, v, causal=True, key_padding_mask=None, scale=None, document_ids=None):
+    """q (B, H, T, E); k, v (B, K, T, E), K dividing H; key_padding_mask (B, T) bool, True = keep; document_ids
+    (B, T) ints: a query sees only keys of its own document."""
     b, h, t, e = q.shape
     groups = h // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
@@ -19,6 +20,8 @@ def attention(q, k, v, causal=True, key_padding_mask=None, scale=None):
     allowed = allowed[None, None]
     if key_padding_mask is not None:
         allowed = allowed & key_padding_mask[:, None, None, :]
+    if document_ids is not None:
+        allowed = allowed & (document_ids[:, None, :, None] == document_ids[:, None, None, :])
     scores = scores.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with no allowed key attends to nothing
     return (probs @ v.float()).to(q.dtype)

@@ -29,15 +29,20 @@ assert tuple(TRITON_OPS) == KERNEL_OPS
 COMPANIONS = {"rms_norm": ("add_rms_norm",), "layer_norm": ("add_layer_norm",), "swiglu": ("swiglu_packed",)}
 
 
-def torch_attention(q, k, v, causal=True, key_padding_mask=None, scale=None, dropout_p=0.0):
-    """q (B, H, T, E); k, v (B, K, T, E) with K dividing H; key_padding_mask (B, T) bool, True = keep."""
+def torch_attention(q, k, v, causal=True, key_padding_mask=None, scale=None, dropout_p=0.0, document_ids=None):
+    """q (B, H, T, E); k, v (B, K, T, E) with K dividing H; key_padding_mask (B, T) bool, True = keep;
+    document_ids (B, T) ints, equal ids side by side forming one document: a token attends only within its own
+    (a dense (B, 1, T, T) boolean mask through SDPA — the reference every layout can run)."""
     mask = None
     if key_padding_mask is not None:
         mask = key_padding_mask[:, None, None, :]  # (B, 1, 1, T) broadcast over heads and queries
-        if causal:
-            t = q.shape[-2]
-            mask = mask & torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
-            causal = False
+    if document_ids is not None:
+        same = document_ids[:, None, :, None] == document_ids[:, None, None, :]  # (B, 1, T, T)
+        mask = same if mask is None else mask & same
+    if mask is not None and causal:
+        t = q.shape[-2]
+        mask = mask & torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+        causal = False
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
     )

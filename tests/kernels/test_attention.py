@@ -64,6 +64,97 @@ def test_both_backwards_match_the_reference(monkeypatch, kind, b, h, kv, t, e, c
     test_flash_attention_matches_reference(b, h, kv, t, e, causal, padded, layout)
 
 
+def _documents(b, t, lengths):
+    """(B, T) document ids: row r cut into documents of the given lengths (cycled), the last one cut at T."""
+    rows = []
+    for r in range(b):
+        ids, doc, i = [], 0, 0
+        while len(ids) < t:
+            ids += [doc] * lengths[(i + r) % len(lengths)]
+            doc, i = doc + 1, i + 1
+        rows.append(ids[:t])
+    return torch.tensor(rows)
+
+
+DOC_CASES = [  # (B, H, K, T, E, causal, padded, document lengths)
+    (2, 4, 2, 70, 64, True, False, [1, 30, 5, 17]),     # GQA, a one-token document, boundaries inside blocks
+    (1, 2, 2, 64, 96, False, False, [16, 40, 8]),       # bidirectional (BERT), boundaries on block edges
+    (2, 2, 1, 53, 32, False, True, [7, 3, 25]),         # bidirectional with padding, MQA
+    (1, 2, 2, 37, 64, True, False, [37]),               # one document: plain causal
+    (1, 1, 1, 40, 16, True, False, [1]),                # every token its own document
+]
+
+
+@pytest.mark.parametrize("kind", ["one_pass", "split"])
+@pytest.mark.parametrize("b, h, kv, t, e, causal, padded, lengths", DOC_CASES)
+def test_document_masking_matches_the_reference(monkeypatch, kind, b, h, kv, t, e, causal, padded, lengths):
+    """With document ids a query sees only its own document: outputs and dq, dk, dv equal the reference's
+    (a dense same-document mask), for both backwards."""
+    monkeypatch.setenv("PRETRAIN_ATTENTION_BACKWARD", kind)
+    torch.manual_seed(t + e)
+    q, k, v = _qkv(b, h, kv, t, e, "bthe")
+    ids = _documents(b, t, lengths)
+    mask = torch.arange(t)[None, :] < torch.tensor([t - 5 * i for i in range(b)])[:, None] if padded else None
+    ours = attention.flash_attention(q, k, v, causal=causal, key_padding_mask=mask, document_ids=ids)
+    ref = reference.attention(q, k, v, causal=causal, key_padding_mask=mask, document_ids=ids)
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+    dout = torch.randn_like(ours)
+    for name, g, r in zip("qkv", torch.autograd.grad(ours, (q, k, v), dout), torch.autograd.grad(ref, (q, k, v), dout)):
+        torch.testing.assert_close(g, r, atol=2e-4, rtol=2e-4, msg=lambda m, n=name: f"d{n}: {m}")
+    if lengths == [t]:  # one document is no document
+        torch.testing.assert_close(ours, attention.flash_attention(q, k, v, causal=causal), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["one_pass", "split"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_blocks_of_other_documents_are_never_read(monkeypatch, kind, causal):
+    """The kernels skip the key (and, backward, query) blocks that lie wholly in other documents: NaN planted
+    there — which any load into a matmul would spread (0 · NaN = NaN) — leaves the other documents' outputs and
+    gradients finite and equal to the reference's. Interpreter blocks are 16 tokens: document 0 is tokens 0–39,
+    document 1 is 40–95, so blocks 0–15 and 16–31 lie wholly in document 0 and blocks 48 on wholly in 1."""
+    monkeypatch.setenv("PRETRAIN_ATTENTION_BACKWARD", kind)
+    torch.manual_seed(0)
+    t, e = 96, 32
+    ids = torch.tensor([[0] * 40 + [1] * 56])
+    q, k, v = (torch.randn(1, 2, t, e) for _ in range(3))
+    clean = [x.clone().requires_grad_() for x in (q, k, v)]
+    ref = reference.attention(*clean, causal=causal, document_ids=ids)
+    dout = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, clean, dout)
+
+    poisoned = [x.clone() for x in (q, k, v)]
+    for x in poisoned[1:]:  # keys and values of the blocks wholly in document 0
+        x[:, :, :32] = float("nan")
+    poisoned = [x.requires_grad_() for x in poisoned]
+    out = attention.flash_attention(*poisoned, causal=causal, document_ids=ids)
+    rows = slice(48, t)  # query blocks wholly in document 1
+    torch.testing.assert_close(out[:, :, rows], ref[:, :, rows], atol=1e-4, rtol=1e-4)
+
+    # backward: dK/dV of document 0's key blocks read only document 0's query blocks; poison the query side of
+    # the blocks wholly in document 1 (q, and the output gradient)
+    q2, k2, v2 = (x.clone().requires_grad_() for x in (q, k, v))
+    out2 = attention.flash_attention(q2, k2, v2, causal=causal, document_ids=ids)
+    bad_dout = dout.clone()
+    bad_dout[:, :, 48:] = float("nan")
+    with torch.no_grad():
+        q2.data[:, :, 48:] = float("nan")
+    dq, dk, dv = torch.autograd.grad(out2, (q2, k2, v2), bad_dout)
+    keys = slice(0, 32)
+    torch.testing.assert_close(dk[:, :, keys], ref_grads[1][:, :, keys], atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(dv[:, :, keys], ref_grads[2][:, :, keys], atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(dq[:, :, keys], ref_grads[0][:, :, keys], atol=2e-4, rtol=2e-4)
+
+
+def test_document_bounds():
+    ids = torch.tensor([[5, 5, 5, 2, 2, 9], [0, 1, 2, 3, 4, 5], [7, 7, 7, 7, 7, 7]])
+    starts, ends = attention.document_bounds(ids)
+    assert starts.tolist() == [[0, 0, 0, 3, 3, 5], [0, 1, 2, 3, 4, 5], [0] * 6]
+    assert ends.tolist() == [[3, 3, 3, 5, 5, 6], [1, 2, 3, 4, 5, 6], [6] * 6]
+    with pytest.raises(ValueError, match=r"document_ids must be integers \(B, T\) = \(1, 8\)"):
+        q = torch.randn(1, 1, 8, 16)
+        attention.flash_attention(q, q, q, document_ids=torch.zeros(1, 7, dtype=torch.long))
+
+
 def test_the_backwards_agree_and_a_bad_choice_is_refused(monkeypatch):
     torch.manual_seed(0)
     q, k, v = _qkv(1, 4, 1, 40, 48, "bthe")
