@@ -201,7 +201,7 @@ def _dtype(name):
 
 
 def attention_case(e: int, heads: int, kv_heads: int, causal: bool, padded: bool, t: int = 256,
-                   backward: str = "one_pass"):
+                   backward: str = "one_pass", documents: bool = False):
     def run(dtype):
         import os
 
@@ -214,7 +214,8 @@ def attention_case(e: int, heads: int, kv_heads: int, causal: bool, padded: bool
         x = torch.zeros(1, t, heads + 2 * kv_heads, e, dtype=dtype)  # the model's (B, T, H, E) projections
         q, k, v = (y.transpose(1, 2).requires_grad_() for y in x.split([heads, kv_heads, kv_heads], dim=2))
         mask = torch.ones(1, t, dtype=torch.bool) if padded else None
-        out = flash_attention(q, k, v, causal=causal, key_padding_mask=mask)
+        ids = torch.arange(t)[None] // 64 if documents else None  # document masking (data.document_mask)
+        out = flash_attention(q, k, v, causal=causal, key_padding_mask=mask, document_ids=ids)
         out.backward(torch.zeros_like(out))
         os.environ.pop("PRETRAIN_ATTENTION_BACKWARD")
     return run
@@ -320,6 +321,14 @@ def cases(full: bool = False) -> list[tuple[str, Callable, tuple[str, ...]]]:
         ("attention E64 causal (gpt_125m, gpt_tiny: E <= 64 share it)", attention_case(64, 12, 12, True, False), bf16),
         ("attention E64 padded (bert_base/large/tiny)", attention_case(64, 16, 16, False, True), bf16),
         ("attention E256 causal", attention_case(256, 4, 4, True, False), bf16),
+        ("attention E128 causal, documents (data.document_mask)",
+         attention_case(128, 32, 8, True, False, documents=True), both),
+        ("attention E128 causal, documents, split backward",
+         attention_case(128, 32, 8, True, False, backward="split", documents=True), bf16),
+        ("attention E64 causal, documents", attention_case(64, 12, 12, True, False, documents=True), bf16),
+        ("attention E64 padded, documents (BERT packing)", attention_case(64, 16, 16, False, True, documents=True),
+         bf16),
+        ("attention E256 causal, documents", attention_case(256, 4, 4, True, False, documents=True), bf16),
         *([("attention E96 padded (E80-128 bidirectional)", attention_case(96, 8, 8, False, True), both),
            ("attention E256 padded", attention_case(256, 4, 4, False, True), both)] if full else []),
         *[(f"rms_norm D{d}", norm_case(d, True), both) for d in (256, 2048, 4096, 8192)],

@@ -119,6 +119,13 @@ class DataConfig:
     max_predictions_per_seq: int = 0  # bert: cap on masked positions per sequence (0 = no cap)
     whole_word_mask: bool = False  # bert: mask whole words
     bert_pairs: str = "none"  # bert: none | nsp | sop (sentence pairs; needs model.nsp_head)
+    # packed documents attend only within themselves: each sample carries per-token document ids (data/samples.py)
+    document_mask: bool = False
+    reset_positions: bool = False  # positions (RoPE, learned) restart at each document (needs document_mask)
+    # the target of a document's last token (its EOS) is the next document's first token: true leaves it out of
+    # the loss (needs document_mask)
+    mask_document_boundary: bool = False
+    synthetic_doc_len: int = 0  # data.source = "synthetic" with document_mask: mean document length (0: seq_len / 4)
 
 
 @dataclass
@@ -358,6 +365,8 @@ class Config:
             ("train", "fp8_", t.fp8 == "none", 'train.fp8 = "none"'),
             ("train", "mixed_precision", t.dtype != "bf16", f"train.dtype = {t.dtype!r}"),
             ("parallel", "cp_impl", p.cp == 1, "parallel.cp = 1"),
+            ("data", "synthetic_doc_len", self.data.source != "synthetic" or not self.data.document_mask,
+             "it sizes synthetic documents (data.source = \"synthetic\" with data.document_mask = true)"),
             ("parallel", "pp_schedule", p.pp == 1, "parallel.pp = 1"),
             ("parallel", "n_microbatches", p.pp == 1, "parallel.pp = 1"),
             ("parallel", "stages_per_rank", p.pp == 1, "parallel.pp = 1"),
@@ -624,6 +633,24 @@ def _data(cfg: Config) -> None:
         raise ConfigError("data.sources weights sum to zero")
     if d.bert_pairs != "none" and not (cfg.model.arch == "bert" and cfg.model.nsp_head):
         raise ConfigError(f'data.bert_pairs = "{d.bert_pairs}" needs model.arch = "bert" and model.nsp_head = true')
+    _documents(cfg)
+
+
+def _documents(cfg: Config) -> None:
+    d, p = cfg.data, cfg.parallel
+    for key in ("reset_positions", "mask_document_boundary"):
+        if getattr(d, key) and not d.document_mask:
+            raise ConfigError(f"data.{key} = true needs data.document_mask = true (the documents' boundaries)")
+    if d.synthetic_doc_len < 0:
+        raise ConfigError(f"data.synthetic_doc_len must be >= 0, got {d.synthetic_doc_len}")
+    if not d.document_mask:
+        return
+    for key, value in (("parallel.cp", p.cp), ("parallel.pp", p.pp)):
+        if value > 1:
+            raise ConfigError(f"data.document_mask = true with {key} = {value} is not supported yet: the document "
+                              "ids do not travel with the sequence chunks / pipeline stages; set data.document_mask "
+                              "= false or " + key + " = 1")
+
 
 
 def _outputs_apart(cfg: Config) -> None:

@@ -49,8 +49,18 @@ def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor, accuracy: bool =
     return LossOutput(loss_sum, keep.sum(), correct)
 
 
+DOCUMENT_KEYS = ("document_ids", "positions")  # a batch's packed documents (data.document_mask, data.reset_positions)
+
+
+def documents(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's keyword arguments for the batch's packed documents: ``document_ids`` and ``positions`` where the
+    data carries them (nothing otherwise: one sequence a row)."""
+    return {key: batch[key] for key in DOCUMENT_KEYS if key in batch}
+
+
 class GPTTask:
-    """Next-token prediction: batch {"tokens", "targets"} (B, T)."""
+    """Next-token prediction: batch {"tokens", "targets"} (B, T), with "document_ids" / "positions" (B, T) where
+    the data packs documents apart (``data.document_mask``)."""
 
     extra_names: tuple[str, ...] = ()
 
@@ -64,9 +74,9 @@ class GPTTask:
         if not accuracy and "cross_entropy" in getattr(getattr(inner, "ops", None), "triton", ()):
             # the fused linear cross-entropy: the model returns the mean loss, never the (tokens, vocab) logits
             count = (batch["targets"] != IGNORE_INDEX).sum()
-            mean = model(batch["tokens"], targets=batch["targets"])
+            mean = model(batch["tokens"], targets=batch["targets"], **documents(batch))
             return LossOutput(mean * count, count, torch.zeros((), dtype=torch.long, device=count.device))
-        return _cross_entropy(model(batch["tokens"]), batch["targets"], accuracy)
+        return _cross_entropy(model(batch["tokens"], **documents(batch)), batch["targets"], accuracy)
 
     @staticmethod
     def pipeline_io(batch: dict[str, torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
@@ -104,9 +114,10 @@ class BERTTask:
     @staticmethod
     def loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], accuracy: bool = True) -> LossOutput:
         if "nsp_labels" not in batch:
-            return _cross_entropy(model(batch["tokens"], batch["attention_mask"]), batch["labels"], accuracy)
+            return _cross_entropy(model(batch["tokens"], batch["attention_mask"], **documents(batch)), batch["labels"],
+                                  accuracy)
         mlm_logits, nsp_logits = model(batch["tokens"], batch["attention_mask"], batch["token_type_ids"],
-                                       with_nsp=True)
+                                       with_nsp=True, **documents(batch))
         out = _cross_entropy(mlm_logits, batch["labels"], accuracy)
         nsp = F.cross_entropy(nsp_logits.float(), batch["nsp_labels"], ignore_index=IGNORE_INDEX)
         if torch.isfinite(nsp):  # NaN when every pair of the micro-batch is masked out

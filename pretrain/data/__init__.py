@@ -17,7 +17,9 @@ def build_samples(cfg: Config, split: str = "train"):
 
         return SyntheticSamples(m.vocab_size, m.seq_len, seed=d.seed if train else d.seed + VAL_SEED_OFFSET,
                                 mode=m.arch, mlm_probability=d.mlm_probability,
-                                max_predictions=d.max_predictions_per_seq)
+                                max_predictions=d.max_predictions_per_seq, documents=d.document_mask,
+                                reset_positions=d.reset_positions, mask_boundary=d.mask_document_boundary,
+                                doc_len=d.synthetic_doc_len)
     from pretrain.data.blend import Blend
     from pretrain.data.documents import open_documents
     from pretrain.data.samples import DocumentSamples
@@ -30,7 +32,8 @@ def build_samples(cfg: Config, split: str = "train"):
         return DocumentSamples(store, m.arch, m.seq_len, seed=d.seed, shuffle=d.shuffle and train, loop=train,
                                shuffle_window=d.shuffle_window, mlm_probability=d.mlm_probability,
                                max_predictions=d.max_predictions_per_seq, whole_word_mask=d.whole_word_mask,
-                               pairs=d.bert_pairs)
+                               pairs=d.bert_pairs, documents=d.document_mask, reset_positions=d.reset_positions,
+                               mask_boundary=d.mask_document_boundary)
 
     if not d.sources:
         samples = samples_of(d.path)

@@ -16,6 +16,15 @@ A sample set maps every global index ``g = 0, 1, 2, ...`` to one sample (a dict 
   Feistel permutation of the block of ``W = shuffle_window`` positions: a full shuffle within each window, O(1)
   memory, and reads that stay within the few shards a window covers.
 
+With ``documents`` (``data.document_mask``) a GPT sample also carries ``document_ids`` (T,) int32: the documents
+of its tokens numbered from 0 in the order they appear — known while the tokens are gathered, so nothing is read
+twice and resume stays O(1) —, a document's EOS belonging to it. A document that runs on across samples starts the
+next sample as a document of its own (attention never crosses samples anyway). With ``reset_positions`` it carries
+``positions`` (T,): each token's offset in its document (in that sample). With ``mask_boundary`` the target of a
+document's last token (the next document's first token, which the masked attention cannot predict from anything
+but the start distribution) is left out of the loss. A BERT sample is one document already (one chunk of one
+document, padded): its ``document_ids`` are all 0.
+
 Locating a position costs two binary searches: over the epoch's shard order (O(shards) per epoch, cached) and
 over the documents of one shard (O(docs in the shard), cached for recently used shards).
 """
@@ -66,6 +75,22 @@ class Permutation:
                 return i
 
 
+def document_fields(ids: np.ndarray, targets: np.ndarray | None, reset_positions: bool,
+                    mask_boundary: bool) -> dict[str, np.ndarray]:
+    """A sample's document fields from ``ids`` (T + 1,): each token's document (nondecreasing, from 0), the last
+    one the final target's. ``targets`` (T,) is masked in place at document boundaries with ``mask_boundary``."""
+    inputs = ids[:-1]
+    out = {"document_ids": inputs.copy()}
+    if reset_positions:
+        t = np.arange(len(inputs))
+        new = np.ones(len(inputs), dtype=bool)
+        new[1:] = inputs[1:] != inputs[:-1]
+        out["positions"] = t - np.maximum.accumulate(np.where(new, t, 0))
+    if mask_boundary and targets is not None:
+        targets[ids[1:] != inputs] = IGNORE_INDEX  # a document's last token predicting the next one's first
+    return out
+
+
 class DocumentSamples:
     """GPT or BERT samples over a document store, looping over epochs (or finite with ``loop=False``)."""
 
@@ -73,12 +98,14 @@ class DocumentSamples:
 
     def __init__(self, store, mode: str, seq_len: int, *, seed: int = 0, shuffle: bool = True, loop: bool = True,
                  shuffle_window: int = 1 << 16, tokenizer=None, mlm_probability: float = 0.15,
-                 max_predictions: int = 0, whole_word_mask: bool = False, pairs: str = "none"):
+                 max_predictions: int = 0, whole_word_mask: bool = False, pairs: str = "none",
+                 documents: bool = False, reset_positions: bool = False, mask_boundary: bool = False):
         if mode not in ("gpt", "bert"):
             raise ValueError(f"mode must be gpt or bert, got {mode!r}")
         self.store, self.mode, self.seq_len = store, mode, seq_len
         self.seed, self.shuffle, self.loop, self.window = seed, shuffle, loop, max(1, shuffle_window)
         self.pairs, self.mlm_probability, self.max_predictions = pairs, mlm_probability, max_predictions
+        self.documents, self.reset_positions, self.mask_boundary = documents, reset_positions, mask_boundary
         self.eos = int(store.eos_id) if store.append_eos else None
         if mode == "gpt":
             if store.append_eos and store.eos_id is None:
@@ -172,9 +199,11 @@ class DocumentSamples:
         return epoch, block * self.window + perm(offset)
 
     # --- reading --------------------------------------------------------------------------------------------
-    def _tokens(self, epoch: int, start: int, count: int) -> tuple[np.ndarray, bool]:
-        """``count`` tokens of the epoch's GPT stream from ``start``; and whether a bad document was in it."""
+    def _tokens(self, epoch: int, start: int, count: int, ids: np.ndarray | None = None) -> tuple[np.ndarray, bool]:
+        """``count`` tokens of the epoch's GPT stream from ``start``; and whether a bad document was in it.
+        ``ids`` (count,): filled with each token's document, numbered from 0."""
         out = np.empty(count, dtype=np.int64)
+        doc_number = 0
         slot, j, within = self._locate(epoch, start)
         n_slots = len(self.shard_units)
         filled, bad = 0, False
@@ -196,6 +225,9 @@ class DocumentSamples:
             out[filled:filled + from_doc] = doc[within:within + from_doc]
             if from_doc < take:
                 out[filled + from_doc] = self.eos
+            if ids is not None:
+                ids[filled:filled + take] = doc_number
+                doc_number += 1
             filled += take
             j, within = j + 1, 0
         return out, bad
@@ -211,14 +243,23 @@ class DocumentSamples:
     def sample(self, g: int) -> dict[str, np.ndarray]:
         epoch, q = self.position(g)
         if self.mode == "gpt":
-            seq, bad = self._tokens(epoch, q * self.seq_len, self.seq_len + 1)
+            ids = np.empty(self.seq_len + 1, dtype=np.int32) if self.documents else None
+            seq, bad = self._tokens(epoch, q * self.seq_len, self.seq_len + 1, ids)
             targets = seq[1:].copy()
             if bad:
                 targets[:] = IGNORE_INDEX
-            return {"tokens": seq[:-1], "targets": targets, "index": np.int64(g), "skipped": np.int64(bad)}
+            out = {"tokens": seq[:-1], "targets": targets, "index": np.int64(g), "skipped": np.int64(bad)}
+            if ids is not None:
+                out.update(document_fields(ids, targets, self.reset_positions, self.mask_boundary))
+            return out
         chunk, bad = self._chunk(epoch, q)
         rng = np.random.default_rng([self.seed, g, 1])
-        return self._bert_sample(chunk, bad, g, epoch, rng)
+        out = self._bert_sample(chunk, bad, g, epoch, rng)
+        if self.documents:
+            out["document_ids"] = np.zeros(self.seq_len, dtype=np.int32)
+            if self.reset_positions:
+                out["positions"] = np.arange(self.seq_len, dtype=np.int64)
+        return out
 
     def _bert_sample(self, chunk: np.ndarray, bad: bool, g: int, epoch: int, rng) -> dict[str, np.ndarray]:
         T = self.seq_len

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pretrain.config import ModelConfig
-from pretrain.models.layers import MLP, Attention, LayerNorm, RMSNorm, Rotary, compute_dtype, init_weights
+from pretrain.models.layers import MLP, Attention, Documents, LayerNorm, RMSNorm, Rotary, compute_dtype, init_weights
 from pretrain.models.moe import MoE
 from pretrain.models.ops import Ops
 
@@ -45,15 +45,15 @@ class Block(nn.Module):
         # through the module's forward)
         self.fused_add_norm = self.post_attention_layernorm.fused_add
 
-    def forward(self, x, rotary=None, pending=None, defer: bool = False):
+    def forward(self, x, rotary=None, pending=None, defer: bool = False, documents: Documents | None = None):
         """x (B, T, D) -> x + attn + mlp. ``pending``: the previous block's MLP output, not yet added to ``x``
         (added here, in one kernel with this block's first norm); ``defer``: return (x + attn, mlp) and leave that
-        add to the next block the same way."""
+        add to the next block the same way; ``documents``: the batch's packed documents (``layers.Documents``)."""
         if pending is not None:
             x, h = self.input_layernorm.add(x, pending)
         else:
             h = self.input_layernorm(x)
-        a = self.dropout(self.self_attn(compute_dtype(h), rotary))
+        a = self.dropout(self.self_attn(compute_dtype(h), rotary, documents=documents))
         if self.fused_add_norm:
             x, h = self.post_attention_layernorm.add(x, a)
         else:
@@ -87,9 +87,14 @@ class GPT(nn.Module):
 
     is_first_stage = True  # pipeline stages after the first take hidden states instead of tokens
 
-    def hidden_states(self, x: torch.Tensor) -> torch.Tensor:
+    def hidden_states(self, x: torch.Tensor, document_ids: torch.Tensor | None = None,
+                      positions: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, T) int -> final-norm hidden states (B, T, D). A later pipeline stage takes hidden states
-        (B, T, D) instead; one without ``norm`` returns the last block's output."""
+        (B, T, D) instead; one without ``norm`` returns the last block's output. ``document_ids`` (B, T) ints:
+        packed documents, each attending only within itself (equal ids side by side form one document; None: one
+        sequence a row); ``positions`` (B, T): the tokens' positions, restarting at each document
+        (``data.reset_positions``; None: 0..T-1)."""
+        documents = Documents.of(document_ids, positions)
         if self.is_first_stage:
             tokens = x
             x = self.embed_tokens(tokens)  # (B, T, D)
@@ -98,27 +103,28 @@ class GPT(nn.Module):
                 if t > self.embed_positions.num_embeddings:
                     raise ValueError(f"sequence of {t} tokens exceeds the {self.embed_positions.num_embeddings} "
                                      "learned positions")
-                x = x + self.embed_positions(torch.arange(t, device=tokens.device))
+                x = x + self.embed_positions(torch.arange(t, device=tokens.device) if positions is None else positions)
             x = self.embed_dropout(x)
             if not self.cfg.fp32_residual:  # the residual stream in the autocast dtype (bf16) from here on
                 x = compute_dtype(x)
         layers = list(self.layers.values())
         if not (layers and layers[0].fused_add_norm):
             for layer in layers:
-                x = layer(x, self.rotary)
+                x = layer(x, self.rotary, documents=documents)
             return x if self.norm is None else self.norm(x)
         pending = None  # each block's MLP output, added by the next block's first norm (one kernel)
         for layer in layers:
-            x, pending = layer(x, self.rotary, pending, defer=True)
+            x, pending = layer(x, self.rotary, pending, defer=True, documents=documents)
         if self.norm is None:  # a pipeline stage sends the whole residual stream
             return x + pending
         return self.norm.add(x, pending)[1]
 
-    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens (B, T) -> logits (B, T, V) (a pipeline stage: see ``hidden_states``). With ``targets`` (B, T):
-        the mean cross-entropy over the non-ignored targets instead, through ``ops.cross_entropy`` (the fused
-        kernel never materialises the logits)."""
-        h = self.hidden_states(x)
+    def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, document_ids: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, V) (a pipeline stage: see ``hidden_states``, which also describes
+        ``document_ids`` and ``positions``). With ``targets`` (B, T): the mean cross-entropy over the non-ignored
+        targets instead, through ``ops.cross_entropy`` (the fused kernel never materialises the logits)."""
+        h = self.hidden_states(x, document_ids, positions)
         if self.norm is None:  # not the last pipeline stage
             return h
         if targets is not None:

@@ -76,6 +76,19 @@ def compute_dtype(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+class Documents:
+    """The packed documents of a batch (``data.document_mask``): ``ids`` (B, T) integers, equal ids side by side
+    forming one document — a token attends only within its own —, and ``positions`` (B, T), the tokens' positions
+    when they restart at each document (``data.reset_positions``; None: 0..T-1)."""
+
+    def __init__(self, ids: torch.Tensor | None, positions: torch.Tensor | None = None):
+        self.ids, self.positions = ids, positions
+
+    @classmethod
+    def of(cls, document_ids, positions) -> Documents | None:
+        return None if document_ids is None and positions is None else cls(document_ids, positions)
+
+
 def rotate_half(x):
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -102,13 +115,24 @@ class Rotary(nn.Module):
         self.cos, self.sin = emb.cos() * attention_factor, emb.sin() * attention_factor
 
     def forward(self, q, k, positions: torch.Tensor | None = None):
-        """q (B, H, T, E), k (B, K, T, E) -> rotated, same shapes and dtypes. ``positions`` (T,): the tokens'
-        positions when they are not 0..T-1 (a context-parallel rank's chunks)."""
-        t = q.shape[-2] if positions is None else int(positions.max()) + 1
+        """q (B, H, T, E), k (B, K, T, E) -> rotated, same shapes and dtypes. ``positions``: the tokens' positions
+        when they are not 0..T-1 — (T,) for a context-parallel rank's chunks, (B, T) where they restart at each
+        packed document (then at most T - 1: no host sync to size the tables)."""
+        if positions is None:
+            t = q.shape[-2]
+        elif positions.dim() == 2:
+            t = positions.shape[1]
+        else:
+            t = int(positions.max()) + 1
         if t > self.cos.shape[0]:
             self.max_len = t
             self.reset_parameters(q.device)
-        cos, sin = (self.cos[:t], self.sin[:t]) if positions is None else (self.cos[positions], self.sin[positions])
+        if positions is None:
+            cos, sin = self.cos[:t], self.sin[:t]
+        elif positions.dim() == 2:  # (B, 1, T, E): one table a row, shared by the heads
+            cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]
+        else:
+            cos, sin = self.cos[positions], self.sin[positions]
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         return self.ops.rotary(q, cos, sin), self.ops.rotary(k, cos, sin)
 
@@ -138,7 +162,9 @@ class Attention(nn.Module):
         q_width, kv_width = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         return self.qkv(x).split([q_width, kv_width, kv_width], dim=-1)  # three views of one output
 
-    def forward(self, x, rotary: Rotary | None = None, key_padding_mask=None):
+    def forward(self, x, rotary: Rotary | None = None, key_padding_mask=None, documents: Documents | None = None):
+        """``documents``: the batch's packed documents (attention within each, RoPE positions restarting with
+        them), or None."""
         b, t, _ = x.shape
         q, k, v = self._projections(x)
         q = q.view(b, t, -1, self.head_dim)  # (B, T, H, E)
@@ -153,11 +179,11 @@ class Attention(nn.Module):
             y = self.context(q, k, v)
         else:
             if rotary is not None:
-                q, k = rotary(q, k)
-            y = self.ops.attention(
-                q, k, v, causal=self.causal, key_padding_mask=key_padding_mask,
-                **({"dropout_p": self.dropout} if self.training and self.dropout else {}),
-            )
+                q, k = rotary(q, k, documents.positions if documents is not None else None)
+            extra = {"dropout_p": self.dropout} if self.training and self.dropout else {}
+            if documents is not None and documents.ids is not None:
+                extra["document_ids"] = documents.ids
+            y = self.ops.attention(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask, **extra)
         y = y.transpose(1, 2).reshape(b, t, -1)  # (B, T, H*E)
         return self.o_proj(y)
 

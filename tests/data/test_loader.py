@@ -376,3 +376,79 @@ def test_trainer_counts_skipped_samples(prepared, tmp_path):
     trainer.metrics.close()
     assert all(np.isfinite(losses)) and trainer.data_skipped > 0
     assert read_metrics(cfg.logging.run_dir)[-1]["data_skipped"] == trainer.data_skipped
+
+
+def _documents_of_stream(ds: ShardDataset) -> np.ndarray:
+    """Each token of ``corpus_stream`` numbered by its document (EOS included)."""
+    return np.concatenate([np.full(len(ds.document(s, d)) + 1, i) for i, (s, d) in enumerate(
+        (s, d) for s in range(ds.num_shards) for d in range(len(ds.lengths(s))))])
+
+
+@pytest.mark.parametrize("mask_boundary", [False, True])
+def test_document_ids_positions_and_boundary_targets(prepared, mask_boundary):
+    """``data.document_mask``: each GPT sample carries its tokens' documents (numbered from 0, the EOS its
+    document's, a document running on from the previous sample its own), ``reset_positions`` the offsets in them,
+    and ``mask_document_boundary`` leaves each document's last token's target out of the loss — all equal to what
+    the unshuffled corpus says, and resume stays exact (the fields come from the index, per sample)."""
+    ds = ShardDataset(prepared, "train")
+    stream, owner = corpus_stream(ds), _documents_of_stream(ds)
+    T = 64
+    samples = DocumentSamples(ds, "gpt", T, shuffle=False, loop=False, documents=True, reset_positions=True,
+                              mask_boundary=mask_boundary)
+    boundaries = 0
+    for q in range(len(samples)):
+        s = samples.sample(q)
+        mine = owner[q * T:q * T + T + 1]
+        expected = np.unique(mine, return_inverse=True)[1].astype(np.int32)  # renumbered from 0 in order
+        assert s["document_ids"].dtype == np.int32
+        assert s["document_ids"].tolist() == expected[:-1].tolist()
+        starts = [int(np.argmax(expected[:-1] == d)) for d in expected[:-1]]
+        assert s["positions"].tolist() == [i - st for i, st in enumerate(starts)]
+        ends = expected[1:] != expected[:-1]
+        boundaries += int(ends.sum())
+        want = stream[q * T + 1:q * T + T + 1].copy()
+        if mask_boundary:
+            want[ends] = -100
+        assert s["targets"].tolist() == want.tolist()
+    assert boundaries > 3  # the corpus has documents shorter than a sample
+    shuffled = DocumentSamples(ds, "gpt", T, seed=3, documents=True)
+    again = DocumentSamples(ds, "gpt", T, seed=3, documents=True)
+    for g in (0, 5, len(shuffled) + 2):  # a fresh sample set (a resumed run) gives the same fields
+        a, b = shuffled.sample(g), again.sample(g)
+        assert all(np.array_equal(a[k], b[k]) for k in ("tokens", "targets", "document_ids"))
+
+
+def test_document_fields_through_the_config(tmp_path, prepared):
+    """The config's keys reach the samples (shards and synthetic; BERT samples hold one document each), and
+    keys without the boundaries they need are refused in one line."""
+    from pretrain.config import ConfigError
+    from pretrain.data import build_samples
+    from tests.conftest import tiny_config
+
+    shards = ("data.source=shards", f"data.path={prepared}", "model.vocab_size=512")
+    s = build_samples(tiny_config(tmp_path, *shards, "data.document_mask=true", "data.reset_positions=true")).sample(0)
+    assert set(s) >= {"document_ids", "positions"}
+    s = build_samples(tiny_config(tmp_path, *shards, "data.document_mask=true"), "val").sample(0)
+    assert "document_ids" in s and "positions" not in s
+    bert = build_samples(tiny_config(tmp_path, *shards, "data.document_mask=true", arch="bert")).sample(0)
+    assert not bert["document_ids"].any()
+    synthetic = tiny_config(tmp_path, "data.document_mask=true", "data.reset_positions=true",
+                            "data.mask_document_boundary=true", "data.synthetic_doc_len=3", "model.seq_len=64")
+    rows = [build_samples(synthetic).sample(g) for g in range(20)]
+    lengths = np.concatenate([np.bincount(r["document_ids"]) for r in rows])
+    assert 1 <= lengths.min() and 2 < lengths.mean() < 4.5  # geometric, mean 3 (the row ends cut some)
+    for r in rows:
+        ends = r["document_ids"][1:] != r["document_ids"][:-1]  # (the last token's next document is not in the row)
+        assert (r["targets"][:-1][ends] == -100).all() and (r["targets"][:-1][~ends] != -100).all()
+        starts = np.append(True, ends)
+        assert (r["positions"][starts] == 0).all() and (r["positions"][~starts] > 0).all()
+    assert np.array_equal(build_samples(synthetic).sample(7)["document_ids"], rows[7]["document_ids"])
+    for keys, message in [
+        (("data.reset_positions=true",), "data.reset_positions = true needs data.document_mask = true"),
+        (("data.mask_document_boundary=true",), "data.mask_document_boundary = true needs data.document_mask"),
+        (("data.document_mask=true", "parallel.cp=2"), "data.document_mask = true with parallel.cp = 2 is not "
+                                                        "supported yet"),
+        (("data.document_mask=true", "parallel.pp=2"), "with parallel.pp = 2 is not supported yet"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            tiny_config(tmp_path, *keys)
