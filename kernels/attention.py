@@ -36,6 +36,7 @@ from pretrain.kernels._common import (
     require_triton,
     seq_bucket,
 )
+from pretrain.kernels.reference import document_bounds  # noqa: F401  (re-exported: the kernels' input)
 
 require_triton()
 import triton  # noqa: E402
@@ -108,6 +109,13 @@ DQ_CONFIGS = {
     (100, 128): [_cfg(128, 32, 8, 3), _cfg(64, 64, 4, 3)],
     (100, 256): [_cfg(64, 32, 4, 2), _cfg(64, 16, 4, 2)],
 }
+# With document masking (HAS_DOCS: each token's document start loaded beside the keys and queries, compared per
+# block pair) the compile gate showed these candidates spilling 16–88 B; the variant takes the lists without them.
+FWD_DOC_CONFIGS = {**FWD_CONFIGS, (100, 256): [_cfg(64, 32, 8, 2)]}
+DKDV_DOC_CONFIGS = {**DKDV_CONFIGS, (80, 128): [_cfg(16, 64, 8, 2)], (90, 128): [_cfg(16, 64, 8, 2)],
+                    (90, 256): [_cfg(16, 32, 8, 2)], (100, 256): [_cfg(16, 32, 8, 2)]}
+ONE_PASS_DOC_CONFIGS = {**ONE_PASS_CONFIGS, (80, 128): [_cfg(16, 64, 8, 2)], (90, 128): [_cfg(16, 64, 8, 2)],
+                        (90, 256): [_cfg(16, 32, 8, 2)], (100, 256): [_cfg(16, 32, 8, 2)]}
 INTERPRETER_CONFIG = _cfg(16, 16, 4, 1)
 
 
@@ -417,13 +425,21 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, MASK, DOCS, qk_scale, scale
              (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
-_attn_fwd = autotuned(FWD_CONFIGS, _choose, KEY, INTERPRETER_CONFIG)(_attn_fwd_kernel)
+def _choose_docs(arch, named_args, kwargs):
+    return (*_choose(arch, named_args, kwargs), bool(kwargs.get("HAS_DOCS")))
+
+
 def _choose_dkdv(arch, named_args, kwargs):
-    return (*_choose(arch, named_args, kwargs), bool(kwargs.get("WITH_DQ")))
+    return (*_choose_docs(arch, named_args, kwargs), bool(kwargs.get("WITH_DQ")))
 
 
-DKDV_TABLE = {**{(*key, False): configs for key, configs in DKDV_CONFIGS.items()},
-              **{(*key, True): configs for key, configs in ONE_PASS_CONFIGS.items()}}
+FWD_TABLE = {**{(*key, False): configs for key, configs in FWD_CONFIGS.items()},
+             **{(*key, True): configs for key, configs in FWD_DOC_CONFIGS.items()}}
+_attn_fwd = autotuned(FWD_TABLE, _choose_docs, KEY, INTERPRETER_CONFIG)(_attn_fwd_kernel)
+DKDV_TABLE = {**{(*key, False, False): configs for key, configs in DKDV_CONFIGS.items()},
+              **{(*key, False, True): configs for key, configs in ONE_PASS_CONFIGS.items()},
+              **{(*key, True, False): configs for key, configs in DKDV_DOC_CONFIGS.items()},
+              **{(*key, True, True): configs for key, configs in ONE_PASS_DOC_CONFIGS.items()}}
 _attn_bwd_dkdv = autotuned(DKDV_TABLE, _choose_dkdv, [*KEY, "WITH_DQ"], INTERPRETER_CONFIG)(_attn_bwd_dkdv_kernel)
 _attn_bwd_dq = autotuned(DQ_CONFIGS, _choose, KEY, INTERPRETER_CONFIG)(_attn_bwd_dq_kernel)
 TUNED = {"attention_fwd": _attn_fwd, "attention_bwd_dkdv": _attn_bwd_dkdv, "attention_bwd_dq": _attn_bwd_dq}
@@ -443,22 +459,6 @@ def _meta(q: torch.Tensor, causal: bool, has_mask: bool) -> dict:
     # head dims up to 64 share the 64-wide build on GPUs (one compile, the gate's); 16 in the interpreter
     return {"BLOCK_E": max(16 if interpreting() else 64, next_power_of_2(e)), "CAUSAL": causal, "HAS_MASK": has_mask,
             "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32"}
-
-
-def document_bounds(document_ids: torch.Tensor) -> torch.Tensor:
-    """(2, B, T) int32 of (B, T) document ids (equal ids side by side form one document): each token's document
-    start and end (one past its last token) — what the kernels read to skip the key blocks of other documents and
-    to mask the blocks that straddle a boundary. Device ops only (no host sync)."""
-    ids = document_ids
-    b, t = ids.shape
-    pos = torch.arange(t, device=ids.device).expand(b, t)
-    new = torch.ones(b, t, dtype=torch.bool, device=ids.device)
-    new[:, 1:] = ids[:, 1:] != ids[:, :-1]
-    last = torch.ones_like(new)
-    last[:, :-1] = new[:, 1:]
-    starts = torch.where(new, pos, 0).cummax(dim=1).values
-    ends = torch.where(last, pos + 1, t).flip(1).cummin(dim=1).values.flip(1)
-    return torch.stack([starts, ends]).to(torch.int32).contiguous()
 
 
 def _check(q, k, v, key_padding_mask, document_ids=None):

@@ -6,6 +6,33 @@ import torch
 import torch.nn.functional as F
 
 
+def document_bounds(document_ids: torch.Tensor) -> torch.Tensor:
+    """(2, B, T) int32 of (B, T) document ids (equal ids side by side form one document): each token's document
+    start and end (one past its last token) — what the kernels read to skip the key blocks of other documents and
+    to mask the blocks that straddle a boundary. Device ops only (no host sync)."""
+    ids = document_ids
+    b, t = ids.shape
+    pos = torch.arange(t, device=ids.device).expand(b, t)
+    new = torch.ones(b, t, dtype=torch.bool, device=ids.device)
+    new[:, 1:] = ids[:, 1:] != ids[:, :-1]
+    last = torch.ones_like(new)
+    last[:, :-1] = new[:, 1:]
+    starts = torch.where(new, pos, 0).cummax(dim=1).values
+    ends = torch.where(last, pos + 1, t).flip(1).cummin(dim=1).values.flip(1)
+    return torch.stack([starts, ends]).to(torch.int32).contiguous()
+
+
+def attention_density(document_ids: torch.Tensor, causal: bool = True) -> torch.Tensor:
+    """(B,) fraction of the dense attention square (causal: its lower triangle) that document masking leaves to
+    compute: each token sees its document's earlier tokens (causal) or all of them. Device ops only."""
+    starts, ends = document_bounds(document_ids).long()
+    t = document_ids.shape[1]
+    if causal:
+        pos = torch.arange(t, device=document_ids.device)
+        return (pos - starts + 1).sum(1) / (t * (t + 1) / 2)
+    return (ends - starts).sum(1) / (t * t)
+
+
 def attention(q, k, v, causal=True, key_padding_mask=None, scale=None, document_ids=None):
     """q (B, H, T, E); k, v (B, K, T, E), K dividing H; key_padding_mask (B, T) bool, True = keep; document_ids
     (B, T) ints: a query sees only keys of its own document."""

@@ -2,7 +2,8 @@
 
 For x = [x1, x2] (halves of the head dim) and tables cos = [c1, c2], sin = [s1, s2] (equal halves for RoPE's
 cat(θ, θ)): y1 = x1·c1 - x2·s1, y2 = x2·c2 + x1·s2; the backward applies the transpose (the rotation by -θ). One program per (batch, head) and
-block of ROWS tokens; fp32 math. x may be any (B, H, T, E) view with a unit last stride (the model's transposed
+block of ROWS tokens; fp32 math. The tables are (T, E), shared by the batch, or (B, 1, T, E): one a row, for
+positions that restart at each packed document. x may be any (B, H, T, E) view with a unit last stride (the model's transposed
 (B, T, H, E) projections), and y keeps x's layout, so neither the rotation nor the attention after it copies.
 Bytes: read x and the (T, E) tables, write y: ≈ 2·B·H·T·E·itemsize.
 """
@@ -22,7 +23,7 @@ ROWS = 16  # tokens a program rotates
 
 @triton.jit(do_not_specialize=["H"])
 def _rotary_kernel(X, COS, SIN, Y, T, H, HALF, stride_xb, stride_xh, stride_xt, stride_yb, stride_yh, stride_yt,
-                   BACKWARD: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                   stride_cb, BACKWARD: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     ts = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     bh = tl.program_id(1)
     b = bh // H
@@ -31,7 +32,7 @@ def _rotary_kernel(X, COS, SIN, Y, T, H, HALF, stride_xb, stride_xh, stride_xt, 
     inside = (ts[:, None] < T) & (cols[None, :] < HALF)
     x_row = X + b * stride_xb + h * stride_xh + ts[:, None] * stride_xt
     y_row = Y + b * stride_yb + h * stride_yh + ts[:, None] * stride_yt
-    table = ts[:, None] * 2 * HALF
+    table = b * stride_cb + ts[:, None] * 2 * HALF  # stride_cb: 0 for one table shared by the batch
     x1 = tl.load(x_row + cols[None, :], mask=inside, other=0.0).to(tl.float32)
     x2 = tl.load(x_row + HALF + cols[None, :], mask=inside, other=0.0).to(tl.float32)
     cos1 = tl.load(COS + table + cols[None, :], mask=inside, other=0.0).to(tl.float32)
@@ -59,6 +60,7 @@ def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: boo
     y = torch.empty_like(x)  # x's layout (a transposed view stays one)
     _rotary_kernel[(triton.cdiv(t, ROWS), b * h)](x, cos, sin, y, t, h, e // 2, x.stride(0), x.stride(1),
                                                   x.stride(2), y.stride(0), y.stride(1), y.stride(2),
+                                                  cos.stride(0) if cos.dim() == 4 else 0,
                                                   BACKWARD=backward, ROWS=ROWS, BLOCK=next_power_of_2(e // 2))
     return y
 
@@ -84,10 +86,17 @@ class RotaryFunction(torch.autograd.Function):
         check_dtypes(x, cos, sin)
         if x.dim() != 4 or x.shape[-1] % 2:
             raise ValueError(f"rotary takes x (B, H, T, E) with an even E, got {tuple(x.shape)}")
-        t, e = x.shape[2], x.shape[3]
-        if cos.shape[-1] != e or sin.shape != cos.shape or cos.shape[0] < t:
-            raise ValueError(f"rotary tables must be (>= {t}, {e}), got cos {tuple(cos.shape)}, sin {tuple(sin.shape)}")
-        cos, sin = cos[:t].contiguous(), sin[:t].contiguous()
+        b, t, e = x.shape[0], x.shape[2], x.shape[3]
+        if cos.dim() == 4:  # one table a row
+            if cos.shape != (b, 1, t, e) or sin.shape != cos.shape:
+                raise ValueError(f"per-row rotary tables must be ({b}, 1, {t}, {e}), got cos {tuple(cos.shape)}, "
+                                 f"sin {tuple(sin.shape)}")
+            cos, sin = cos.contiguous(), sin.contiguous()
+        else:
+            if cos.shape[-1] != e or sin.shape != cos.shape or cos.shape[0] < t:
+                raise ValueError(f"rotary tables must be (>= {t}, {e}), got cos {tuple(cos.shape)}, "
+                                 f"sin {tuple(sin.shape)}")
+            cos, sin = cos[:t].contiguous(), sin[:t].contiguous()
         ctx.save_for_backward(cos, sin)
         return _launch(_strided(x), cos, sin, False)
 
@@ -98,5 +107,5 @@ class RotaryFunction(torch.autograd.Function):
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, E); cos, sin (>= T, E) -> x rotated, same shape and dtype."""
+    """x (B, H, T, E); cos, sin (>= T, E), or (B, 1, T, E) per row -> x rotated, same shape and dtype."""
     return RotaryFunction.apply(x, cos, sin)

@@ -58,6 +58,19 @@ def documents(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {key: batch[key] for key in DOCUMENT_KEYS if key in batch}
 
 
+def _with_density(out: LossOutput, batch: dict[str, torch.Tensor], targets: torch.Tensor, causal: bool) -> LossOutput:
+    """With packed documents, ``attention_density`` among the metrics: the fraction of the dense attention square
+    masking leaves to compute (FLOPs and MFU keep the dense convention), each row weighted by its targets (the
+    metrics are logged per target)."""
+    ids = batch.get("document_ids")
+    if ids is not None:
+        from pretrain.kernels.reference import attention_density
+
+        kept = (targets != IGNORE_INDEX).sum(dim=1).to(torch.float64)
+        out.metrics["attention_density"] = (attention_density(ids, causal).to(torch.float64) * kept).sum()
+    return out
+
+
 class GPTTask:
     """Next-token prediction: batch {"tokens", "targets"} (B, T), with "document_ids" / "positions" (B, T) where
     the data packs documents apart (``data.document_mask``)."""
@@ -75,8 +88,10 @@ class GPTTask:
             # the fused linear cross-entropy: the model returns the mean loss, never the (tokens, vocab) logits
             count = (batch["targets"] != IGNORE_INDEX).sum()
             mean = model(batch["tokens"], targets=batch["targets"], **documents(batch))
-            return LossOutput(mean * count, count, torch.zeros((), dtype=torch.long, device=count.device))
-        return _cross_entropy(model(batch["tokens"], **documents(batch)), batch["targets"], accuracy)
+            out = LossOutput(mean * count, count, torch.zeros((), dtype=torch.long, device=count.device))
+        else:
+            out = _cross_entropy(model(batch["tokens"], **documents(batch)), batch["targets"], accuracy)
+        return _with_density(out, batch, batch["targets"], causal=True)
 
     @staticmethod
     def pipeline_io(batch: dict[str, torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
@@ -114,15 +129,16 @@ class BERTTask:
     @staticmethod
     def loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], accuracy: bool = True) -> LossOutput:
         if "nsp_labels" not in batch:
-            return _cross_entropy(model(batch["tokens"], batch["attention_mask"], **documents(batch)), batch["labels"],
-                                  accuracy)
+            out = _cross_entropy(model(batch["tokens"], batch["attention_mask"], **documents(batch)), batch["labels"],
+                                 accuracy)
+            return _with_density(out, batch, batch["labels"], causal=False)
         mlm_logits, nsp_logits = model(batch["tokens"], batch["attention_mask"], batch["token_type_ids"],
                                        with_nsp=True, **documents(batch))
         out = _cross_entropy(mlm_logits, batch["labels"], accuracy)
         nsp = F.cross_entropy(nsp_logits.float(), batch["nsp_labels"], ignore_index=IGNORE_INDEX)
         if torch.isfinite(nsp):  # NaN when every pair of the micro-batch is masked out
             out.loss_sum = out.loss_sum + nsp * out.count
-        return out
+        return _with_density(out, batch, batch["labels"], causal=False)
 
 
 def task_for(arch: str):

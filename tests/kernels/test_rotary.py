@@ -40,6 +40,24 @@ def test_rotary_with_arbitrary_tables():
                                atol=1e-5, rtol=1e-5)
 
 
+def test_rotary_with_one_table_a_row():
+    """Positions restarting at each packed document: (B, 1, T, E) tables, one a row, as the model gathers them —
+    forward and backward equal the reference broadcasting the same tables."""
+    torch.manual_seed(4)
+    tables = Rotary(32, 10000.0, 64)
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3, 4, 0], [0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2]])
+    x = torch.randn(2, 11, 3, 32).transpose(1, 2).requires_grad_()
+    cos, sin = tables.cos[positions][:, None], tables.sin[positions][:, None]
+    ours, ref = rotary.rotary(x, cos, sin), reference.rotary(x, cos, sin)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours, tables(x, x, positions)[0], atol=1e-5, rtol=1e-5)  # the model's torch path
+    dy = torch.randn_like(ref)
+    torch.testing.assert_close(torch.autograd.grad(ours, x, dy)[0], torch.autograd.grad(ref, x, dy)[0],
+                               atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"per-row rotary tables must be \(2, 1, 11, 32\)"):
+        rotary.rotary(x, cos[:1], sin[:1])
+
+
 def test_rotary_reads_and_keeps_the_models_transposed_layout():
     """q as the model makes it, a (B, H, T, E) view of (B, T, H, E): no copy in, the same layout out."""
     torch.manual_seed(1)
