@@ -103,7 +103,9 @@ class GPT(nn.Module):
                 if t > self.embed_positions.num_embeddings:
                     raise ValueError(f"sequence of {t} tokens exceeds the {self.embed_positions.num_embeddings} "
                                      "learned positions")
-                x = x + self.embed_positions(torch.arange(t, device=tokens.device) if positions is None else positions)
+                if positions is None:  # (B, T): what tensor parallelism's plan shards over the sequence
+                    positions = torch.arange(t, device=tokens.device).expand(tokens.shape[0], t)
+                x = x + self.embed_positions(positions)
             x = self.embed_dropout(x)
             if not self.cfg.fp32_residual:  # the residual stream in the autocast dtype (bf16) from here on
                 x = compute_dtype(x)

@@ -20,6 +20,7 @@ from torch.distributed.tensor.parallel import (
     ColwiseParallel,
     PrepareModuleInput,
     PrepareModuleInputOutput,
+    PrepareModuleOutput,
     RowwiseParallel,
     SequenceParallel,
     parallelize_module,
@@ -78,6 +79,10 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool) ->
                                                   output_layouts=Shard(1) if sequence_parallel else Replicate())
         if model.norm is not None and sequence_parallel:
             top["norm"] = SequenceParallel()
+        if gpt and model.embed_positions is not None and model.embed_tokens is not None and sequence_parallel:
+            # learned positions (gpt2), (B, T, D) replicated: each rank keeps its sequence shard, like the tokens'
+            top["embed_positions"] = PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Shard(1),
+                                                         use_local_output=True)
         if model.lm_head is not None:
             top["lm_head"] = ColwiseParallel(input_layouts=Shard(1) if sequence_parallel else Replicate(),
                                              output_layouts=Shard(-1), use_local_output=False)

@@ -49,6 +49,10 @@ LLAMA32 = ["model.n_kv_heads=2", "model.tie_embeddings=true", "model.rope_theta=
 QWEN2 = ["model.qkv_bias=true", "model.n_kv_heads=2",
          'model.rope_scaling={rope_type = "yarn", factor = 4.0, original_max_position_embeddings = 8}']
 
+# packed documents (data.document_mask): synthetic rows cut into documents of mean length 5, positions restarting
+DOCS = ["data.document_mask=true", "data.reset_positions=true", "data.mask_document_boundary=true",
+        "data.synthetic_doc_len=5"]
+
 # name -> (world size, overrides); micro_batch × grad_accum × dp = GLOBAL_BATCH in every one
 LAYOUTS = {
     "dp2": (2, ["train.micro_batch_size=4"]),
@@ -59,6 +63,8 @@ LAYOUTS = {
     "zero3_offload_2": (2, ["train.micro_batch_size=4", "parallel.zero_stage=3", "parallel.cpu_offload=true"]),
     "tp2": (2, ["train.micro_batch_size=8", "parallel.tp=2", "parallel.sequence_parallel=false"]),
     "tp2_sp": (2, ["train.micro_batch_size=8", "parallel.tp=2", "parallel.sequence_parallel=true"]),
+    "tp2_sp_gpt2": (2, ["train.micro_batch_size=8", "parallel.tp=2", "parallel.sequence_parallel=true",
+                        "model.flavor=gpt2"]),  # learned positions beside the sequence-sharded embedding
     "tp2_gpt2_tied": (2, ["train.micro_batch_size=8", "parallel.tp=2", "parallel.sequence_parallel=false",
                           "model.flavor=gpt2", "model.tie_embeddings=true"]),
     "bert_tp2": (2, ["train.micro_batch_size=8", "parallel.tp=2", "parallel.sequence_parallel=false",
@@ -135,6 +141,16 @@ LAYOUTS = {
     "qwen2_tp2_sp": (2, ["train.micro_batch_size=8", "parallel.tp=2", "parallel.sequence_parallel=true", *QWEN2]),
     "qwen2_cp2": (2, ["train.micro_batch_size=8", "parallel.cp=2", *QWEN2]),
     "llama32_cp2": (2, ["train.micro_batch_size=8", "parallel.cp=2", "parallel.cp_impl=alltoall", *LLAMA32]),
+    # document masking under the layouts it composes with (the ids and positions travel with each batch)
+    "docs_dp2": (2, ["train.micro_batch_size=2", "train.grad_accum=2", *DOCS]),
+    "docs_tp2_sp": (2, ["train.micro_batch_size=8", "parallel.tp=2", "parallel.sequence_parallel=true", *DOCS,
+                        "model.n_kv_heads=2"]),
+    "docs_zero3_2": (2, ["train.micro_batch_size=4", "parallel.zero_stage=3", *DOCS]),
+    "docs_moe_ep2": (2, ["train.micro_batch_size=4", "parallel.zero_stage=2", "parallel.ep=2", *MOE, *DOCS]),
+    "docs_bert_tp2": (2, ["train.micro_batch_size=8", "parallel.tp=2", "parallel.sequence_parallel=false",
+                          "model.arch=bert", *DOCS[:2], DOCS[3]]),
+    "docs_gpt2_tp2_dp2": (4, ["train.micro_batch_size=4", "parallel.tp=2", "parallel.zero_stage=3",
+                              "model.flavor=gpt2", *DOCS]),
     # context parallelism: each sequence split over the cp ranks (zigzag chunks), attention across them
     "cp2_ring": (2, ["train.micro_batch_size=8", "parallel.cp=2"]),
     "cp2_ring_accum": (2, ["train.micro_batch_size=4", "train.grad_accum=2", "parallel.cp=2"]),  # DDP over cp: sync deferred
@@ -348,7 +364,8 @@ def consolidated_matches(run_dir: str, reference: dict[str, torch.Tensor]) -> fl
 
 ARCH_PREFIXES = ("model.arch", "model.flavor", "model.tie", "task=", "model.n_experts", "model.moe", "model.n_shared",
                  "model.kernels", "optim.name", "optim.muon", "train.fp8", "model.head_dim", "model.qk_norm",
-                 "model.qkv_bias", "model.rope", "model.n_kv_heads", "model.n_layers", "model.n_heads")
+                 "model.qkv_bias", "model.rope", "model.n_kv_heads", "model.n_layers", "model.n_heads", "data.document",
+                 "data.reset_positions", "data.mask_document", "data.synthetic_doc")
 
 
 def reference_keys(name: str) -> list[tuple]:
