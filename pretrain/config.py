@@ -235,6 +235,9 @@ class PlanConfig:
     gpu: str = ""  # the GPU type --check fits the layout to (h100, h200, ...); "" = this machine's, if any
     force: bool = False  # launch even where the planner predicts the layout does not fit
     usable_fraction: float = 0.92  # of the GPU's memory a run can use (CUDA context, allocator slack)
+    # the mean document length the step-time model assumes with data.document_mask (0: synthetic data's
+    # data.synthetic_doc_len, else dense attention: an upper bound on the step)
+    mean_doc_len: int = 0
 
 
 SECTIONS: dict[str, type] = {
@@ -365,6 +368,7 @@ class Config:
             ("train", "fp8_", t.fp8 == "none", 'train.fp8 = "none"'),
             ("train", "mixed_precision", t.dtype != "bf16", f"train.dtype = {t.dtype!r}"),
             ("parallel", "cp_impl", p.cp == 1, "parallel.cp = 1"),
+            ("plan", "mean_doc_len", not self.data.document_mask, "data.document_mask = false"),
             ("data", "synthetic_doc_len", self.data.source != "synthetic" or not self.data.document_mask,
              "it sizes synthetic documents (data.source = \"synthetic\" with data.document_mask = true)"),
             ("parallel", "pp_schedule", p.pp == 1, "parallel.pp = 1"),

@@ -57,8 +57,21 @@ def evaluate(cfg: Config, world: int, gpu: GPU, global_batch: int,
              constants: Constants = FITTED) -> tuple[ParallelDims, Memory, Estimate]:
     dims = ParallelDims.from_config(cfg, world)
     memory = estimate_memory(cfg, world)
-    speed = estimate(shape_of(cfg), layout_of(cfg, dims), gpu, cfg.model.seq_len, global_batch, constants)
+    speed = estimate(shape_of(cfg), layout_of(cfg, dims), gpu, cfg.model.seq_len, global_batch, constants,
+                     density=planned_density(cfg))
     return dims, memory, speed
+
+
+def planned_density(cfg: Config) -> float:
+    """The attention density the step-time model assumes: ``plan.mean_doc_len`` (or synthetic data's document
+    length) with ``data.document_mask``, else 1."""
+    from pretrain.plan.speed import attention_density
+
+    if not cfg.data.document_mask:
+        return 1.0
+    m, d = cfg.model, cfg.data
+    doc_len = cfg.plan.mean_doc_len or (d.synthetic_doc_len or m.seq_len // 4 if d.source == "synthetic" else 0)
+    return attention_density(m.seq_len, doc_len, causal=m.arch == "gpt")
 
 
 def _divisors(n: int, cap: int) -> list[int]:

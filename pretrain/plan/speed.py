@@ -124,9 +124,18 @@ def _ring(bytes_: float, n: int, bw_gb_s: float, factor: float = 2.0) -> float:
     return 0.0 if n <= 1 else factor * (n - 1) / n * bytes_ / (bw_gb_s * 1e9)
 
 
+def attention_density(seq: int, doc_len: int, causal: bool = True) -> float:
+    """The share of the dense attention square (causal: its triangle) documents of ``doc_len`` tokens packed into
+    rows of ``seq`` leave to compute (``data.document_mask``); 1 with no document length (0) or one row a document."""
+    if doc_len <= 0 or doc_len >= seq:
+        return 1.0
+    return (doc_len + 1) / (seq + 1) if causal else doc_len / seq
+
+
 def estimate(shape: Shape, layout: Layout, gpu: GPU, seq: int, global_batch: int,
-             k: Constants = FITTED) -> Estimate:
-    """Predicted step of ``global_batch`` sequences of ``seq`` tokens."""
+             k: Constants = FITTED, density: float = 1.0) -> Estimate:
+    """Predicted step of ``global_batch`` sequences of ``seq`` tokens; ``density``: the share of attention's dense
+    FLOPs computed (document masking skips the rest; MFU keeps counting the dense FLOPs)."""
     lay = layout
     tokens = global_batch * seq
     per_gpu_model_flops = shape.flops_per_token(seq) * tokens / lay.gpus
@@ -139,7 +148,7 @@ def estimate(shape: Shape, layout: Layout, gpu: GPU, seq: int, global_batch: int
     again = 1 + redo / per_gpu_model_flops
     attn = gpu.gemm_bf16 * 1e12 * k.attention_efficiency
     matmul = gpu.gemm_fp8 * 1e12 * k.fp8_efficiency * size if lay.precision == "fp8" else bf16
-    compute = (linear / matmul + attention / attn) * again
+    compute = (linear / matmul + attention * density / attn) * again
     # norms, activations, residuals, softmax statistics: HBM-bound, per token and layer
     tokens_here = tokens / (lay.dp * lay.cp)
     elements = tokens_here * shape.layers / lay.pp * shape.hidden / lay.tp

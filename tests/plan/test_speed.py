@@ -50,6 +50,32 @@ def test_one_gpu_dense_point_by_hand():
     assert set(v for key, v in e.parts.items() if key != "compute") == {0.0}
 
 
+
+def test_document_masking_shortens_attention_not_the_model_flops(tmp_path):
+    """With packed documents the step computes density × attention's dense FLOPs (the point above: 2.06158e11 of
+    attention at 280 T · 0.51); MFU's FLOPs stay dense. The planner takes the density from plan.mean_doc_len
+    (or synthetic documents' length), causal (L + 1) / (T + 1), bidirectional L / T."""
+    from pretrain.plan.search import planned_density
+    from pretrain.plan.speed import attention_density
+
+    from ..conftest import tiny_config
+
+    k = Constants(bf16_efficiency=0.88, fp8_efficiency=0.68, attention_efficiency=0.51, width_half=510,
+                  memory_bytes=250, tp_exposed=0.14, dp_overlap=1.0)
+    shape, layout = Shape(2, 1024, 8, 8, 4096, 1000, gated=False), Layout(1, micro_batch=8)
+    dense = estimate(shape, layout, gpu("a100_80gb"), 1024, 8, k)
+    packed = estimate(shape, layout, gpu("a100_80gb"), 1024, 8, k, density=0.25)
+    assert dense.step_s - packed.step_s == pytest.approx(0.75 * 2.06158e11 / (280e12 * 0.51), rel=1e-4)
+    assert packed.tflops_per_gpu * packed.step_s == pytest.approx(dense.tflops_per_gpu * dense.step_s, rel=1e-9)
+    assert attention_density(1024, 255) == 256 / 1025 and attention_density(1024, 256, causal=False) == 0.25
+    assert attention_density(1024, 0) == attention_density(1024, 4096) == 1.0
+    cfg = tiny_config(tmp_path, "model.seq_len=64", "data.document_mask=true", "plan.mean_doc_len=15")
+    assert planned_density(cfg) == pytest.approx(16 / 65)
+    assert planned_density(tiny_config(tmp_path, "model.seq_len=64", "data.document_mask=true")) == 17 / 65
+    assert planned_density(tiny_config(tmp_path, "model.seq_len=64", "plan.mean_doc_len=15")) == 1.0
+    assert tiny_config(tmp_path, "plan.mean_doc_len=15").inert() == [
+        "plan.mean_doc_len = 15 has no effect: data.document_mask = false"]
+
 def test_validate_prints_a_row_per_point_skips_by_reason_and_the_summary_line(tmp_path, capsys, monkeypatch):
     import pretrain.plan.speed as speed
 
