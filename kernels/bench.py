@@ -55,7 +55,11 @@ def measure_peaks(dtype=torch.bfloat16) -> tuple[float, float]:
     return bandwidth, 2 * 8192 ** 3 / (ms * 1e-3) / 1e12
 
 
-def attention_cases(dtype, batch: int, heads: int, seq: int, head_dim: int, causal: bool = True) -> list[Case]:
+def attention_cases(dtype, batch: int, heads: int, seq: int, head_dim: int, causal: bool = True,
+                    doc_lens: tuple[int, ...] = ()) -> list[Case]:
+    """SDPA's backends, flash-attn where installed and ours at one shape; with ``doc_lens``, ours on rows packed
+    with documents of each length (``document_ids``): FLOPs counted as the useful work (each document's own
+    triangle), so the time beside the full-causal row shows what the skipped blocks save."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from pretrain.kernels.attention import flash_attention
@@ -103,6 +107,21 @@ def attention_cases(dtype, batch: int, heads: int, seq: int, head_dim: int, caus
         finally:
             os.environ.pop("PRETRAIN_ATTENTION_BACKWARD")
     cases.append(Case("attention_fwd_bwd", shape, "triton_split_bwd", split_fwd_bwd, 3.5 * flops, 2.5 * io))
+    for length in doc_lens:
+        ids = (torch.arange(seq, device="cuda") // length).expand(batch, seq)
+        docs, tail = divmod(seq, length)
+        pairs = (docs * length * (length + 1) / 2 + tail * (tail + 1) / 2 if causal else
+                 docs * length ** 2 + tail ** 2)
+        useful = 4 * batch * heads * head_dim * pairs
+
+        def packed(ids=ids):
+            return flash_attention(q, k, v, causal=causal, document_ids=ids)
+
+        def packed_fwd_bwd(packed=packed):
+            torch.autograd.grad(packed(), (q, k, v), do)
+        cases.append(Case("attention_fwd", f"{shape} docs{length}", "triton", packed, useful, io))
+        cases.append(Case("attention_fwd_bwd", f"{shape} docs{length}", "triton", packed_fwd_bwd, 3.5 * useful,
+                          2.5 * io))
     return cases
 
 
@@ -304,9 +323,10 @@ def cross_entropy_memory(tokens: int, dim: int, vocab: int, dtype=torch.bfloat16
     return peaks
 
 
-def cases_for(op: str, dtype, seq_lens: list[int]) -> list[Case]:
+def cases_for(op: str, dtype, seq_lens: list[int], doc_lens: tuple[int, ...] = ()) -> list[Case]:
     if op == "attention":
-        return [c for t in seq_lens for c in attention_cases(dtype, max(1, 16384 // t), 16, t, 128)]
+        return [c for t in seq_lens for c in attention_cases(dtype, max(1, 16384 // t), 16, t, 128,
+                                                               doc_lens=tuple(n for n in doc_lens if n < t))]
     if op in ("rmsnorm", "layernorm"):
         return norm_cases(op, dtype, 16384, 4096)
     if op == "rotary":
@@ -320,7 +340,7 @@ def cases_for(op: str, dtype, seq_lens: list[int]) -> list[Case]:
     raise ValueError(f"unknown op {op!r}: one of {', '.join(OPS)}")
 
 
-def run(ops: list[str], dtype, seq_lens: list[int], out_dir: Path) -> list[dict]:
+def run(ops: list[str], dtype, seq_lens: list[int], out_dir: Path, doc_lens: tuple[int, ...] = ()) -> list[dict]:
     from triton.testing import do_bench
 
     bandwidth, matmul = measure_peaks(dtype if dtype != torch.float32 else torch.bfloat16)
@@ -330,7 +350,7 @@ def run(ops: list[str], dtype, seq_lens: list[int], out_dir: Path) -> list[dict]
     stem = f"kernels-{device}-{commit()}"
     with open(out_dir / f"{stem}.csv", "w", newline="") as f:  # row by row: a run cut short keeps what it measured
         writer = None
-        for case in (case for op in ops for case in cases_for(op, dtype, seq_lens)):
+        for case in (case for op in ops for case in cases_for(op, dtype, seq_lens, doc_lens)):
             torch.cuda.reset_peak_memory_stats()
             ms = do_bench(case.fn)
             tflops = case.flops / (ms * 1e-3) / 1e12
@@ -392,6 +412,9 @@ def check() -> list[str]:
 
     q, k, v = (torch.randn(1, 2, 37, 48) for _ in range(3))
     ok = close("attention", flash_attention(q, k, v), reference.attention(q, k, v))
+    ids = torch.tensor([[0] * 5 + [1] * 20 + [2] * 12])
+    ok &= close("attention docs", flash_attention(q, k, v, document_ids=ids),
+                reference.attention(q, k, v, document_ids=ids))
     x, w, b = torch.randn(37, 80), torch.rand(80) + 0.5, torch.randn(80)
     ok &= close("rmsnorm", rms_norm(x, w), reference.rms_norm(x, w, 1e-6))
     ok &= close("layernorm", layer_norm(x, w, b), reference.layer_norm(x, w, b, 1e-5))

@@ -162,7 +162,7 @@ def test_gpu_check_dry_run_passes_on_cpu_with_only_python3(tmp_path):
     lines = done.stdout.splitlines()
     assert lines[-1] == "dry run ok"
     steps = ("facts", "gpu_tests", "train_triton", "train_torch", "train_fp8", "hf_triton", "meter", "gpt7b_bf16",
-             "gpt7b_fp8", "bench_kernels", "hf_torch", "train_compiled")
+             "gpt7b_fp8", "bench_kernels", "bench_docs", "hf_torch", "train_compiled")
     for step in steps:
         assert any(line.split()[:1] == [step] for line in lines), step
     assert not any(line.split()[:1] == ["compile_gate"] for line in lines)  # CPU work: never on the loan

@@ -3,6 +3,7 @@
 kernels/bench.py): TFLOP/s, GB/s and % of the measured copy-bandwidth / matmul peaks, CSV + PNG.
 
     python tools/bench_kernels.py --op attention --dtype bf16 --seq 4096 8192 16384
+    python tools/bench_kernels.py --op attention --seq 8192 32768 --doc-len 512 2048   # packed documents
     python tools/bench_kernels.py --op all
     python tools/bench_kernels.py --check          # correctness only; runs on CPU through the interpreter
     python tools/bench_kernels.py --ce-memory 4096 2048 128256   # fused vs unfused CE peak memory (CPU ok)
@@ -36,12 +37,17 @@ def _main(argv=None) -> int:
                                                    "rotary | all")
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     parser.add_argument("--seq", type=int, nargs="+", default=[4096, 8192, 16384], help="attention lengths")
+    parser.add_argument("--doc-len", type=int, nargs="*", default=[], metavar="N",
+                        help="attention: also rows packed with documents of N tokens (document masking)")
     parser.add_argument("--out", default="runs/bench_kernels", help="directory for the CSV and PNG")
     parser.add_argument("--check", action="store_true", help="correctness only (small shapes; CPU interpreter ok)")
     parser.add_argument("--ce-memory", nargs=3, type=int, metavar=("TOKENS", "DIM", "VOCAB"), const=None,
                         help="peak memory above the inputs of fused vs unfused linear + cross-entropy forward + "
                              "backward at this shape (e.g. 4096 2048 128256); runs on CPU without the interpreter")
     args = parser.parse_args(argv)
+    if any(n < 1 for n in args.doc_len):
+        print(f"error: --doc-len must be >= 1, got {min(args.doc_len)}", file=sys.stderr)
+        return 2
 
     import torch
 
@@ -79,7 +85,7 @@ def _main(argv=None) -> int:
     if unknown:
         print(f"error: unknown op {unknown[0]!r}: one of {', '.join(OPS)}, all", file=sys.stderr)
         return 2
-    run(ops, getattr(torch, DTYPES[args.dtype]), args.seq, Path(args.out))
+    run(ops, getattr(torch, DTYPES[args.dtype]), args.seq, Path(args.out), tuple(args.doc_len))
     write_autotune_picks(Path(args.out) / "autotune_picks.json")
     return 0
 

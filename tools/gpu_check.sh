@@ -11,6 +11,8 @@
 #   4. FP8 against bf16 at gpt_7b's shapes with 4 layers (what fits one GPU beside its optimizer), 20 steps each
 #   5. tools/bench_kernels.py --op all (CSV + PNG, TFLOP/s or GB/s with % of the measured roofline, and the
 #      autotune picks in kernels/autotune_picks.json)
+#      then the attention on rows packed with documents of 512 / 2048 tokens at 8k / 32k (document masking: useful
+#      TFLOP/s and time beside full causal, in kernels-docs/)
 #   6. gpt_1b with Triton kernels and torch.compile, if the budget still allows
 # and writes OUT/gpu_report.md (tools/gpu_report.py) beside the logs, CSVs and the device facts.
 #
@@ -76,6 +78,7 @@ plan=(  # most wanted first: the goals' numbers, then the kernel table
     "gpt7b_bf16|90|$PY ${GPT7B[*]} logging.run_dir=$OUT/gpt7b-bf16"
     "gpt7b_fp8|90|$PY ${GPT7B[*]} train.fp8=tensorwise logging.run_dir=$OUT/gpt7b-fp8"
     "bench_kernels|150|$PY tools/bench_kernels.py --op all --dtype bf16 --out $OUT/kernels"
+    "bench_docs|60|$PY tools/bench_kernels.py --op attention --dtype bf16 --seq 8192 32768 --doc-len 512 2048 --out $OUT/kernels-docs"
     "hf_torch|90|$PY ${BENCH_STEP[*]} --set model.kernels=torch --json $OUT/hf-torch.json"
     "train_compiled|180|$PY ${TRAIN[*]} ${VARIANT_compiled[*]} logging.run_dir=$OUT/train-compiled"
 )

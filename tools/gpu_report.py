@@ -76,7 +76,7 @@ def train_summary(run_dir: Path) -> dict | None:
 
 def kernel_rows(out: Path) -> list[dict]:
     rows = []
-    for path in sorted((out / "kernels").glob("*.csv")):
+    for path in sorted((out / "kernels").glob("*.csv")) + sorted((out / "kernels-docs").glob("*.csv")):
         with open(path, newline="") as f:
             rows += list(csv.DictReader(f))
     return rows
@@ -175,7 +175,8 @@ def build(out: Path) -> str:
 
     rows = kernel_rows(out)
     if rows:
-        lines += ["## kernels (tools/bench_kernels.py --op all, bf16; ms, lower is better)", "",
+        lines += ["## kernels (tools/bench_kernels.py --op all, bf16, then attention with --doc-len: shapes ending "
+                  "docsN pack documents of N tokens, TFLOP/s of useful work; ms, lower is better)", "",
                   "| op | shape | impl | ms | TFLOP/s | GB/s | peak MiB |", "|---|---|---|---|---|---|---|"]
         for r in rows:
             lines.append(f"| {r['op']} | {r['shape']} | {r['impl']} | {r['ms']} | {r['tflops']} | {r['gbs']} | "
