@@ -176,15 +176,16 @@ def test_bf16_weights_train_like_autocast_and_an_fp32_run_is_untouched(tmp_path)
     assert dict(trainer.raw_model.named_parameters()) == params and trainer.engine.weights.copies == {}
 
 
-@pytest.mark.parametrize("arch", ["gpt", "bert"])
-def test_packed_documents_train_and_log_their_attention_density(tmp_path, arch):
+@pytest.mark.parametrize("arch, extra", [("gpt", ()), ("bert", ()),
+                                         ("gpt", ("parallel.activation_checkpointing=full",))])
+def test_packed_documents_train_and_log_their_attention_density(tmp_path, arch, extra):
     """``data.document_mask`` end to end on one process: synthetic rows cut into documents (mean 4 tokens of 16)
     train, and the metrics carry ``attention_density`` — the share of the dense (causal) attention square the
     masking leaves, here well under 1 — beside the loss."""
     from pretrain.metrics import read_metrics
 
     cfg = tiny_config(tmp_path, "data.document_mask=true", "data.reset_positions=true", "data.synthetic_doc_len=4",
-                      "logging.interval=1", "train.steps=3", arch=arch)
+                      "logging.interval=1", "train.steps=3", *extra, arch=arch)
     trainer = build_trainer(cfg, DistInfo())
     losses = trainer.fit()
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
