@@ -649,11 +649,9 @@ def _documents(cfg: Config) -> None:
         raise ConfigError(f"data.synthetic_doc_len must be >= 0, got {d.synthetic_doc_len}")
     if not d.document_mask:
         return
-    for key, value in (("parallel.cp", p.cp), ("parallel.pp", p.pp)):
-        if value > 1:
-            raise ConfigError(f"data.document_mask = true with {key} = {value} is not supported yet: the document "
-                              "ids do not travel with the sequence chunks / pipeline stages; set data.document_mask "
-                              "= false or " + key + " = 1")
+    if p.pp > 1:
+        raise ConfigError(f"data.document_mask = true with parallel.pp = {p.pp} is not supported yet: the document "
+                          "ids do not travel between pipeline stages; set data.document_mask = false or parallel.pp = 1")
 
 
 

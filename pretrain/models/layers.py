@@ -175,8 +175,10 @@ class Attention(nn.Module):
         v = v.view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, K, T, E)
         if self.context is not None:  # this rank's chunks of the sequence: their positions, attention over all
             if rotary is not None:
-                q, k = rotary(q, k, self.context.positions(t, q.device))
-            y = self.context(q, k, v)
+                restarted = documents.positions if documents is not None else None  # split like the tokens
+                q, k = rotary(q, k, restarted if restarted is not None else self.context.positions(t, q.device))
+            # the document ids stay whole under context parallelism (the other ranks' chunks' documents)
+            y = self.context(q, k, v, document_ids=documents.ids if documents is not None else None)
         else:
             if rotary is not None:
                 q, k = rotary(q, k, documents.positions if documents is not None else None)

@@ -19,6 +19,13 @@ Attention, ``parallel.cp_impl``:
   divide the kv heads, K and V are repeated to the query heads first (GQA's memory saving is then lost inside
   attention only).
 
+Packed documents (``data.document_mask``): every cp rank holds the whole batch's document ids (they are not
+split), so both implementations know every chunk's documents without sending them. The ring masks each pair of
+chunks by document — a query sees a key of another rank's chunk only within its own document —, and with the
+Triton attention a pair's key blocks wholly in other documents are skipped inside the kernel (a pair with no
+document in common costs a launch and no FLOPs); the exchanges stay the same on every rank. All-to-all hands the
+whole sequence's ids to the attention it runs over the whole sequence.
+
 Both are plain autograd code over ``torch.distributed`` (gloo and NCCL alike). The ring computes each block with
 the model's attention backend: with the Triton attention (``model.kernels``) its fused forward, which returns the
 log-sum-exp, and its backward given the merged output and log-sum-exp (exactly FlashAttention's block
@@ -63,10 +70,39 @@ class ContextParallel:
     def positions(self, t_local: int, device=None) -> torch.Tensor:
         return local_positions(t_local, self.cp, self.rank, device)
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, document_ids=None) -> torch.Tensor:
+        """``document_ids``: the whole batch's (B, T) ids (packed documents), or None."""
         if self.impl == "ring":
-            return RingAttention.apply(q, k, v, self)
-        return ulysses_attention(q, k, v, self)
+            return RingAttention.apply(q, k, v, self, None if document_ids is None else _bounds(document_ids))
+        return ulysses_attention(q, k, v, self, document_ids)
+
+
+_BOUNDS: list = []  # [(ids, version, bounds)] of the last call: every layer of a forward shares the batch's ids
+
+
+def _bounds(document_ids: torch.Tensor) -> torch.Tensor:
+    """(2, B, T) int32 document starts and ends of the whole batch (global positions), computed once a batch."""
+    from pretrain.kernels.reference import document_bounds
+
+    if _BOUNDS and _BOUNDS[0][0] is document_ids and _BOUNDS[0][1] == document_ids._version:
+        return _BOUNDS[0][2]
+    bounds = document_bounds(document_ids)
+    _BOUNDS[:] = [(document_ids, document_ids._version, bounds)]
+    return bounds
+
+
+class _Docs:
+    """One chunk pair's document bounds: the query chunk's and the key chunk's (2, B, c) slices of the whole
+    batch's, and their global offsets."""
+
+    def __init__(self, bounds: torch.Tensor, q_chunk: int, k_chunk: int, c: int):
+        self.q0, self.k0 = q_chunk * c, k_chunk * c
+        self.q = bounds[:, :, self.q0:self.q0 + c].contiguous()
+        self.k = self.q if k_chunk == q_chunk else bounds[:, :, self.k0:self.k0 + c].contiguous()
+
+    def mask(self) -> torch.Tensor:
+        """(B, 1, c, c): query i and key j in one document."""
+        return self.q[0][:, None, :, None] == self.k[0][:, None, None, :]
 
 
 # --- ring ---------------------------------------------------------------------------------------------------
@@ -74,23 +110,31 @@ def _relation(q_chunk: int, k_chunk: int) -> str:
     return "full" if k_chunk < q_chunk else "diagonal" if k_chunk == q_chunk else "none"
 
 
-def _visible(cp: ContextParallel, source: int, c: int):
-    """(rows, cols, relation) of this rank's query chunks against ``source``'s key chunks that the causal mask does
-    not hide entirely (rows / cols: slices of the local (2·c)-token tensors)."""
+def _visible(cp: ContextParallel, source: int, c: int, bounds: torch.Tensor | None = None):
+    """(rows, cols, relation, docs) of this rank's query chunks against ``source``'s key chunks that the causal
+    mask does not hide entirely (rows / cols: slices of the local (2·c)-token tensors; docs: the pair's document
+    bounds, or None)."""
     for i, qc in enumerate(chunks_of(cp.rank, cp.cp)):
         for j, kc in enumerate(chunks_of(source, cp.cp)):
             relation = _relation(qc, kc)
             if relation != "none":
-                yield slice(i * c, (i + 1) * c), slice(j * c, (j + 1) * c), relation
+                docs = None if bounds is None else _Docs(bounds, qc, kc, c)
+                yield slice(i * c, (i + 1) * c), slice(j * c, (j + 1) * c), relation, docs
 
 
-def _scores(q, k, scale, relation):
-    """fp32 scores (B, H, c, c) of one query chunk against one key chunk, causally masked on the diagonal."""
+def _scores(q, k, scale, relation, docs=None):
+    """fp32 scores (B, H, c, c) of one query chunk against one key chunk, causally masked on the diagonal and, with
+    documents, by document."""
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
     if relation == "diagonal":
         c = s.shape[-1]
         s = s.masked_fill(torch.ones(c, c, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+    if docs is not None:
+        s = s.masked_fill(~docs.mask(), float("-inf"))
     return s
+
+
+NEG_LSE = -1.0e30  # the log-sum-exp of a row that sees no key of a block (the Triton kernel's finite -inf)
 
 
 def _expand(kv: torch.Tensor, groups: int) -> torch.Tensor:
@@ -102,20 +146,20 @@ class TorchBlocks:
     output and log-sum-exp -> (dq, dk, dv) of this block (dk, dv summed over the query heads sharing a kv head)."""
 
     @staticmethod
-    def forward(q, k, v, relation):
+    def forward(q, k, v, relation, docs=None):
         h, kv_heads = q.shape[1], k.shape[1]
-        s = _scores(q.float(), _expand(k.float(), h // kv_heads), 1.0 / math.sqrt(q.shape[-1]), relation)
-        lse = torch.logsumexp(s, dim=-1)
+        s = _scores(q.float(), _expand(k.float(), h // kv_heads), 1.0 / math.sqrt(q.shape[-1]), relation, docs)
+        lse = torch.logsumexp(s, dim=-1).clamp_min(NEG_LSE)  # a row with no key here: weight 0 in the merge
         return torch.matmul(torch.exp(s - lse[..., None]), _expand(v.float(), h // kv_heads)), lse
 
     @staticmethod
-    def backward(q, k, v, out, lse, dout, relation):
+    def backward(q, k, v, out, lse, dout, relation, docs=None):
         b, h, c, e = q.shape
         kv_heads = k.shape[1]
         groups, scale = h // kv_heads, 1.0 / math.sqrt(e)
         qf, do = q.float(), dout.float()
         kb, vb = _expand(k.float(), groups), _expand(v.float(), groups)
-        p = torch.exp(_scores(qf, kb, scale, relation) - lse[..., None])
+        p = torch.exp(_scores(qf, kb, scale, relation, docs) - lse[..., None])
         dv = torch.matmul(p.transpose(-1, -2), do)
         ds = p * (torch.matmul(do, vb.transpose(-1, -2)) - (do * out.float()).sum(-1, keepdim=True))
         dq = torch.matmul(ds, kb) * scale
@@ -135,20 +179,24 @@ class TritonBlocks:
         return q.new_zeros(1, dtype=torch.int8)
 
     @staticmethod
-    def forward(q, k, v, relation):
+    def _docs(docs):
+        return {} if docs is None else {"docs": docs.q, "kdocs": docs.k, "q0": docs.q0, "k0": docs.k0}
+
+    @staticmethod
+    def forward(q, k, v, relation, docs=None):
         from pretrain.kernels.attention import attention_fwd
 
         out, lse = attention_fwd(q, k, v, TritonBlocks._mask(q), relation == "diagonal", False,
-                                 1.0 / math.sqrt(q.shape[-1]))
+                                 1.0 / math.sqrt(q.shape[-1]), **TritonBlocks._docs(docs))
         return out.float(), lse
 
     @staticmethod
-    def backward(q, k, v, out, lse, dout, relation):
+    def backward(q, k, v, out, lse, dout, relation, docs=None):
         from pretrain.kernels.attention import attention_bwd, backward_kind
 
         dq, dk, dv = attention_bwd(q, k, v, out.to(q.dtype), lse.contiguous(), TritonBlocks._mask(q),
                                    dout.to(q.dtype), relation == "diagonal", False, 1.0 / math.sqrt(q.shape[-1]),
-                                   backward_kind() == "one_pass")
+                                   backward_kind() == "one_pass", **TritonBlocks._docs(docs))
         return dq.float(), dk.float(), dv.float()
 
 
@@ -170,7 +218,7 @@ class _Exchange:
 
 class RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, cp: ContextParallel):
+    def forward(ctx, q, k, v, cp: ContextParallel, bounds: torch.Tensor | None = None):
         b, h, t, e = q.shape
         kv_heads, c = k.shape[1], t // 2
         out = torch.zeros(b, h, t, e, dtype=torch.float32, device=q.device)
@@ -178,9 +226,9 @@ class RingAttention(torch.autograd.Function):
         block = torch.cat([k, v], dim=1).contiguous()  # (B, 2K, T/cp, E): one message a step
         for step in range(cp.cp):
             exchange = _Exchange(cp, block) if step < cp.cp - 1 else None  # in flight during the compute
-            for rows, cols, relation in _visible(cp, (cp.rank - step) % cp.cp, c):
+            for rows, cols, relation, docs in _visible(cp, (cp.rank - step) % cp.cp, c, bounds):
                 part, part_lse = cp.blocks.forward(q[:, :, rows], block[:, :kv_heads, cols],
-                                                   block[:, kv_heads:, cols], relation)
+                                                   block[:, kv_heads:, cols], relation, docs)
                 new_lse = torch.logaddexp(lse[:, :, rows], part_lse)
                 out[:, :, rows] = (out[:, :, rows] * torch.exp(lse[:, :, rows] - new_lse)[..., None]
                                    + part * torch.exp(part_lse - new_lse)[..., None])
@@ -188,7 +236,7 @@ class RingAttention(torch.autograd.Function):
             if exchange is not None:
                 block = exchange.wait()
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.cp = cp
+        ctx.cp, ctx.bounds = cp, bounds
         return out.to(q.dtype)
 
     @staticmethod
@@ -200,10 +248,10 @@ class RingAttention(torch.autograd.Function):
         block = torch.cat([k, v], dim=1)  # travels with its gradient accumulator
         grad = torch.zeros_like(block, dtype=torch.float32)
         for step in range(cp.cp):
-            for rows, cols, relation in _visible(cp, (cp.rank - step) % cp.cp, c):
+            for rows, cols, relation, docs in _visible(cp, (cp.rank - step) % cp.cp, c, ctx.bounds):
                 dq_b, dk_b, dv_b = cp.blocks.backward(q[:, :, rows], block[:, :kv_heads, cols],
                                                       block[:, kv_heads:, cols], out[:, :, rows], lse[:, :, rows],
-                                                      dout[:, :, rows], relation)
+                                                      dout[:, :, rows], relation, docs)
                 dq[:, :, rows] += dq_b
                 grad[:, :kv_heads, cols] += dk_b
                 grad[:, kv_heads:, cols] += dv_b
@@ -212,7 +260,7 @@ class RingAttention(torch.autograd.Function):
             message = _Exchange(cp, torch.cat([block.to(grad.dtype), grad], dim=1).contiguous()).wait()
             block, grad = message[:, :2 * kv_heads].to(k.dtype), message[:, 2 * kv_heads:]
         dk, dv = grad[:, :kv_heads], grad[:, kv_heads:]
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
 # --- all-to-all (Ulysses) -----------------------------------------------------------------------------------
@@ -222,7 +270,7 @@ def _all_to_all(x: torch.Tensor, group) -> torch.Tensor:
     return all_to_all_single_autograd(x.contiguous(), None, None, group)
 
 
-def ulysses_attention(q, k, v, cp: ContextParallel) -> torch.Tensor:
+def ulysses_attention(q, k, v, cp: ContextParallel, document_ids=None) -> torch.Tensor:
     b, h, t, e = q.shape
     n = cp.cp
     if k.shape[1] % n:  # GQA with fewer kv heads than cp ranks: repeat them to the query heads
@@ -236,7 +284,8 @@ def ulysses_attention(q, k, v, cp: ContextParallel) -> torch.Tensor:
         y = _all_to_all(x, cp.group).view(n, b, heads // n, t, e)  # dim 0: the source rank
         return y.permute(1, 2, 0, 3, 4).reshape(b, heads // n, n * t, e)[:, :, order]
 
-    y = cp.attention(to_heads(q), to_heads(k), to_heads(v), causal=True)  # (B, H/cp, T, E)
+    extra = {} if document_ids is None else {"document_ids": document_ids}  # the whole sequence's, in order
+    y = cp.attention(to_heads(q), to_heads(k), to_heads(v), causal=True, **extra)  # (B, H/cp, T, E)
     y = y[:, :, torch.argsort(order)].reshape(b, h // n, n, t, e).permute(2, 0, 1, 3, 4)  # (cp, B, H/cp, T/cp, E)
     y = _all_to_all(y, cp.group).view(n, b, h // n, t, e)  # dim 0: the head group
     return y.transpose(0, 1).reshape(b, h, t, e)

@@ -61,13 +61,14 @@ class Parallelized:
         return 0 if self.mesh is None or self.grad_ranks == 1 else self.mesh.grad.get_local_rank()
 
     def split_batch(self, batch: dict) -> dict:
-        """This rank's share of a micro-batch's sequences under context parallelism (as is otherwise)."""
+        """This rank's share of a micro-batch's sequences under context parallelism (as is otherwise). The
+        document ids stay whole: attention reads the documents of other ranks' chunks too."""
         if self.context is None:
             return batch
         from pretrain.parallel.context_parallel import split_sequence
 
-        return {k: split_sequence(v, self.context.cp, self.context.rank) if v.dim() >= 2 else v
-                for k, v in batch.items()}
+        return {k: split_sequence(v, self.context.cp, self.context.rank) if v.dim() >= 2 and k != "document_ids"
+                else v for k, v in batch.items()}
 
     def pp_group(self):
         return None if self.mesh is None or self.dims.pp == 1 else self.mesh.pp.get_group()

@@ -18,22 +18,44 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from pretrain.parallel.context_parallel import ContextParallel, split_sequence  # noqa: E402
 
 
-def sdpa(q, k, v, causal=True):
+def sdpa(q, k, v, causal=True, document_ids=None):
+    if document_ids is not None:  # the all-to-all's attention over the whole sequence, with documents
+        from pretrain.models.ops import torch_attention
+
+        return torch_attention(q, k, v, causal=causal, document_ids=document_ids)
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
     return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
-def case(impl: str, heads: int, kv_heads: int, t: int, cp: ContextParallel) -> tuple[float, float]:
+def documents(t: int) -> torch.Tensor:
+    """(2, T) document ids: documents of 1 to 37 tokens, crossing the chunk borders, row 2 shifted."""
+    rows = []
+    for shift in (0, 5):
+        lengths, ids, doc = [1, 13, 37, 3, 22, 9], [], 0
+        while len(ids) < t + shift:
+            ids += [doc] * lengths[doc % len(lengths)]
+            doc += 1
+        rows.append(ids[shift:shift + t])
+    return torch.tensor(rows)
+
+
+def case(impl: str, heads: int, kv_heads: int, t: int, cp: ContextParallel, docs: bool = False) -> tuple[float, float]:
     gen = torch.Generator().manual_seed(heads * 100 + kv_heads * 10 + t)
     q = torch.randn(2, heads, t, 8, generator=gen, requires_grad=True)
     k = torch.randn(2, kv_heads, t, 8, generator=gen, requires_grad=True)
     v = torch.randn(2, kv_heads, t, 8, generator=gen, requires_grad=True)
     w = torch.randn(2, heads, t, 8, generator=gen)
-    ref = sdpa(q, k, v)
+    ids = documents(t) if docs else None
+    if docs:
+        from pretrain.kernels.reference import attention as reference
+
+        ref = reference(q, k, v, causal=True, document_ids=ids)
+    else:
+        ref = sdpa(q, k, v)
     (ref * w).sum().backward()
     local = [split_sequence(x.detach(), cp.cp, cp.rank, dim=2).requires_grad_() for x in (q, k, v)]
-    out = cp(*local)
+    out = cp(*local, document_ids=ids)
     (out * split_sequence(w, cp.cp, cp.rank, dim=2)).sum().backward()
     out_diff = (out - split_sequence(ref.detach(), cp.cp, cp.rank, dim=2)).abs().max().item()
     grad_diff = max((x.grad - split_sequence(full.grad, cp.cp, cp.rank, dim=2)).abs().max().item()
@@ -52,13 +74,15 @@ def checks() -> bool:
         variants.append(("ring", "triton"))  # the ring's blocks through our Triton attention (interpreted)
     for impl, blocks in variants:
         cp = ContextParallel(dist.group.WORLD, world, rank, impl, attention=sdpa, blocks=blocks)
-        for heads, kv_heads, t in ((4, 4, 8 * world), (4, 2, 6 * world), (8, 1, 4 * world)):
-            out_diff, grad_diff = case(impl, heads, kv_heads, t, cp)
+        # the last case packs documents (data.document_mask): chunks of 16 tokens, documents across their borders
+        for heads, kv_heads, t, docs in ((4, 4, 8 * world, False), (4, 2, 6 * world, False), (8, 1, 4 * world, False),
+                                         (4, 2, 32 * world, True)):
+            out_diff, grad_diff = case(impl, heads, kv_heads, t, cp, docs)
             ok = out_diff <= 1e-5 and grad_diff <= 1e-5
             failed |= not ok
             if rank == 0:
-                print(f"CPATTN {impl}/{blocks} {heads}/{kv_heads} T={t} {'ok' if ok else 'FAILED'} out_diff={out_diff:.2e} "
-                      f"grad_diff={grad_diff:.2e}", flush=True)
+                print(f"CPATTN {impl}/{blocks} {heads}/{kv_heads} T={t}{' documents' if docs else ''} "
+                      f"{'ok' if ok else 'FAILED'} out_diff={out_diff:.2e} grad_diff={grad_diff:.2e}", flush=True)
     dist.barrier()
     return failed
 

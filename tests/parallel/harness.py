@@ -165,9 +165,17 @@ LAYOUTS = {
     # one layer: the Triton attention runs in the interpreter here (4 layers took ~100 s of a 3-minute launch)
     "cp2_ring_triton": (2, ["train.micro_batch_size=8", "parallel.cp=2", "model.kernels=attention", "model.n_layers=1",
                         "model.n_heads=2", "model.n_kv_heads=1"]),
+    "docs_cp2_ring": (2, ["train.micro_batch_size=8", "parallel.cp=2", *DOCS]),
+    "docs_cp2_alltoall": (2, ["train.micro_batch_size=8", "parallel.cp=2", "parallel.cp_impl=alltoall", *DOCS]),
+    "docs_cp2_ring_triton": (2, ["train.micro_batch_size=8", "parallel.cp=2", "model.kernels=attention",
+                                 "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=1", *DOCS]),
     "moe_cp2": (2, ["train.micro_batch_size=8", "parallel.cp=2", "parallel.zero_stage=2", *MOE,
                     "model.moe_balance=bias"]),
     "cp4_ring": (4, ["train.micro_batch_size=8", "parallel.cp=4", "parallel.zero_stage=2"]),
+    # document masking across the cp ranks: ring (torch and Triton blocks) and all-to-all, positions restarting
+    "docs_cp4_ring": (4, ["train.micro_batch_size=8", "parallel.cp=4", "parallel.zero_stage=2", *DOCS]),
+    "docs_cp2_tp2": (4, ["train.micro_batch_size=8", "parallel.cp=2", "parallel.tp=2", "parallel.zero_stage=2",
+                         *DOCS]),
     "cp2_tp2": (4, ["train.micro_batch_size=8", "parallel.cp=2", "parallel.tp=2", "parallel.zero_stage=2"]),
     "cp2_alltoall_tp2": (4, ["train.micro_batch_size=8", "parallel.cp=2", "parallel.cp_impl=alltoall",
                              "parallel.tp=2", "parallel.zero_stage=3", "parallel.sequence_parallel=false"]),

@@ -56,13 +56,15 @@ def test_layouts_match_one_process(world, launched):
 @pytest.mark.parametrize("world", [2, 4])
 def test_ring_and_alltoall_attention_equal_one_process(world, launched):
     """Context-parallel attention (tests/parallel/cp_attention.py, inside the harness launch): outputs and q/k/v
-    gradients within 1e-5 for MHA and GQA (kv heads fewer than cp ranks: repeated for the all-to-all). The ring
+    gradients within 1e-5 for MHA and GQA (kv heads fewer than cp ranks: repeated for the all-to-all), and with
+    packed documents crossing the chunk borders (against the reference's dense document mask). The ring
     skips the sub-blocks the causal mask hides but every rank keeps exchanging at every step: a rank that skipped
     its send/recv with a masked block would leave its neighbour waiting until the launch's timeout."""
     out = launched(world)[1]
     lines = re.findall(r"^CPATTN (.*)$", out, re.M)
     with_triton = os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None
-    assert len(lines) == (9 if with_triton and world == 2 else 6), out[-3000:]
+    assert len(lines) == (12 if with_triton and world == 2 else 8), out[-3000:]
+    assert sum(" documents " in line for line in lines) == (3 if with_triton and world == 2 else 2)
     assert all(" ok " in line for line in lines), lines
 
 
