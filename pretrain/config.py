@@ -641,7 +641,7 @@ def _data(cfg: Config) -> None:
 
 
 def _documents(cfg: Config) -> None:
-    d, p = cfg.data, cfg.parallel
+    d = cfg.data
     for key in ("reset_positions", "mask_document_boundary"):
         if getattr(d, key) and not d.document_mask:
             raise ConfigError(f"data.{key} = true needs data.document_mask = true (the documents' boundaries)")
@@ -649,9 +649,10 @@ def _documents(cfg: Config) -> None:
         raise ConfigError(f"data.synthetic_doc_len must be >= 0, got {d.synthetic_doc_len}")
     if not d.document_mask:
         return
-    if p.pp > 1:
-        raise ConfigError(f"data.document_mask = true with parallel.pp = {p.pp} is not supported yet: the document "
-                          "ids do not travel between pipeline stages; set data.document_mask = false or parallel.pp = 1")
+    if cfg.parallel.pp > 1 and cfg.parallel.pp_schedule == "zbv":
+        raise ConfigError('data.document_mask = true with parallel.pp_schedule = "zbv" is not supported yet (its '
+                          "deferred weight gradients lose track of the stage's parameters when the document ids "
+                          'travel along); use "1f1b", "gpipe" or "interleaved_1f1b"')
 
 
 

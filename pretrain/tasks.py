@@ -95,8 +95,9 @@ class GPTTask:
 
     @staticmethod
     def pipeline_io(batch: dict[str, torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-        """(first stage inputs, last stage target) of a batch."""
-        return (batch["tokens"],), batch["targets"]
+        """(first stage inputs, last stage target) of a batch; packed documents' ids and positions travel too
+        (``parallel/pipeline.py``: ``DocumentStage``)."""
+        return (batch["tokens"], *documents(batch).values()), batch["targets"]
 
     @staticmethod
     def loss_from_output(logits: torch.Tensor, targets: torch.Tensor, accuracy: bool = True) -> LossOutput:
@@ -119,8 +120,9 @@ class BERTTask:
 
     @staticmethod
     def pipeline_io(batch: dict[str, torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-        """(first stage inputs, last stage target); the attention mask travels along the stages."""
-        return (batch["tokens"], batch["attention_mask"]), batch["labels"]
+        """(first stage inputs, last stage target); the attention mask travels along the stages (and packed
+        documents' ids and positions)."""
+        return (batch["tokens"], batch["attention_mask"], *documents(batch).values()), batch["labels"]
 
     @staticmethod
     def loss_from_output(logits: torch.Tensor, labels: torch.Tensor, accuracy: bool = True) -> LossOutput:

@@ -19,7 +19,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pretrain.config import ModelConfig
-from pretrain.models.layers import MLP, Attention, Documents, LayerNorm, RMSNorm, Rotary, compute_dtype, init_weights
+from pretrain.models.layers import (
+    MLP,
+    Attention,
+    Documents,
+    LayerNorm,
+    RMSNorm,
+    Rotary,
+    compute_dtype,
+    init_weights,
+)
 from pretrain.models.moe import MoE
 from pretrain.models.ops import Ops
 

@@ -156,6 +156,10 @@ def _parallelize_pipeline(cfg: Config, dims: ParallelDims, mesh, device, dp_rank
         torch.manual_seed(cfg.train.seed)  # every stage is cut from the same whole model
         model, runner = _shard(prune_to_stage(_build(cfg), sid, n_stages), cfg, dims, mesh, device)
         parts.append(model)
+        if cfg.data.document_mask:  # the batch's document ids (and positions) travel along the stages
+            from pretrain.parallel.pipeline import DocumentStage
+
+            runner = DocumentStage(runner, model)
         stages.append(make_stage(runner, sid, n_stages, device, mesh.pp.get_group()))
     tied = None
     if is_tied(cfg.model):

@@ -85,6 +85,32 @@ def prune_to_stage(model: nn.Module, stage: int, n_stages: int) -> nn.Module:
     return model
 
 
+class DocumentStage(nn.Module):
+    """What a stage runs with packed documents (``data.document_mask``): the first stage takes the task's pipeline
+    inputs — (tokens, document ids[, positions]), BERT (tokens, attention mask, document ids[, positions]) — and
+    every stage but the last sends its output on with the same documents (integer tensors: no gradient), as BERT's
+    attention mask travels, so every stage's attention masks by document. ``runner``: the stage (wrapped, as for
+    DDP); ``model``: the stage model (which parts it holds)."""
+
+    def __init__(self, runner: nn.Module, model: nn.Module):
+        super().__init__()
+        self.runner = runner
+        self.bert = model.cfg.arch == "bert"
+        self.last = (model.mlm_head if self.bert else model.norm) is not None
+        self.inferring = False  # set by the stage around the schedule's shape inference
+
+    def forward(self, x, *rest):
+        mask, docs = (rest[0], rest[1:]) if self.bert else (None, rest)
+        # the schedule's shape inference feeds a later stage uninitialised inputs: run it without documents (the
+        # shapes are the same) and pass them on as they came
+        used = () if self.inferring else docs
+        kwargs = {"document_ids": used[0] if used else None, "positions": used[1] if len(used) > 1 else None}
+        out = self.runner(x, mask, **kwargs) if self.bert else self.runner(x, **kwargs)
+        if self.last:
+            return out
+        return (*out, *docs) if self.bert else (out, *docs)
+
+
 def make_stage(module: nn.Module, stage: int, n_stages: int, device, group):
     """A ``PipelineStage`` whose shape inference — the forward the schedule runs at its first step, and after an
     evaluation, to learn the shapes it sends — is not one of the step's forwards (``step.uncounted``)."""
@@ -106,8 +132,15 @@ def _stage_class():
 
     class Stage(PipelineStage):
         def _prepare_forward_infra(self, *args, **kwargs):
-            with uncounted():
-                return super()._prepare_forward_infra(*args, **kwargs)
+            inferring = hasattr(self.submod, "inferring")
+            if inferring:
+                self.submod.inferring = True
+            try:
+                with uncounted():
+                    return super()._prepare_forward_infra(*args, **kwargs)
+            finally:
+                if inferring:
+                    self.submod.inferring = False
 
     return Stage
 

@@ -420,7 +420,7 @@ def test_document_ids_positions_and_boundary_targets(prepared, mask_boundary):
 
 def test_document_fields_through_the_config(tmp_path, prepared):
     """The config's keys reach the samples (shards and synthetic; BERT samples hold one document each), and
-    keys without the boundaries they need are refused in one line."""
+    keys without the boundaries they need, or out of range, are refused in one line."""
     from pretrain.config import ConfigError
     from pretrain.data import build_samples
     from tests.conftest import tiny_config
@@ -446,9 +446,9 @@ def test_document_fields_through_the_config(tmp_path, prepared):
     for keys, message in [
         (("data.reset_positions=true",), "data.reset_positions = true needs data.document_mask = true"),
         (("data.mask_document_boundary=true",), "data.mask_document_boundary = true needs data.document_mask"),
-        (("data.document_mask=true", "parallel.cp=2"), "data.document_mask = true with parallel.cp = 2 is not "
-                                                        "supported yet"),
-        (("data.document_mask=true", "parallel.pp=2"), "with parallel.pp = 2 is not supported yet"),
+        (("data.document_mask=true", "data.synthetic_doc_len=-1"), "data.synthetic_doc_len must be >= 0"),
+        (("data.document_mask=true", "parallel.pp=2", "parallel.pp_schedule=zbv"),
+         'data.document_mask = true with parallel.pp_schedule = "zbv" is not supported yet'),
     ]:
         with pytest.raises(ConfigError, match=message):
             tiny_config(tmp_path, *keys)

@@ -12,7 +12,6 @@ from pretrain.models import build_model
 from ..kernels.test_attention import _documents
 
 
-
 def _cfg(arch, flavor, kernels, head_dim, kv_heads, t):
     heads = 2
     return load_config(None, [f"model.arch={arch}", f"model.flavor={flavor}", "model.n_layers=2",

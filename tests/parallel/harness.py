@@ -165,6 +165,9 @@ LAYOUTS = {
     # one layer: the Triton attention runs in the interpreter here (4 layers took ~100 s of a 3-minute launch)
     "cp2_ring_triton": (2, ["train.micro_batch_size=8", "parallel.cp=2", "model.kernels=attention", "model.n_layers=1",
                         "model.n_heads=2", "model.n_kv_heads=1"]),
+    "docs_pp2_1f1b": (2, ["train.micro_batch_size=4", "train.grad_accum=2", "parallel.pp=2",
+                          "parallel.n_microbatches=4", *DOCS]),
+    "docs_bert_pp2": (2, ["train.micro_batch_size=8", "parallel.pp=2", "model.arch=bert", *DOCS[:2], DOCS[3]]),
     "docs_cp2_ring": (2, ["train.micro_batch_size=8", "parallel.cp=2", *DOCS]),
     "docs_cp2_alltoall": (2, ["train.micro_batch_size=8", "parallel.cp=2", "parallel.cp_impl=alltoall", *DOCS]),
     "docs_cp2_ring_triton": (2, ["train.micro_batch_size=8", "parallel.cp=2", "model.kernels=attention",
@@ -174,6 +177,7 @@ LAYOUTS = {
     "cp4_ring": (4, ["train.micro_batch_size=8", "parallel.cp=4", "parallel.zero_stage=2"]),
     # document masking across the cp ranks: ring (torch and Triton blocks) and all-to-all, positions restarting
     "docs_cp4_ring": (4, ["train.micro_batch_size=8", "parallel.cp=4", "parallel.zero_stage=2", *DOCS]),
+    "docs_cp2_pp2": (4, ["train.micro_batch_size=8", "parallel.cp=2", "parallel.pp=2", "parallel.zero_stage=2", *DOCS]),
     "docs_cp2_tp2": (4, ["train.micro_batch_size=8", "parallel.cp=2", "parallel.tp=2", "parallel.zero_stage=2",
                          *DOCS]),
     "cp2_tp2": (4, ["train.micro_batch_size=8", "parallel.cp=2", "parallel.tp=2", "parallel.zero_stage=2"]),
