@@ -279,7 +279,7 @@ REFERENCE_SPLIT = {"fp8_zero3_2": 2, "fp8_pp2": 2}
 # layouts also checked for save at step 2 -> resume in a fresh trainer -> step 3 equal to the straight run. Each
 # kind of restore once: RESHARD's runs already restore into EP2 (from moe_zero3_2) and TP (from pp2_interleaved
 # and pp2_dp2_zero3), bert_pp2 and pp2_dp2_zero3 into PP; moe_ep2, tp2_sp and pp2_interleaved save under RESHARD
-RESUME = {"fp8_zero3_2", "adamw_triton_zero3_2", "muon_zero3_2", "cp2_ring", "bert_pp2", "zero1_2", "ds_zero2_2",
+RESUME = {"docs_cp2_ring", "fp8_zero3_2", "adamw_triton_zero3_2", "muon_zero3_2", "cp2_ring", "bert_pp2", "zero1_2", "ds_zero2_2",
           "tp2_sp_dp2_zero3", "pp2_dp2_zero3", "hsdp_2x2"}
 
 
