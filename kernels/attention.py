@@ -109,13 +109,16 @@ DQ_CONFIGS = {
     (100, 128): [_cfg(128, 32, 8, 3), _cfg(64, 64, 4, 3)],
     (100, 256): [_cfg(64, 32, 4, 2), _cfg(64, 16, 4, 2)],
 }
-# With document masking (HAS_DOCS: each token's document start loaded beside the keys and queries, compared per
-# block pair) the compile gate showed these candidates spilling 16–88 B; the variant takes the lists without them.
-FWD_DOC_CONFIGS = {**FWD_CONFIGS, (100, 256): [_cfg(64, 32, 8, 2)]}
-DKDV_DOC_CONFIGS = {**DKDV_CONFIGS, (80, 128): [_cfg(16, 64, 8, 2)], (90, 128): [_cfg(16, 64, 8, 2)],
-                    (90, 256): [_cfg(16, 32, 8, 2)], (100, 256): [_cfg(16, 32, 8, 2)]}
-ONE_PASS_DOC_CONFIGS = {**ONE_PASS_CONFIGS, (80, 128): [_cfg(16, 64, 8, 2)], (90, 128): [_cfg(16, 64, 8, 2)],
-                        (90, 256): [_cfg(16, 32, 8, 2)], (100, 256): [_cfg(16, 32, 8, 2)]}
+# With document masking (HAS_DOCS: each token's document start compared per block pair, the side a loop does not
+# move kept in registers) the compile gate showed these candidates spilling 8–48 B with one triton or both; the
+# variant takes the lists without them. No one-pass dK/dV candidate at head dim 128 fits sm_90a with documents
+# (16×64 with 1–3 stages, 16×128, 4 warps: 8–128 B with one triton or the other), so there the document-masked
+# backward runs split (``one_pass_available``): 7 matmuls a block pair instead of 5, on fewer blocks.
+FWD_DOC_CONFIGS = dict(FWD_CONFIGS)
+DKDV_DOC_CONFIGS = {**DKDV_CONFIGS, (90, 128): [_cfg(16, 64, 8, 2)], (100, 128): [_cfg(16, 32, 8, 2)]}
+ONE_PASS_DOC_CONFIGS = {key: configs for key, configs in {
+    **ONE_PASS_CONFIGS, (80, 64): [_cfg(16, 64, 8, 2)], (80, 128): [_cfg(16, 64, 8, 2)],
+    (100, 64): [_cfg(16, 64, 4, 3)]}.items() if key != (90, 128)}
 INTERPRETER_CONFIG = _cfg(16, 16, 4, 1)
 
 
@@ -138,6 +141,15 @@ KEY = ["T_BUCKET", "BLOCK_E", "CAUSAL", "HAS_MASK", "HAS_DOCS"]  # and the tenso
 BACKWARDS = ("one_pass", "split")
 
 
+def one_pass_available(block_e: int, documents: bool) -> bool:
+    """Whether the one-pass backward has a candidate that fits this GPU (always in the interpreter)."""
+    if not documents or interpreting():
+        return True
+    from pretrain.kernels._common import current_arch
+
+    return (arch_class(current_arch()), head_dim_class(block_e)) in ONE_PASS_DOC_CONFIGS
+
+
 def backward_kind() -> str:
     """Which backward runs: ``one_pass`` (the default: dK, dV and dQ from one kernel, dQ added atomically in fp32,
     FlashAttention-2's 5 matmuls a block pair) or ``split`` (a dK/dV kernel and a dQ kernel, each recomputing S and
@@ -151,10 +163,21 @@ def backward_kind() -> str:
 
 
 @triton.jit
-def _score_mask(offs_m, offs_n, T, MASK_ROW, DOC_ROW, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+def _doc_ids(ROW, offs, T, other, HAS_DOCS: tl.constexpr):
+    """The document starts of tokens ``offs`` (``other`` past T), or zeros without documents (then unread)."""
+    if HAS_DOCS:
+        ids = tl.load(ROW + offs, mask=offs < T, other=other)
+    else:
+        ids = offs * 0
+    return ids
+
+
+@triton.jit
+def _score_mask(offs_m, offs_n, T, MASK_ROW, doc_q, doc_k, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
                 HAS_DOCS: tl.constexpr):
     """(M, N) keep-mask of queries offs_m against keys offs_n: keys inside T, causal, key padding, and with
-    documents the same document (DOC_ROW: each token's document start, equal within a document)."""
+    documents the same document (doc_q / doc_k: each query's / key's document start, in one coordinate; loaded by
+    the caller, which keeps the side its loop does not move in registers)."""
     ok = offs_n[None, :] < T
     if CAUSAL:
         ok = ok & (offs_n[None, :] <= offs_m[:, None])
@@ -162,33 +185,33 @@ def _score_mask(offs_m, offs_n, T, MASK_ROW, DOC_ROW, CAUSAL: tl.constexpr, HAS_
         keep = tl.load(MASK_ROW + offs_n, mask=offs_n < T, other=0)
         ok = ok & (keep[None, :] != 0)
     if HAS_DOCS:
-        doc_q = tl.load(DOC_ROW + offs_m, mask=offs_m < T, other=-1)
-        doc_k = tl.load(DOC_ROW + offs_n, mask=offs_n < T, other=-2)
         ok = ok & (doc_q[:, None] == doc_k[None, :])
     return ok
 
 
 @triton.jit
-def _first_key(DOC_ROW, start, BLOCK: tl.constexpr, HAS_DOCS: tl.constexpr):
-    """The first block (of BLOCK tokens) a block of rows from ``start`` can see: 0, or with documents the block
-    holding the start of the first row's document — every block before it lies wholly in earlier documents and is
-    skipped (no loads, no FLOPs)."""
+def _first_key(DOC_ROW, start, OFFSET, BLOCK: tl.constexpr, HAS_DOCS: tl.constexpr):
+    """The first block (of BLOCK tokens) of the other side a block of rows from ``start`` can see: 0, or with
+    documents the block holding the start of the first row's document (``OFFSET``: where the other side's token 0
+    lies in the documents' coordinate) — every block before it lies wholly in earlier documents and is skipped (no
+    loads, no FLOPs)."""
     if HAS_DOCS:
-        return (tl.load(DOC_ROW + start) // BLOCK) * BLOCK
+        return (tl.maximum(tl.load(DOC_ROW + start) - OFFSET, 0) // BLOCK) * BLOCK
     return 0
 
 
 @triton.jit
-def _last_key(END_ROW, last, T, HAS_DOCS: tl.constexpr):
-    """One past the last token rows up to ``last`` can see without a causal limit: T, or with documents the end of
-    the last row's document."""
+def _last_key(END_ROW, last, OFFSET, T, HAS_DOCS: tl.constexpr):
+    """One past the last token of the other side rows up to ``last`` can see without a causal limit: T, or with
+    documents the end of the last row's document (clipped to [0, T])."""
     if HAS_DOCS:
-        return tl.load(END_ROW + last)
+        return tl.minimum(tl.maximum(tl.load(END_ROW + last) - OFFSET, 0), T)
     return T
 
 
 @triton.jit
-def _fwd_blocks(acc, l_i, m_i, q, K_BASE, V_BASE, MASK_ROW, DOC_ROW, stride_kt, stride_vt, offs_m, offs_e, lo, hi,
+def _fwd_blocks(acc, l_i, m_i, q, K_BASE, V_BASE, MASK_ROW, doc_q, KDOC_ROW, stride_kt, stride_vt, offs_m, offs_e, lo,
+                hi,
                 T, qk_scale, E, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
                 HAS_DOCS: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
@@ -198,7 +221,8 @@ def _fwd_blocks(acc, l_i, m_i, q, K_BASE, V_BASE, MASK_ROW, DOC_ROW, stride_kt, 
         v = tl.load(V_BASE + offs_n[:, None] * stride_vt + offs_e[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (M, N), log2 domain
         if MASKED or HAS_MASK or HAS_DOCS:
-            ok = _score_mask(offs_m, offs_n, T, MASK_ROW, DOC_ROW, CAUSAL and MASKED, HAS_MASK, HAS_DOCS)
+            doc_k = _doc_ids(KDOC_ROW, offs_n, T, -2, HAS_DOCS)
+            ok = _score_mask(offs_m, offs_n, T, MASK_ROW, doc_q, doc_k, CAUSAL and MASKED, HAS_MASK, HAS_DOCS)
             s = tl.where(ok, s, NEG)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         p = tl.exp2(s - m_new[:, None])
@@ -212,7 +236,7 @@ def _fwd_blocks(acc, l_i, m_i, q, K_BASE, V_BASE, MASK_ROW, DOC_ROW, stride_kt, 
 
 
 @triton.jit(do_not_specialize=["H", "KV_GROUP", "T_BUCKET"])
-def _attn_fwd_kernel(Q, K, V, OUT, LSE, MASK, DOCS, qk_scale, T, H, KV_GROUP, E,
+def _attn_fwd_kernel(Q, K, V, OUT, LSE, MASK, DOCS, KDOCS, Q0, K0, qk_scale, T, H, KV_GROUP, E,
                      stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                      stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot, T_BUCKET,
                      CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
@@ -231,27 +255,31 @@ def _attn_fwd_kernel(Q, K, V, OUT, LSE, MASK, DOCS, qk_scale, T, H, KV_GROUP, E,
     k_base = K + b * stride_kb + kvh * stride_kh
     v_base = V + b * stride_vb + kvh * stride_vh
     mask_row = MASK + b * T
-    doc_row = DOCS + b * T  # each token's document start; its document's end at DOCS + (B + b) · T
+    # each query's document start and end (DOCS), each key's (KDOCS): (2, B, T) in a coordinate where query i is
+    # at Q0 + i and key j at K0 + j (one tensor and 0, 0 unless context parallelism pairs two chunks)
+    doc_row = DOCS + b * T
     end_row = DOCS + (tl.num_programs(1) // H + b) * T
+    kdoc_row = KDOCS + b * T
     m_i = tl.full([BLOCK_M], NEG, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)
-    lo = _first_key(doc_row, start_m, BLOCK_N, HAS_DOCS)
+    lo = _first_key(doc_row, start_m, K0, BLOCK_N, HAS_DOCS)
     if CAUSAL:  # whole key blocks left of this query block, then the diagonal
         full_end = start_m
         end = tl.minimum(start_m + BLOCK_M, T)
     elif HAS_DOCS:  # the key blocks of the query block's documents, each masked
         full_end = lo
-        end = _last_key(end_row, tl.minimum(start_m + BLOCK_M, T) - 1, T, HAS_DOCS)
+        end = _last_key(end_row, tl.minimum(start_m + BLOCK_M, T) - 1, K0, T, HAS_DOCS)
     else:  # whole key blocks, then the partial last one
         full_end = (T // BLOCK_N) * BLOCK_N
         end = T
-    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, mask_row, doc_row, stride_kt, stride_vt, offs_m,
-                                offs_e, lo, full_end, T, qk_scale, E, False, CAUSAL, HAS_MASK, HAS_DOCS, BLOCK_N,
-                                PRECISION)
-    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, mask_row, doc_row, stride_kt, stride_vt, offs_m,
-                                offs_e, full_end, end, T, qk_scale, E, True, CAUSAL, HAS_MASK, HAS_DOCS, BLOCK_N,
-                                PRECISION)
+    doc_q = _doc_ids(doc_row, offs_m, T, -1, HAS_DOCS)
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, mask_row, doc_q, kdoc_row, stride_kt, stride_vt,
+                                offs_m, offs_e, lo, full_end, T, qk_scale, E, False, CAUSAL, HAS_MASK, HAS_DOCS,
+                                BLOCK_N, PRECISION)
+    acc, l_i, m_i = _fwd_blocks(acc, l_i, m_i, q, k_base, v_base, mask_row, doc_q, kdoc_row, stride_kt, stride_vt,
+                                offs_m, offs_e, full_end, end, T, qk_scale, E, True, CAUSAL, HAS_MASK, HAS_DOCS,
+                                BLOCK_N, PRECISION)
     safe_l = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / safe_l[:, None]
     tl.store(OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_e[None, :],
@@ -277,7 +305,8 @@ def _attn_bwd_delta_kernel(OUT, DO, DELTA, T, H, E, stride_ob, stride_oh, stride
 
 
 @triton.jit
-def _dkdv_blocks(dk, dv, k, v, Q_BASE, DO_BASE, LSE_ROW, DELTA_ROW, MASK_ROW, DOC_ROW, DQ_BASE, stride_qt, stride_dot,
+def _dkdv_blocks(dk, dv, k, v, Q_BASE, DO_BASE, LSE_ROW, DELTA_ROW, MASK_ROW, DOC_ROW, doc_k, DQ_BASE, stride_qt,
+                 stride_dot,
                  offs_n, offs_e, lo, hi, T, qk_scale, scale, E, MASKED: tl.constexpr, HAS_MASK: tl.constexpr,
                  HAS_DOCS: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, WITH_DQ: tl.constexpr,
                  BLOCK_E: tl.constexpr):
@@ -295,7 +324,8 @@ def _dkdv_blocks(dk, dv, k, v, Q_BASE, DO_BASE, LSE_ROW, DELTA_ROW, MASK_ROW, DO
         st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (N, M)
         pt = tl.exp2(st - lse[None, :])
         if MASKED or HAS_MASK or HAS_DOCS:
-            ok = tl.trans(_score_mask(offs_m, offs_n, T, MASK_ROW, DOC_ROW, MASKED, HAS_MASK, HAS_DOCS))
+            doc_q = _doc_ids(DOC_ROW, offs_m, T, -1, HAS_DOCS)
+            ok = tl.trans(_score_mask(offs_m, offs_n, T, MASK_ROW, doc_q, doc_k, MASKED, HAS_MASK, HAS_DOCS))
             pt = tl.where(ok, pt, 0.0)
         dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
         dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (N, M)
@@ -309,7 +339,8 @@ def _dkdv_blocks(dk, dv, k, v, Q_BASE, DO_BASE, LSE_ROW, DELTA_ROW, MASK_ROW, DO
 
 
 @triton.jit(do_not_specialize=["H", "KV_GROUP", "T_BUCKET"])
-def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, MASK, DOCS, qk_scale, scale, T, H, KV_GROUP, E,
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, MASK, DOCS, KDOCS, Q0, K0, qk_scale, scale, T, H,
+                          KV_GROUP, E,
                           stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                           stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
                           stride_dkb, stride_dkh, stride_dkt, stride_dvb, stride_dvh, stride_dvt, T_BUCKET,
@@ -332,11 +363,13 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, MASK, DOCS, qk_sc
     dv = tl.zeros([BLOCK_N, BLOCK_E], dtype=tl.float32)
     mask_row = MASK + b * T
     doc_row = DOCS + b * T
-    end_row = DOCS + (tl.num_programs(1) // kv_heads + b) * T
+    kdoc_row = KDOCS + b * T
+    kend_row = KDOCS + (tl.num_programs(1) // kv_heads + b) * T
     # with documents, the query blocks of this key block's documents only: from the first key's document start
     # (bidirectional; causal starts at the diagonal anyway) to the last key's document end
-    q_end = _last_key(end_row, tl.minimum(start_n + BLOCK_N, T) - 1, T, HAS_DOCS)
-    q_lo = _first_key(doc_row, start_n, BLOCK_M, HAS_DOCS)
+    q_end = _last_key(kend_row, tl.minimum(start_n + BLOCK_N, T) - 1, Q0, T, HAS_DOCS)
+    q_lo = _first_key(kdoc_row, start_n, Q0, BLOCK_M, HAS_DOCS)
+    doc_k = _doc_ids(kdoc_row, offs_n, T, -2, HAS_DOCS)
     for g in range(KV_GROUP):  # every query head of this kv head's group, summed in registers
         h = kvh * KV_GROUP + g
         q_base = Q + b * stride_qb + h * stride_qh
@@ -346,15 +379,15 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, MASK, DOCS, qk_sc
         dq_base = DQ + (b * H + h).to(tl.int64) * T * BLOCK_E
         if CAUSAL:  # the diagonal query blocks (masked), then every later one (unmasked)
             diag_end = start_n + BLOCK_N
-            dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_row, delta_row, mask_row, doc_row, dq_base,
-                                  stride_qt, stride_dot, offs_n, offs_e, start_n, tl.minimum(diag_end, T), T, qk_scale,
+            dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_row, delta_row, mask_row, doc_row, doc_k,
+                                  dq_base, stride_qt, stride_dot, offs_n, offs_e, start_n, tl.minimum(diag_end, T), T, qk_scale,
                                   scale, E, True, HAS_MASK, HAS_DOCS, BLOCK_M, PRECISION, WITH_DQ, BLOCK_E)
-            dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_row, delta_row, mask_row, doc_row, dq_base,
-                                  stride_qt, stride_dot, offs_n, offs_e, diag_end, q_end, T, qk_scale, scale, E, False,
+            dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_row, delta_row, mask_row, doc_row, doc_k,
+                                  dq_base, stride_qt, stride_dot, offs_n, offs_e, diag_end, q_end, T, qk_scale, scale, E, False,
                                   HAS_MASK, HAS_DOCS, BLOCK_M, PRECISION, WITH_DQ, BLOCK_E)
         else:
-            dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_row, delta_row, mask_row, doc_row, dq_base,
-                                  stride_qt, stride_dot, offs_n, offs_e, q_lo, q_end, T, qk_scale, scale, E, False,
+            dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_row, delta_row, mask_row, doc_row, doc_k,
+                                  dq_base, stride_qt, stride_dot, offs_n, offs_e, q_lo, q_end, T, qk_scale, scale, E, False,
                                   HAS_MASK, HAS_DOCS, BLOCK_M, PRECISION, WITH_DQ, BLOCK_E)
     tl.store(DK + b * stride_dkb + kvh * stride_dkh + offs_n[:, None] * stride_dkt + offs_e[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
@@ -363,7 +396,8 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, MASK, DOCS, qk_sc
 
 
 @triton.jit
-def _dq_blocks(dq, q, do, lse, delta, K_BASE, V_BASE, MASK_ROW, DOC_ROW, stride_kt, stride_vt, offs_m, offs_e, lo, hi,
+def _dq_blocks(dq, q, do, lse, delta, K_BASE, V_BASE, MASK_ROW, doc_q, KDOC_ROW, stride_kt, stride_vt, offs_m, offs_e,
+               lo, hi,
                T, qk_scale, E, MASKED: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DOCS: tl.constexpr,
                BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """Query block offs_m against key blocks [lo, hi). Keys past T load as zero and add nothing to dQ."""
@@ -375,7 +409,8 @@ def _dq_blocks(dq, q, do, lse, delta, K_BASE, V_BASE, MASK_ROW, DOC_ROW, stride_
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         p = tl.exp2(s - lse[:, None])
         if MASKED or HAS_MASK or HAS_DOCS:
-            p = tl.where(_score_mask(offs_m, offs_n, T, MASK_ROW, DOC_ROW, MASKED, HAS_MASK, HAS_DOCS), p, 0.0)
+            doc_k = _doc_ids(KDOC_ROW, offs_n, T, -2, HAS_DOCS)
+            p = tl.where(_score_mask(offs_m, offs_n, T, MASK_ROW, doc_q, doc_k, MASKED, HAS_MASK, HAS_DOCS), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
@@ -383,7 +418,7 @@ def _dq_blocks(dq, q, do, lse, delta, K_BASE, V_BASE, MASK_ROW, DOC_ROW, stride_
 
 
 @triton.jit(do_not_specialize=["H", "KV_GROUP", "T_BUCKET"])
-def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, MASK, DOCS, qk_scale, scale, T, H, KV_GROUP, E,
+def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, MASK, DOCS, KDOCS, Q0, K0, qk_scale, scale, T, H, KV_GROUP, E,
                         stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
                         stride_vb, stride_vh, stride_vt, stride_dob, stride_doh, stride_dot,
                         stride_dqb, stride_dqh, stride_dqt, T_BUCKET,
@@ -409,18 +444,20 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, MASK, DOCS, qk_scale, scale
     mask_row = MASK + b * T
     doc_row = DOCS + b * T
     end_row = DOCS + (tl.num_programs(1) // H + b) * T
-    lo = _first_key(doc_row, start_m, BLOCK_N, HAS_DOCS)
+    kdoc_row = KDOCS + b * T
+    lo = _first_key(doc_row, start_m, K0, BLOCK_N, HAS_DOCS)
+    doc_q = _doc_ids(doc_row, offs_m, T, -1, HAS_DOCS)
     dq = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)
     if CAUSAL:
-        dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, mask_row, doc_row, stride_kt, stride_vt, offs_m, offs_e,
-                        lo, start_m, T, qk_scale, E, False, HAS_MASK, HAS_DOCS, BLOCK_N, PRECISION)
-        dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, mask_row, doc_row, stride_kt, stride_vt, offs_m, offs_e,
-                        start_m, tl.minimum(start_m + BLOCK_M, T), T, qk_scale, E, True, HAS_MASK, HAS_DOCS, BLOCK_N,
+        dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, mask_row, doc_q, kdoc_row, stride_kt, stride_vt, offs_m,
+                        offs_e, lo, start_m, T, qk_scale, E, False, HAS_MASK, HAS_DOCS, BLOCK_N, PRECISION)
+        dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, mask_row, doc_q, kdoc_row, stride_kt, stride_vt, offs_m,
+                        offs_e, start_m, tl.minimum(start_m + BLOCK_M, T), T, qk_scale, E, True, HAS_MASK, HAS_DOCS, BLOCK_N,
                         PRECISION)
     else:
-        hi = _last_key(end_row, tl.minimum(start_m + BLOCK_M, T) - 1, T, HAS_DOCS)
-        dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, mask_row, doc_row, stride_kt, stride_vt, offs_m, offs_e,
-                        lo, hi, T, qk_scale, E, False, HAS_MASK, HAS_DOCS, BLOCK_N, PRECISION)
+        hi = _last_key(end_row, tl.minimum(start_m + BLOCK_M, T) - 1, K0, T, HAS_DOCS)
+        dq = _dq_blocks(dq, q, do, lse, delta, k_base, v_base, mask_row, doc_q, kdoc_row, stride_kt, stride_vt, offs_m,
+                        offs_e, lo, hi, T, qk_scale, E, False, HAS_MASK, HAS_DOCS, BLOCK_N, PRECISION)
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_e[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
@@ -495,33 +532,40 @@ def _out_like(q: torch.Tensor) -> torch.Tensor:
 # The launches are registered as custom ops so torch.compile treats them as opaque calls.
 @torch.library.custom_op("pretrain::flash_attention_fwd", mutates_args=())
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, causal: bool,
-                  has_mask: bool, scale: float, docs: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``docs``: ``document_bounds`` of the batch's document ids, or None (one document a row)."""
+                  has_mask: bool, scale: float, docs: torch.Tensor | None = None, kdocs: torch.Tensor | None = None,
+                  q0: int = 0, k0: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``docs``: ``document_bounds`` of the batch's document ids, or None (one document a row). ``kdocs``, ``q0``,
+    ``k0``: where the keys are other tokens than the queries (a context-parallel pair of chunks), the keys' bounds
+    and where query 0 and key 0 lie in the coordinate of both bounds (global positions)."""
     b, h, t, e = q.shape
     out = _out_like(q)
     lse = torch.empty(b, h, t, dtype=torch.float32, device=q.device)
     grid = lambda meta: (triton.cdiv(t, meta["BLOCK_M"]), b * h)
-    _attn_fwd[grid](q, k, v, out, lse, mask, mask if docs is None else docs, scale * LOG2E, t, h, h // k.shape[1],
-                    e, *_bht(q), *_bht(k), *_bht(v), *_bht(out), seq_bucket(t), **_meta(q, causal, has_mask),
-                    HAS_DOCS=docs is not None)
+    docs = mask if docs is None else docs
+    _attn_fwd[grid](q, k, v, out, lse, mask, docs, docs if kdocs is None else kdocs, q0, k0, scale * LOG2E, t, h,
+                    h // k.shape[1], e, *_bht(q), *_bht(k), *_bht(v), *_bht(out), seq_bucket(t),
+                    **_meta(q, causal, has_mask), HAS_DOCS=docs is not mask)
     return out, lse
 
 
 @attention_fwd.register_fake
-def _(q, k, v, mask, causal, has_mask, scale, docs=None):
+def _(q, k, v, mask, causal, has_mask, scale, docs=None, kdocs=None, q0=0, k0=0):
     return _out_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("pretrain::flash_attention_bwd", mutates_args=())
 def attention_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                   mask: torch.Tensor, dout: torch.Tensor, causal: bool, has_mask: bool, scale: float,
-                  one_pass: bool = True, docs: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  one_pass: bool = True, docs: torch.Tensor | None = None, kdocs: torch.Tensor | None = None,
+                  q0: int = 0, k0: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of ``attention_fwd``'s output (``docs``, ``kdocs``, ``q0``, ``k0`` as there)."""
     b, h, t, e = q.shape
     kv_heads = k.shape[1]
     meta = _meta(q, causal, has_mask)
     meta["HAS_DOCS"] = docs is not None
+    requested, one_pass = one_pass, one_pass and one_pass_available(meta["BLOCK_E"], docs is not None)
     docs = mask if docs is None else docs
+    kdocs = docs if kdocs is None else kdocs
     delta = torch.empty(b, h, t, dtype=torch.float32, device=q.device)
     rows = 16 if interpreting() else 32
     _attn_bwd_delta_kernel[(triton.cdiv(t, rows), b * h)](out, dout, delta, t, h, e, *_bht(out), *_bht(dout),
@@ -531,19 +575,20 @@ def attention_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.
     grid = lambda meta: (triton.cdiv(t, meta["BLOCK_N"]), b * kv_heads)
     if one_pass:  # dQ summed over the key blocks in fp32 (B, H, T, BLOCK_E) rows, then cast once (torch's calls)
         dq_acc = torch.zeros(b, h, t, meta["BLOCK_E"], dtype=torch.float32, device=q.device)
-        _attn_bwd_dkdv[grid](q, k, v, dout, lse, delta, dk, dv, dq_acc, mask, docs, *common, *_bht(dk), *_bht(dv),
-                             seq_bucket(t), WITH_DQ=True, **meta)
+        _attn_bwd_dkdv[grid](q, k, v, dout, lse, delta, dk, dv, dq_acc, mask, docs, kdocs, q0, k0, *common,
+                             *_bht(dk), *_bht(dv), seq_bucket(t), WITH_DQ=True, **meta)
         return dq_acc[..., :e].to(q.dtype, memory_format=torch.contiguous_format), dk, dv
-    _attn_bwd_dkdv[grid](q, k, v, dout, lse, delta, dk, dv, delta, mask, docs, *common, *_bht(dk), *_bht(dv),
-                         seq_bucket(t), WITH_DQ=False, **meta)
-    dq = torch.empty_like(q)
+    _attn_bwd_dkdv[grid](q, k, v, dout, lse, delta, dk, dv, delta, mask, docs, kdocs, q0, k0, *common, *_bht(dk),
+                         *_bht(dv), seq_bucket(t), WITH_DQ=False, **meta)
+    dq = q.new_empty(q.shape) if requested else torch.empty_like(q)  # the layout the fake op promises
     grid = lambda meta: (triton.cdiv(t, meta["BLOCK_M"]), b * h)
-    _attn_bwd_dq[grid](q, k, v, dout, lse, delta, dq, mask, docs, *common, *_bht(dq), seq_bucket(t), **meta)
+    _attn_bwd_dq[grid](q, k, v, dout, lse, delta, dq, mask, docs, kdocs, q0, k0, *common, *_bht(dq), seq_bucket(t),
+                       **meta)
     return dq, dk, dv
 
 
 @attention_bwd.register_fake
-def _(q, k, v, out, lse, mask, dout, causal, has_mask, scale, one_pass=True, docs=None):
+def _(q, k, v, out, lse, mask, dout, causal, has_mask, scale, one_pass=True, docs=None, kdocs=None, q0=0, k0=0):
     return q.new_empty(q.shape) if one_pass else torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
