@@ -205,6 +205,14 @@ def test_blend_and_megatron_through_the_config(tmp_path, small_shards, prepared)
         assert len(from_mg) == len(from_sh) > 0
         for g in range(len(from_sh)):  # the same documents + EOS, packed the same way
             assert np.array_equal(from_mg.sample(g)["tokens"], from_sh.sample(g)["tokens"])
+    # packed documents: the Megatron index gives the same document ids as the shards' (data.document_mask)
+    docs = ("data.document_mask=true", "data.reset_positions=true")
+    mg_docs = build_samples(tiny_config(tmp_path, "data.source=megatron", f"data.path={mg}", *base[1:], *docs))
+    sh_docs = build_samples(tiny_config(tmp_path, *base, f"data.path={tmp_path / 'sh'}", *docs))
+    for g in range(len(sh_docs)):
+        a, b = mg_docs.sample(g), sh_docs.sample(g)
+        assert np.array_equal(a["document_ids"], b["document_ids"]) and np.array_equal(a["positions"], b["positions"])
+    assert max(int(mg_docs.sample(g)["document_ids"].max()) for g in range(len(sh_docs))) > 0
     # a raw Megatron prefix works too (given the tokenizer that wrote it)
     cfg_prefix = tiny_config(tmp_path, "data.source=megatron", f"data.path={mg / 'train'}", *base[1:],
                              f"data.tokenizer={prepared / 'tokenizer.model'}")

@@ -14,7 +14,8 @@ def test_check_mode_runs_every_op_against_the_reference():
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.strip().splitlines()
-    assert lines[-1] == "all ok" and len(lines) == 9  # attention, 2 norms, rotary, cross-entropy, 2 swiglu, adamw
+    # attention (and with documents), 2 norms, rotary, cross-entropy, 2 swiglu, adamw
+    assert lines[-1] == "all ok" and len(lines) == 10
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")

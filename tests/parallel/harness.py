@@ -142,16 +142,10 @@ LAYOUTS = {
     "qwen2_cp2": (2, ["train.micro_batch_size=8", "parallel.cp=2", *QWEN2]),
     "llama32_cp2": (2, ["train.micro_batch_size=8", "parallel.cp=2", "parallel.cp_impl=alltoall", *LLAMA32]),
     # document masking under the layouts it composes with (the ids and positions travel with each batch)
-    "docs_dp2": (2, ["train.micro_batch_size=2", "train.grad_accum=2", *DOCS]),
     "docs_tp2_sp": (2, ["train.micro_batch_size=8", "parallel.tp=2", "parallel.sequence_parallel=true", *DOCS,
                         "model.n_kv_heads=2"]),
     "docs_zero3_2": (2, ["train.micro_batch_size=4", "parallel.zero_stage=3", *DOCS]),
     "docs_moe_ep2": (2, ["train.micro_batch_size=4", "parallel.zero_stage=2", "parallel.ep=2", *MOE, *DOCS]),
-    "docs_bert_tp2": (2, ["train.micro_batch_size=8", "parallel.tp=2", "parallel.sequence_parallel=false",
-                          "model.arch=bert", *DOCS[:2], DOCS[3]]),
-    "docs_gpt2_tp2_dp2": (4, ["train.micro_batch_size=4", "parallel.tp=2", "parallel.zero_stage=3",
-                              "model.flavor=gpt2", *DOCS]),
-    # context parallelism: each sequence split over the cp ranks (zigzag chunks), attention across them
     "cp2_ring": (2, ["train.micro_batch_size=8", "parallel.cp=2"]),
     "cp2_ring_accum": (2, ["train.micro_batch_size=4", "train.grad_accum=2", "parallel.cp=2"]),  # DDP over cp: sync deferred
     "cp2_alltoall": (2, ["train.micro_batch_size=8", "parallel.cp=2", "parallel.cp_impl=alltoall",

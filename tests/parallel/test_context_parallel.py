@@ -70,7 +70,7 @@ class _AllChunksInOneProcess:
         assert t_local == len(self.order)
         return self.order.to(device)
 
-    def __call__(self, q, k, v):
+    def __call__(self, q, k, v, document_ids=None):
         visible = self.order[None, :] <= self.order[:, None]  # key position <= query position
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=visible,
                                                                 enable_gqa=k.shape[1] != q.shape[1])

@@ -81,7 +81,7 @@ def test_validate_prints_a_row_per_point_skips_by_reason_and_the_summary_line(tm
 
     monkeypatch.setattr(speed.estimate, "__defaults__", (Constants(
         bf16_efficiency=0.88, fp8_efficiency=0.68, attention_efficiency=0.51, width_half=510, memory_bytes=250,
-        tp_exposed=0.14, dp_overlap=1.0),))
+        tp_exposed=0.14, dp_overlap=1.0), 1.0))
     assert main(["validate", "--points", str(fixture(tmp_path))]) == 0
     out = capsys.readouterr().out.splitlines()
     rows = {line.split()[0]: line.split()[1:] for line in out if line.startswith("dense_")}
