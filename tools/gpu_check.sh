@@ -69,7 +69,7 @@ METER=(env TRITON_INTERPRET=1 $PY tools/step_cost.py --config configs/gpt_1b.tom
 # name | timeout (s) | command
 plan=(  # most wanted first: the goals' numbers, then the kernel table
     "facts|30|$PY tools/gpu_report.py --facts $OUT/facts.json"
-    "gpu_tests|120|$PY -m pytest -p no:cacheprovider -q -m gpu tests/kernels"
+    "gpu_tests|120|$PY -m pytest -p no:cacheprovider -q -m gpu tests/kernels tests/models/test_documents.py"
     "train_triton|120|$PY ${TRAIN[*]} ${VARIANT_triton[*]} logging.run_dir=$OUT/train-triton"
     "train_torch|120|$PY ${TRAIN[*]} ${VARIANT_torch[*]} logging.run_dir=$OUT/train-torch"
     "train_fp8|120|$PY ${TRAIN[*]} ${VARIANT_torch[*]} train.fp8=tensorwise logging.run_dir=$OUT/train-fp8"

@@ -31,8 +31,11 @@ COMPANIONS = {"rms_norm": ("add_rms_norm",), "layer_norm": ("add_layer_norm",), 
 
 def torch_attention(q, k, v, causal=True, key_padding_mask=None, scale=None, dropout_p=0.0, document_ids=None):
     """q (B, H, T, E); k, v (B, K, T, E) with K dividing H; key_padding_mask (B, T) bool, True = keep;
-    document_ids (B, T) ints, equal ids side by side forming one document: a token attends only within its own
-    (a dense (B, 1, T, T) boolean mask through SDPA — the reference every layout can run)."""
+    document_ids (B, T) ints, equal ids side by side forming one document: a token attends only within its own —
+    on CUDA through FlexAttention's block mask (blocks of other documents skipped), elsewhere (and with dropout) a
+    dense (B, 1, T, T) boolean mask through SDPA, the reference every layout can run."""
+    if document_ids is not None and q.is_cuda and not dropout_p:
+        return flex_documents(q, k, v, causal, key_padding_mask, document_ids, scale)
     mask = None
     if key_padding_mask is not None:
         mask = key_padding_mask[:, None, None, :]  # (B, 1, 1, T) broadcast over heads and queries
@@ -46,6 +49,40 @@ def torch_attention(q, k, v, causal=True, key_padding_mask=None, scale=None, dro
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal, scale=scale, enable_gqa=k.shape[1] != q.shape[1]
     )
+
+
+_BLOCK_MASKS: list = []  # [(key, block mask)] of the last call: the layers of one forward share one batch's mask
+_FLEX: list = []  # the compiled flex_attention, made on first use
+
+
+def flex_documents(q, k, v, causal, key_padding_mask, document_ids, scale=None, compiled: bool = True):
+    """Document-masked attention through FlexAttention: a block mask from the ids (and causality, key padding),
+    built once a batch, so key blocks wholly in other documents are never computed. ``compiled``: through
+    ``torch.compile`` (FlexAttention's fused kernels; eager runs it unfused, forward only on the CPU)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    b, _, t, _ = q.shape
+    key = (document_ids, document_ids._version, causal, key_padding_mask, t, q.device)
+    same = _BLOCK_MASKS and all(a is c if isinstance(a, torch.Tensor) or isinstance(c, torch.Tensor) else a == c
+                                for a, c in zip(_BLOCK_MASKS[0][0], key))
+    if not same:
+        ids, pad = document_ids, key_padding_mask
+
+        def keep(batch, head, qi, ki):
+            ok = ids[batch, qi] == ids[batch, ki]
+            if causal:
+                ok = ok & (ki <= qi)
+            if pad is not None:
+                ok = ok & pad[batch, ki]
+            return ok
+
+        _BLOCK_MASKS[:] = [(key, create_block_mask(keep, b, None, t, t, device=q.device))]
+    run = flex_attention
+    if compiled:
+        if not _FLEX:
+            _FLEX.append(torch.compile(flex_attention, dynamic=False))
+        run = _FLEX[0]
+    return run(q, k, v, block_mask=_BLOCK_MASKS[0][1], scale=scale, enable_gqa=k.shape[1] != q.shape[1])
 
 
 def torch_rms_norm(x, weight, eps):

@@ -84,3 +84,35 @@ def test_without_document_ids_documents_see_each_other():
     alone = model(tokens[:, 8:])
     unmasked = model(tokens, positions=_positions(ids))
     assert (unmasked[:, 8:] - alone).abs().max() > 1e-3
+
+
+def test_flex_attention_block_mask_equals_the_dense_mask():
+    """The torch path's CUDA route (FlexAttention's block mask from the ids, causality and key padding) gives the
+    dense mask's outputs — checked here eagerly, forward only (FlexAttention has no CPU backward); the gpu-marked
+    test below runs it compiled, forward and backward."""
+    from pretrain.models.ops import flex_documents, torch_attention
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 48, 16), torch.randn(2, 2, 48, 16), torch.randn(2, 2, 48, 16)
+    ids = _documents(2, 48, [1, 20, 7, 13])
+    pad = torch.arange(48)[None] < torch.tensor([[48], [40]])
+    for causal, mask in ((True, None), (False, pad)):
+        flex = flex_documents(q, k, v, causal, mask, ids, compiled=False)
+        dense = torch_attention(q, k, v, causal=causal, key_padding_mask=mask, document_ids=ids)
+        torch.testing.assert_close(flex, dense, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+def test_flex_attention_on_cuda_matches_the_dense_mask_forward_and_backward():
+    from pretrain.kernels import reference
+    from pretrain.models.ops import flex_documents
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, n, 256, 64, device="cuda", requires_grad=True) for n in (8, 2, 2))
+    ids = _documents(2, 256, [1, 100, 37, 64]).cuda()
+    flex = flex_documents(q, k, v, True, None, ids)
+    grads = torch.autograd.grad(flex.sum(), (q, k, v))
+    dense = reference.attention(q, k, v, causal=True, document_ids=ids)  # torch_attention on CUDA is flex itself
+    for a, b in zip(grads, torch.autograd.grad(dense.sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=2e-4)
+    torch.testing.assert_close(flex, dense, atol=2e-4, rtol=2e-4)
