@@ -203,6 +203,9 @@ class TrainConfig:
 class EvalConfig:
     interval: int = 0  # 0 = off
     steps: int = 10
+    # downstream tasks: JSONL files (pretrain/downstream.py), scored in the loop every downstream_interval steps
+    tasks: list = field(default_factory=list)
+    downstream_interval: int = 0  # 0 = eval.interval (and at the last step either way)
 
 
 @dataclass
@@ -638,6 +641,28 @@ def _data(cfg: Config) -> None:
     if d.bert_pairs != "none" and not (cfg.model.arch == "bert" and cfg.model.nsp_head):
         raise ConfigError(f'data.bert_pairs = "{d.bert_pairs}" needs model.arch = "bert" and model.nsp_head = true')
     _documents(cfg)
+    _downstream(cfg)
+
+
+def _downstream(cfg: Config) -> None:
+    e, p = cfg.eval, cfg.parallel
+    if not isinstance(e.tasks, list) or not all(isinstance(t, str) and t for t in e.tasks):
+        raise ConfigError(f"eval.tasks must be a list of task file paths, got {e.tasks!r}")
+    if e.downstream_interval < 0:
+        raise ConfigError(f"eval.downstream_interval must be >= 0, got {e.downstream_interval}")
+    if not e.tasks:
+        return
+    if cfg.model.arch != "gpt":
+        raise ConfigError("eval.tasks scores continuations with a causal model: it needs model.arch = \"gpt\"")
+    if cfg.data.source == "synthetic" and not cfg.data.tokenizer:
+        raise ConfigError("eval.tasks needs a tokenizer to encode the tasks: data.source = \"synthetic\" has none; "
+                          "set data.tokenizer or train on prepared data")
+    for key, value in (("parallel.pp", p.pp), ("parallel.cp", p.cp)):
+        if value > 1:
+            raise ConfigError(f"eval.tasks with {key} = {value} is not supported yet (the scorer runs the model's "
+                              f"forward whole on each rank); set {key} = 1 or eval.tasks = []")
+    if p.engine == "deepspeed":
+        raise ConfigError("eval.tasks with parallel.engine = \"deepspeed\" is not supported yet")
 
 
 def _documents(cfg: Config) -> None:

@@ -85,7 +85,12 @@ def build_trainer(cfg: Config, dist: distributed.DistInfo, dims: ParallelDims | 
     check_writable(cfg.logging.run_dir, "run dir (logging.run_dir)")  # every rank: before anything is written
     metrics = MetricsLogger(cfg.logging.run_dir, enabled=dist.is_main, tensorboard=cfg.logging.tensorboard,
                             wandb_project=cfg.logging.wandb_project, config=cfg.to_dict())
-    return Trainer(cfg, parallel, task_for(cfg.model.arch), train_data, dist, val_factory, metrics)
+    from pretrain.downstream import Downstream
+
+    downstream = Downstream.for_config(cfg)  # every task file read and encoded before step 1
+    trainer = Trainer(cfg, parallel, task_for(cfg.model.arch), train_data, dist, val_factory, metrics)
+    trainer.downstream = downstream
+    return trainer
 
 
 def _launched_rank() -> int:

@@ -94,6 +94,7 @@ class Trainer:
         self.engine = build_engine(cfg, parallel, task, optimizer, self.device, self.grad_ranks)
         self.model, self.optimizer = self.engine.model, self.engine.optimizer
         self.val_data_factory = val_data_factory
+        self.downstream = None  # pretrain.downstream.Downstream: eval.tasks, set by build_trainer
         self.metrics = metrics or MetricsLogger(cfg.logging.run_dir, enabled=False)
         self.step = self.data_skipped = self.skipped_updates = self.nonfinite_in_a_row = 0
         self.stop_requested = self.preempted = False  # a stop signal: save at the end of the step and stop
@@ -336,6 +337,9 @@ class Trainer:
             if cfg.eval.interval and self.val_data_factory and (
                     self.step % cfg.eval.interval == 0 or self.step == total_steps):
                 self._eval_and_log()
+            every = cfg.eval.downstream_interval or cfg.eval.interval
+            if self.downstream is not None and (self.step == total_steps or every and self.step % every == 0):
+                self._downstream_and_log()
             if self._agree_to_stop():
                 self.checkpoints = self.checkpoints or self._manager()
                 path = self.save()
@@ -363,6 +367,20 @@ class Trainer:
         self.metrics.log(self.step, values)
         self.metrics.console(f"eval step {self.step} | val loss {values['val_loss']:.4f} | "
                              f"val ppl {values['val_ppl']:.2f} | accuracy {values['accuracy']:.4f}")
+
+    def _downstream_and_log(self) -> None:
+        """The downstream tasks (eval.tasks) on the model as it is: items split over the data-parallel ranks, sums
+        reduced exactly; no gradient, no random draw, the training mode restored."""
+        from pretrain import distributed
+
+        def most(count: torch.Tensor) -> torch.Tensor:  # every rank runs as many forwards as the busiest
+            return -distributed.all_reduce_min(-count)
+
+        with self.engine.autocast():
+            values = self.downstream.evaluate(self.raw_model, self.device, self.parallel.grad_rank, self.grad_ranks,
+                                              self._grad_sum, most)
+        self.metrics.log(self.step, values)
+        self.metrics.console(f"downstream step {self.step} | " + " | ".join(f"{k} {v:.4f}" for k, v in values.items()))
 
     def _log(self, result: StepResult, tokens: int, seconds: float, start_step: int, fit_start: float) -> None:
         tokens_per_s = tokens / max(seconds, 1e-9)

@@ -1,0 +1,208 @@
+"""In-loop downstream evaluation (pretrain/downstream.py): the scorer against a hand computation, the task files'
+bad inputs, and the trainer's in-loop scores — which must not perturb training."""
+
+import json
+
+import pytest
+import torch
+
+from pretrain.distributed import DistInfo
+from pretrain.downstream import Downstream, encode_pair, load_task, requests_of, score, task_sums
+from pretrain.errors import ConfigError, DataError
+from pretrain.train import build_trainer
+
+from .conftest import tiny_config
+
+
+class Chars:
+    """A character tokenizer: 'a'.. -> 1.., space 27, EOS 0."""
+    eos_id = 0
+
+    def encode(self, text):
+        return [27 if c == " " else ord(c) - ord("a") + 1 for c in text]
+
+
+TABLE = torch.randn(28, 28, generator=torch.Generator().manual_seed(0))
+
+
+def bigram(tokens):
+    """A fixed bigram model: the logits after token t are TABLE[t]."""
+    return TABLE[tokens]
+
+
+def ll(context: str, continuation: str) -> float:
+    """The hand computation: sum of log p(next | previous) over the continuation's characters."""
+    ids = Chars().encode(context + continuation)
+    lp = torch.log_softmax(TABLE, -1)
+    start = len(context)
+    return sum(float(lp[ids[i - 1], ids[i]]) for i in range(start, len(ids)))
+
+
+def write(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_scores_equal_a_hand_computation_with_ties_lengths_and_truncation(tmp_path):
+    """3 items: acc picks the highest log-likelihood, acc_norm the highest per character (lm-eval's definitions);
+    two equal choices go to the first; a context longer than seq_len loses its left end, as lm-eval cuts it."""
+    items = [{"context": "the cat", "choices": [" sat", " ran away", " is"], "gold": 1},
+             {"context": "ab", "choices": [" zz", " zz"], "gold": 1},  # a tie: the first wins, so wrong
+             {"context": "abcdefghijklmnopqrstuvwxyz", "choices": [" q", " xy"], "gold": 0}]
+    task = load_task(write(tmp_path / "toy.jsonl", items))
+    seq_len = 10  # " ran away" (9 characters) keeps one context character before it
+    requests = requests_of(task, Chars(), 28)
+    results = score(bigram, requests, seq_len, batch_size=2, device="cpu")
+    for req, (got, _) in zip(requests, results):
+        item = items[req.item]
+        context, choice = item["context"], item["choices"][req.choice]
+        whole = (context + choice)[-(seq_len + 1):]  # the window the scorer sees, continuation kept
+        torch.testing.assert_close(got, ll(whole[:len(whole) - len(choice)], choice), rtol=0, atol=1e-5)
+    sums = task_sums(task, requests, results)
+    expected_acc, expected_norm = 0, 0
+    for item in items:
+        lls = [ll(item["context"][-(seq_len + 1 - len(c)):] if len(item["context"] + c) > seq_len + 1 else
+                  item["context"], c) for c in item["choices"]]
+        expected_acc += int(max(range(len(lls)), key=lambda j: (lls[j], -j)) == item["gold"])
+        norm = [x / len(c) for x, c in zip(lls, item["choices"])]
+        expected_norm += int(max(range(len(norm)), key=lambda j: (norm[j], -j)) == item["gold"])
+    assert sums[0] == 3 and sums[1] == expected_acc and sums[2] == expected_norm
+    assert sums[1] <= 2  # the tied item is wrong whatever the model
+
+
+def test_last_word_accuracy_and_perplexity(tmp_path):
+    task = load_task(write(tmp_path / "lamb.jsonl", [{"context": "abc", "continuation": " de"},
+                                                    {"context": "", "continuation": "xy"}]))
+    assert task.kind == "last_word"
+    requests = requests_of(task, Chars(), 28)
+    assert requests[1].context == [0]  # an empty context is the EOS token
+    results = score(bigram, requests, 16, 4, "cpu")
+    greedy = [all(int(TABLE[a].argmax()) == b for a, b in zip(r.context[-1:] + r.continuation[:-1], r.continuation))
+              for r in requests]
+    assert [g for _, g in results] == greedy
+    sums = task_sums(task, requests, results)
+    total = ll("abc", " de") + float(sum(torch.log_softmax(TABLE, -1)[a, b] for a, b in ((0, 24), (24, 25))))
+    torch.testing.assert_close(float(sums[3]), total, rtol=0, atol=1e-5)
+    assert sums[4] == 5  # " de" and "xy": 3 + 2 tokens
+
+
+def test_encode_pair_moves_the_contexts_trailing_space():
+    assert encode_pair(Chars(), "ab ", "c") == ([1, 2], [27, 3])
+
+
+@pytest.mark.parametrize("lines, message", [
+    (['{"context": "a", "choices": ["b", "c"], "gold": 0}', "{not json"], r"bad\.jsonl:2: not JSON"),
+    (['{"context": "a", "choices": ["b"], "gold": 0}'], r"bad\.jsonl:1: a multiple-choice item needs at least 2"),
+    (['{"context": "a", "choices": ["b", "c"], "gold": 2}'], r"bad\.jsonl:1: gold 2 is out of range for 2 choices"),
+    (['{"context": "a", "choices": ["b", "c"], "gold": true}'], r"bad\.jsonl:1: 'gold' must be an integer"),
+    (['{"choices": ["b", "c"], "gold": 0}'], r"bad\.jsonl:1: 'context' must be a string"),
+    (['{"context": "a", "choices": ["b", "c"], "gold": 0}', '{"context": "a", "continuation": "b"}'],
+     r"bad\.jsonl:2: a last-word item in a file of choice items"),
+    (['{"context": "a"}'], r"bad\.jsonl:1: an item needs 'choices' and 'gold'"),
+    ([], r"bad\.jsonl: no items"),
+])
+def test_a_bad_task_file_is_one_line_naming_file_and_line(tmp_path, lines, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=message):
+        load_task(path)
+
+
+def test_missing_file_and_tokenizer_mismatch(tmp_path):
+    with pytest.raises(DataError, match=r"eval.tasks: .*nope.jsonl does not exist"):
+        load_task(tmp_path / "nope.jsonl")
+    task = load_task(write(tmp_path / "t.jsonl", [{"context": "zz", "choices": [" a", " b"], "gold": 0}]))
+    with pytest.raises(DataError, match=r"the tokenizer gives id 27, outside model.vocab_size \(20\): the task is "
+                                        "encoded with another tokenizer than the model's"):
+        requests_of(task, Chars(), 20)
+
+
+def _task_file(tmp_path, prepared, n=12):
+    from pretrain.data.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(prepared / "tokenizer.model")
+    assert tok.vocab_size <= 512
+    records = [{"context": f"def f{i}(x):\n    return", "choices": [" x", " None", f" x + {i}", " self"], "gold": i % 4}
+               for i in range(n)]
+    return write(tmp_path / "code_mc.jsonl", records)
+
+
+def test_in_loop_scores_are_logged_and_do_not_perturb_training(tmp_path, prepared):
+    """Two tasks every 2 steps and at the end: the metrics carry <stem>_acc / _acc_norm / _ppl beside the loss, and
+    the run's losses and final parameters equal those of the same run without them."""
+    from pretrain.metrics import read_metrics
+
+    mc = _task_file(tmp_path, prepared)
+    lw = write(tmp_path / "code_lw.jsonl", [{"context": "import o", "continuation": "s"},
+                                            {"context": "def ", "continuation": "__init__"}])
+    base = ("data.source=shards", f"data.path={prepared}", "model.vocab_size=512", "train.steps=4",
+            "model.seq_len=32", "logging.interval=1")
+    runs = {}
+    for name, extra in (("plain", ()), ("tasks", (f"eval.tasks=['{mc}', '{lw}']", "eval.downstream_interval=2"))):
+        torch.manual_seed(0)
+        cfg = tiny_config(tmp_path / name, *base, *extra)
+        trainer = build_trainer(cfg, DistInfo())
+        losses = trainer.fit()
+        runs[name] = (losses, {k: v.clone() for k, v in trainer.raw_model.state_dict().items()}, cfg)
+    assert runs["plain"][0] == runs["tasks"][0]
+    assert all(torch.equal(runs["plain"][1][k], v) for k, v in runs["tasks"][1].items())
+    rows = [r for r in read_metrics(runs["tasks"][2].logging.run_dir) if "code_mc_acc" in r]
+    assert [r["step"] for r in rows] == [2, 4]
+    for r in rows:
+        assert 0 <= r["code_mc_acc"] <= 1 and 0 <= r["code_mc_acc_norm"] <= 1
+        assert 0 <= r["code_lw_acc"] <= 1 and r["code_lw_ppl"] > 1
+        assert r["code_mc_acc"] * 12 == round(r["code_mc_acc"] * 12)  # a count of the 12 items
+
+
+def test_downstream_scores_split_over_ranks_sum_to_one_process(tmp_path, prepared):
+    """Items split i mod ranks and the per-task sums added give one process's numbers exactly (the reduction the
+    trainer does over data-parallel ranks; every rank runs as many batches as the busiest)."""
+    from pretrain.models import build_model
+
+    mc = _task_file(tmp_path, prepared, n=7)
+    cfg = tiny_config(tmp_path, "data.source=shards", f"data.path={prepared}", "model.vocab_size=512",
+                      f"eval.tasks=['{mc}']")
+    downstream = Downstream.for_config(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    whole = downstream.evaluate(model, "cpu")
+    parts, calls = [], []
+
+    class Counting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, tokens):
+            calls.append(tokens.shape[0])
+            return self.inner(tokens)
+
+    for rank in range(3):
+        sums = []
+        downstream.evaluate(Counting(), "cpu", rank, 3, reduce=lambda s, sums=sums: sums.append(s) or s,
+                            max_reduce=lambda c: torch.tensor(5))
+        parts.append(sums[0])
+    total = sum(parts)
+    assert total[0] == 7 and len(calls) == 15  # 5 forwards a rank, whatever its share
+    from pretrain.downstream import metrics_of
+
+    assert metrics_of(downstream.tasks[0], total) == whole
+
+
+def test_config_refusals(tmp_path):
+    with pytest.raises(ConfigError, match="eval.tasks needs a tokenizer to encode the tasks"):
+        tiny_config(tmp_path, "eval.tasks=['x.jsonl']")
+    with pytest.raises(ConfigError, match='it needs model.arch = "gpt"'):
+        tiny_config(tmp_path, "eval.tasks=['x.jsonl']", "data.tokenizer=t.model", arch="bert")
+    with pytest.raises(ConfigError, match="eval.tasks with parallel.pp = 2 is not supported yet"):
+        tiny_config(tmp_path, "eval.tasks=['x.jsonl']", "data.tokenizer=t.model", "parallel.pp=2")
+    with pytest.raises(ConfigError, match="eval.downstream_interval must be >= 0"):
+        tiny_config(tmp_path, "eval.downstream_interval=-1")
+
+
+def test_two_task_files_with_one_stem_are_refused(tmp_path):
+    record = [{"context": "a", "choices": [" b", " c"], "gold": 0}]
+    (tmp_path / "x").mkdir()
+    paths = [str(write(tmp_path / "t.jsonl", record)), str(write(tmp_path / "x" / "t.jsonl", record))]
+    with pytest.raises(DataError, match="eval.tasks: two files named t: the metrics are named by the file's stem"):
+        Downstream(paths, Chars(), 28, 16, 2)
