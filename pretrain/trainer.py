@@ -368,7 +368,7 @@ class Trainer:
         self.metrics.console(f"eval step {self.step} | val loss {values['val_loss']:.4f} | "
                              f"val ppl {values['val_ppl']:.2f} | accuracy {values['accuracy']:.4f}")
 
-    def _downstream_and_log(self) -> None:
+    def downstream_scores(self) -> dict[str, float]:
         """The downstream tasks (eval.tasks) on the model as it is: items split over the data-parallel ranks, sums
         reduced exactly; no gradient, no random draw, the training mode restored."""
         from pretrain import distributed
@@ -377,8 +377,11 @@ class Trainer:
             return -distributed.all_reduce_min(-count)
 
         with self.engine.autocast():
-            values = self.downstream.evaluate(self.raw_model, self.device, self.parallel.grad_rank, self.grad_ranks,
-                                              self._grad_sum, most)
+            return self.downstream.evaluate(self.raw_model, self.device, self.parallel.grad_rank, self.grad_ranks,
+                                            self._grad_sum, most)
+
+    def _downstream_and_log(self) -> None:
+        values = self.downstream_scores()
         self.metrics.log(self.step, values)
         self.metrics.console(f"downstream step {self.step} | " + " | ".join(f"{k} {v:.4f}" for k, v in values.items()))
 

@@ -403,7 +403,8 @@ def shared_references(names: list[str], info: DistInfo, tmp: str) -> dict[tuple,
 
 # checks that are not training layouts, run inside the launch of their world size (no launch of their own):
 # name -> (world sizes, module with ``checks() -> failed``); each prints its own lines
-CHECKS = {"cp_attention": ((2, 4), "tests.parallel.cp_attention"), "moe_dispatch": ((2,), "tests.parallel.moe_dispatch")}
+CHECKS = {"cp_attention": ((2, 4), "tests.parallel.cp_attention"), "moe_dispatch": ((2,), "tests.parallel.moe_dispatch"),
+          "downstream": ((2,), "tests.parallel.downstream_layouts")}
 
 
 def main(names: list[str]) -> int:

@@ -1,0 +1,89 @@
+"""Run inside the harness's launches (``checks``): in-loop downstream scores (pretrain/downstream.py) under parallel
+layouts equal one process's exactly — the same items, the same sums — and print one line per layout:
+``DOWNSTREAM name ok|FAILED ...``. The model is each layout's freshly built one (seeded: the same weights as the
+one-process reference, as the harness's layouts), scored before any step."""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from pretrain.distributed import DistInfo  # noqa: E402
+from pretrain.downstream import Downstream  # noqa: E402
+from pretrain.parallel.dims import ParallelDims  # noqa: E402
+from pretrain.train import build_trainer  # noqa: E402
+from tests.parallel.harness import BASE, MOE  # noqa: E402
+
+LAYOUTS = {  # world 2 (name -> overrides)
+    "dp2": ["train.micro_batch_size=4"],
+    "zero3_2": ["train.micro_batch_size=4", "parallel.zero_stage=3"],
+    "tp2_sp": ["train.micro_batch_size=8", "parallel.tp=2"],
+    "moe_ep2": ["train.micro_batch_size=4", "parallel.zero_stage=2", "parallel.ep=2", *MOE],
+}
+
+
+class Letters:
+    """A tokenizer of letters (1..26), space 27, anything else 28; EOS 0 — inside the tiny model's vocab of 64."""
+    eos_id = 0
+
+    def encode(self, text):
+        return [ord(c) - 96 if "a" <= c <= "z" else 27 if c == " " else 28 for c in text]
+
+
+def task_files(root: Path) -> list[str]:
+    words = ["apple", "river", "stone", "cloud", "eagle", "flame", "grape", "house", "light", "mango", "night"]
+    mc = [{"context": f"the {words[i % 11]} and the", "choices": [f" {w}" for w in words[i % 3:i % 3 + 4]],
+           "gold": i % 4} for i in range(13)]  # 13 items: uneven over 2 ranks
+    lw = [{"context": f"a {w} is a", "continuation": f" {words[(j + 1) % 11]}"} for j, w in enumerate(words)]
+    paths = []
+    for name, records in (("mc", mc), ("lw", lw)):
+        path = root / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        paths.append(str(path))
+    return paths
+
+
+def scores(overrides: list[str], info: DistInfo, run_dir: str, paths: list[str]) -> dict[str, float]:
+    from pretrain.config import load_config
+
+    cfg = load_config(None, [*BASE, *overrides, f"logging.run_dir={run_dir}"])
+    trainer = build_trainer(cfg, info, ParallelDims.from_config(cfg, info.world_size))
+    trainer.downstream = Downstream(paths, Letters(), cfg.model.vocab_size, cfg.model.seq_len, 3)
+    return trainer.downstream_scores()
+
+
+def checks() -> bool:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if world != 2:
+        return False
+    failed = False
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        if rank == 0:
+            task_files(root)
+        paths = [str(root / "mc.jsonl"), str(root / "lw.jsonl")]
+        shared = [tmp]
+        dist.broadcast_object_list(shared, src=0)  # one directory for both ranks (the same machine)
+        paths = [p.replace(tmp, shared[0]) for p in paths]
+        dist.barrier()
+        for name, overrides in LAYOUTS.items():
+            arch = [o for o in overrides if o.startswith("model.")]
+            reference = scores(["train.micro_batch_size=8", *arch], DistInfo(0, 1, 0, torch.device("cpu")),
+                               f"{tmp}/ref-{name}-{rank}", paths)
+            got = scores(overrides, DistInfo(rank, world, rank, torch.device("cpu")), f"{tmp}/{name}", paths)
+            exact = all(got[k] == reference[k] for k in got if not k.endswith("_ppl"))
+            close = all(abs(got[k] / reference[k] - 1) <= 1e-6 for k in got if k.endswith("_ppl"))
+            ok = exact and close and set(got) == {"mc_acc", "mc_acc_norm", "lw_acc", "lw_ppl"}
+            failed |= not ok
+            if rank == 0:
+                print(f"DOWNSTREAM {name} {'ok' if ok else 'FAILED'} {json.dumps(got)} reference "
+                      f"{json.dumps(reference)}", flush=True)
+        dist.barrier()
+    return failed
