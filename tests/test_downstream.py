@@ -206,3 +206,25 @@ def test_two_task_files_with_one_stem_are_refused(tmp_path):
     paths = [str(write(tmp_path / "t.jsonl", record)), str(write(tmp_path / "x" / "t.jsonl", record))]
     with pytest.raises(DataError, match="eval.tasks: two files named t: the metrics are named by the file's stem"):
         Downstream(paths, Chars(), 28, 16, 2)
+
+
+def test_plot_metrics_draws_the_downstream_panels(tmp_path):
+    import subprocess
+    import sys
+
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"step": s, "loss": 5.0 - s, "lr": 1e-3, "tokens_per_s": 100.0, "step_time_s": 0.1} for s in (1, 2)]
+    rows[1].update({"hella_acc": 0.3, "hella_acc_norm": 0.35, "lamb_acc": 0.1, "lamb_ppl": 40.0, "val_ppl": 9.0})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "tools"))
+    from plot_metrics import downstream_keys
+
+    assert downstream_keys({"run": rows}) == (["hella_acc", "hella_acc_norm", "lamb_acc"], ["lamb_ppl"])
+    done = subprocess.run([sys.executable, str(root / "tools" / "plot_metrics.py"), str(run), "--out",
+                           str(tmp_path / "p.png")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "p.png").stat().st_size > 0

@@ -6,7 +6,8 @@
     python tools/plot_metrics.py runs/bench_kernels/kernels-*.csv --out kernels.png
 
 Runs: four panels — train loss with validation loss, learning rate, tokens/s (global), MFU when known (else
-step time). Kernel CSVs: one panel per (op, shape), a bar per implementation and file (ms, lower is better).
+step time) — and, when a run logged downstream tasks (``eval.tasks``), two more: their accuracies
+(``<task>_acc``, ``<task>_acc_norm``) and perplexities (``<task>_ppl``). Kernel CSVs: one panel per (op, shape), a bar per implementation and file (ms, lower is better).
 """
 
 from __future__ import annotations
@@ -34,9 +35,26 @@ def last_per_step(records: list[dict], key: str) -> tuple[list[int], list[float]
     return steps, [values[s] for s in steps]
 
 
+def downstream_keys(runs: dict[str, list[dict]]) -> tuple[list[str], list[str]]:
+    """(accuracy keys, perplexity keys) of the downstream tasks any run logged."""
+    keys = {k for records in runs.values() for r in records for k in r}
+    return (sorted(k for k in keys if k.endswith(("_acc", "_acc_norm"))),
+            sorted(k for k in keys if k.endswith("_ppl") and k != "val_ppl"))
+
+
 def plot_runs(runs: dict[str, list[dict]], out: Path, plt) -> None:
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
-    (loss_ax, lr_ax), (tps_ax, mfu_ax) = axes
+    accs, ppls = downstream_keys(runs)
+    fig, axes = plt.subplots(3 if accs or ppls else 2, 2, figsize=(12, 12 if accs or ppls else 8))
+    (loss_ax, lr_ax), (tps_ax, mfu_ax) = axes[:2]
+    if accs or ppls:
+        acc_ax, ppl_ax = axes[2]
+        for label, records in runs.items():
+            for key in accs:
+                acc_ax.plot(*last_per_step(records, key), "o-", label=f"{label} {key}", markersize=3)
+            for key in ppls:
+                ppl_ax.plot(*last_per_step(records, key), "o-", label=f"{label} {key}", markersize=3)
+        acc_ax.set_title("downstream accuracy")
+        ppl_ax.set_title("downstream perplexity")
     any_mfu = any(r.get("mfu") is not None for records in runs.values() for r in records)
     for label, records in runs.items():
         steps, loss = last_per_step(records, "loss")
