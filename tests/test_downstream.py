@@ -13,6 +13,8 @@ from pretrain.train import build_trainer
 
 from .conftest import tiny_config
 
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
 
 class Chars:
     """A character tokenizer: 'a'.. -> 1.., space 27, EOS 0."""
@@ -228,3 +230,38 @@ def test_plot_metrics_draws_the_downstream_panels(tmp_path):
                            str(tmp_path / "p.png")], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_evaluate_tool_scores_a_checkpoint_as_the_loop_did(tmp_path, prepared, small_corpus, capsys):
+    """tools/evaluate.py on the checkpoint a run saved gives the scores the run logged at that step; a tokenizer
+    other than the run's is one line naming both hashes; a bad task file one line naming it."""
+    import importlib.util
+
+    from pretrain.data.prepare import prepare
+    from pretrain.metrics import read_metrics
+
+    mc = _task_file(tmp_path, prepared, n=10)
+    cfg = tiny_config(tmp_path, "data.source=shards", f"data.path={prepared}", "model.vocab_size=512",
+                      "model.seq_len=32", "train.steps=2", "checkpoint.interval=2", f"eval.tasks=['{mc}']")
+    build_trainer(cfg, DistInfo()).fit()
+    logged = next(r for r in read_metrics(cfg.logging.run_dir) if "code_mc_acc" in r)
+    spec = importlib.util.spec_from_file_location("evaluate_tool", ROOT / "tools" / "evaluate.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    checkpoints = str(cfg.checkpoint_dir)
+    capsys.readouterr()  # the run's own lines
+    assert tool.main(["--checkpoint", checkpoints, "--tasks", str(mc), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got == {"code_mc": {"acc": logged["code_mc_acc"], "acc_norm": logged["code_mc_acc_norm"]}}
+
+    other = tmp_path / "other"
+    prepare([str(p) for p in sorted(small_corpus.iterdir())[:5]], other, vocab_size=400, val_fraction=0.0,
+            progress=False)
+    assert tool.main(["--checkpoint", checkpoints, "--tasks", str(mc), "--tokenizer",
+                      str(other / "tokenizer.model")]) == 2
+    assert "is not the one" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"context": "a", "choices": ["b"], "gold": 0}\n')
+    assert tool.main(["--checkpoint", checkpoints, "--tasks", str(bad)]) == 2
+    assert capsys.readouterr().err.strip() == (f"error: {bad}:1: a multiple-choice item needs at least 2 choices, "
+                                               "got 1")
