@@ -164,8 +164,6 @@ LAYOUTS = {
     "docs_bert_pp2": (2, ["train.micro_batch_size=8", "parallel.pp=2", "model.arch=bert", *DOCS[:2], DOCS[3]]),
     "docs_cp2_ring": (2, ["train.micro_batch_size=8", "parallel.cp=2", *DOCS]),
     "docs_cp2_alltoall": (2, ["train.micro_batch_size=8", "parallel.cp=2", "parallel.cp_impl=alltoall", *DOCS]),
-    "docs_cp2_ring_triton": (2, ["train.micro_batch_size=8", "parallel.cp=2", "model.kernels=attention",
-                                 "model.n_layers=1", "model.n_heads=2", "model.n_kv_heads=1", *DOCS]),
     "moe_cp2": (2, ["train.micro_batch_size=8", "parallel.cp=2", "parallel.zero_stage=2", *MOE,
                     "model.moe_balance=bias"]),
     "cp4_ring": (4, ["train.micro_batch_size=8", "parallel.cp=4", "parallel.zero_stage=2"]),
