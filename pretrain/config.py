@@ -657,10 +657,6 @@ def _downstream(cfg: Config) -> None:
     if cfg.data.source == "synthetic" and not cfg.data.tokenizer:
         raise ConfigError("eval.tasks needs a tokenizer to encode the tasks: data.source = \"synthetic\" has none; "
                           "set data.tokenizer or train on prepared data")
-    for key, value in (("parallel.pp", p.pp), ("parallel.cp", p.cp)):
-        if value > 1:
-            raise ConfigError(f"eval.tasks with {key} = {value} is not supported yet (the scorer runs the model's "
-                              f"forward whole on each rank); set {key} = 1 or eval.tasks = []")
     if p.engine == "deepspeed":
         raise ConfigError("eval.tasks with parallel.engine = \"deepspeed\" is not supported yet")
 

@@ -142,14 +142,39 @@ def requests_of(task: Task, tokenizer, vocab_size: int) -> list[Request]:
 
 
 # --- scoring --------------------------------------------------------------------------------------------------
-def score(forward, requests: list[Request], seq_len: int, batch_size: int, device, batches: int | None = None
-          ) -> list[tuple[float, bool]]:
+def logits_scorer(forward):
+    """``per_token`` of a model whose forward returns the whole logits (B, T, V) on this rank."""
+    def per_token(tokens: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = forward(tokens)
+        if hasattr(logits, "full_tensor"):  # a tensor-parallel head's vocab shards
+            logits = logits.full_tensor()
+        return token_scores(logits, targets)
+    return per_token
+
+
+def token_scores(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probability of each target (B, T) float64, whether it is the argmax (B, T) bool); 0 / False where the
+    target is -100."""
+    keep = targets >= 0
+    safe = targets.clamp(min=0)
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    picked = logprobs.gather(-1, safe[..., None])[..., 0].double()
+    hit = logprobs.argmax(-1) == safe
+    return torch.where(keep, picked, 0.0), hit & keep
+
+
+def score(per_token, requests: list[Request], seq_len: int, batch_size: int, device, batches: int | None = None,
+          width_multiple: int = 1, fixed_shape: tuple[int, int] | None = None) -> list[tuple[float, bool]]:
     """(log-likelihood of the continuation, whether greedy decoding gives it) of each request, in order.
-    ``forward(tokens (B, T)) -> logits (B, T, V)``. Longest first, padded on the right (causal: padding changes no
-    earlier position). ``batches``: run at least this many forwards (extra ones on a padding row), so that every
-    rank of a sharded model runs as many as the rank with the most."""
+    ``per_token(tokens (B, T), targets (B, T), -100 outside the continuations) -> (log-probabilities, argmax hits)``
+    (``logits_scorer`` for a plain forward). Longest first, padded on the right (causal: padding changes no earlier
+    position). ``batches``: run at least this many forwards (extra ones on padding rows), so that every rank of a
+    sharded model runs as many as the rank with the most; ``width_multiple``: tokens a row rounded up to a multiple
+    of it (context parallelism's 2·cp chunks, sequence parallelism's tp shards); ``fixed_shape``: (rows, tokens)
+    of every forward, the training shape (a pipeline's stages exchange buffers of the shapes they inferred)."""
     order = sorted(range(len(requests)), key=lambda r: -len(requests[r].context) - len(requests[r].continuation))
     results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+    batch_size = fixed_shape[0] if fixed_shape else batch_size
     chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     while batches is not None and len(chunks) < batches:
         chunks.append([])
@@ -159,22 +184,21 @@ def score(forward, requests: list[Request], seq_len: int, batch_size: int, devic
             req = requests[r]
             whole = (req.context + req.continuation)[-(seq_len + 1):]
             n = min(len(req.continuation), len(whole) - 1)
-            rows.append(whole[:-1])
-            spans.append((len(whole) - 1 - n, whole[-n:]))
-        width = max((len(row) for row in rows), default=1)
-        tokens = torch.zeros(max(len(rows), 1), width, dtype=torch.long)
-        for i, row in enumerate(rows):
-            tokens[i, :len(row)] = torch.tensor(row)
-        logits = forward(tokens.to(device))
-        if hasattr(logits, "full_tensor"):  # a tensor-parallel head's vocab shards
-            logits = logits.full_tensor()
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
-        for i, (r, (start, target)) in enumerate(zip(chunk, spans)):
-            piece = logprobs[i, start:start + len(target)]
-            target_t = torch.tensor(target, device=piece.device)
-            ll = float(piece.gather(-1, target_t[:, None]).sum().double())
-            greedy = bool((piece.argmax(-1) == target_t).all())
-            results[r] = (ll, greedy)
+            rows.append(whole)
+            spans.append((len(whole) - 1 - n, n))
+        width = -(-max((len(row) - 1 for row in rows), default=1) // width_multiple) * width_multiple
+        height = max(len(rows), 1)
+        if fixed_shape:
+            height, width = fixed_shape
+        tokens = torch.zeros(height, width, dtype=torch.long)
+        targets = torch.full((height, width), -100, dtype=torch.long)
+        for i, (row, (start, n)) in enumerate(zip(rows, spans)):
+            tokens[i, :len(row) - 1] = torch.tensor(row[:-1])
+            targets[i, start:start + n] = torch.tensor(row[-n:])
+        logprob, hit = per_token(tokens.to(device), targets.to(device))
+        logprob, hit = logprob.cpu(), hit.cpu()
+        for i, (r, (start, n)) in enumerate(zip(chunk, spans)):
+            results[r] = (float(logprob[i, start:start + n].sum()), bool(hit[i, start:start + n].all()))
     return results
 
 
@@ -243,20 +267,26 @@ class Downstream:
         self.requests = [requests_of(t, tokenizer, vocab_size) for t in self.tasks]
         self.seq_len, self.batch_size = seq_len, batch_size
 
-    def evaluate(self, model, device, rank: int = 0, ranks: int = 1, reduce=None, max_reduce=None
+    def evaluate(self, model, device, rank: int = 0, ranks: int = 1, reduce=None, max_reduce=None,
+                 per_token=None, width_multiple: int = 1, fixed_shape: tuple[int, int] | None = None
                  ) -> dict[str, float]:
         """Every task on this rank's items (item i on rank i mod ``ranks``); ``reduce`` sums a float64 tensor over
-        the ranks, ``max_reduce`` takes the maximum of an int64 one (None: one rank)."""
+        the ranks, ``max_reduce`` takes the maximum of an int64 one (None: one rank). ``per_token``: how this
+        layout scores a batch (default: ``model``'s forward, whole logits); ``width_multiple``, ``fixed_shape``: as
+        ``score``."""
         was_training = model.training
         model.eval()
+        per_token = per_token or logits_scorer(model)
         values: dict[str, float] = {}
         try:
             with torch.no_grad():
                 for task, requests in zip(self.tasks, self.requests):
                     mine = [r for r in requests if r.item % ranks == rank]
-                    count = torch.tensor(-(-len(mine) // self.batch_size), dtype=torch.int64, device=device)
+                    rows = fixed_shape[0] if fixed_shape else self.batch_size
+                    count = torch.tensor(-(-len(mine) // rows), dtype=torch.int64, device=device)
                     batches = int(max_reduce(count)) if max_reduce is not None else None
-                    results = score(model, mine, self.seq_len, self.batch_size, device, batches)
+                    results = score(per_token, mine, self.seq_len, self.batch_size, device, batches, width_multiple,
+                                    fixed_shape)
                     sums = task_sums(task, mine, results).to(device)
                     if reduce is not None:
                         sums = reduce(sums)

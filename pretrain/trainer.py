@@ -369,16 +369,57 @@ class Trainer:
                              f"val ppl {values['val_ppl']:.2f} | accuracy {values['accuracy']:.4f}")
 
     def downstream_scores(self) -> dict[str, float]:
-        """The downstream tasks (eval.tasks) on the model as it is: items split over the data-parallel ranks, sums
-        reduced exactly; no gradient, no random draw, the training mode restored."""
+        """The downstream tasks (eval.tasks) on the model as it is: items split over the data-parallel ranks (the
+        tensor-, context- and pipeline-parallel peers of a rank score the same items together), sums reduced
+        exactly over them; no gradient, no random draw, the training mode restored."""
+        import math as _math
+
         from pretrain import distributed
+
+        p = self.parallel
 
         def most(count: torch.Tensor) -> torch.Tensor:  # every rank runs as many forwards as the busiest
             return -distributed.all_reduce_min(-count)
 
+        dp_group = p.dp_group()
+        reduce = (lambda sums: distributed.all_reduce_sum(sums, dp_group)) if p.dp_size > 1 else None
+        width = 1
+        if p.context is not None:  # the sequence in 2·cp chunks
+            width = 2 * p.context.cp
+        if p.dims.tp > 1 and self.cfg.parallel.sequence_parallel:
+            width = width * p.dims.tp // _math.gcd(width, p.dims.tp)
+        per_token = None
+        if p.stages:
+            per_token = self.engine.per_token
+        elif p.context is not None:
+            per_token = self._context_scorer()
         with self.engine.autocast():
-            return self.downstream.evaluate(self.raw_model, self.device, self.parallel.grad_rank, self.grad_ranks,
-                                            self._grad_sum, most)
+            return self.downstream.evaluate(p.module if p.stages else self.raw_model, self.device, p.dp_rank,
+                                            p.dp_size, reduce, most, per_token, width,
+                                            (self.cfg.train.micro_batch_size, self.cfg.model.seq_len) if p.stages
+                                            else None)
+
+    def _context_scorer(self):
+        """Scores of a batch under context parallelism: each cp rank scores its chunks' tokens, put back at their
+        places in the whole sequence and summed over the cp group, so every cp rank holds the whole batch's."""
+        from pretrain import distributed
+        from pretrain.downstream import token_scores
+
+        p, ctx = self.parallel, self.parallel.context
+        group = p.mesh.cp.get_group()
+
+        def per_token(tokens: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            local = p.split_batch({"tokens": tokens, "targets": targets})
+            logits = self.raw_model(local["tokens"])
+            if hasattr(logits, "full_tensor"):
+                logits = logits.full_tensor()
+            logprob, hit = token_scores(logits, local["targets"])
+            places = ctx.positions(local["tokens"].shape[1], tokens.device)
+            whole = torch.zeros(2, *tokens.shape, dtype=torch.float64, device=tokens.device)
+            whole[0][:, places], whole[1][:, places] = logprob, hit.double()
+            distributed.all_reduce_sum(whole, group)
+            return whole[0], whole[1] > 0.5
+        return per_token
 
     def _downstream_and_log(self) -> None:
         values = self.downstream_scores()

@@ -7,7 +7,15 @@ import pytest
 import torch
 
 from pretrain.distributed import DistInfo
-from pretrain.downstream import Downstream, encode_pair, load_task, requests_of, score, task_sums
+from pretrain.downstream import (
+    Downstream,
+    encode_pair,
+    load_task,
+    logits_scorer,
+    requests_of,
+    score,
+    task_sums,
+)
 from pretrain.errors import ConfigError, DataError
 from pretrain.train import build_trainer
 
@@ -54,7 +62,7 @@ def test_scores_equal_a_hand_computation_with_ties_lengths_and_truncation(tmp_pa
     task = load_task(write(tmp_path / "toy.jsonl", items))
     seq_len = 10  # " ran away" (9 characters) keeps one context character before it
     requests = requests_of(task, Chars(), 28)
-    results = score(bigram, requests, seq_len, batch_size=2, device="cpu")
+    results = score(logits_scorer(bigram), requests, seq_len, batch_size=2, device="cpu")
     for req, (got, _) in zip(requests, results):
         item = items[req.item]
         context, choice = item["context"], item["choices"][req.choice]
@@ -78,7 +86,7 @@ def test_last_word_accuracy_and_perplexity(tmp_path):
     assert task.kind == "last_word"
     requests = requests_of(task, Chars(), 28)
     assert requests[1].context == [0]  # an empty context is the EOS token
-    results = score(bigram, requests, 16, 4, "cpu")
+    results = score(logits_scorer(bigram), requests, 16, 4, "cpu")
     greedy = [all(int(TABLE[a].argmax()) == b for a, b in zip(r.context[-1:] + r.continuation[:-1], r.continuation))
               for r in requests]
     assert [g for _, g in results] == greedy
@@ -196,8 +204,8 @@ def test_config_refusals(tmp_path):
         tiny_config(tmp_path, "eval.tasks=['x.jsonl']")
     with pytest.raises(ConfigError, match='it needs model.arch = "gpt"'):
         tiny_config(tmp_path, "eval.tasks=['x.jsonl']", "data.tokenizer=t.model", arch="bert")
-    with pytest.raises(ConfigError, match="eval.tasks with parallel.pp = 2 is not supported yet"):
-        tiny_config(tmp_path, "eval.tasks=['x.jsonl']", "data.tokenizer=t.model", "parallel.pp=2")
+    with pytest.raises(ConfigError, match='eval.tasks with parallel.engine = "deepspeed" is not supported yet'):
+        tiny_config(tmp_path, "eval.tasks=['x.jsonl']", "data.tokenizer=t.model", "parallel.engine=deepspeed")
     with pytest.raises(ConfigError, match="eval.downstream_interval must be >= 0"):
         tiny_config(tmp_path, "eval.downstream_interval=-1")
 

@@ -6,6 +6,8 @@ stages see losses; the totals are summed over the pipeline group so every stage 
 
 from __future__ import annotations
 
+import torch
+
 from pretrain import distributed
 from pretrain.engine import Engine, Totals, objective
 from pretrain.parallel.pipeline import build_schedule
@@ -17,8 +19,15 @@ class PipelineEngine(Engine):
         super().__init__(cfg, parallel, task, optimizer, device)
         self.schedule = build_schedule(cfg, parallel.stages, self._loss)
         self._run_state: tuple[StepContext, bool, dict] | None = None  # (step, training, outputs by loss id)
+        self._scoring: list | None = None  # per-token scores of the micro-batches, while per_token runs
 
     def _loss(self, output, target):
+        if self._scoring is not None:  # downstream scoring: per-token scores of this pipeline micro-batch
+            from pretrain.downstream import token_scores
+
+            whole = output.full_tensor() if hasattr(output, "full_tensor") else output
+            self._scoring.append(token_scores(whole, target))
+            return (output.sum() * 0).float()
         step, train, seen = self._run_state
         out = self.task.loss_from_output(output, target, accuracy=not train)
         result = objective(out, step.scale)
@@ -54,6 +63,25 @@ class PipelineEngine(Engine):
         for value in (totals.loss, totals.count, totals.correct, *(totals.extras[n] for n in names)):
             distributed.all_reduce_sum(value, group)
         return totals
+
+    def per_token(self, tokens: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Downstream scoring through the pipeline (``pretrain/downstream.py``): the last stage scores each target
+        token (log-probability, whether it is the argmax); summed over the pipeline group, every stage holds them."""
+        self._scoring = []
+        args = (tokens,) if self.parallel.has_first_stage else ()
+        kwargs = {"target": targets} if self.parallel.has_last_stage else {}
+        try:
+            with self.loss_context():
+                self.schedule.eval(*args, losses=[], **kwargs)
+            parts = self._scoring
+        finally:
+            self._scoring = None
+        whole = torch.zeros(2, *tokens.shape, dtype=torch.float64, device=tokens.device)
+        if parts:
+            whole[0] = torch.cat([logprob for logprob, _ in parts])
+            whole[1] = torch.cat([hit for _, hit in parts]).double()
+        distributed.all_reduce_sum(whole, self.parallel.pp_group())
+        return whole[0], whole[1] > 0.5
 
     def forward_backward(self, micro_batches, step) -> Totals:
         for part in self.parallel.parts:

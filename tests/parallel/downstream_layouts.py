@@ -1,7 +1,8 @@
 """Run inside the harness's launches (``checks``): in-loop downstream scores (pretrain/downstream.py) under parallel
 layouts equal one process's exactly — the same items, the same sums — and print one line per layout:
 ``DOWNSTREAM name ok|FAILED ...``. The model is each layout's freshly built one (seeded: the same weights as the
-one-process reference, as the harness's layouts), scored before any step."""
+one-process reference, as the harness's layouts), scored before any step; a training step after the scoring must
+still run (a pipeline's schedule, FSDP's state)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ LAYOUTS = {  # world 2 (name -> overrides)
     "zero3_2": ["train.micro_batch_size=4", "parallel.zero_stage=3"],
     "tp2_sp": ["train.micro_batch_size=8", "parallel.tp=2"],
     "moe_ep2": ["train.micro_batch_size=4", "parallel.zero_stage=2", "parallel.ep=2", *MOE],
+    "pp2_1f1b": ["train.micro_batch_size=4", "parallel.pp=2", "parallel.n_microbatches=2"],
+    "cp2_ring": ["train.micro_batch_size=8", "parallel.cp=2"],
+    "cp2_alltoall": ["train.micro_batch_size=8", "parallel.cp=2", "parallel.cp_impl=alltoall"],
 }
 
 
@@ -50,13 +54,15 @@ def task_files(root: Path) -> list[str]:
     return paths
 
 
-def scores(overrides: list[str], info: DistInfo, run_dir: str, paths: list[str]) -> dict[str, float]:
+def scores(overrides: list[str], info: DistInfo, run_dir: str, paths: list[str]) -> tuple[dict[str, float], bool]:
+    """(the scores, whether a training step after them still runs and gives a finite loss)."""
     from pretrain.config import load_config
 
     cfg = load_config(None, [*BASE, *overrides, f"logging.run_dir={run_dir}"])
     trainer = build_trainer(cfg, info, ParallelDims.from_config(cfg, info.world_size))
     trainer.downstream = Downstream(paths, Letters(), cfg.model.vocab_size, cfg.model.seq_len, 3)
-    return trainer.downstream_scores()
+    values = trainer.downstream_scores()
+    return values, bool(torch.isfinite(torch.tensor(trainer.train_step().loss)))
 
 
 def checks() -> bool:
@@ -75,12 +81,12 @@ def checks() -> bool:
         dist.barrier()
         for name, overrides in LAYOUTS.items():
             arch = [o for o in overrides if o.startswith("model.")]
-            reference = scores(["train.micro_batch_size=8", *arch], DistInfo(0, 1, 0, torch.device("cpu")),
-                               f"{tmp}/ref-{name}-{rank}", paths)
-            got = scores(overrides, DistInfo(rank, world, rank, torch.device("cpu")), f"{tmp}/{name}", paths)
+            reference, _ = scores(["train.micro_batch_size=8", *arch], DistInfo(0, 1, 0, torch.device("cpu")),
+                                  f"{tmp}/ref-{name}-{rank}", paths)
+            got, trains_on = scores(overrides, DistInfo(rank, world, rank, torch.device("cpu")), f"{tmp}/{name}", paths)
             exact = all(got[k] == reference[k] for k in got if not k.endswith("_ppl"))
             close = all(abs(got[k] / reference[k] - 1) <= 1e-6 for k in got if k.endswith("_ppl"))
-            ok = exact and close and set(got) == {"mc_acc", "mc_acc_norm", "lw_acc", "lw_ppl"}
+            ok = exact and close and trains_on and set(got) == {"mc_acc", "mc_acc_norm", "lw_acc", "lw_ppl"}
             failed |= not ok
             if rank == 0:
                 print(f"DOWNSTREAM {name} {'ok' if ok else 'FAILED'} {json.dumps(got)} reference "
