@@ -273,3 +273,34 @@ def test_evaluate_tool_scores_a_checkpoint_as_the_loop_did(tmp_path, prepared, s
     assert tool.main(["--checkpoint", checkpoints, "--tasks", str(bad)]) == 2
     assert capsys.readouterr().err.strip() == (f"error: {bad}:1: a multiple-choice item needs at least 2 choices, "
                                                "got 1")
+
+
+def test_a_stop_signal_during_downstream_evaluation_saves_and_resumes_exactly(tmp_path, prepared):
+    """A stop signal arriving while the tasks are scored (step 2 of 4): the run still logs that step's scores,
+    saves at step 2 and stops as preempted; a new run resumes there and ends with the uninterrupted run's losses,
+    and scores the tasks again at its last step."""
+    from pretrain.metrics import read_metrics
+
+    mc = _task_file(tmp_path, prepared, n=6)
+    base = ("data.source=shards", f"data.path={prepared}", "model.vocab_size=512", "train.steps=4",
+            "model.seq_len=32", "logging.interval=1", f"eval.tasks=['{mc}']", "eval.downstream_interval=2",
+            "checkpoint.interval=100")
+    straight = build_trainer(tiny_config(tmp_path / "straight", *base), DistInfo())
+    expected = straight.fit()
+
+    cfg = tiny_config(tmp_path / "stopped", *base)
+    trainer = build_trainer(cfg, DistInfo())
+    scoring = trainer.downstream.evaluate
+
+    def interrupted(*args, **kwargs):
+        trainer.stop_requested = True  # the signal handler's effect, mid-evaluation
+        return scoring(*args, **kwargs)
+
+    trainer.downstream.evaluate = interrupted
+    losses = trainer.fit()
+    assert trainer.preempted and trainer.step == 2 and losses == expected[:2]
+    assert (cfg.checkpoint_dir / "latest").read_text().strip() == "step-00000002"
+    resumed = build_trainer(tiny_config(tmp_path / "stopped", *base), DistInfo())
+    assert resumed.fit()[-2:] == expected[2:]
+    steps = [r["step"] for r in read_metrics(cfg.logging.run_dir) if "code_mc_acc" in r]
+    assert steps == [2, 4]
