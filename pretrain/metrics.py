@@ -150,7 +150,7 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def summarize(run_dir: str | Path) -> str:
-    """A few lines on how a run went: the loss curve at ten points and every evaluation."""
+    """A few lines on how a run went: the loss curve at ten points, every evaluation and every downstream score."""
     records = read_metrics(run_dir)
     steps = [r for r in records if "loss" in r]
     evals = [r for r in records if "val_loss" in r]
@@ -165,4 +165,9 @@ def summarize(run_dir: str | Path) -> str:
               for r in evals]
     if len(evals) >= 2:
         lines.append(f"val loss {evals[0]['val_loss']:.3f} -> {evals[-1]['val_loss']:.3f}")
+    for r in records:  # downstream tasks (eval.tasks): <task>_acc, <task>_acc_norm, <task>_ppl
+        scores = {k: v for k, v in r.items() if k.endswith(("_acc", "_acc_norm")) or
+                  (k.endswith("_ppl") and k != "val_ppl")}
+        if scores:
+            lines.append(f"  tasks {r['step']:>5}  " + "  ".join(f"{k} {v:.3f}" for k, v in sorted(scores.items())))
     return "\n".join(lines)

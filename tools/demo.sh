@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Everything on CPU: tokenizer + shards from this Python's standard library, train gpt_tiny until the validation
-# loss has clearly fallen, checkpoint, print the loss curve and a generated sample, then export to Hugging Face
-# and generate the same prompt through transformers. Re-running reuses what is built (data, checkpoints).
+# Everything on CPU: tokenizer + shards from this Python's standard library, two downstream tasks from its held-out
+# split, train gpt_tiny until the validation loss has clearly fallen (scoring the tasks at each evaluation),
+# checkpoint, print the loss curve, the scores and a generated sample, then export to Hugging Face and generate the
+# same prompt through transformers. Re-running reuses what is built (data, checkpoints).
 # Extra arguments are --set overrides, e.g. tools/demo.sh train.steps=100
 set -euo pipefail
 for arg in "$@"; do
@@ -22,7 +23,11 @@ if [ ! -f "$DATA/manifest.json" ]; then
 else
     echo "reusing $DATA"
 fi
-python -m pretrain.train --config configs/gpt_tiny.toml --set "data.path=$DATA" "logging.run_dir=$RUN_DIR" "$@"
+if [ ! -f "$DATA/tasks/next_line.jsonl" ]; then
+    python tools/make_tasks.py --data "$DATA" --out "$DATA/tasks"
+fi
+python -m pretrain.train --config configs/gpt_tiny.toml --set "data.path=$DATA" "logging.run_dir=$RUN_DIR" \
+    "eval.tasks=['$DATA/tasks/next_line.jsonl', '$DATA/tasks/last_word.jsonl']" "$@"
 python -c "from pretrain.metrics import summarize; print(summarize('$RUN_DIR'))"
 echo "--- sample (prompt: 'def ') ---"
 python tools/sample.py --checkpoint "$RUN_DIR/checkpoints" --prompt "def " --tokens 120
