@@ -28,10 +28,12 @@ CHECK_WORLD = "8"
 
 
 def demo_block(run_dir: Path) -> str:
-    """The demo's evaluations as ``summarize`` prints them, and the first -> last validation loss."""
+    """The demo's evaluations and downstream scores as ``summarize`` prints them, and the first -> last validation
+    loss."""
     from pretrain.metrics import summarize
 
-    lines = [line.strip() for line in summarize(run_dir).splitlines() if line.strip().startswith(("eval", "val loss"))]
+    lines = [line.strip() for line in summarize(run_dir).splitlines()
+             if line.strip().startswith(("eval", "val loss", "tasks"))]
     if len(lines) < 2:
         raise SystemExit(f"error: {run_dir} has fewer than two evaluations: run tools/demo.sh first")
     return "```\n" + "\n".join(lines) + "\n```"
