@@ -645,7 +645,7 @@ def _data(cfg: Config) -> None:
 
 
 def _downstream(cfg: Config) -> None:
-    e, p = cfg.eval, cfg.parallel
+    e = cfg.eval
     if not isinstance(e.tasks, list) or not all(isinstance(t, str) and t for t in e.tasks):
         raise ConfigError(f"eval.tasks must be a list of task file paths, got {e.tasks!r}")
     if e.downstream_interval < 0:
@@ -657,8 +657,6 @@ def _downstream(cfg: Config) -> None:
     if cfg.data.source == "synthetic" and not cfg.data.tokenizer:
         raise ConfigError("eval.tasks needs a tokenizer to encode the tasks: data.source = \"synthetic\" has none; "
                           "set data.tokenizer or train on prepared data")
-    if p.engine == "deepspeed":
-        raise ConfigError("eval.tasks with parallel.engine = \"deepspeed\" is not supported yet")
 
 
 def _documents(cfg: Config) -> None:

@@ -204,8 +204,6 @@ def test_config_refusals(tmp_path):
         tiny_config(tmp_path, "eval.tasks=['x.jsonl']")
     with pytest.raises(ConfigError, match='it needs model.arch = "gpt"'):
         tiny_config(tmp_path, "eval.tasks=['x.jsonl']", "data.tokenizer=t.model", arch="bert")
-    with pytest.raises(ConfigError, match='eval.tasks with parallel.engine = "deepspeed" is not supported yet'):
-        tiny_config(tmp_path, "eval.tasks=['x.jsonl']", "data.tokenizer=t.model", "parallel.engine=deepspeed")
     with pytest.raises(ConfigError, match="eval.downstream_interval must be >= 0"):
         tiny_config(tmp_path, "eval.downstream_interval=-1")
 

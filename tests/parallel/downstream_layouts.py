@@ -30,6 +30,7 @@ LAYOUTS = {  # world 2 (name -> overrides)
     "pp2_1f1b": ["train.micro_batch_size=4", "parallel.pp=2", "parallel.n_microbatches=2"],
     "cp2_ring": ["train.micro_batch_size=8", "parallel.cp=2"],
     "cp2_alltoall": ["train.micro_batch_size=8", "parallel.cp=2", "parallel.cp_impl=alltoall"],
+    "ds_zero3_2": ["train.micro_batch_size=4", "parallel.engine=deepspeed", "parallel.zero_stage=3"],
 }
 
 

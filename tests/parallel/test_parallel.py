@@ -70,11 +70,11 @@ def test_ring_and_alltoall_attention_equal_one_process(world, launched):
 
 def test_downstream_scores_under_layouts_equal_one_process(launched):
     """In-loop downstream evaluation (tests/parallel/downstream_layouts.py, inside the 2-rank harness launch): a
-    multiple-choice and a last-word task under DP2, ZeRO-3, TP2 + SP, MoE EP2, PP2 (1F1B) and CP2 (ring and
-    all-to-all) give one process's accuracies exactly (13 items: uneven over the ranks) and its perplexity to
-    1e-6."""
+    multiple-choice and a last-word task under DP2, ZeRO-3, TP2 + SP, MoE EP2, PP2 (1F1B), CP2 (ring and
+    all-to-all) and DeepSpeed ZeRO-3 give one process's accuracies exactly (13 items: uneven over the ranks) and
+    its perplexity to 1e-6, and a training step runs after each."""
     lines = re.findall(r"^DOWNSTREAM (.*)$", launched(2)[1], re.M)
-    assert len(lines) == 7 and all(line.split()[1] == "ok" for line in lines), lines
+    assert len(lines) == 8 and all(line.split()[1] == "ok" for line in lines), lines
 
 
 def test_expert_dispatch_equals_local_even_when_a_ranks_experts_get_no_token(launched):
