@@ -205,6 +205,7 @@ def _worker_pid(job: str, rank: int) -> int:
     raise AssertionError(f"no process of rank {rank} in job {job}")
 
 
+@pytest.mark.slow  # ~55 s under the cluster; the in-process twin is tests/test_fault_tolerance.py's
 def test_nonfinite_step_skipped_and_streak_aborts(cluster, tmp_path):
     once = cluster.submit(tmp_path, tmp_path / "once", ["train.inject_nan_steps=[7]"], steps=20)
     streak = cluster.submit(tmp_path, tmp_path / "streak",
