@@ -372,8 +372,6 @@ class Trainer:
         """The downstream tasks (eval.tasks) on the model as it is: items split over the data-parallel ranks (the
         tensor-, context- and pipeline-parallel peers of a rank score the same items together), sums reduced
         exactly over them; no gradient, no random draw, the training mode restored."""
-        import math as _math
-
         from pretrain import distributed
 
         p = self.parallel
@@ -387,7 +385,7 @@ class Trainer:
         if p.context is not None:  # the sequence in 2·cp chunks
             width = 2 * p.context.cp
         if p.dims.tp > 1 and self.cfg.parallel.sequence_parallel:
-            width = width * p.dims.tp // _math.gcd(width, p.dims.tp)
+            width = width * p.dims.tp // math.gcd(width, p.dims.tp)
         per_token = None
         if p.stages:
             per_token = self.engine.per_token

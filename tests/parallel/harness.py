@@ -271,6 +271,11 @@ REFERENCE_SPLIT = {"fp8_zero3_2": 2, "fp8_pp2": 2}
 # layouts also checked for save at step 2 -> resume in a fresh trainer -> step 3 equal to the straight run. Each
 # kind of restore once: RESHARD's runs already restore into EP2 (from moe_zero3_2) and TP (from pp2_interleaved
 # and pp2_dp2_zero3), bert_pp2 and pp2_dp2_zero3 into PP; moe_ep2, tp2_sp and pp2_interleaved save under RESHARD
+# layouts the default suite leaves to CI (``slow``): the Triton kernels of each run in the interpreter (4-9 s each on
+# 2 cores), their CPU cousins stay in the default launches; tests/parallel/test_parallel.py launches them apart
+SLOW_LAYOUTS = {"cp2_ring_triton", "zero3_ac_fused_norms", "pp2_fused_norms", "adamw_triton_zero3_2",
+                "adamw_triton_moe_ep2_tp2", "adamw_triton_tp2_dp2", "adamw_triton_hsdp_2x2"}
+
 RESUME = {"docs_cp2_ring", "fp8_zero3_2", "adamw_triton_zero3_2", "muon_zero3_2", "cp2_ring", "bert_pp2", "zero1_2", "ds_zero2_2",
           "tp2_sp_dp2_zero3", "pp2_dp2_zero3", "hsdp_2x2"}
 

@@ -16,7 +16,7 @@ from pretrain.parallel.dims import ParallelDims
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-from tests.parallel.harness import CHECKS, LAYOUTS  # noqa: E402
+from tests.parallel.harness import CHECKS, LAYOUTS, SLOW_LAYOUTS  # noqa: E402
 
 from ..conftest import TINY_MODEL  # noqa: E402
 
@@ -35,21 +35,27 @@ def launch(world: int, names: list[str]) -> tuple[dict[str, str], str]:
 
 @pytest.fixture(scope="module")
 def launched():
-    """world -> the launch of every layout and check of that world size, once per module."""
+    """(world, slow) -> the launch of every layout of that world size (the ``SLOW_LAYOUTS`` ones, or the others and
+    the checks), once per module."""
     done = {}
 
-    def get(world: int) -> tuple[dict[str, str], str]:
-        if world not in done:
-            names = [name for name, (w, _) in LAYOUTS.items() if w == world]
-            done[world] = launch(world, names + [c for c, (worlds, _) in CHECKS.items() if world in worlds])
-        return done[world]
+    def get(world: int, slow: bool = False) -> tuple[dict[str, str], str]:
+        if (world, slow) not in done:
+            names = [name for name, (w, _) in LAYOUTS.items() if w == world and (name in SLOW_LAYOUTS) == slow]
+            checks = [] if slow else [c for c, (worlds, _) in CHECKS.items() if world in worlds]
+            done[world, slow] = launch(world, names + checks)
+        return done[world, slow]
 
     return get
 
 
-@pytest.mark.parametrize("world", [2, 4, pytest.param(8, marks=pytest.mark.slow)])
-def test_layouts_match_one_process(world, launched):
-    for name, line in launched(world)[0].items():
+@pytest.mark.parametrize("world, slow", [(2, False), (4, False), pytest.param(2, True, marks=pytest.mark.slow),
+                                         pytest.param(4, True, marks=pytest.mark.slow),
+                                         pytest.param(8, False, marks=pytest.mark.slow)])
+def test_layouts_match_one_process(world, slow, launched):
+    lines = launched(world, slow)[0]
+    assert lines
+    for name, line in lines.items():
         assert line.startswith("ok "), f"{name}: {line}"
 
 
