@@ -36,7 +36,9 @@ from pretrain.kernels._common import (
     require_triton,
     seq_bucket,
 )
-from pretrain.kernels.reference import document_bounds  # noqa: F401  (re-exported: the kernels' input)
+
+# document_bounds: re-exported (the kernels' input)
+from pretrain.kernels.reference import batch_document_bounds, document_bounds  # noqa: F401
 
 require_triton()
 import triton  # noqa: E402
@@ -630,17 +632,6 @@ def _bwd_cost(args, kwargs, outputs) -> dict:
 COSTS = {"pretrain::flash_attention_fwd": _fwd_cost, "pretrain::flash_attention_bwd": _bwd_cost}
 
 
-_BOUNDS: list = []  # [(ids, bounds)] of the last call: the layers of one forward share one batch's ids
-
-
-def _bounds_of(document_ids: torch.Tensor) -> torch.Tensor:
-    if _BOUNDS and _BOUNDS[0][0] is document_ids and _BOUNDS[0][2] == document_ids._version:
-        return _BOUNDS[0][1]
-    bounds = document_bounds(document_ids)
-    _BOUNDS[:] = [(document_ids, bounds, document_ids._version)]
-    return bounds
-
-
 class FlashAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, key_padding_mask, scale, document_ids=None):
@@ -649,7 +640,7 @@ class FlashAttentionFunction(torch.autograd.Function):
         scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
         has_mask = key_padding_mask is not None
         mask = key_padding_mask.to(torch.int8).contiguous() if has_mask else q.new_zeros(1, dtype=torch.int8)
-        docs = _bounds_of(document_ids) if document_ids is not None else None
+        docs = batch_document_bounds(document_ids) if document_ids is not None else None
         out, lse = attention_fwd(q, k, v, mask, bool(causal), has_mask, scale, docs)
         ctx.save_for_backward(q, k, v, out, lse, mask, docs)
         ctx.causal, ctx.scale, ctx.has_mask = bool(causal), scale, has_mask

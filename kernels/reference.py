@@ -22,6 +22,19 @@ def document_bounds(document_ids: torch.Tensor) -> torch.Tensor:
     return torch.stack([starts, ends]).to(torch.int32).contiguous()
 
 
+_BOUNDS: list = []  # [(ids, version, bounds)] of the last call: the layers of one forward share one batch's ids
+
+
+def batch_document_bounds(document_ids: torch.Tensor) -> torch.Tensor:
+    """``document_bounds``, computed once a batch: the last call's answer while the same ids tensor (unchanged)
+    comes back, as every attention layer of a forward asks."""
+    if _BOUNDS and _BOUNDS[0][0] is document_ids and _BOUNDS[0][1] == document_ids._version:
+        return _BOUNDS[0][2]
+    bounds = document_bounds(document_ids)
+    _BOUNDS[:] = [(document_ids, document_ids._version, bounds)]
+    return bounds
+
+
 def attention_density(document_ids: torch.Tensor, causal: bool = True) -> torch.Tensor:
     """(B,) fraction of the dense attention square (causal: its lower triangle) that document masking leaves to
     compute: each token sees its document's earlier tokens (causal) or all of them. Device ops only."""

@@ -73,22 +73,11 @@ class ContextParallel:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, document_ids=None) -> torch.Tensor:
         """``document_ids``: the whole batch's (B, T) ids (packed documents), or None."""
         if self.impl == "ring":
-            return RingAttention.apply(q, k, v, self, None if document_ids is None else _bounds(document_ids))
+            from pretrain.kernels.reference import batch_document_bounds
+
+            return RingAttention.apply(q, k, v, self, None if document_ids is None else
+                                       batch_document_bounds(document_ids))
         return ulysses_attention(q, k, v, self, document_ids)
-
-
-_BOUNDS: list = []  # [(ids, version, bounds)] of the last call: every layer of a forward shares the batch's ids
-
-
-def _bounds(document_ids: torch.Tensor) -> torch.Tensor:
-    """(2, B, T) int32 document starts and ends of the whole batch (global positions), computed once a batch."""
-    from pretrain.kernels.reference import document_bounds
-
-    if _BOUNDS and _BOUNDS[0][0] is document_ids and _BOUNDS[0][1] == document_ids._version:
-        return _BOUNDS[0][2]
-    bounds = document_bounds(document_ids)
-    _BOUNDS[:] = [(document_ids, document_ids._version, bounds)]
-    return bounds
 
 
 class _Docs:
