@@ -7,7 +7,8 @@ A task file holds one JSON object a line, either
   highest, ``acc_norm`` the highest per character of the choice (lm-evaluation-harness's ``acc`` and ``acc_norm``;
   ties go to the first choice, as its ``argmax``), or
 - last word (LAMBADA style): ``{"context": str, "continuation": str}`` — ``acc`` is whether greedy decoding
-  reproduces every token of the continuation, ``ppl`` is exp(−mean log-likelihood) over its tokens.
+  reproduces every token of the continuation, ``ppl`` is exp(−mean over the items of the continuation's
+  log-likelihood) — lm-evaluation-harness's ``perplexity`` of LAMBADA (a word, not a token, the unit).
 
 Tokenisation follows lm-evaluation-harness's: trailing spaces of the context move to the continuation, the pair is
 encoded whole and the continuation is what the whole has beyond the context's own encoding; an empty context is
@@ -103,6 +104,31 @@ def _item(record, where: str) -> Item:
     return Item(context, continuation=continuation)
 
 
+def write_task_yaml(path: str | Path, kind: str, folder: str | Path | None = None) -> Path:
+    """lm-evaluation-harness's task of a task file (its local-file format: ``dataset_path: json``), named by the
+    file's stem, written as ``<stem>.yaml`` in ``folder`` (default: beside the file), atomically: zero-shot, the
+    context as is, each choice (continuation) right after it — ``acc`` / ``acc_norm`` (multiple choice) or ``acc``
+    / ``perplexity`` (last word), as this module scores them. The data file is named by its absolute path."""
+    path = Path(path).resolve()
+    folder = Path(folder) if folder is not None else path.parent
+    lines = [f"task: {path.stem}", "dataset_path: json", "dataset_kwargs:", "  data_files:",
+             f"    test: {json.dumps(str(path))}", "test_split: test", "doc_to_text: context",
+             'target_delimiter: ""']
+    if kind == "choice":
+        lines += ["output_type: multiple_choice", "doc_to_choice: choices", "doc_to_target: gold", "metric_list:",
+                  "  - metric: acc", "    aggregation: mean", "    higher_is_better: true",
+                  "  - metric: acc_norm", "    aggregation: mean", "    higher_is_better: true"]
+    else:
+        lines += ["output_type: loglikelihood", "doc_to_target: continuation", "metric_list:",
+                  "  - metric: perplexity", "    aggregation: perplexity", "    higher_is_better: false",
+                  "  - metric: acc", "    aggregation: mean", "    higher_is_better: true"]
+    out = folder / f"{path.stem}.yaml"
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(out)
+    return out
+
+
 # --- encoding -------------------------------------------------------------------------------------------------
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """lm-evaluation-harness's pair encoding: (context tokens, continuation tokens)."""
@@ -144,8 +170,9 @@ def requests_of(task: Task, tokenizer, vocab_size: int) -> list[Request]:
 # --- scoring --------------------------------------------------------------------------------------------------
 def logits_scorer(forward):
     """``per_token`` of a model whose forward returns the whole logits (B, T, V) on this rank."""
-    def per_token(tokens: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = forward(tokens)
+    def per_token(tokens: torch.Tensor, targets: torch.Tensor, documents: dict | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = forward(tokens, **(documents or {}))
         if hasattr(logits, "full_tensor"):  # a tensor-parallel head's vocab shards
             logits = logits.full_tensor()
         return token_scores(logits, targets)
@@ -163,41 +190,125 @@ def token_scores(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Ten
     return torch.where(keep, picked, 0.0), hit & keep
 
 
-def score(per_token, requests: list[Request], seq_len: int, batch_size: int, device, batches: int | None = None,
-          width_multiple: int = 1, fixed_shape: tuple[int, int] | None = None) -> list[tuple[float, bool]]:
+@dataclass
+class Segment:
+    """One context and continuations after it, as one document of a row: ``shared`` input tokens (the context
+    but its last token) at positions 0.., then each branch — the context's last token and the continuation but its
+    last, the branch's targets the continuation — at the positions after the shared part, seeing the shared part and
+    itself (``layers.Documents.branches``). A request that does not fit ``seq_len`` whole is a segment of its own,
+    cut on the left as lm-eval cuts it."""
+    shared: list[int]
+    branches: list[tuple[int, list[int], list[int]]]  # (request, input tokens, targets)
+
+    def __len__(self) -> int:
+        return len(self.shared) + sum(len(b[1]) for b in self.branches)
+
+
+def segments_of(requests: list[Request], seq_len: int, shared: bool) -> list[Segment]:
+    """The segments of ``requests``: with ``shared``, the requests of one context token for token (the choices of
+    an item) share one scoring of it, as many branches a segment as ``seq_len`` holds; else one a request."""
+    out: list[Segment] = []
+    by_context: dict[tuple[int, ...], Segment] = {}
+    for r, req in enumerate(requests):
+        whole = (req.context + req.continuation)[-(seq_len + 1):]
+        n = min(len(req.continuation), len(whole) - 1)
+        inputs, targets = whole[:-1], whole[-n:]
+        cut = len(inputs) - n  # the shared part: inputs before the first scored position
+        branch = (r, inputs[cut:], targets)
+        fits = len(req.context) + len(req.continuation) - 1 <= seq_len
+        if not (shared and fits):
+            out.append(Segment(inputs[:cut], [branch]))
+            continue
+        key = tuple(req.context)
+        segment = by_context.get(key)
+        if segment is None or len(segment) + len(branch[1]) > seq_len:
+            segment = by_context[key] = Segment(inputs[:cut], [])
+            out.append(segment)
+        segment.branches.append(branch)
+    return out
+
+
+def rows_of(segments: list[Segment], seq_len: int, pack: bool) -> list[list[Segment]]:
+    """Rows of segments: with ``pack``, several a row up to ``seq_len`` tokens (first fit, longest first); else
+    one a row, longest first."""
+    order = sorted(segments, key=len, reverse=True)
+    if not pack:
+        return [[s] for s in order]
+    rows: list[list[Segment]] = []
+    room: list[int] = []
+    for segment in order:
+        for i, free in enumerate(room):
+            if len(segment) <= free:
+                rows[i].append(segment)
+                room[i] -= len(segment)
+                break
+        else:
+            rows.append([segment])
+            room.append(seq_len - len(segment))
+    return rows
+
+
+def score(per_token, requests: list[Request], seq_len: int, batch_size: int, device, batches=None,
+          width_multiple: int = 1, fixed_shape: tuple[int, int] | None = None, shared: bool = False
+          ) -> list[tuple[float, bool]]:
     """(log-likelihood of the continuation, whether greedy decoding gives it) of each request, in order.
-    ``per_token(tokens (B, T), targets (B, T), -100 outside the continuations) -> (log-probabilities, argmax hits)``
-    (``logits_scorer`` for a plain forward). Longest first, padded on the right (causal: padding changes no earlier
-    position). ``batches``: run at least this many forwards (extra ones on padding rows), so that every rank of a
-    sharded model runs as many as the rank with the most; ``width_multiple``: tokens a row rounded up to a multiple
-    of it (context parallelism's 2·cp chunks, sequence parallelism's tp shards); ``fixed_shape``: (rows, tokens)
-    of every forward, the training shape (a pipeline's stages exchange buffers of the shapes they inferred)."""
-    order = sorted(range(len(requests)), key=lambda r: -len(requests[r].context) - len(requests[r].continuation))
+    ``per_token(tokens (B, T), targets (B, T), -100 outside the continuations[, documents]) -> (log-probabilities,
+    argmax hits)`` (``logits_scorer`` for a plain forward). ``shared``: the choices of one context share one
+    scoring of it and several segments fill a row (``documents`` = the forward's ``document_ids``, ``positions``,
+    ``branch_ids``; the dense reference attention) — the numbers of scoring each request alone, to rounding. Else
+    one request a row, longest first, padded on the right (causal: padding changes no earlier position).
+    ``batches``: run at least this many forwards (extra ones on padding rows), so that every rank of a sharded model
+    runs as many as the rank with the most — an int, or a function of this rank's count giving it (a collective);
+    ``width_multiple``: tokens a row rounded up to a multiple of it (context parallelism's 2·cp chunks, sequence
+    parallelism's tp shards); ``fixed_shape``: (rows, tokens) of every forward, the training shape (a pipeline's
+    stages exchange buffers of the shapes they inferred)."""
+    rows = rows_of(segments_of(requests, seq_len, shared), seq_len, pack=shared)
     results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
     batch_size = fixed_shape[0] if fixed_shape else batch_size
-    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    chunks = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+    if callable(batches):
+        batches = batches(len(chunks))
     while batches is not None and len(chunks) < batches:
         chunks.append([])
     for chunk in chunks:
-        rows, spans = [], []
-        for r in chunk:
-            req = requests[r]
-            whole = (req.context + req.continuation)[-(seq_len + 1):]
-            n = min(len(req.continuation), len(whole) - 1)
-            rows.append(whole)
-            spans.append((len(whole) - 1 - n, n))
-        width = -(-max((len(row) - 1 for row in rows), default=1) // width_multiple) * width_multiple
-        height = max(len(rows), 1)
+        width = max((sum(len(s) for s in row) for row in chunk), default=1)
+        width = -(-width // width_multiple) * width_multiple
+        height = max(len(chunk), 1)
         if fixed_shape:
             height, width = fixed_shape
         tokens = torch.zeros(height, width, dtype=torch.long)
         targets = torch.full((height, width), -100, dtype=torch.long)
-        for i, (row, (start, n)) in enumerate(zip(rows, spans)):
-            tokens[i, :len(row) - 1] = torch.tensor(row[:-1])
-            targets[i, start:start + n] = torch.tensor(row[-n:])
-        logprob, hit = per_token(tokens.to(device), targets.to(device))
+        if shared:
+            ids = torch.full((height, width), -1, dtype=torch.long)  # padding: a document of its own
+            positions = torch.zeros(height, width, dtype=torch.long)
+            branch_ids = torch.zeros(height, width, dtype=torch.long)
+        places = []  # (request, row, start, n)
+        for i, row in enumerate(chunk):
+            at = 0
+            for d, segment in enumerate(row):
+                m = len(segment.shared)
+                tokens[i, at:at + m] = torch.tensor(segment.shared, dtype=torch.long)
+                if shared:
+                    ids[i, at:at + len(segment)] = d
+                    positions[i, at:at + m] = torch.arange(m)
+                start = at + m
+                for b, (r, inputs, wanted) in enumerate(segment.branches, 1):
+                    k, n = len(inputs), len(wanted)
+                    tokens[i, start:start + k] = torch.tensor(inputs, dtype=torch.long)
+                    targets[i, start + k - n:start + k] = torch.tensor(wanted, dtype=torch.long)
+                    if shared:
+                        positions[i, start:start + k] = torch.arange(m, m + k)
+                        branch_ids[i, start:start + k] = b
+                    places.append((r, i, start + k - n, n))
+                    start += k
+                at = start
+        documents = None
+        if shared:
+            documents = {"document_ids": ids.to(device), "positions": positions.to(device),
+                         "branch_ids": branch_ids.to(device)}
+        logprob, hit = per_token(tokens.to(device), targets.to(device), *([documents] if documents else []))
         logprob, hit = logprob.cpu(), hit.cpu()
-        for i, (r, (start, n)) in enumerate(zip(chunk, spans)):
+        for r, i, start, n in places:
             results[r] = (float(logprob[i, start:start + n].sum()), bool(hit[i, start:start + n].all()))
     return results
 
@@ -233,7 +344,7 @@ def metrics_of(task: Task, sums: torch.Tensor) -> dict[str, float]:
     if task.kind == "choice":
         return {f"{task.name}_acc": float(sums[1]) / items, f"{task.name}_acc_norm": float(sums[2]) / items}
     return {f"{task.name}_acc": float(sums[1]) / items,
-            f"{task.name}_ppl": math.exp(min(-float(sums[3]) / max(float(sums[4]), 1.0), 50.0))}
+            f"{task.name}_ppl": math.exp(min(-float(sums[3]) / items, 700.0))}
 
 
 def run_tokenizer(cfg):
@@ -246,6 +357,22 @@ def run_tokenizer(cfg):
 
     path = cfg.data.path or cfg.data.sources[0]["path"]
     return open_documents(path, "train", on_bad_sample=cfg.data.on_bad_sample).tokenizer()
+
+
+def checkpoint_tokenizer(checkpoint, cfg, path: str | None = None):
+    """The tokenizer to score ``checkpoint`` with: ``path``, else the run's (``run_tokenizer``) — a
+    ``TokenizerError`` unless it is the one the checkpoint was trained with (its ``state.json``'s hash)."""
+    from pretrain.checkpoint import resolve_checkpoint
+    from pretrain.data.tokenizer import Tokenizer, TokenizerError
+
+    tok = Tokenizer.load(path) if path else run_tokenizer(cfg)
+    trained_on = json.loads((resolve_checkpoint(checkpoint, say=lambda line: None) / "state.json")
+                            .read_text()).get("tokenizer_hash")
+    if trained_on and getattr(tok, "hash", None) != trained_on:
+        raise TokenizerError(f"tokenizer {path or 'of ' + (cfg.data.path or 'the data')} "
+                             f"({str(getattr(tok, 'hash', '?'))[:12]}) is not the one {checkpoint} was "
+                             f"trained with ({trained_on[:12]})")
+    return tok
 
 
 class Downstream:
@@ -268,25 +395,29 @@ class Downstream:
         self.seq_len, self.batch_size = seq_len, batch_size
 
     def evaluate(self, model, device, rank: int = 0, ranks: int = 1, reduce=None, max_reduce=None,
-                 per_token=None, width_multiple: int = 1, fixed_shape: tuple[int, int] | None = None
-                 ) -> dict[str, float]:
+                 per_token=None, width_multiple: int = 1, fixed_shape: tuple[int, int] | None = None,
+                 shared: bool = True) -> dict[str, float]:
         """Every task on this rank's items (item i on rank i mod ``ranks``); ``reduce`` sums a float64 tensor over
         the ranks, ``max_reduce`` takes the maximum of an int64 one (None: one rank). ``per_token``: how this
-        layout scores a batch (default: ``model``'s forward, whole logits); ``width_multiple``, ``fixed_shape``: as
+        layout scores a batch (default: ``model``'s forward, whole logits); ``width_multiple``, ``fixed_shape``,
+        ``shared`` (a context scored once for its choices; the layout's forward must take ``branch_ids``): as
         ``score``."""
         was_training = model.training
         model.eval()
         per_token = per_token or logits_scorer(model)
         values: dict[str, float] = {}
+
+        def most(count: int) -> int | None:
+            if max_reduce is None:
+                return None
+            return int(max_reduce(torch.tensor(count, dtype=torch.int64, device=device)))
+
         try:
             with torch.no_grad():
                 for task, requests in zip(self.tasks, self.requests):
                     mine = [r for r in requests if r.item % ranks == rank]
-                    rows = fixed_shape[0] if fixed_shape else self.batch_size
-                    count = torch.tensor(-(-len(mine) // rows), dtype=torch.int64, device=device)
-                    batches = int(max_reduce(count)) if max_reduce is not None else None
-                    results = score(per_token, mine, self.seq_len, self.batch_size, device, batches, width_multiple,
-                                    fixed_shape)
+                    results = score(per_token, mine, self.seq_len, self.batch_size, device, most, width_multiple,
+                                    fixed_shape, shared and fixed_shape is None)
                     sums = task_sums(task, mine, results).to(device)
                     if reduce is not None:
                         sums = reduce(sums)

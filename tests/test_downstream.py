@@ -96,6 +96,38 @@ def test_last_word_accuracy_and_perplexity(tmp_path):
     assert sums[4] == 5  # " de" and "xy": 3 + 2 tokens
 
 
+@pytest.mark.parametrize("flavor", ["llama", "gpt2"])
+def test_a_shared_context_scored_once_gives_each_requests_own_numbers(tmp_path, flavor):
+    """Prefix trees (a context once, its choices as branches, several contexts a row) against each request scored
+    alone: the same log-likelihoods to rounding and the same greedy flags — rotary and learned positions, requests
+    too long to share (cut on the left alone), one-token contexts, more choices than one row holds."""
+    from pretrain.downstream import Request, rows_of, segments_of
+    from pretrain.models import build_model
+
+    cfg = tiny_config(tmp_path, "model.seq_len=24", flavor=flavor)
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    g = torch.Generator().manual_seed(1)
+
+    def ids(n):
+        return torch.randint(4, cfg.model.vocab_size, (n,), generator=g).tolist()
+
+    requests = []
+    for item, (context, lengths) in enumerate([(9, [3, 5, 1, 4]), (1, [2, 6]), (20, [3, 8]), (5, [7] * 5),
+                                               (14, [2, 2, 3]), (30, [4, 2])]):
+        shared_context = ids(context)
+        requests += [Request(item, j, shared_context, ids(n)) for j, n in enumerate(lengths)]
+    segments = segments_of(requests, cfg.model.seq_len, shared=True)
+    rows = rows_of(segments, cfg.model.seq_len, pack=True)
+    assert len(segments) < len(requests) and len(rows) < len(segments)  # shared and packed
+    assert all(sum(len(s) for s in row) <= cfg.model.seq_len for row in rows)
+    with torch.no_grad():
+        alone = score(logits_scorer(model), requests, cfg.model.seq_len, 4, "cpu")
+        together = score(logits_scorer(model), requests, cfg.model.seq_len, 4, "cpu", shared=True)
+    assert [hit for _, hit in together] == [hit for _, hit in alone]
+    torch.testing.assert_close([ll for ll, _ in together], [ll for ll, _ in alone], rtol=0, atol=1e-5)
+
+
 def test_encode_pair_moves_the_contexts_trailing_space():
     assert encode_pair(Chars(), "ab ", "c") == ([1, 2], [27, 3])
 
@@ -183,9 +215,9 @@ def test_downstream_scores_split_over_ranks_sum_to_one_process(tmp_path, prepare
             super().__init__()
             self.inner = model
 
-        def forward(self, tokens):
+        def forward(self, tokens, **documents):
             calls.append(tokens.shape[0])
-            return self.inner(tokens)
+            return self.inner(tokens, **documents)
 
     for rank in range(3):
         sums = []

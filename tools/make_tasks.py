@@ -6,7 +6,9 @@
 - ``<out>/next_line.jsonl`` (multiple choice): the three lines before a line and its first word as the context;
   the rest of that line against the rests of three other lines of the split (HellaSwag's shape on code);
 - ``<out>/last_word.jsonl`` (last word, LAMBADA's shape): a line and the lines before it, its last identifier to
-  predict.
+  predict;
+- ``<out>/next_line.yaml``, ``<out>/last_word.yaml``: the same tasks for lm-evaluation-harness
+  (``lm_eval --include_path <out> --tasks next_line``; ``pretrain.downstream.write_task_yaml``).
 
 The documents are the split's own (``val`` by default: text the run never trains on), decoded with the data's
 tokenizer; the choice of lines and the order of the choices are seeded. Written to a temporary name, then renamed.
@@ -92,10 +94,14 @@ def main(argv=None) -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    from pretrain.downstream import write_task_yaml
+
     write(out / "next_line.jsonl", choice_items)
     write(out / "last_word.jsonl", word_items)
+    write_task_yaml(out / "next_line.jsonl", "choice")  # lm-eval's local-file tasks of the same files
+    write_task_yaml(out / "last_word.jsonl", "last_word")
     print(f"wrote {out / 'next_line.jsonl'} ({len(choice_items)} items) and {out / 'last_word.jsonl'} "
-          f"({len(word_items)} items)")
+          f"({len(word_items)} items), with their lm-eval task YAMLs (--include_path {out})")
     return 0
 
 

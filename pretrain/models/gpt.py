@@ -97,13 +97,14 @@ class GPT(nn.Module):
     is_first_stage = True  # pipeline stages after the first take hidden states instead of tokens
 
     def hidden_states(self, x: torch.Tensor, document_ids: torch.Tensor | None = None,
-                      positions: torch.Tensor | None = None) -> torch.Tensor:
+                      positions: torch.Tensor | None = None, branch_ids: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, T) int -> final-norm hidden states (B, T, D). A later pipeline stage takes hidden states
         (B, T, D) instead; one without ``norm`` returns the last block's output. ``document_ids`` (B, T) ints:
         packed documents, each attending only within itself (equal ids side by side form one document; None: one
         sequence a row); ``positions`` (B, T): the tokens' positions, restarting at each document
-        (``data.reset_positions``; None: 0..T-1)."""
-        documents = Documents.of(document_ids, positions)
+        (``data.reset_positions``; None: 0..T-1); ``branch_ids`` (B, T): scoring's prefix trees
+        (``layers.Documents``)."""
+        documents = Documents.of(document_ids, positions, branch_ids)
         if self.is_first_stage:
             tokens = x
             x = self.embed_tokens(tokens)  # (B, T, D)
@@ -131,11 +132,11 @@ class GPT(nn.Module):
         return self.norm.add(x, pending)[1]
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, document_ids: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, branch_ids: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, V) (a pipeline stage: see ``hidden_states``, which also describes
-        ``document_ids`` and ``positions``). With ``targets`` (B, T): the mean cross-entropy over the non-ignored
+        ``document_ids``, ``positions`` and ``branch_ids``). With ``targets`` (B, T): the mean cross-entropy over the non-ignored
         targets instead, through ``ops.cross_entropy`` (the fused kernel never materialises the logits)."""
-        h = self.hidden_states(x, document_ids, positions)
+        h = self.hidden_states(x, document_ids, positions, branch_ids)
         if self.norm is None:  # not the last pipeline stage
             return h
         if targets is not None:

@@ -79,14 +79,20 @@ def compute_dtype(x: torch.Tensor) -> torch.Tensor:
 class Documents:
     """The packed documents of a batch (``data.document_mask``): ``ids`` (B, T) integers, equal ids side by side
     forming one document — a token attends only within its own —, and ``positions`` (B, T), the tokens' positions
-    when they restart at each document (``data.reset_positions``; None: 0..T-1)."""
+    when they restart at each document (``data.reset_positions``; None: 0..T-1). ``branches`` (B, T) integers, in
+    scoring only (``pretrain/downstream.py``: one context, several continuations after it): within a document, a
+    token of branch b > 0 sees the document's branch-0 tokens (the shared context) and its own branch's, not the
+    other branches' — a prefix tree in one row, run by the dense reference attention."""
 
-    def __init__(self, ids: torch.Tensor | None, positions: torch.Tensor | None = None):
-        self.ids, self.positions = ids, positions
+    def __init__(self, ids: torch.Tensor | None, positions: torch.Tensor | None = None,
+                 branches: torch.Tensor | None = None):
+        self.ids, self.positions, self.branches = ids, positions, branches
 
     @classmethod
-    def of(cls, document_ids, positions) -> Documents | None:
-        return None if document_ids is None and positions is None else cls(document_ids, positions)
+    def of(cls, document_ids, positions, branch_ids=None) -> Documents | None:
+        if document_ids is None and positions is None and branch_ids is None:
+            return None
+        return cls(document_ids, positions, branch_ids)
 
 
 def rotate_half(x):
@@ -177,6 +183,8 @@ class Attention(nn.Module):
             if rotary is not None:
                 restarted = documents.positions if documents is not None else None  # split like the tokens
                 q, k = rotary(q, k, restarted if restarted is not None else self.context.positions(t, q.device))
+            if documents is not None and documents.branches is not None:
+                raise ValueError("branch ids (prefix-tree scoring) are not supported under context parallelism")
             # the document ids stay whole under context parallelism (the other ranks' chunks' documents)
             y = self.context(q, k, v, document_ids=documents.ids if documents is not None else None)
         else:
@@ -185,7 +193,13 @@ class Attention(nn.Module):
             extra = {"dropout_p": self.dropout} if self.training and self.dropout else {}
             if documents is not None and documents.ids is not None:
                 extra["document_ids"] = documents.ids
-            y = self.ops.attention(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask, **extra)
+            if documents is not None and documents.branches is not None:  # scoring: the dense reference's mask
+                from pretrain.models.ops import torch_attention
+
+                y = torch_attention(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask,
+                                    branch_ids=documents.branches, **extra)
+            else:
+                y = self.ops.attention(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask, **extra)
         y = y.transpose(1, 2).reshape(b, t, -1)  # (B, T, H*E)
         return self.o_proj(y)
 

@@ -29,12 +29,14 @@ assert tuple(TRITON_OPS) == KERNEL_OPS
 COMPANIONS = {"rms_norm": ("add_rms_norm",), "layer_norm": ("add_layer_norm",), "swiglu": ("swiglu_packed",)}
 
 
-def torch_attention(q, k, v, causal=True, key_padding_mask=None, scale=None, dropout_p=0.0, document_ids=None):
+def torch_attention(q, k, v, causal=True, key_padding_mask=None, scale=None, dropout_p=0.0, document_ids=None,
+                    branch_ids=None):
     """q (B, H, T, E); k, v (B, K, T, E) with K dividing H; key_padding_mask (B, T) bool, True = keep;
     document_ids (B, T) ints, equal ids side by side forming one document: a token attends only within its own —
     on CUDA through FlexAttention's block mask (blocks of other documents skipped), elsewhere (and with dropout) a
-    dense (B, 1, T, T) boolean mask through SDPA, the reference every layout can run."""
-    if document_ids is not None and q.is_cuda and not dropout_p:
+    dense (B, 1, T, T) boolean mask through SDPA, the reference every layout can run. branch_ids (B, T) ints
+    (``layers.Documents.branches``): a key of branch b > 0 is seen only by queries of branch b (branch 0 by all)."""
+    if document_ids is not None and q.is_cuda and not dropout_p and branch_ids is None:
         return flex_documents(q, k, v, causal, key_padding_mask, document_ids, scale)
     mask = None
     if key_padding_mask is not None:
@@ -42,6 +44,10 @@ def torch_attention(q, k, v, causal=True, key_padding_mask=None, scale=None, dro
     if document_ids is not None:
         same = document_ids[:, None, :, None] == document_ids[:, None, None, :]  # (B, 1, T, T)
         mask = same if mask is None else mask & same
+    if branch_ids is not None:
+        keys = branch_ids[:, None, None, :]
+        seen = (keys == 0) | (keys == branch_ids[:, None, :, None])  # (B, 1, T, T)
+        mask = seen if mask is None else mask & seen
     if mask is not None and causal:
         t = q.shape[-2]
         mask = mask & torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
