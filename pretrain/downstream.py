@@ -168,14 +168,25 @@ def requests_of(task: Task, tokenizer, vocab_size: int) -> list[Request]:
 
 
 # --- scoring --------------------------------------------------------------------------------------------------
-def logits_scorer(forward):
-    """``per_token`` of a model whose forward returns the whole logits (B, T, V) on this rank."""
+def logits_scorer(forward, select: bool = False):
+    """``per_token`` of a model whose forward returns the whole logits (B, T, V) on this rank. ``select``: the
+    forward takes ``logits_at`` (the GPT's: the head and the softmax only where a target is)."""
     def per_token(tokens: torch.Tensor, targets: torch.Tensor, documents: dict | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = forward(tokens, **(documents or {}))
-        if hasattr(logits, "full_tensor"):  # a tensor-parallel head's vocab shards
+        if not select:
+            logits = forward(tokens, **(documents or {}))
+            if hasattr(logits, "full_tensor"):  # a tensor-parallel head's vocab shards
+                logits = logits.full_tensor()
+            return token_scores(logits, targets)
+        keep = targets >= 0
+        logits = forward(tokens, **(documents or {}), logits_at=keep)
+        if hasattr(logits, "full_tensor"):
             logits = logits.full_tensor()
-        return token_scores(logits, targets)
+        picked, hit = token_scores(logits, targets[keep])
+        logprob = torch.zeros(targets.shape, dtype=torch.float64, device=targets.device)
+        hits = torch.zeros(targets.shape, dtype=torch.bool, device=targets.device)
+        logprob[keep], hits[keep] = picked, hit
+        return logprob, hits
     return per_token
 
 
@@ -396,15 +407,15 @@ class Downstream:
 
     def evaluate(self, model, device, rank: int = 0, ranks: int = 1, reduce=None, max_reduce=None,
                  per_token=None, width_multiple: int = 1, fixed_shape: tuple[int, int] | None = None,
-                 shared: bool = True) -> dict[str, float]:
+                 shared: bool = True, select: bool = False) -> dict[str, float]:
         """Every task on this rank's items (item i on rank i mod ``ranks``); ``reduce`` sums a float64 tensor over
         the ranks, ``max_reduce`` takes the maximum of an int64 one (None: one rank). ``per_token``: how this
         layout scores a batch (default: ``model``'s forward, whole logits); ``width_multiple``, ``fixed_shape``,
         ``shared`` (a context scored once for its choices; the layout's forward must take ``branch_ids``): as
-        ``score``."""
+        ``score``; ``select``: the default ``per_token`` computes logits only where a target is (``logits_scorer``)."""
         was_training = model.training
         model.eval()
-        per_token = per_token or logits_scorer(model)
+        per_token = per_token or logits_scorer(model, select)
         values: dict[str, float] = {}
 
         def most(count: int) -> int | None:

@@ -28,6 +28,7 @@ import contextlib
 
 import torch
 
+from pretrain.downstream import Request, checkpoint_tokenizer, logits_scorer, score
 from pretrain.errors import UserError
 
 EXTRA = 'pip install -e ".[eval]"'
@@ -37,8 +38,6 @@ try:
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 except ImportError as exc:  # an optional extra
     raise UserError(f"lm-evaluation-harness is not installed ({exc.name or exc}): {EXTRA}") from None
-
-from pretrain.downstream import Request, checkpoint_tokenizer, logits_scorer, score
 
 
 class PretrainLM(TemplateLM):
@@ -72,7 +71,7 @@ class PretrainLM(TemplateLM):
         self.dtype = dtype
         self.shared = str(shared).lower() not in ("false", "0", "no")
         self.max_gen_toks = int(max_gen_toks)
-        self.per_token = logits_scorer(self.model)
+        self.per_token = logits_scorer(self.model, select=True)
 
     # --- TemplateLM's tokenizer interface ---
     @property

@@ -393,11 +393,13 @@ class Trainer:
             per_token = self._context_scorer()
         with self.engine.autocast():
             # a context scored once for its choices (prefix trees: the dense reference attention) where the model's
-            # own forward takes the branch ids; pipeline stages and context-parallel chunks score a request a row
+            # own forward takes the branch ids; pipeline stages and context-parallel chunks score a request a row.
+            # The head only where a target is, but under tensor parallelism (its vocab-sharded head)
             return self.downstream.evaluate(p.module if p.stages else self.raw_model, self.device, p.dp_rank,
                                             p.dp_size, reduce, most, per_token, width,
                                             (self.cfg.train.micro_batch_size, self.cfg.model.seq_len) if p.stages
-                                            else None, shared=per_token is None)
+                                            else None, shared=per_token is None,
+                                            select=per_token is None and p.dims.tp == 1)
 
     def _context_scorer(self):
         """Scores of a batch under context parallelism: each cp rank scores its chunks' tokens, put back at their

@@ -124,8 +124,10 @@ def test_a_shared_context_scored_once_gives_each_requests_own_numbers(tmp_path, 
     with torch.no_grad():
         alone = score(logits_scorer(model), requests, cfg.model.seq_len, 4, "cpu")
         together = score(logits_scorer(model), requests, cfg.model.seq_len, 4, "cpu", shared=True)
-    assert [hit for _, hit in together] == [hit for _, hit in alone]
-    torch.testing.assert_close([ll for ll, _ in together], [ll for ll, _ in alone], rtol=0, atol=1e-5)
+        selected = score(logits_scorer(model, select=True), requests, cfg.model.seq_len, 4, "cpu", shared=True)
+    for got in (together, selected):  # the head everywhere, or only where a target is (logits_at)
+        assert [hit for _, hit in got] == [hit for _, hit in alone]
+        torch.testing.assert_close([ll for ll, _ in got], [ll for ll, _ in alone], rtol=0, atol=1e-5)
 
 
 def test_encode_pair_moves_the_contexts_trailing_space():

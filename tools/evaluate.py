@@ -98,7 +98,7 @@ def main(argv=None) -> int:
         if args.backend == "native" and files:
             downstream = Downstream(files, tok, cfg.model.vocab_size, cfg.model.seq_len, args.batch_size)
             with torch.no_grad():
-                values = downstream.evaluate(model, torch.device("cpu"))
+                values = downstream.evaluate(model, torch.device("cpu"), select=True)
             for task in downstream.tasks:
                 by_task[task.name] = {key[len(task.name) + 1:]: value for key, value in values.items()
                                       if key.startswith(task.name + "_")}

@@ -132,13 +132,18 @@ class GPT(nn.Module):
         return self.norm.add(x, pending)[1]
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, document_ids: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None, branch_ids: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, branch_ids: torch.Tensor | None = None,
+                logits_at: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (B, T) -> logits (B, T, V) (a pipeline stage: see ``hidden_states``, which also describes
-        ``document_ids``, ``positions`` and ``branch_ids``). With ``targets`` (B, T): the mean cross-entropy over the non-ignored
-        targets instead, through ``ops.cross_entropy`` (the fused kernel never materialises the logits)."""
+        ``document_ids``, ``positions`` and ``branch_ids``). With ``targets`` (B, T): the mean cross-entropy over the
+        non-ignored targets instead, through ``ops.cross_entropy`` (the fused kernel never materialises the logits).
+        ``logits_at`` (B, T) bool: the logits of those positions only, (N, V) in row-major order (scoring: the head
+        and the softmax skip the context's positions)."""
         h = self.hidden_states(x, document_ids, positions, branch_ids)
         if self.norm is None:  # not the last pipeline stage
             return h
+        if logits_at is not None:
+            h = h[logits_at]
         if targets is not None:
             return self.ops.cross_entropy(h.reshape(-1, h.shape[-1]), self.output_weight(), targets.reshape(-1))
         return self.lm_head(h) if self.lm_head is not None else F.linear(h, self.embed_tokens.weight)
