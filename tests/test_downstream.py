@@ -353,6 +353,9 @@ def test_make_tasks_builds_valid_files_from_the_held_out_split_and_summarize_sho
     mc, lw = load_task(tmp_path / "a" / "next_line.jsonl"), load_task(tmp_path / "a" / "last_word.jsonl")
     assert (mc.kind, lw.kind) == ("choice", "last_word") and len(mc.items) == 30 and len(lw.items) >= 10
     assert all(len(item.choices) == 4 for item in mc.items)
+    yaml = (tmp_path / "a" / "next_line.yaml").read_text()  # lm-eval's task of the same file (tests/test_lm_eval.py)
+    assert "output_type: multiple_choice" in yaml and str((tmp_path / "a" / "next_line.jsonl").resolve()) in yaml
+    assert "output_type: loglikelihood" in (tmp_path / "a" / "last_word.yaml").read_text()
     assert (tmp_path / "a" / "next_line.jsonl").read_text() == (tmp_path / "b" / "next_line.jsonl").read_text()
     assert tool.main(["--data", str(prepared), "--out", str(tmp_path / "c"), "--items", "0"]) == 2
 

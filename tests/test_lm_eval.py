@@ -133,6 +133,21 @@ def test_evaluate_tool_gives_one_score_under_every_backend(run, capsys, monkeypa
         assert abs(other["last_word"]["ppl"] / native["last_word"]["ppl"] - 1) <= 1e-4
 
 
+def test_bench_eval_runs_the_three_scorers_on_one_task(run, capsys):
+    """tools/bench_eval.py (the README's scoring-speed table): the in-loop scorer shared and alone and lm-eval's hf
+    model score the same items to the same accuracy (no timing is asserted)."""
+    cfg, tasks = run
+    assert _tool("bench_eval").main(["--checkpoint", str(cfg.checkpoint_dir), "--task", str(tasks / "next_line.jsonl"),
+                                     "--items", "8", "--repeat", "1", "--batch-size", "4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["items"] == 8 and out["requests"] == 32
+    scorers = ("in-loop shared", "in-loop alone", "lm-eval hf")
+    assert len({out[name]["acc"] for name in scorers}) == 1 and out["lm-eval hf"]["vs_lm_eval_hf"] == 1.0
+    assert _tool("bench_eval").main(["--checkpoint", str(cfg.checkpoint_dir), "--task",
+                                     str(tasks / "last_word.jsonl")]) == 2
+    assert "a multiple-choice task" in capsys.readouterr().err
+
+
 def test_bad_inputs_are_one_line(run, capsys, monkeypatch):
     """An unknown lm-eval task, and lm-eval not installed (the extra named), each one line and exit 2; the Python
     import says the same."""
