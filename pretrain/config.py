@@ -72,6 +72,11 @@ class ModelConfig:
     moe_bias_rate: float = 0.001  # step of the aux-loss-free bias update
     moe_aux_scope: str = "sequence"  # the aux loss's f and P per sequence (DeepSeek-V3) | per micro_batch (Switch)
     moe_capacity_factor: float = 0.0  # 0 = dropless; else each expert takes ceil(cf · N·k / E) slots, the rest drop
+    # group-limited routing (DeepSeek-V3's node-limited): the experts in moe_n_group groups, a group's score the sum of
+    # its two best (bias-corrected) scores, the top_k chosen within the moe_topk_group best groups
+    moe_n_group: int = 1
+    moe_topk_group: int = 1
+    moe_routed_scaling: float = 1.0  # the routed experts' weights multiplied by it (DeepSeek-V3: 2.5)
 
     @property
     def expert_dim(self) -> int:
@@ -294,7 +299,8 @@ RANGES: dict[str, tuple] = {
     "model.init_std": POSITIVE, "model.n_experts": NON_NEGATIVE, "model.moe_top_k": AT_LEAST_1,
     "model.moe_ffn_hidden": NON_NEGATIVE, "model.n_shared_experts": NON_NEGATIVE,
     "model.moe_dense_layers": NON_NEGATIVE, "model.moe_aux_coef": NON_NEGATIVE, "model.moe_z_coef": NON_NEGATIVE,
-    "model.moe_bias_rate": NON_NEGATIVE, "model.moe_capacity_factor": NON_NEGATIVE,
+    "model.moe_bias_rate": NON_NEGATIVE, "model.moe_capacity_factor": NON_NEGATIVE, "model.moe_n_group": AT_LEAST_1,
+    "model.moe_topk_group": AT_LEAST_1, "model.moe_routed_scaling": POSITIVE,
     "data.num_workers": NON_NEGATIVE, "data.prefetch_factor": AT_LEAST_1, "data.seed": NON_NEGATIVE,
     "data.shuffle_window": AT_LEAST_1, "data.mlm_probability": ((0, False), (1, False)),
     "data.max_predictions_per_seq": NON_NEGATIVE,
@@ -562,6 +568,13 @@ def _experts(cfg: Config) -> None:
     if 0 < m.moe_capacity_factor < 1:
         raise ConfigError(f"model.moe_capacity_factor = {m.moe_capacity_factor} would drop tokens even under "
                           "perfect balance: use 0 (dropless) or >= 1")
+    if m.n_experts % m.moe_n_group:
+        raise ConfigError(f"model.moe_n_group ({m.moe_n_group}) does not divide model.n_experts ({m.n_experts})")
+    if m.moe_topk_group > m.moe_n_group:
+        raise ConfigError(f"model.moe_topk_group ({m.moe_topk_group}) exceeds model.moe_n_group ({m.moe_n_group})")
+    if m.moe_n_group > 1 and m.moe_top_k > m.moe_topk_group * (m.n_experts // m.moe_n_group):
+        raise ConfigError(f"model.moe_top_k ({m.moe_top_k}) exceeds the experts of model.moe_topk_group "
+                          f"({m.moe_topk_group}) groups of {m.n_experts // m.moe_n_group}")
 
 
 def _drills(cfg: Config) -> None:

@@ -1,7 +1,7 @@
 """Hugging Face conversion: GPT llama flavour <-> ``LlamaForCausalLM`` (GQA included; ``Qwen3ForCausalLM`` with
 ``qk_norm``), gpt2 flavour <-> ``GPT2LMHeadModel``, BERT <-> ``BertForMaskedLM``. MoE GPTs: a sigmoid router
 (DeepSeek-V3 style: shared experts, dense first layers, the selection bias as ``e_score_correction_bias``) <->
-``Glm4MoeForCausalLM`` (full rotary, one expert group, routed scaling 1); a softmax router <->
+``Glm4MoeForCausalLM`` (full rotary; group-limited routing and the routed scaling factor); a softmax router <->
 ``Qwen3MoeForCausalLM`` (with ``qk_norm``) or ``MixtralForCausalLM`` (without). Our stacked experts
 (``gate_up_proj`` (E, 2I, D), ``down_proj`` (E, D, I)) are written per expert, as the Hub stores them.
 
@@ -198,6 +198,9 @@ def _dense(cfg: ModelConfig, *, qk_norm: bool, qkv_bias: bool) -> str:
 def _softmax_moe(cfg: ModelConfig, *, qk_norm: bool) -> str:
     if not cfg.n_experts or cfg.moe_router != "softmax":
         return "it needs softmax-routed Mixture-of-Experts layers"
+    if cfg.moe_n_group > 1 or cfg.moe_routed_scaling != 1:
+        return ("group-limited routing and a routed scaling factor have no softmax-routed Hugging Face counterpart: "
+                'export needs model.moe_router = "sigmoid" (GLM-4-MoE, DeepSeek-V3)')
     if cfg.n_shared_experts:
         return ("a softmax router with shared experts has no Hugging Face counterpart (Qwen2-MoE gates its shared "
                 'expert): export needs model.moe_router = "sigmoid" or no shared experts')
@@ -219,6 +222,9 @@ def _softmax_moe(cfg: ModelConfig, *, qk_norm: bool) -> str:
 MOE_KW = lambda cfg: dict(num_experts_per_tok=cfg.moe_top_k, output_router_logits=False)  # noqa: E731
 MOE_FROM = lambda raw: dict(moe_top_k=raw["num_experts_per_tok"])  # noqa: E731
 EXPERT_NAMES = ("gate_proj", "up_proj", "down_proj")
+GROUP_ROUTING_FROM = lambda raw: dict(  # noqa: E731  DeepSeek-V3's group-limited routing and routed scaling
+    moe_n_group=raw.get("n_group") or 1, moe_topk_group=raw.get("topk_group") or 1,
+    moe_routed_scaling=float(raw.get("routed_scaling_factor") or 1.0))
 
 FAMILY_LIST = [
     Family("LlamaForCausalLM", "llama", "gpt", "LlamaConfig",
@@ -239,26 +245,25 @@ FAMILY_LIST = [
     Family("Glm4MoeForCausalLM", "glm4_moe", "gpt", "Glm4MoeConfig",  # attention_bias: q/k/v only
            to_hf=lambda cfg: dict(**MOE_KW(cfg), partial_rotary_factor=1.0, n_routed_experts=cfg.n_experts,
                                   moe_intermediate_size=cfg.expert_dim, n_shared_experts=cfg.n_shared_experts,
-                                  first_k_dense_replace=cfg.moe_dense_layers, n_group=1, topk_group=1,
-                                  routed_scaling_factor=1.0, norm_topk_prob=True, use_qk_norm=cfg.qk_norm,
-                                  attention_bias=cfg.qkv_bias),
+                                  first_k_dense_replace=cfg.moe_dense_layers, n_group=cfg.moe_n_group,
+                                  topk_group=cfg.moe_topk_group, routed_scaling_factor=cfg.moe_routed_scaling,
+                                  norm_topk_prob=True, use_qk_norm=cfg.qk_norm, attention_bias=cfg.qkv_bias),
            from_hf=lambda raw: dict(**MOE_FROM(raw), n_experts=raw["n_routed_experts"],
                                     moe_ffn_hidden=raw["moe_intermediate_size"],
                                     n_shared_experts=raw.get("n_shared_experts") or 0,
                                     qk_norm=bool(raw.get("use_qk_norm")),
                                     qkv_bias=bool(raw.get("attention_bias")),
                                     moe_dense_layers=raw.get("first_k_dense_replace") or 0, moe_router="sigmoid",
-                                    moe_balance="bias"),
+                                    moe_balance="bias", **GROUP_ROUTING_FROM(raw)),
            implemented={**LLAMA_FIELDS,
                         "attention_bias": (_absent_or(True, False), "true or false (on q, k and v)"),
                         "norm_topk_prob": (_absent_or(True), "true (top-k weights renormalised)"),
-                        "routed_scaling_factor": (_absent_or(1, 1.0), "1.0"),
-                        "n_group": (_absent_or(1), "1 (no group-limited routing)"),
-                        "topk_group": (_absent_or(1), "1"),
                         "rope_parameters": (lambda v: _rope_ok(v) and _full_rotary({"rope_parameters": v}),
                                             f"{ROPE_SUPPORTED}; partial_rotary_factor 1.0")},
-           holds=lambda cfg: "" if cfg.n_experts and cfg.moe_router == "sigmoid" else
-           "it needs sigmoid-routed Mixture-of-Experts layers",
+           holds=lambda cfg: ("it needs sigmoid-routed Mixture-of-Experts layers"
+                              if not (cfg.n_experts and cfg.moe_router == "sigmoid") else
+                              "its group-limited routing needs two or more experts a group"
+                              if cfg.moe_n_group > 1 and cfg.n_experts // cfg.moe_n_group < 2 else ""),
            moe=("mlp", EXPERT_NAMES)),
     Family("Qwen3MoeForCausalLM", "qwen3_moe", "gpt", "Qwen3MoeConfig",
            to_hf=lambda cfg: dict(**MOE_KW(cfg), num_experts=cfg.n_experts, moe_intermediate_size=cfg.expert_dim,

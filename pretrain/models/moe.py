@@ -4,8 +4,10 @@ Shapes: N tokens (B·T flattened), D model dim, E experts, k experts a token, I 
 Per token x (D,):
     logits = W_g x                                   (E,)  fp32
     scores = softmax(logits)  | sigmoid(logits)      "softmax" (Mixtral / Qwen-MoE) | "sigmoid" (DeepSeek-V3)
-    chosen = top-k of scores (+ b, the balancing bias, when moe_balance uses it: selection only, never weights)
-    w_j    = scores[chosen_j] / Σ_j scores[chosen_j]  (normalised over the k chosen)
+    chosen = top-k of scores (+ b, the balancing bias, when moe_balance uses it: selection only, never weights);
+             with moe_n_group G > 1 (DeepSeek-V3's group-limited routing) only within the moe_topk_group groups
+             (of E/G experts, in order) whose two best biased scores sum highest, the others' experts masked out
+    w_j    = s · scores[chosen_j] / Σ_j scores[chosen_j]  (normalised over the k chosen; s = moe_routed_scaling)
     y      = Σ_j w_j · SwiGLU_{chosen_j}(x) + Σ_s SwiGLU_shared_s(x)
 Balancing: the Switch / GShard auxiliary loss E · Σ_e f_e · P_e (f_e: share of the routed slots that went to e,
 P_e: mean normalised score of e) over each sequence (``moe_aux_scope = "sequence"``, DeepSeek-V3's sequence-wise
@@ -42,6 +44,8 @@ class Router(nn.Module):
         super().__init__()
         self.n_experts, self.top_k, self.kind = cfg.n_experts, cfg.moe_top_k, cfg.moe_router
         self.use_bias = cfg.moe_balance in ("bias", "both")
+        self.n_group, self.topk_group = cfg.moe_n_group, cfg.moe_topk_group
+        self.scaling = cfg.moe_routed_scaling
         self.weight = nn.Parameter(torch.empty(cfg.n_experts, cfg.d_model))
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_experts), persistent=True)
 
@@ -50,9 +54,18 @@ class Router(nn.Module):
         logits = F.linear(x.float(), self.weight.float())  # (N, E)
         scores = torch.softmax(logits, dim=-1) if self.kind == "softmax" else torch.sigmoid(logits)
         choice = scores + self.e_score_correction_bias if self.use_bias else scores
-        experts = torch.topk(choice.detach(), self.top_k, dim=-1).indices  # (N, k)
+        choice = choice.detach()
+        if self.n_group > 1:  # group-limited: the best topk_group groups by the sum of their two best scores
+            groups = choice.view(choice.shape[0], self.n_group, -1)  # (N, G, E/G)
+            group_scores = groups.topk(min(2, groups.shape[-1]), dim=-1).values.sum(-1)  # (N, G)
+            best = group_scores.topk(self.topk_group, dim=-1).indices  # (N, topk_group)
+            keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)
+            choice = choice.masked_fill(~keep[:, :, None].expand_as(groups).reshape_as(choice), float("-inf"))
+        experts = torch.topk(choice, self.top_k, dim=-1).indices  # (N, k)
         weights = scores.gather(-1, experts)
         weights = weights / weights.sum(dim=-1, keepdim=True).clamp(min=1e-20)
+        if self.scaling != 1.0:
+            weights = weights * self.scaling
         return weights, experts, scores, logits
 
 

@@ -47,13 +47,18 @@ ARCHS = {
                            "model.qk_norm=true", "model.head_dim=16"],
     "glm4_moe_bias": ["model.n_kv_heads=2", "model.n_experts=4", "model.moe_top_k=2", "model.moe_ffn_hidden=16",
                       "model.moe_router=sigmoid", "model.moe_balance=bias", "model.qkv_bias=true"],
+    # DeepSeek-V3's routing: 4 groups of 2, the best 2 groups, top-3 within them, weights × 2.5
+    "glm4_moe_groups": ["model.n_kv_heads=2", "model.n_experts=8", "model.moe_top_k=3", "model.moe_ffn_hidden=16",
+                        "model.moe_router=sigmoid", "model.moe_balance=bias", "model.moe_n_group=4",
+                        "model.moe_topk_group=2", "model.moe_routed_scaling=2.5", "model.n_shared_experts=1"],
 }
 HF_CLASS_OF = {"qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
                "glm4_moe": "Glm4MoeForCausalLM", "glm4_moe_qk_norm": "Glm4MoeForCausalLM", "llama32": "LlamaForCausalLM",
                "qwen2": "Qwen2ForCausalLM", "qwen2_yarn": "Qwen2ForCausalLM", "qwen3_head_dim": "Qwen3ForCausalLM",
                "mistral": "MistralForCausalLM", "qwen3_moe_head_dim": "Qwen3MoeForCausalLM",
-               "glm4_moe_bias": "Glm4MoeForCausalLM"}
-TODAY = ["llama32", "qwen2", "qwen2_yarn", "qwen3_head_dim", "mistral", "qwen3_moe_head_dim", "glm4_moe_bias"]
+               "glm4_moe_bias": "Glm4MoeForCausalLM", "glm4_moe_groups": "Glm4MoeForCausalLM"}
+TODAY = ["llama32", "qwen2", "qwen2_yarn", "qwen3_head_dim", "mistral", "qwen3_moe_head_dim", "glm4_moe_bias",
+         "glm4_moe_groups"]
 HF_CLASSES = {"gpt": None, "bert": "BertForMaskedLM"}
 
 

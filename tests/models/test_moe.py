@@ -202,6 +202,30 @@ def test_moe_gpt_trains_and_logs_its_balancing_terms(tmp_path):
     assert all(b.abs().sum() > 0 for b in biases)  # the aux-loss-free bias moved after the steps
 
 
+def test_group_limited_routing_and_routed_scaling_by_hand():
+    """DeepSeek-V3's rule on 8 experts in 4 groups of 2, the best 2 groups, top-3: a group's score is the sum of its
+    two best biased scores; experts of the other groups never run however high their own score; the weights are the
+    unbiased scores of the chosen, normalised, times moe_routed_scaling."""
+    gate = layer("model.n_experts=8", "model.moe_top_k=3", "model.moe_router=sigmoid", "model.moe_balance=bias",
+                 "model.moe_n_group=4", "model.moe_topk_group=2", "model.moe_routed_scaling=2.5").gate
+    x = torch.randn(64, 32)
+    with torch.no_grad():
+        gate.e_score_correction_bias.copy_(torch.linspace(-0.2, 0.2, 8))
+        weights, chosen, scores, _ = gate(x)
+    for row in range(64):
+        biased = scores[row] + gate.e_score_correction_bias
+        group = biased.view(4, 2).sum(-1)  # two experts a group: both are its two best
+        allowed = set()
+        for g in sorted(range(4), key=lambda g: -float(group[g]))[:2]:
+            allowed |= {2 * g, 2 * g + 1}
+        expected = sorted(sorted(allowed, key=lambda e: -float(biased[e]))[:3])
+        assert sorted(chosen[row].tolist()) == expected
+        picked = scores[row, chosen[row]]
+        torch.testing.assert_close(weights[row], 2.5 * picked / picked.sum())
+    # the highest-scoring expert overall is skipped whenever its group loses
+    assert any(int(scores[r].argmax()) not in chosen[r].tolist() for r in range(64))
+
+
 @pytest.mark.parametrize("extra, message", [
     (["model.moe_top_k=5"], r"model.moe_top_k \(5\) exceeds model.n_experts \(4\)"),
     (["model.arch=bert"], r"Mixture-of-Experts layers are for the llama-flavour GPT, not bert"),
@@ -214,6 +238,11 @@ def test_moe_gpt_trains_and_logs_its_balancing_terms(tmp_path):
     (["model.moe_router=topk"], r"model.moe_router = 'topk' is not one of softmax, sigmoid"),
     (["model.moe_balance=none"], r"model.moe_balance = 'none' is not one of aux_loss, bias, both"),
     (["model.moe_aux_coef=-1"], r"model.moe_aux_coef must be >= 0"),
+    (["model.moe_n_group=3"], r"model.moe_n_group \(3\) does not divide model.n_experts \(4\)"),
+    (["model.moe_n_group=2", "model.moe_topk_group=3"], r"model.moe_topk_group \(3\) exceeds model.moe_n_group \(2\)"),
+    (["model.moe_n_group=4", "model.moe_topk_group=1"],
+     r"model.moe_top_k \(2\) exceeds the experts of model.moe_topk_group \(1\) groups of 1"),
+    (["model.moe_routed_scaling=0"], r"model.moe_routed_scaling must be > 0"),
 ])
 def test_bad_moe_configs(extra, message):
     with pytest.raises(ConfigError, match=message):
