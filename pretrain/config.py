@@ -50,6 +50,16 @@ class ModelConfig:
     tie_embeddings: bool = False
     qk_norm: bool = False  # llama GPT: RMSNorm over each head's q and k before RoPE (Qwen3, OLMoE-style)
     qkv_bias: bool = False  # llama GPT: biases on the q, k and v projections (not o), as Qwen2 / Qwen2.5 have
+    # attention: "mha" (multi-head, grouped-query with n_kv_heads) | "mla" (DeepSeek-V2/V3 multi-head latent attention:
+    # q through a q_lora_rank bottleneck with its RMSNorm (0: one q projection, V2-Lite), k and v from a kv_lora_rank
+    # latent with its RMSNorm, heads of qk_nope_head_dim + qk_rope_head_dim (the RoPE part: one rotary key shared by
+    # the heads) for q and k and v_head_dim for v; pretrain/models/mla.py)
+    attention: str = "mha"
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
     hf_architecture: str = ""  # the Hugging Face class an import came from (export writes it again); "" = chosen by shape
     # GPT under bf16 autocast: keep the residual stream (embeddings, the blocks' sums, what pipeline stages send) in
     # fp32; false (the default): bf16, as Megatron-LM's default and torchtitan's bf16 parameters have it
@@ -85,6 +95,24 @@ class ModelConfig:
     @property
     def kv_heads(self) -> int:
         return self.n_kv_heads or self.n_heads
+
+    @property
+    def mla(self) -> bool:
+        return self.attention == "mla"
+
+    @property
+    def qk_head_dim(self) -> int:
+        """Width of one head's query and key: MLA's no-RoPE and RoPE parts, else the head dim."""
+        return self.qk_nope_head_dim + self.qk_rope_head_dim if self.mla else self.head_size
+
+    @property
+    def value_head_dim(self) -> int:
+        return self.v_head_dim if self.mla else self.head_size
+
+    @property
+    def rotary_dim(self) -> int:
+        """The dims RoPE rotates in a head: MLA's RoPE part, else the whole head."""
+        return self.qk_rope_head_dim if self.mla else self.head_size
 
     @property
     def head_size(self) -> int:
@@ -265,6 +293,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.arch": ("gpt", "bert"),
     "model.flavor": ("llama", "gpt2"),
     "model.moe_router": ("softmax", "sigmoid"),
+    "model.attention": ("mha", "mla"),
     "model.moe_balance": ("aux_loss", "bias", "both"),
     "model.moe_aux_scope": ("sequence", "micro_batch"),
     "data.source": ("shards", "synthetic", "megatron"),
@@ -300,7 +329,9 @@ RANGES: dict[str, tuple] = {
     "model.moe_ffn_hidden": NON_NEGATIVE, "model.n_shared_experts": NON_NEGATIVE,
     "model.moe_dense_layers": NON_NEGATIVE, "model.moe_aux_coef": NON_NEGATIVE, "model.moe_z_coef": NON_NEGATIVE,
     "model.moe_bias_rate": NON_NEGATIVE, "model.moe_capacity_factor": NON_NEGATIVE, "model.moe_n_group": AT_LEAST_1,
-    "model.moe_topk_group": AT_LEAST_1, "model.moe_routed_scaling": POSITIVE,
+    "model.moe_topk_group": AT_LEAST_1, "model.moe_routed_scaling": POSITIVE, "model.q_lora_rank": NON_NEGATIVE,
+    "model.kv_lora_rank": NON_NEGATIVE, "model.qk_nope_head_dim": NON_NEGATIVE, "model.qk_rope_head_dim": NON_NEGATIVE,
+    "model.v_head_dim": NON_NEGATIVE,
     "data.num_workers": NON_NEGATIVE, "data.prefetch_factor": AT_LEAST_1, "data.seed": NON_NEGATIVE,
     "data.shuffle_window": AT_LEAST_1, "data.mlm_probability": ((0, False), (1, False)),
     "data.max_predictions_per_seq": NON_NEGATIVE,
@@ -373,6 +404,7 @@ class Config:
         off = [
             ("model", "moe_", not m.n_experts, "model.n_experts = 0"),
             ("model", "n_shared_experts", not m.n_experts, "model.n_experts = 0"),
+            *[("model", key, not m.mla, f"model.attention = {m.attention!r}") for key in MLA_KEYS],
             ("optim", "muon_", o.name != "muon", f"optim.name = {o.name!r}"),
             ("train", "fp8_", t.fp8 == "none", 'train.fp8 = "none"'),
             ("train", "mixed_precision", t.dtype != "bf16", f"train.dtype = {t.dtype!r}"),
@@ -512,6 +544,8 @@ def _mixed_precision(cfg: Config) -> None:
 
 def _heads(cfg: Config) -> None:
     m = cfg.model
+    if m.mla:
+        return  # its head dims are its own keys (_latent_attention)
     llama = m.arch == "gpt" and m.flavor == "llama"
     if m.head_dim and not llama:
         raise ConfigError(f"model.head_dim is for the llama-flavour GPT (its heads may be wider or narrower than "
@@ -524,6 +558,36 @@ def _heads(cfg: Config) -> None:
     if llama and m.head_size % 2:
         source = "model.head_dim" if m.head_dim else "d_model/n_heads"
         raise ConfigError(f"rotary embeddings need an even head dim; {source} = {m.head_size}")
+
+
+MLA_KEYS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+
+
+def _latent_attention(cfg: Config) -> None:
+    """model.attention = "mla": its dims, and what it does not combine with (yet)."""
+    m, p = cfg.model, cfg.parallel
+    if not m.mla:
+        return
+    if m.arch != "gpt" or m.flavor != "llama":
+        raise ConfigError(f'model.attention = "mla" is for the llama-flavour GPT, not {m.arch}/{m.flavor}')
+    for key in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+        if not getattr(m, key):
+            raise ConfigError(f'model.attention = "mla" needs model.{key} > 0')
+    if m.qk_rope_head_dim % 2:
+        raise ConfigError(f"model.qk_rope_head_dim ({m.qk_rope_head_dim}) must be even (rotary pairs)")
+    if m.n_kv_heads not in (0, m.n_heads):
+        raise ConfigError(f'model.attention = "mla" has no key/value heads to group (every head gets its own from '
+                          f"the latent): model.n_kv_heads must be 0, got {m.n_kv_heads}")
+    for key, why in (("head_dim", "MLA's heads are qk_nope_head_dim + qk_rope_head_dim and v_head_dim wide"),
+                     ("qk_norm", "MLA normalises its latents, not the heads"),
+                     ("qkv_bias", "MLA's projections have no biases")):
+        if getattr(m, key):
+            raise ConfigError(f'model.{key} does not combine with model.attention = "mla": {why}')
+    for key, value, what in (("parallel.tp", p.tp, "tensor"), ("parallel.cp", p.cp, "context"),
+                             ("parallel.pp", p.pp, "pipeline")):
+        if value > 1:
+            raise ConfigError(f'model.attention = "mla" does not run under {what} parallelism yet ({key} = {value}): '
+                              "data parallelism, FSDP (zero_stage) and expert parallelism do")
 
 
 def _llama_features(cfg: Config) -> None:
@@ -704,7 +768,8 @@ def _outputs_apart(cfg: Config) -> None:
                           f"checkpoint dir {cfg.checkpoint_dir}: keep the Hugging Face copies apart")
 
 
-RULES = (_finite, _ranges, _choices, _kernels, _mixed_precision, _heads, _llama_features, _positions, _experts,
+RULES = (_finite, _ranges, _choices, _kernels, _mixed_precision, _heads, _latent_attention, _llama_features, _positions,
+         _experts,
          _drills, _optimizer, _deepspeed, _zero_stage, _data, _outputs_apart)
 
 

@@ -2,7 +2,7 @@
 
 FLOPs per token, forward + backward (Kaplan et al. 2020; PaLM, Chowdhery et al. 2022, appendix B):
 
-    6 · N_matmul  +  12 · L · H · E · T
+    6 · N_matmul  +  12 · L · H · E · T       (MLA: 6 · L · H · (E_qk + E_v) · T)
 
 N_matmul counts the weights that take part in a matrix multiply for every token: all projections in the
 blocks, the output head (tied or not — the head is a matmul even when it shares the embedding's storage) and,
@@ -16,9 +16,22 @@ from __future__ import annotations
 from pretrain.config import ModelConfig
 
 
+def attention_matmul_params(cfg: ModelConfig) -> int:
+    """One attention block's projection weights: q, k, v, o — or MLA's (models/mla.py): the query (through its
+    q_lora_rank bottleneck or not), the kv latent with the shared RoPE key, the latent's up-projection, o."""
+    d, h = cfg.d_model, cfg.n_heads
+    if cfg.mla:
+        qk, c, cq = cfg.qk_head_dim, cfg.kv_lora_rank, cfg.q_lora_rank
+        query = cq * d + cq * h * qk if cq else d * h * qk
+        return query + d * (c + cfg.qk_rope_head_dim) + c * h * (cfg.qk_nope_head_dim + cfg.v_head_dim) \
+            + h * cfg.v_head_dim * d
+    k, e = cfg.kv_heads, cfg.head_size
+    return d * h * e + 2 * d * k * e + h * e * d
+
+
 def layer_matmul_params(cfg: ModelConfig) -> int:
-    d, h, k, e, f = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.head_size, cfg.ffn_dim
-    attention = d * h * e + 2 * d * k * e + h * e * d
+    d, f = cfg.d_model, cfg.ffn_dim
+    attention = attention_matmul_params(cfg)
     gated = cfg.arch == "gpt" and cfg.flavor == "llama"
     mlp = (3 if gated else 2) * d * f
     return attention + mlp
@@ -49,6 +62,7 @@ def num_params(cfg: ModelConfig) -> int:
     per_layer = layer_matmul_params(cfg)
     if cfg.arch == "gpt" and cfg.flavor == "llama":
         per_layer += 2 * d + (2 * cfg.head_size if cfg.qk_norm else 0)  # two RMSNorm weights (+ q/k norms)
+        per_layer += cfg.q_lora_rank + cfg.kv_lora_rank if cfg.mla else 0  # MLA's latent norms
         per_layer += h_e + 2 * k_e if cfg.qkv_bias else 0  # Qwen2's q/k/v biases
         total = v * d + cfg.n_layers * per_layer + d  # embedding, blocks, final norm
         if cfg.n_experts:  # MoE layers hold every expert instead of the dense MLP
@@ -69,5 +83,6 @@ def num_params(cfg: ModelConfig) -> int:
 def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> int:
     """Training (forward + backward) FLOPs per token at sequence length ``seq_len`` (default: model.seq_len)."""
     t = seq_len or cfg.seq_len
-    attention = 12 * cfg.n_layers * cfg.n_heads * cfg.head_size * t
+    # QKᵀ over the query/key head dim, AV over the value head dim (equal but under MLA): 2·T·H·dim each, ×3
+    attention = 6 * cfg.n_layers * cfg.n_heads * (cfg.qk_head_dim + cfg.value_head_dim) * t
     return 6 * matmul_params(cfg) + attention

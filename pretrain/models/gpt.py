@@ -41,7 +41,12 @@ class Block(nn.Module):
         llama = cfg.flavor == "llama"
         norm = RMSNorm if llama else LayerNorm
         self.input_layernorm = norm(cfg.d_model, cfg.norm_eps, ops)
-        self.self_attn = Attention(cfg, ops, causal=True, bias=not llama)
+        if cfg.mla:
+            from pretrain.models.mla import LatentAttention
+
+            self.self_attn = LatentAttention(cfg, ops)
+        else:
+            self.self_attn = Attention(cfg, ops, causal=True, bias=not llama)
         self.post_attention_layernorm = norm(cfg.d_model, cfg.norm_eps, ops)
         if cfg.n_experts and index >= cfg.moe_dense_layers:
             self.mlp = MoE(cfg, index)
@@ -80,7 +85,7 @@ class GPT(nn.Module):
         llama = cfg.flavor == "llama"
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.embed_positions = None if llama else nn.Embedding(cfg.positions, cfg.d_model)
-        self.rotary = Rotary(cfg.head_size, cfg.rope_theta, cfg.seq_len, ops, cfg.rope_scaling) if llama else None
+        self.rotary = Rotary(cfg.rotary_dim, cfg.rope_theta, cfg.seq_len, ops, cfg.rope_scaling) if llama else None
         self.ops = ops
         self.embed_dropout = nn.Dropout(cfg.dropout) if cfg.dropout else nn.Identity()
         self.layers = nn.ModuleDict({str(i): Block(cfg, ops, i) for i in range(cfg.n_layers)})

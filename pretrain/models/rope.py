@@ -28,7 +28,7 @@ def plain_inverse_frequencies(head_dim: int, theta: float, device=None) -> torch
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
 
 
-def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
@@ -57,8 +57,8 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: dict | None = None
         attention = scaling.get("attention_factor")
         if attention is None:
             mscale, mscale_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
-            attention = (_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all) if mscale and mscale_all
-                         else _yarn_mscale(factor))
+            attention = (yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all) if mscale and mscale_all
+                         else yarn_mscale(factor))
 
         def dimension(rotations):  # the dimension whose frequency turns ``rotations`` times over ``original``
             return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))

@@ -42,6 +42,25 @@ def test_formula_matches_counted_matmuls(arch, flavor):
     assert counter.get_total_flops() == flops_per_token(cfg) * tokens.numel()
 
 
+@pytest.mark.parametrize("q_lora_rank", [0, 16])
+def test_mla_formula_matches_counted_matmuls_and_parameters(q_lora_rank):
+    """MLA (qk head dim 12 ≠ v head dim 6; with and without the query bottleneck): the counter's FLOPs over one
+    forward + backward equal the formula's, and the closed-form parameter count the model's."""
+    from pretrain.models.flops import num_params
+
+    cfg = load_config(None, ["model.n_layers=2", "model.d_model=32", "model.n_heads=4", "model.vocab_size=50",
+                             "model.seq_len=24", "model.attention=mla", f"model.q_lora_rank={q_lora_rank}",
+                             "model.kv_lora_rank=12", "model.qk_nope_head_dim=8", "model.qk_rope_head_dim=4",
+                             "model.v_head_dim=6"]).model
+    model = build_model(cfg)
+    assert num_params(cfg) == sum(p.numel() for p in model.parameters())
+    tokens = torch.randint(8, 50, (3, 24))
+    counter = FlopCounterMode(display=False)
+    with counter, sdpa_kernel(SDPBackend.MATH):
+        model(tokens).sum().backward()
+    assert counter.get_total_flops() == flops_per_token(cfg) * tokens.numel()
+
+
 @pytest.mark.parametrize("shared, dense", [(0, 0), (1, 1)])
 def test_moe_formula_counts_the_active_experts_only(shared, dense):
     """An MoE GPT: the counter sees the router, the k experts each token went to and the shared experts (the
