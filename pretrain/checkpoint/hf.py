@@ -186,6 +186,8 @@ def _llama_from_hf(raw: dict) -> dict:
 
 
 def _dense(cfg: ModelConfig, *, qk_norm: bool, qkv_bias: bool) -> str:
+    if cfg.mla:
+        return "it has multi-head latent attention"
     if cfg.n_experts:
         return "it has Mixture-of-Experts layers"
     if cfg.qk_norm != qk_norm:
@@ -198,6 +200,8 @@ def _dense(cfg: ModelConfig, *, qk_norm: bool, qkv_bias: bool) -> str:
 def _softmax_moe(cfg: ModelConfig, *, qk_norm: bool) -> str:
     if not cfg.n_experts or cfg.moe_router != "softmax":
         return "it needs softmax-routed Mixture-of-Experts layers"
+    if cfg.mla:
+        return "it has multi-head latent attention"
     if cfg.moe_n_group > 1 or cfg.moe_routed_scaling != 1:
         return ("group-limited routing and a routed scaling factor have no softmax-routed Hugging Face counterpart: "
                 'export needs model.moe_router = "sigmoid" (GLM-4-MoE, DeepSeek-V3)')
@@ -217,6 +221,45 @@ def _softmax_moe(cfg: ModelConfig, *, qk_norm: bool) -> str:
         return ("Mixtral (a softmax MoE without QK-norm) has no dense layers: export needs model.moe_dense_layers = 0, "
                 "or model.qk_norm = true (Qwen3-MoE)")
     return ""
+
+
+def _sigmoid_moe(cfg: ModelConfig) -> str:
+    """Why GLM-4-MoE's / DeepSeek-V3's router cannot hold ``cfg``'s MoE layers ("" = it can)."""
+    if not (cfg.n_experts and cfg.moe_router == "sigmoid"):
+        return "it needs sigmoid-routed Mixture-of-Experts layers"
+    if cfg.moe_n_group > 1 and cfg.n_experts // cfg.moe_n_group < 2:
+        return "its group-limited routing needs two or more experts a group"
+    return ""
+
+
+def _deepseek_to_hf(cfg: ModelConfig) -> dict:
+    """DeepSeek-V3's config keywords: MLA's dims, its RoPE over qk_rope_head_dim (interleaved pairs: the converter
+    permutes the RoPE rows), the MoE (every layer dense when there are no experts)."""
+    kw = dict(head_dim=cfg.qk_rope_head_dim, num_key_value_heads=cfg.n_heads, q_lora_rank=cfg.q_lora_rank or None,
+              kv_lora_rank=cfg.kv_lora_rank, qk_nope_head_dim=cfg.qk_nope_head_dim,
+              qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim, rope_interleave=True,
+              attention_bias=False, norm_topk_prob=True)
+    if cfg.n_experts:
+        kw.update(**MOE_KW(cfg), n_routed_experts=cfg.n_experts, moe_intermediate_size=cfg.expert_dim,
+                  n_shared_experts=cfg.n_shared_experts, first_k_dense_replace=cfg.moe_dense_layers,
+                  n_group=cfg.moe_n_group, topk_group=cfg.moe_topk_group,
+                  routed_scaling_factor=cfg.moe_routed_scaling)
+    else:
+        kw.update(first_k_dense_replace=cfg.n_layers, n_routed_experts=1, n_shared_experts=0, n_group=1,
+                  topk_group=1, num_experts_per_tok=1, moe_intermediate_size=cfg.ffn_dim, routed_scaling_factor=1.0)
+    return kw
+
+
+def _deepseek_from_hf(raw: dict) -> dict:
+    kw = dict(attention="mla", head_dim=0, n_kv_heads=0, q_lora_rank=raw.get("q_lora_rank") or 0,
+              kv_lora_rank=raw["kv_lora_rank"], qk_nope_head_dim=raw["qk_nope_head_dim"],
+              qk_rope_head_dim=raw["qk_rope_head_dim"], v_head_dim=raw["v_head_dim"])
+    dense = raw.get("first_k_dense_replace") or 0
+    if raw.get("n_routed_experts") and dense < raw["num_hidden_layers"]:
+        kw.update(**MOE_FROM(raw), n_experts=raw["n_routed_experts"], moe_ffn_hidden=raw["moe_intermediate_size"],
+                  n_shared_experts=raw.get("n_shared_experts") or 0, moe_dense_layers=dense, moe_router="sigmoid",
+                  moe_balance="bias", **GROUP_ROUTING_FROM(raw))
+    return kw
 
 
 MOE_KW = lambda cfg: dict(num_experts_per_tok=cfg.moe_top_k, output_router_logits=False)  # noqa: E731
@@ -260,10 +303,18 @@ FAMILY_LIST = [
                         "norm_topk_prob": (_absent_or(True), "true (top-k weights renormalised)"),
                         "rope_parameters": (lambda v: _rope_ok(v) and _full_rotary({"rope_parameters": v}),
                                             f"{ROPE_SUPPORTED}; partial_rotary_factor 1.0")},
-           holds=lambda cfg: ("it needs sigmoid-routed Mixture-of-Experts layers"
-                              if not (cfg.n_experts and cfg.moe_router == "sigmoid") else
-                              "its group-limited routing needs two or more experts a group"
-                              if cfg.moe_n_group > 1 and cfg.n_experts // cfg.moe_n_group < 2 else ""),
+           holds=lambda cfg: "it has multi-head latent attention" if cfg.mla else _sigmoid_moe(cfg),
+           moe=("mlp", EXPERT_NAMES)),
+    Family("DeepseekV3ForCausalLM", "deepseek_v3", "gpt", "DeepseekV3Config",
+           to_hf=lambda cfg: _deepseek_to_hf(cfg), from_hf=lambda raw: _deepseek_from_hf(raw),
+           implemented={**LLAMA_FIELDS,
+                        "norm_topk_prob": (_absent_or(True), "true (top-k weights renormalised)"),
+                        "rope_interleave": (_absent_or(True), "true (DeepSeek's interleaved RoPE pairs)"),
+                        "scoring_func": (_absent_or("sigmoid"), "sigmoid"),
+                        "topk_method": (_absent_or("noaux_tc"), "noaux_tc (sigmoid scores, group-limited)"),
+                        "moe_layer_freq": (_absent_or(1), "1 (every layer after the dense ones)")},
+           holds=lambda cfg: "it has no multi-head latent attention" if not cfg.mla else
+           "" if not cfg.n_experts else _sigmoid_moe(cfg),
            moe=("mlp", EXPERT_NAMES)),
     Family("Qwen3MoeForCausalLM", "qwen3_moe", "gpt", "Qwen3MoeConfig",
            to_hf=lambda cfg: dict(**MOE_KW(cfg), num_experts=cfg.n_experts, moe_intermediate_size=cfg.expert_dim,
@@ -325,10 +376,11 @@ FAMILY_LIST = [
            holds=lambda cfg: "" if cfg.arch == "bert" else "it is not a BERT"),
 ]
 FAMILIES: dict[str, Family] = {f.hf_class: f for f in FAMILY_LIST}
+BIASED_ROUTERS = ("glm4_moe", "deepseek_v3")  # the families whose routers keep e_score_correction_bias
 SUPPORTED = list(FAMILIES)
 # export chooses the first of these that holds the model, unless model.hf_architecture names one that does
 EXPORT_ORDER = ["LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Glm4MoeForCausalLM",
-                "Qwen3MoeForCausalLM", "MixtralForCausalLM"]
+                "Qwen3MoeForCausalLM", "MixtralForCausalLM", "DeepseekV3ForCausalLM"]
 
 
 def family_of(cfg: ModelConfig) -> Family:
@@ -381,9 +433,32 @@ def _moe_tensor(name: str, t: torch.Tensor, cfg: ModelConfig, family: Family):
                                                              (f"{prefix}.experts.{e}.{up}.weight", t[e, i:]))]
     if what == "experts.down_proj":
         return [(f"{prefix}.experts.{e}.{down}.weight", t[e]) for e in range(t.shape[0])]
-    if what == "gate.e_score_correction_bias" and family.kind != "glm4_moe":
+    if what == "gate.e_score_correction_bias" and family.kind not in BIASED_ROUTERS:
         return []  # zero: family_of refused any balance that moves it
     return [(f"{prefix}.{what}", t)]
+
+
+def _rope_rows(name: str, cfg: ModelConfig) -> tuple[int, int, int] | None:
+    """(groups, rows a group, rows before the RoPE part) of an MLA weight whose output rows hold RoPE parts: the
+    query's (each head's last qk_rope_head_dim rows) and the kv down-projection's (its last rows, the shared key)."""
+    if not cfg.mla:
+        return None
+    if re.search(r"self_attn\.(q_b_proj|q_proj)\.weight$", name):
+        return cfg.n_heads, cfg.qk_head_dim, cfg.qk_nope_head_dim
+    if re.search(r"self_attn\.kv_a_proj_with_mqa\.weight$", name):
+        return 1, cfg.kv_lora_rank + cfg.qk_rope_head_dim, cfg.kv_lora_rank
+    return None
+
+
+def _permute_rope(t: torch.Tensor, layout: tuple[int, int, int], to_hf: bool) -> torch.Tensor:
+    """DeepSeek's interleaved RoPE pairs (2i, 2i+1) <-> our rotate-half halves (i, i + r/2): row j of our RoPE part
+    is row ``perm[j]`` of DeepSeek's (evens, then odds), which makes our rotate-half compute DeepSeek's rotation."""
+    groups, width, offset = layout
+    r = width - offset
+    perm = torch.cat([torch.arange(0, r, 2), torch.arange(1, r, 2)])
+    order = torch.argsort(perm) if to_hf else perm
+    w = t.reshape(groups, width, -1)
+    return torch.cat([w[:, :offset], w[:, offset:][:, order]], dim=1).reshape(t.shape)
 
 
 def to_hf_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig):
@@ -401,6 +476,9 @@ def to_hf_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig):
             if name == "lm_head.weight" and cfg.tie_embeddings:
                 continue
             moe = _moe_tensor(name, t, cfg, family)
+            layout = _rope_rows(name, cfg)
+            if layout is not None:
+                t = _permute_rope(t, layout, to_hf=True)
             yield from moe if moe is not None else [(_rename(name, LLAMA_NAMES), t)]
         return
     for name, t in state.items():
@@ -646,7 +724,7 @@ def import_hf(hf_dir: str | Path, allow_pickle: bool = False) -> tuple[torch.nn.
                 read.add((target, _piece(part)))
     wanted = {(target, _piece(part)) for entries in reverse.values() for target, _, *part in entries}
     seen = {t for t, _ in read} - {t for t, _ in wanted - read}  # a stacked weight counts once every piece is read
-    not_in_hf = {k for k in expected if k.endswith("e_score_correction_bias") and hf_kind(cfg) != "glm4_moe"}
+    not_in_hf = {k for k in expected if k.endswith("e_score_correction_bias") and hf_kind(cfg) not in BIASED_ROUTERS}
     missing = sorted(set(expected) - seen - ({"lm_head.weight"} if cfg.tie_embeddings else set()) - not_in_hf
                      - {k for k in expected if k.startswith(("pooler", "nsp_head"))})
     if missing:
@@ -669,8 +747,10 @@ def _reverse_names(expected: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[
             moe = _moe_tensor(name, value, cfg, family) if family else None
             if moe is None:
                 hf = _rename(name, table)
+                layout = _rope_rows(name, cfg)
+                convert = same if layout is None else lambda t, lay=layout: _permute_rope(t, lay, to_hf=False)
                 if hf is not None:
-                    reverse.setdefault(hf, []).append((name, same))
+                    reverse.setdefault(hf, []).append((name, convert))
                 continue
             i = cfg.expert_dim
             rows = {0: slice(0, i), 1: slice(i, 2 * i)} if name.endswith("gate_up_proj") else {0: slice(None)}

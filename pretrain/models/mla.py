@@ -4,6 +4,7 @@ Shapes: B batch, T tokens, D model dim, H heads, n = ``qk_nope_head_dim``, r = `
 v = ``v_head_dim``, c = ``kv_lora_rank``, c_q = ``q_lora_rank``. Per token x (D,):
 
     q        = q_b_proj(RMSNorm(q_a_proj x))           (H, n + r)    [q_proj x when q_lora_rank = 0: V2-Lite]
+               (the latents' RMSNorms take epsilon 1e-6 whatever model.norm_eps, as DeepSeek's code does)
     c_kv, kr = kv_a_proj_with_mqa x                     (c,), (r,)   the latent and one RoPE key for every head
     k_n, v   = kv_b_proj(RMSNorm(c_kv))                 (H, n), (H, v)
     q = [q_n, RoPE(q_r)],  k = [k_n, RoPE(kr) for every head]       (H, n + r)
@@ -38,6 +39,9 @@ def softmax_scale(cfg: ModelConfig) -> float:
     return scale
 
 
+LATENT_EPS = 1e-6  # the latents' RMSNorm epsilon: DeepSeek's (and transformers') fixed value, not model.norm_eps
+
+
 class LatentAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, ops: Ops, *, causal: bool = True):
         super().__init__()
@@ -48,12 +52,12 @@ class LatentAttention(nn.Module):
         qk = self.nope + self.rope
         if cfg.q_lora_rank:
             self.q_a_proj = nn.Linear(d, cfg.q_lora_rank, bias=False)
-            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps, ops)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, LATENT_EPS, ops)
             self.q_b_proj = nn.Linear(cfg.q_lora_rank, h * qk, bias=False)
         else:
             self.q_proj = nn.Linear(d, h * qk, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(d, self.latent + self.rope, bias=False)
-        self.kv_a_layernorm = RMSNorm(self.latent, cfg.norm_eps, ops)
+        self.kv_a_layernorm = RMSNorm(self.latent, LATENT_EPS, ops)
         self.kv_b_proj = nn.Linear(self.latent, h * (self.nope + self.v_dim), bias=False)
         self.o_proj = nn.Linear(h * self.v_dim, d, bias=False)
         self.scale = softmax_scale(cfg)

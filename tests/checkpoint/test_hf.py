@@ -51,14 +51,25 @@ ARCHS = {
     "glm4_moe_groups": ["model.n_kv_heads=2", "model.n_experts=8", "model.moe_top_k=3", "model.moe_ffn_hidden=16",
                         "model.moe_router=sigmoid", "model.moe_balance=bias", "model.moe_n_group=4",
                         "model.moe_topk_group=2", "model.moe_routed_scaling=2.5", "model.n_shared_experts=1"],
+    # DeepSeek-V3: MLA (query bottleneck, qk 12 ≠ v 6), YaRN with mscale, a dense first layer, group routing
+    "deepseek_v3": ["model.attention=mla", "model.q_lora_rank=16", "model.kv_lora_rank=12",
+                    "model.qk_nope_head_dim=8", "model.qk_rope_head_dim=4", "model.v_head_dim=6", "model.n_layers=3",
+                    "model.n_experts=8", "model.moe_top_k=3", "model.moe_ffn_hidden=16", "model.moe_router=sigmoid",
+                    "model.moe_balance=bias", "model.moe_n_group=4", "model.moe_topk_group=2",
+                    "model.moe_routed_scaling=2.5", "model.n_shared_experts=1", "model.moe_dense_layers=1",
+                    'model.rope_scaling={rope_type = "yarn", factor = 4.0, original_max_position_embeddings = 16, '
+                    "mscale = 1.0, mscale_all_dim = 1.0, beta_fast = 32, beta_slow = 1}"],
+    "deepseek_v2_lite_dense": ["model.attention=mla", "model.kv_lora_rank=12", "model.qk_nope_head_dim=8",
+                               "model.qk_rope_head_dim=4", "model.v_head_dim=8"],
 }
 HF_CLASS_OF = {"qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
                "glm4_moe": "Glm4MoeForCausalLM", "glm4_moe_qk_norm": "Glm4MoeForCausalLM", "llama32": "LlamaForCausalLM",
                "qwen2": "Qwen2ForCausalLM", "qwen2_yarn": "Qwen2ForCausalLM", "qwen3_head_dim": "Qwen3ForCausalLM",
                "mistral": "MistralForCausalLM", "qwen3_moe_head_dim": "Qwen3MoeForCausalLM",
-               "glm4_moe_bias": "Glm4MoeForCausalLM", "glm4_moe_groups": "Glm4MoeForCausalLM"}
+               "glm4_moe_bias": "Glm4MoeForCausalLM", "glm4_moe_groups": "Glm4MoeForCausalLM",
+               "deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v2_lite_dense": "DeepseekV3ForCausalLM"}
 TODAY = ["llama32", "qwen2", "qwen2_yarn", "qwen3_head_dim", "mistral", "qwen3_moe_head_dim", "glm4_moe_bias",
-         "glm4_moe_groups"]
+         "glm4_moe_groups", "deepseek_v3", "deepseek_v2_lite_dense"]
 HF_CLASSES = {"gpt": None, "bert": "BertForMaskedLM"}
 
 

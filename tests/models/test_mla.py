@@ -38,12 +38,12 @@ def reference(attn, cfg, x, positions, document_ids=None):
     b, t, _ = x.shape
     h, n, r, v, c = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
     if cfg.q_lora_rank:
-        q = rms(x @ attn.q_a_proj.weight.T, attn.q_a_layernorm.weight, cfg.norm_eps) @ attn.q_b_proj.weight.T
+        q = rms(x @ attn.q_a_proj.weight.T, attn.q_a_layernorm.weight, 1e-6) @ attn.q_b_proj.weight.T
     else:
         q = x @ attn.q_proj.weight.T
     q = q.view(b, t, h, n + r)
     latent = x @ attn.kv_a_proj_with_mqa.weight.T
-    kv = rms(latent[..., :c], attn.kv_a_layernorm.weight, cfg.norm_eps) @ attn.kv_b_proj.weight.T
+    kv = rms(latent[..., :c], attn.kv_a_layernorm.weight, 1e-6) @ attn.kv_b_proj.weight.T
     kv = kv.view(b, t, h, n + v)
     inv, factor = inverse_frequencies(r, cfg.rope_theta, cfg.rope_scaling)
     angles = positions[..., None].double() * inv.double()  # (B, T, r/2)
