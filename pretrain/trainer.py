@@ -288,8 +288,10 @@ class Trainer:
         c, m, d = self.cfg, self.cfg.model, self.parallel.dims
         n = num_params(m)
         tokens = c.train.micro_batch_size * c.train.grad_accum * d.dp * m.seq_len
-        shape = f"{m.n_layers} layers × d_model {m.d_model}, {m.n_heads} heads of {m.head_size}" + (
-            f" ({m.kv_heads} kv)" if m.kv_heads != m.n_heads else "") + (
+        heads = (f"{m.n_heads} MLA heads of {m.qk_nope_head_dim}+{m.qk_rope_head_dim} / {m.v_head_dim} "
+                 f"(latent {m.kv_lora_rank})" if m.mla else f"{m.n_heads} heads of {m.head_size}")
+        shape = f"{m.n_layers} layers × d_model {m.d_model}, {heads}" + (
+            f" ({m.kv_heads} kv)" if m.kv_heads != m.n_heads and not m.mla else "") + (
             f", {m.n_experts} experts top-{m.moe_top_k}" if m.n_experts else "")
         start = f"from step {self.step}" if resumed and self.step else "from an imported model" if resumed else \
             "from scratch"

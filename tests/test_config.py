@@ -11,7 +11,7 @@ PRESETS = sorted((ROOT / "configs").glob("*.toml"))
 
 
 def test_presets_load_and_round_trip():
-    assert len(PRESETS) == 11
+    assert len(PRESETS) == 12
     for path in PRESETS:
         cfg = load_config(path)
         assert config_from_toml(cfg.to_toml()) == cfg
@@ -27,6 +27,16 @@ def test_gpt_70b_is_the_llama2_shape_and_fits_512_h100s():
     assert error is None and "of h100's 80 GiB" in line
     _, error = check(cfg, 64)  # an eighth of the GPUs: refused, with a layout that fits
     assert error is not None and "the best layout that fits: --set" in error
+
+
+def test_deepseek_tiny_is_mla_with_group_routing_and_exports_as_deepseek_v3():
+    from pretrain.checkpoint.hf import family_of
+    from pretrain.models.flops import num_params
+
+    m = load_config(ROOT / "configs/deepseek_tiny.toml").model
+    assert m.mla and (m.q_lora_rank, m.kv_lora_rank, m.qk_head_dim, m.v_head_dim) == (128, 64, 48, 32)
+    assert (m.n_experts, m.moe_n_group, m.moe_topk_group, m.moe_routed_scaling) == (8, 4, 2, 2.5)
+    assert family_of(m).hf_class == "DeepseekV3ForCausalLM" and 8e6 < num_params(m) < 10e6
 
 
 def test_moe_1b_7b_is_the_olmoe_shape():

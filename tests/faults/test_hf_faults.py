@@ -24,6 +24,9 @@ FAMILIES = {
     "qwen3_moe": ["model.n_experts=4", "model.moe_top_k=2", "model.moe_ffn_hidden=16", "model.qk_norm=true"],
     "glm4_moe": ["model.n_experts=4", "model.moe_top_k=2", "model.moe_ffn_hidden=16", "model.moe_router=sigmoid",
                  "model.n_shared_experts=1", "model.moe_balance=bias"],
+    "deepseek_v3": ["model.attention=mla", "model.kv_lora_rank=8", "model.qk_nope_head_dim=8",
+                    "model.qk_rope_head_dim=4", "model.v_head_dim=8", "model.n_experts=4", "model.moe_top_k=2",
+                    "model.moe_ffn_hidden=16", "model.moe_router=sigmoid", "model.moe_balance=bias"],
 }
 
 
@@ -89,9 +92,10 @@ UNIMPLEMENTED = [
     ("qwen3_moe", {"norm_topk_prob": False}, "norm_topk_prob"),
     ("qwen3_moe", {"decoder_sparse_step": 2}, "decoder_sparse_step"),
     ("qwen3_moe", {"mlp_only_layers": [1]}, "mlp_only_layers"),
-    ("glm4_moe", {"routed_scaling_factor": 2.5}, "routed_scaling_factor"),
-    ("glm4_moe", {"n_group": 8}, "n_group"),
-    ("glm4_moe", {"topk_group": 4}, "topk_group"),
+    ("deepseek_v3", {"rope_interleave": False}, "rope_interleave"),
+    ("deepseek_v3", {"scoring_func": "softmax"}, "scoring_func"),
+    ("deepseek_v3", {"topk_method": "greedy"}, "topk_method"),
+    ("deepseek_v3", {"norm_topk_prob": False}, "norm_topk_prob"),
     ("glm4_moe", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
      "rope_parameters"),
     ("glm4_moe", {"norm_topk_prob": False}, "norm_topk_prob"),
@@ -106,6 +110,17 @@ def test_unimplemented_config_field_is_refused_by_name(hf, tmp_path, capsys, fam
     refused(to_native(src, tmp_path, capsys),
             rf"config.json: {name} = .* is not implemented by the converter \(supported: .*\); importing it would "
             r"change the model's outputs")
+    assert not (tmp_path / "native").exists()
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"n_group": 3}, r"model.moe_n_group \(3\) does not divide model.n_experts \(4\)"),
+    ({"n_group": 2, "topk_group": 3}, r"model.moe_topk_group \(3\) exceeds model.moe_n_group \(2\)"),
+])
+def test_group_routing_a_model_cannot_run_is_refused_at_import(hf, tmp_path, capsys, fields, message):
+    src = hf("deepseek_v3")
+    set_config(src, **fields)
+    refused(to_native(src, tmp_path, capsys), rf"config.json: {message}")
     assert not (tmp_path / "native").exists()
 
 
