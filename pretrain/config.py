@@ -60,6 +60,10 @@ class ModelConfig:
     qk_nope_head_dim: int = 0
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
+    # multi-token prediction (DeepSeek-V3): mtp_depth sequential modules, depth k predicting the token k + 1 ahead;
+    # their summed cross-entropies enter the objective times mtp_loss_coef / mtp_depth (models/gpt.py: MTPModule)
+    mtp_depth: int = 0
+    mtp_loss_coef: float = 0.3
     hf_architecture: str = ""  # the Hugging Face class an import came from (export writes it again); "" = chosen by shape
     # GPT under bf16 autocast: keep the residual stream (embeddings, the blocks' sums, what pipeline stages send) in
     # fp32; false (the default): bf16, as Megatron-LM's default and torchtitan's bf16 parameters have it
@@ -331,7 +335,7 @@ RANGES: dict[str, tuple] = {
     "model.moe_bias_rate": NON_NEGATIVE, "model.moe_capacity_factor": NON_NEGATIVE, "model.moe_n_group": AT_LEAST_1,
     "model.moe_topk_group": AT_LEAST_1, "model.moe_routed_scaling": POSITIVE, "model.q_lora_rank": NON_NEGATIVE,
     "model.kv_lora_rank": NON_NEGATIVE, "model.qk_nope_head_dim": NON_NEGATIVE, "model.qk_rope_head_dim": NON_NEGATIVE,
-    "model.v_head_dim": NON_NEGATIVE,
+    "model.v_head_dim": NON_NEGATIVE, "model.mtp_depth": NON_NEGATIVE, "model.mtp_loss_coef": NON_NEGATIVE,
     "data.num_workers": NON_NEGATIVE, "data.prefetch_factor": AT_LEAST_1, "data.seed": NON_NEGATIVE,
     "data.shuffle_window": AT_LEAST_1, "data.mlm_probability": ((0, False), (1, False)),
     "data.max_predictions_per_seq": NON_NEGATIVE,
@@ -405,6 +409,7 @@ class Config:
             ("model", "moe_", not m.n_experts, "model.n_experts = 0"),
             ("model", "n_shared_experts", not m.n_experts, "model.n_experts = 0"),
             *[("model", key, not m.mla, f"model.attention = {m.attention!r}") for key in MLA_KEYS],
+            ("model", "mtp_loss_coef", not m.mtp_depth, "model.mtp_depth = 0"),
             ("optim", "muon_", o.name != "muon", f"optim.name = {o.name!r}"),
             ("train", "fp8_", t.fp8 == "none", 'train.fp8 = "none"'),
             ("train", "mixed_precision", t.dtype != "bf16", f"train.dtype = {t.dtype!r}"),
@@ -590,6 +595,20 @@ def _latent_attention(cfg: Config) -> None:
                               "data parallelism, FSDP (zero_stage) and expert parallelism do")
 
 
+def _multi_token(cfg: Config) -> None:
+    m, p = cfg.model, cfg.parallel
+    if not m.mtp_depth:
+        return
+    if m.arch != "gpt" or m.flavor != "llama":
+        raise ConfigError(f"model.mtp_depth is for the llama-flavour GPT, not {m.arch}/{m.flavor}")
+    for key, value, what in (("parallel.tp", p.tp, "tensor"), ("parallel.cp", p.cp, "context"),
+                             ("parallel.pp", p.pp, "pipeline")):
+        if value > 1:
+            raise ConfigError(f"model.mtp_depth = {m.mtp_depth}: multi-token prediction cannot be placed under {what} "
+                              f"parallelism yet ({key} = {value}); data parallelism, FSDP and expert parallelism "
+                              "run it")
+
+
 def _llama_features(cfg: Config) -> None:
     """q/k/v biases, RoPE scaling and QK-norm belong to the llama-flavour GPT."""
     m = cfg.model
@@ -768,9 +787,8 @@ def _outputs_apart(cfg: Config) -> None:
                           f"checkpoint dir {cfg.checkpoint_dir}: keep the Hugging Face copies apart")
 
 
-RULES = (_finite, _ranges, _choices, _kernels, _mixed_precision, _heads, _latent_attention, _llama_features, _positions,
-         _experts,
-         _drills, _optimizer, _deepspeed, _zero_stage, _data, _outputs_apart)
+RULES = (_finite, _ranges, _choices, _kernels, _mixed_precision, _heads, _latent_attention, _multi_token,
+         _llama_features, _positions, _experts, _drills, _optimizer, _deepspeed, _zero_stage, _data, _outputs_apart)
 
 
 def _relation(path: Path, other: Path) -> str:

@@ -71,6 +71,17 @@ def _with_density(out: LossOutput, batch: dict[str, torch.Tensor], targets: torc
     return out
 
 
+def _with_mtp(out: LossOutput, depths: list[tuple[torch.Tensor, torch.Tensor]], coef: float) -> LossOutput:
+    """Multi-token prediction's terms: ``mtp_loss`` = coef / D · Σ_k (depth k's summed cross-entropy) joins the
+    objective (normalised by the main targets' count, DeepSeek-V3's 1/T), and each depth's own loss is logged as
+    ``mtp_loss_<k>`` (a metric: its sum over the main targets' count, as the main loss)."""
+    total = sum(loss for loss, _ in depths)
+    out.extra_losses["mtp_loss"] = total * (coef / len(depths))
+    for k, (loss, _) in enumerate(depths, 1):
+        out.metrics[f"mtp_loss_{k}"] = loss.detach()
+    return out
+
+
 class GPTTask:
     """Next-token prediction: batch {"tokens", "targets"} (B, T), with "document_ids" / "positions" (B, T) where
     the data packs documents apart (``data.document_mask``)."""
@@ -84,13 +95,21 @@ class GPTTask:
     @staticmethod
     def loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], accuracy: bool = True) -> LossOutput:
         inner = getattr(model, "module", model)  # DDP / DeepSpeed wrap the model
+        # multi-token prediction while training (model.mtp_depth): the model also returns each depth's summed loss
+        mtp = getattr(inner, "mtp", None) is not None and inner.training
+        extra = {"mtp_targets": batch["targets"]} if mtp else {}
         if not accuracy and "cross_entropy" in getattr(getattr(inner, "ops", None), "triton", ()):
             # the fused linear cross-entropy: the model returns the mean loss, never the (tokens, vocab) logits
             count = (batch["targets"] != IGNORE_INDEX).sum()
-            mean = model(batch["tokens"], targets=batch["targets"], **documents(batch))
+            result = model(batch["tokens"], targets=batch["targets"], **documents(batch), **extra)
+            mean, depths = result if mtp else (result, None)
             out = LossOutput(mean * count, count, torch.zeros((), dtype=torch.long, device=count.device))
         else:
-            out = _cross_entropy(model(batch["tokens"], **documents(batch)), batch["targets"], accuracy)
+            result = model(batch["tokens"], **documents(batch), **extra)
+            logits, depths = result if mtp else (result, None)
+            out = _cross_entropy(logits, batch["targets"], accuracy)
+        if depths is not None:
+            _with_mtp(out, depths, inner.cfg.mtp_loss_coef)
         return _with_density(out, batch, batch["targets"], causal=True)
 
     @staticmethod

@@ -238,7 +238,7 @@ def _deepseek_to_hf(cfg: ModelConfig) -> dict:
     kw = dict(head_dim=cfg.qk_rope_head_dim, num_key_value_heads=cfg.n_heads, q_lora_rank=cfg.q_lora_rank or None,
               kv_lora_rank=cfg.kv_lora_rank, qk_nope_head_dim=cfg.qk_nope_head_dim,
               qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim, rope_interleave=True,
-              attention_bias=False, norm_topk_prob=True)
+              attention_bias=False, norm_topk_prob=True, num_nextn_predict_layers=cfg.mtp_depth)
     if cfg.n_experts:
         kw.update(**MOE_KW(cfg), n_routed_experts=cfg.n_experts, moe_intermediate_size=cfg.expert_dim,
                   n_shared_experts=cfg.n_shared_experts, first_k_dense_replace=cfg.moe_dense_layers,
@@ -250,10 +250,19 @@ def _deepseek_to_hf(cfg: ModelConfig) -> dict:
     return kw
 
 
+def _mtp_layers(raw: dict) -> int:
+    """The multi-token-prediction layers a DeepSeek-V3 / GLM-4.5 config names (stored after the last layer)."""
+    value = raw.get("num_nextn_predict_layers", raw.get("num_mtp_layers")) or 0
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"num_nextn_predict_layers = {value!r}")
+    return value
+
+
 def _deepseek_from_hf(raw: dict) -> dict:
     kw = dict(attention="mla", head_dim=0, n_kv_heads=0, q_lora_rank=raw.get("q_lora_rank") or 0,
               kv_lora_rank=raw["kv_lora_rank"], qk_nope_head_dim=raw["qk_nope_head_dim"],
-              qk_rope_head_dim=raw["qk_rope_head_dim"], v_head_dim=raw["v_head_dim"])
+              qk_rope_head_dim=raw["qk_rope_head_dim"], v_head_dim=raw["v_head_dim"],
+              mtp_depth=_mtp_layers(raw))
     dense = raw.get("first_k_dense_replace") or 0
     if raw.get("n_routed_experts") and dense < raw["num_hidden_layers"]:
         kw.update(**MOE_FROM(raw), n_experts=raw["n_routed_experts"], moe_ffn_hidden=raw["moe_intermediate_size"],
@@ -290,14 +299,15 @@ FAMILY_LIST = [
                                   moe_intermediate_size=cfg.expert_dim, n_shared_experts=cfg.n_shared_experts,
                                   first_k_dense_replace=cfg.moe_dense_layers, n_group=cfg.moe_n_group,
                                   topk_group=cfg.moe_topk_group, routed_scaling_factor=cfg.moe_routed_scaling,
-                                  norm_topk_prob=True, use_qk_norm=cfg.qk_norm, attention_bias=cfg.qkv_bias),
+                                  norm_topk_prob=True, use_qk_norm=cfg.qk_norm, attention_bias=cfg.qkv_bias,
+                                  num_nextn_predict_layers=cfg.mtp_depth),
            from_hf=lambda raw: dict(**MOE_FROM(raw), n_experts=raw["n_routed_experts"],
                                     moe_ffn_hidden=raw["moe_intermediate_size"],
                                     n_shared_experts=raw.get("n_shared_experts") or 0,
                                     qk_norm=bool(raw.get("use_qk_norm")),
                                     qkv_bias=bool(raw.get("attention_bias")),
                                     moe_dense_layers=raw.get("first_k_dense_replace") or 0, moe_router="sigmoid",
-                                    moe_balance="bias", **GROUP_ROUTING_FROM(raw)),
+                                    moe_balance="bias", mtp_depth=_mtp_layers(raw), **GROUP_ROUTING_FROM(raw)),
            implemented={**LLAMA_FIELDS,
                         "attention_bias": (_absent_or(True, False), "true or false (on q, k and v)"),
                         "norm_topk_prob": (_absent_or(True), "true (top-k weights renormalised)"),
@@ -461,6 +471,19 @@ def _permute_rope(t: torch.Tensor, layout: tuple[int, int, int], to_hf: bool) ->
     return torch.cat([w[:, :offset], w[:, offset:][:, order]], dim=1).reshape(t.shape)
 
 
+def _mtp_name(name: str, cfg: ModelConfig) -> str | None:
+    """A native MTP tensor's name in the model's layer numbering (depth j after the last layer: ``layers.{L+j}.``,
+    its final norm as ``shared_head.norm``), or None for any other tensor."""
+    m = re.match(r"^mtp\.(\d+)\.(.*)$", name)
+    if not m:
+        return None
+    layer, rest = cfg.n_layers + int(m.group(1)), m.group(2)
+    rest = rest.removeprefix("block.")
+    if rest.startswith("norm."):
+        rest = "shared_head." + rest
+    return f"layers.{layer}.{rest}"
+
+
 def to_hf_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig):
     """Yield (HF name, tensor) from a native state dict; renames share storage, GPT-2's fused q/k/v and its
     Conv1D (in, out) layout are built one layer at a time."""
@@ -475,11 +498,17 @@ def to_hf_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig):
         for name, t in state.items():
             if name == "lm_head.weight" and cfg.tie_embeddings:
                 continue
+            if name.startswith("mtp."):
+                name = _mtp_name(name, cfg)
             moe = _moe_tensor(name, t, cfg, family)
             layout = _rope_rows(name, cfg)
             if layout is not None:
                 t = _permute_rope(t, layout, to_hf=True)
             yield from moe if moe is not None else [(_rename(name, LLAMA_NAMES), t)]
+        head = state.get("lm_head.weight", state["embed_tokens.weight"])
+        for j in range(cfg.mtp_depth):  # DeepSeek-V3's layout keeps a copy of both in each MTP layer
+            yield f"model.layers.{cfg.n_layers + j}.embed_tokens.weight", state["embed_tokens.weight"].clone()
+            yield f"model.layers.{cfg.n_layers + j}.shared_head.head.weight", head.clone()
         return
     for name, t in state.items():
         m = re.match(r"^layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$", name)
@@ -667,6 +696,23 @@ def _weight_files(hf_dir: Path, allow_pickle: bool) -> list[Path]:
     return files
 
 
+def _holds_layer(files: list[Path], layer: int) -> bool:
+    """Whether the weight files hold any tensor of ``model.layers.{layer}`` (safetensors headers only)."""
+    from safetensors import safe_open
+
+    prefix = f"model.layers.{layer}."
+    for file in files:
+        if file.suffix == ".bin":
+            return True  # pickled weights: read whole later, not scanned here
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                if any(name.startswith(prefix) for name in f.keys()):
+                    return True
+        except Exception as exc:
+            raise CheckpointError(f"{file.name} is unreadable (truncated or corrupt?): {exc}") from None
+    return False
+
+
 def _read_tensors(files: list[Path]):
     from safetensors import safe_open
 
@@ -686,12 +732,23 @@ def _read_tensors(files: list[Path]):
             raise CheckpointError(f"{file.name} is unreadable (truncated or corrupt?): {exc}") from None
 
 
-def import_hf(hf_dir: str | Path, allow_pickle: bool = False) -> tuple[torch.nn.Module, ModelConfig]:
-    """A native model (CPU, fp32 as stored) with the weights of a Hugging Face directory."""
+def import_hf(hf_dir: str | Path, allow_pickle: bool = False, say=None) -> tuple[torch.nn.Module, ModelConfig]:
+    """A native model (CPU, fp32 as stored) with the weights of a Hugging Face directory. Multi-token-prediction
+    layers the config names (``num_nextn_predict_layers``) come along; if the weights hold none (transformers saves
+    without them), the model imports with ``mtp_depth = 0`` and ``say`` (default: stderr) is told in one line."""
+    import dataclasses
+    import sys
+
     from pretrain.models import build_model
 
     hf_dir = Path(hf_dir)
     cfg, _ = native_config(hf_dir)
+    files = _weight_files(hf_dir, allow_pickle)
+    if cfg.mtp_depth and not _holds_layer(files, cfg.n_layers):
+        (say or (lambda line: print(line, file=sys.stderr)))(
+            f"note: {hf_dir / 'config.json'} names {cfg.mtp_depth} multi-token-prediction layer(s) but the weights "
+            f"hold none (model.layers.{cfg.n_layers}.*): imported with model.mtp_depth = 0")
+        cfg = dataclasses.replace(cfg, mtp_depth=0)
     with torch.device("meta"):
         model = build_model(cfg)
     model.to_empty(device="cpu")
@@ -700,7 +757,7 @@ def import_hf(hf_dir: str | Path, allow_pickle: bool = False) -> tuple[torch.nn.
     reverse = _reverse_names(expected, cfg)
     read = set()  # (native name, piece): piece None for a whole tensor, (expert, first row) for a stacked expert's
     with torch.no_grad():
-        for name, tensor in _read_tensors(_weight_files(hf_dir, allow_pickle)):
+        for name, tensor in _read_tensors(files):
             if name in ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias") or "rotary" in name \
                     or name.endswith(".attn.bias") or name.endswith(".attn.masked_bias") \
                     or name.endswith("position_ids") or name.startswith(("bert.pooler", "cls.seq_relationship")):
@@ -708,8 +765,10 @@ def import_hf(hf_dir: str | Path, allow_pickle: bool = False) -> tuple[torch.nn.
             if name == "lm_head.weight" and cfg.tie_embeddings:
                 continue
             extra_layer = re.match(r"^model\.layers\.(\d+)\.", name)
-            if extra_layer and int(extra_layer.group(1)) >= cfg.n_layers:
-                continue  # GLM-4.5's multi-token-prediction layers: not part of the causal LM
+            if extra_layer and int(extra_layer.group(1)) >= cfg.n_layers and \
+                    (int(extra_layer.group(1)) >= cfg.n_layers + cfg.mtp_depth
+                     or name.endswith((".embed_tokens.weight", ".shared_head.head.weight"))):
+                continue  # MTP layers beyond the config's, and the copies of the embedding and head they keep
             if name not in reverse and tensor.numel() == 0:
                 continue  # GLM-4-MoE without shared experts stores them with zero width
             if name not in reverse:
@@ -744,9 +803,10 @@ def _reverse_names(expected: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[
         table = BERT_NAMES if cfg.arch == "bert" else LLAMA_NAMES
         family = family_of(cfg) if cfg.arch == "gpt" else None
         for name, value in expected.items():
-            moe = _moe_tensor(name, value, cfg, family) if family else None
+            hf_like = _mtp_name(name, cfg) or name  # MTP tensors in the layer numbering, then as any layer's
+            moe = _moe_tensor(hf_like, value, cfg, family) if family else None
             if moe is None:
-                hf = _rename(name, table)
+                hf = _rename(hf_like, table)
                 layout = _rope_rows(name, cfg)
                 convert = same if layout is None else lambda t, lay=layout: _permute_rope(t, lay, to_hf=False)
                 if hf is not None:

@@ -45,11 +45,16 @@ def moe_layer_params(cfg: ModelConfig, active: bool) -> int:
 
 
 def matmul_params(cfg: ModelConfig) -> int:
-    """Weights a token multiplies by: with MoE only its k experts count (active parameters), so MFU is honest."""
+    """Weights a token multiplies by: with MoE only its k experts count (active parameters), so MFU is honest.
+    Multi-token prediction (training) adds per depth its projection, its block and the output head once more."""
     n = cfg.n_layers * layer_matmul_params(cfg) + cfg.d_model * cfg.vocab_size  # blocks + output head
     if cfg.n_experts:
         moe_layers = cfg.n_layers - cfg.moe_dense_layers
         n += moe_layers * (moe_layer_params(cfg, active=True) - 3 * cfg.d_model * cfg.ffn_dim)
+    if cfg.mtp_depth:  # its blocks are MoE ones when the model has experts (indices past moe_dense_layers)
+        block = layer_matmul_params(cfg) + (moe_layer_params(cfg, active=True) - 3 * cfg.d_model * cfg.ffn_dim
+                                            if cfg.n_experts else 0)
+        n += cfg.mtp_depth * (2 * cfg.d_model * cfg.d_model + block + cfg.d_model * cfg.vocab_size)
     if cfg.arch == "bert":
         n += cfg.d_model * cfg.d_model  # MLM transform
     return n
@@ -68,6 +73,9 @@ def num_params(cfg: ModelConfig) -> int:
         if cfg.n_experts:  # MoE layers hold every expert instead of the dense MLP
             moe_layers = cfg.n_layers - cfg.moe_dense_layers
             total += moe_layers * (moe_layer_params(cfg, active=False) - 3 * d * f)
+        if cfg.mtp_depth:  # each depth: two input norms, the projection, a block, its final norm
+            moe = moe_layer_params(cfg, active=False) - 3 * d * f if cfg.n_experts else 0
+            total += cfg.mtp_depth * (3 * d + 2 * d * d + per_layer + moe)
         return total + (0 if cfg.tie_embeddings else d * v)
     # gpt2 and bert: biases on every projection, LayerNorm weight + bias
     per_layer += (h_e + 2 * k_e + d) + (f + d) + 2 * 2 * d
@@ -84,5 +92,6 @@ def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> int:
     """Training (forward + backward) FLOPs per token at sequence length ``seq_len`` (default: model.seq_len)."""
     t = seq_len or cfg.seq_len
     # QKᵀ over the query/key head dim, AV over the value head dim (equal but under MLA): 2·T·H·dim each, ×3
-    attention = 6 * cfg.n_layers * cfg.n_heads * (cfg.qk_head_dim + cfg.value_head_dim) * t
+    layers = cfg.n_layers + cfg.mtp_depth  # the MTP blocks attend too
+    attention = 6 * layers * cfg.n_heads * (cfg.qk_head_dim + cfg.value_head_dim) * t
     return 6 * matmul_params(cfg) + attention

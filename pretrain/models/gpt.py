@@ -77,6 +77,35 @@ class Block(nn.Module):
         return (x, m) if defer else x + m
 
 
+class MTPModule(nn.Module):
+    """Multi-token prediction, one depth (DeepSeek-V3 §2.2; Megatron-core's layout): the previous depth's residual
+    stream h (the main model's last block output for the first depth) and the embedding of the token k places ahead
+    are each RMS-normed, concatenated (embedding first) and projected back to D by ``eh_proj``; one transformer
+    block runs on that; its own final ``norm`` and the model's output head (shared, as the embedding) predict the
+    token k + 1 places ahead. Hugging Face's DeepSeek-V3 / GLM-4.5 checkpoints store depth j as the layer after the
+    last (``model.layers.{n_layers + j}``: ``enorm``, ``hnorm``, ``eh_proj``, ``shared_head.norm``, the block)."""
+
+    def __init__(self, cfg: ModelConfig, ops: Ops, index: int):
+        super().__init__()
+        self.enorm = RMSNorm(cfg.d_model, cfg.norm_eps, ops)
+        self.hnorm = RMSNorm(cfg.d_model, cfg.norm_eps, ops)
+        self.eh_proj = nn.Linear(2 * cfg.d_model, cfg.d_model, bias=False)
+        self.block = Block(cfg, ops, index)
+        self.block.fused_add_norm = False  # a block on its own: it adds its own residuals
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, ops)
+
+    def forward(self, h, embedded, rotary, documents):
+        x = self.eh_proj(torch.cat([self.enorm(embedded), self.hnorm(h)], dim=-1))
+        return self.block(x, rotary, documents=documents)
+
+
+def shifted(values: torch.Tensor, k: int, fill) -> torch.Tensor:
+    """``values`` (B, T) moved k places left, the last k filled with ``fill``."""
+    out = torch.full_like(values, fill)
+    out[:, :values.shape[1] - k] = values[:, k:]
+    return out
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -91,6 +120,9 @@ class GPT(nn.Module):
         self.layers = nn.ModuleDict({str(i): Block(cfg, ops, i) for i in range(cfg.n_layers)})
         self.norm = (RMSNorm if llama else LayerNorm)(cfg.d_model, cfg.norm_eps, ops)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        # registered last: the main model's parameters draw the same initial values with or without MTP
+        self.mtp = nn.ModuleList([MTPModule(cfg, ops, cfg.n_layers + j) for j in range(cfg.mtp_depth)]) \
+            if cfg.mtp_depth else None
         self.init_weights()
 
     def init_weights(self) -> None:
@@ -102,13 +134,14 @@ class GPT(nn.Module):
     is_first_stage = True  # pipeline stages after the first take hidden states instead of tokens
 
     def hidden_states(self, x: torch.Tensor, document_ids: torch.Tensor | None = None,
-                      positions: torch.Tensor | None = None, branch_ids: torch.Tensor | None = None) -> torch.Tensor:
+                      positions: torch.Tensor | None = None, branch_ids: torch.Tensor | None = None,
+                      with_stream: bool = False) -> torch.Tensor:
         """tokens (B, T) int -> final-norm hidden states (B, T, D). A later pipeline stage takes hidden states
         (B, T, D) instead; one without ``norm`` returns the last block's output. ``document_ids`` (B, T) ints:
         packed documents, each attending only within itself (equal ids side by side form one document; None: one
         sequence a row); ``positions`` (B, T): the tokens' positions, restarting at each document
         (``data.reset_positions``; None: 0..T-1); ``branch_ids`` (B, T): scoring's prefix trees
-        (``layers.Documents``)."""
+        (``layers.Documents``). ``with_stream``: (final-norm hidden states, the residual stream before that norm)."""
         documents = Documents.of(document_ids, positions, branch_ids)
         if self.is_first_stage:
             tokens = x
@@ -128,30 +161,70 @@ class GPT(nn.Module):
         if not (layers and layers[0].fused_add_norm):
             for layer in layers:
                 x = layer(x, self.rotary, documents=documents)
-            return x if self.norm is None else self.norm(x)
+            out = x if self.norm is None else self.norm(x)
+            return (out, x) if with_stream else out
         pending = None  # each block's MLP output, added by the next block's first norm (one kernel)
         for layer in layers:
             x, pending = layer(x, self.rotary, pending, defer=True, documents=documents)
         if self.norm is None:  # a pipeline stage sends the whole residual stream
             return x + pending
-        return self.norm.add(x, pending)[1]
+        stream, out = self.norm.add(x, pending)
+        return (out, stream) if with_stream else out
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor | None = None, document_ids: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, branch_ids: torch.Tensor | None = None,
-                logits_at: torch.Tensor | None = None) -> torch.Tensor:
+                logits_at: torch.Tensor | None = None, mtp_targets: torch.Tensor | None = None):
         """tokens (B, T) -> logits (B, T, V) (a pipeline stage: see ``hidden_states``, which also describes
         ``document_ids``, ``positions`` and ``branch_ids``). With ``targets`` (B, T): the mean cross-entropy over the
         non-ignored targets instead, through ``ops.cross_entropy`` (the fused kernel never materialises the logits).
         ``logits_at`` (B, T) bool: the logits of those positions only, (N, V) in row-major order (scoring: the head
-        and the softmax skip the context's positions)."""
+        and the softmax skip the context's positions). ``mtp_targets`` (B, T), the next-token targets, with
+        ``model.mtp_depth``: (that output, [(summed cross-entropy, targets) of each MTP depth]) — ``mtp_losses``."""
+        if mtp_targets is not None and self.mtp is not None:
+            h, stream = self.hidden_states(x, document_ids, positions, branch_ids, with_stream=True)
+            return self._head(h, targets, logits_at), self.mtp_losses(stream, mtp_targets, document_ids, positions)
         h = self.hidden_states(x, document_ids, positions, branch_ids)
         if self.norm is None:  # not the last pipeline stage
             return h
+        return self._head(h, targets, logits_at)
+
+    def _head(self, h, targets=None, logits_at=None):
         if logits_at is not None:
             h = h[logits_at]
         if targets is not None:
             return self.ops.cross_entropy(h.reshape(-1, h.shape[-1]), self.output_weight(), targets.reshape(-1))
         return self.lm_head(h) if self.lm_head is not None else F.linear(h, self.embed_tokens.weight)
+
+    def mtp_losses(self, stream: torch.Tensor, targets: torch.Tensor, document_ids=None, positions=None
+                   ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """[(summed cross-entropy, count of targets)] of each depth k = 1..D: at position i, the block of depth k
+        reads the previous depth's stream and the embedding of the token k places ahead (``targets[i + k - 1]``)
+        and predicts ``targets[i + k]``; positions whose chain leaves the row, meets an ignored target or crosses
+        into another packed document are not scored."""
+        documents = Documents.of(document_ids, positions)
+        ignore = -100
+        out = []
+        h = stream
+        for k, module in enumerate(self.mtp, 1):
+            ahead = shifted(targets, k - 1, ignore)  # the token k places ahead of position i
+            wanted = shifted(targets, k, ignore)
+            valid = (ahead != ignore) & (wanted != ignore)
+            if document_ids is not None:
+                valid &= shifted(document_ids, k, -1) == document_ids
+            wanted = torch.where(valid, wanted, ignore)
+            h = module(h, self.embed_tokens(ahead.clamp(min=0)), self.rotary, documents)
+            normed = module.norm(h)
+            count = valid.sum()
+            if "cross_entropy" in self.ops.triton:  # the fused head + loss: its mean over the kept targets
+                loss = self.ops.cross_entropy(normed.reshape(-1, normed.shape[-1]), self.output_weight(),
+                                              wanted.reshape(-1)) * count
+            else:
+                logits = self._head(normed)
+                flat = logits.reshape(-1, logits.shape[-1])
+                loss = F.cross_entropy(flat.float() if flat.element_size() < 4 else flat, wanted.reshape(-1),
+                                       ignore_index=ignore, reduction="sum")
+            out.append((loss, count))
+        return out
 
     @torch.no_grad()
     def generate(

@@ -59,6 +59,10 @@ ARCHS = {
                     "model.moe_routed_scaling=2.5", "model.n_shared_experts=1", "model.moe_dense_layers=1",
                     'model.rope_scaling={rope_type = "yarn", factor = 4.0, original_max_position_embeddings = 16, '
                     "mscale = 1.0, mscale_all_dim = 1.0, beta_fast = 32, beta_slow = 1}"],
+    "deepseek_v3_mtp": ["model.attention=mla", "model.q_lora_rank=16", "model.kv_lora_rank=12",
+                        "model.qk_nope_head_dim=8", "model.qk_rope_head_dim=4", "model.v_head_dim=6",
+                        "model.n_experts=4", "model.moe_top_k=2", "model.moe_ffn_hidden=16", "model.moe_router=sigmoid",
+                        "model.moe_balance=bias", "model.n_shared_experts=1", "model.mtp_depth=2"],
     "deepseek_v2_lite_dense": ["model.attention=mla", "model.kv_lora_rank=12", "model.qk_nope_head_dim=8",
                                "model.qk_rope_head_dim=4", "model.v_head_dim=8"],
 }
@@ -67,7 +71,8 @@ HF_CLASS_OF = {"qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM", "qw
                "qwen2": "Qwen2ForCausalLM", "qwen2_yarn": "Qwen2ForCausalLM", "qwen3_head_dim": "Qwen3ForCausalLM",
                "mistral": "MistralForCausalLM", "qwen3_moe_head_dim": "Qwen3MoeForCausalLM",
                "glm4_moe_bias": "Glm4MoeForCausalLM", "glm4_moe_groups": "Glm4MoeForCausalLM",
-               "deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v2_lite_dense": "DeepseekV3ForCausalLM"}
+               "deepseek_v3": "DeepseekV3ForCausalLM", "deepseek_v2_lite_dense": "DeepseekV3ForCausalLM",
+               "deepseek_v3_mtp": "DeepseekV3ForCausalLM"}
 TODAY = ["llama32", "qwen2", "qwen2_yarn", "qwen3_head_dim", "mistral", "qwen3_moe_head_dim", "glm4_moe_bias",
          "glm4_moe_groups", "deepseek_v3", "deepseek_v2_lite_dense"]
 HF_CLASSES = {"gpt": None, "bert": "BertForMaskedLM"}
@@ -367,3 +372,32 @@ def test_the_imported_config_trains_alike_on_one_process_and_under_tensor_parall
     one = train("one")
     tp2 = train("tp2", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "parallel.tp=2")
     assert len(one) == len(tp2) == 3 and max(abs(a - b) for a, b in zip(one, tp2)) <= 1e-5, (one, tp2)
+
+
+def test_mtp_layers_export_in_deepseeks_layout_and_a_checkpoint_without_them_imports_with_mtp_off(tmp_path, capsys):
+    """MTP depth j is written as model.layers.{L + j} (enorm, hnorm, eh_proj, shared_head.norm, the block, and the
+    copies of the embedding and the head DeepSeek-V3's checkpoints keep), read back bit for bit; transformers drops
+    them when it saves, and that folder imports with model.mtp_depth = 0 and one line saying so."""
+    from safetensors import safe_open
+
+    cfg = model_cfg("deepseek_v3_mtp")
+    ours = random_model(cfg)
+    out = export_hf(ours, cfg, tmp_path / "hf")
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        names = set(f.keys())
+        assert torch.equal(f.get_tensor("model.layers.3.shared_head.head.weight"), ours.lm_head.weight)
+    for j in (2, 3):
+        assert {f"model.layers.{j}.eh_proj.weight", f"model.layers.{j}.enorm.weight", f"model.layers.{j}.hnorm.weight",
+                f"model.layers.{j}.shared_head.norm.weight", f"model.layers.{j}.embed_tokens.weight",
+                f"model.layers.{j}.self_attn.kv_b_proj.weight", f"model.layers.{j}.mlp.experts.3.down_proj.weight",
+                f"model.layers.{j}.mlp.gate.e_score_correction_bias"} <= names
+    assert json.loads((out / "config.json").read_text())["num_nextn_predict_layers"] == 2
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    hf.save_pretrained(tmp_path / "resaved")
+    notes = []
+    back, back_cfg = import_hf(tmp_path / "resaved", say=notes.append)
+    assert back_cfg.mtp_depth == 0 and back.mtp is None
+    assert len(notes) == 1 and "names 2 multi-token-prediction layer(s) but the weights hold none" in notes[0]
+    tokens = torch.randint(0, cfg.vocab_size, (2, 11))
+    with torch.no_grad():
+        assert (back(tokens) - ours(tokens)).abs().max() <= 1e-5
