@@ -117,7 +117,8 @@ class MoEBalance(Callback):
         from pretrain.models.moe import update_router_bias
 
         layers, e = trainer.moe_layers, self.cfg.n_experts
-        table = torch.zeros(self.cfg.n_layers, e + 6, dtype=torch.float64, device=trainer.device)
+        # one row a block: the model's and the multi-token-prediction depths' (indices n_layers + j)
+        table = torch.zeros(self.cfg.n_layers + self.cfg.mtp_depth, e + 6, dtype=torch.float64, device=trainer.device)
         for m in layers:  # [loads..., Σaux, Σz, tokens, dropped, bias min, bias max (dp rank 0 only)]
             table[m.index, :e + 4] = torch.cat([m.load, m.totals]).to(torch.float64)
             if trainer.parallel.grad_rank == 0:

@@ -54,7 +54,12 @@ def run_lm_eval(model, names: list[str], include: list[str], batch_size: int, li
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=include or None)
+    manager = None
+    if include:  # the folders alone first: indexing lm-eval's thousands of own tasks takes seconds
+        local = TaskManager(include_path=include, include_defaults=False)
+        if all(n in local.all_tasks for n in names):
+            manager = local
+    manager = manager or TaskManager(include_path=include or None)
     unknown = [n for n in names if n not in manager.all_tasks]
     if unknown:
         raise UserError(f"--tasks: {', '.join(unknown)}: neither a .jsonl file nor a task lm-eval knows "

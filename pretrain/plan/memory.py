@@ -306,6 +306,11 @@ def _block_bytes(cfg: Config, dims: ParallelDims, tokens: int, moe: bool) -> flo
     norm = 2 * tn * d + tn + t * d if llama else tn * d + 2 * tn + t * d
     heads, kv = m.n_heads / tp, m.kv_heads / tp
     attention = t * (heads + 2 * kv) * e + t * heads + t * heads * e
+    if m.mla:  # q and k of the qk head dim, v and the output of the v head dim, the log-sum-exp; the kv latent
+        # (projected, normed), the query bottleneck's (projected, normed), the concatenated q and k they make
+        qk, v = m.qk_head_dim, m.v_head_dim
+        attention = (t * heads * (2 * qk + 2 * v) + t * heads + 2 * t * (m.kv_lora_rank + m.qk_rope_head_dim)
+                     + 2 * t * m.q_lora_rank + t * heads * 2 * qk)
     size = _act_size(cfg)
     extra = 0.0  # bytes outside the element count (index tensors)
     if moe:  # router scores / choices / weights, dispatch indices, permuted tokens, grouped GEMM in and out,
@@ -398,6 +403,11 @@ def activation_bytes(cfg: Config, dims: ParallelDims) -> tuple[int, int, int]:
                 else:
                     stage += t * 8 + s * 8 + (2 * t * m.d_model + 2 * t) * size + seqs * s * 4
             if sid == n_stages - 1:  # final norm / MLM head, logits, targets
+                for j in range(m.mtp_depth):  # each MTP depth: its block, its inputs' norms and projection, logits
+                    layer = m.n_layers + j
+                    stage += _block_bytes(cfg, dims, t, bool(m.n_experts) and layer >= m.moe_dense_layers)
+                    stage += 6 * t * m.d_model * size
+                    logits += flight * (t * m.vocab_size * 4 + t * 8)
                 if m.arch == "bert":
                     stage += (3 * t * m.d_model + 2 * t) * size
                 else:
@@ -407,7 +417,7 @@ def activation_bytes(cfg: Config, dims: ParallelDims) -> tuple[int, int, int]:
                 logits += flight * (t * m.vocab_size / vocab_split * 4 + t * 8 + 8)
             acts += flight * stage
         if llama and unwrapped:  # the rotary tables: one cached pair, saved by every block
-            acts += 2 * s * m.head_size * size
+            acts += 2 * s * m.rotary_dim * size
         if acts + logits > best[0] + best[1]:  # activations and logits of the same rank: they coexist
             best = (int(acts), int(logits), best[2])
         best = (best[0], best[1], max(best[2], int(recompute)))

@@ -20,9 +20,13 @@ GIB = 2**30
 def shape_of(cfg: Config) -> Shape:
     m = cfg.model
     gated = m.arch == "gpt" and m.flavor == "llama"
+    from pretrain.models.flops import attention_matmul_params
+
     return Shape(m.n_layers, m.d_model, m.n_heads, m.kv_heads, m.ffn_dim, m.vocab_size, gated,
                  m.n_experts, m.moe_top_k, m.expert_dim if m.n_experts else 0, m.n_shared_experts,
-                 m.moe_dense_layers if m.n_experts else 0, head_dim_=m.head_size)
+                 m.moe_dense_layers if m.n_experts else 0, head_dim_=m.head_size,
+                 attention_params_=attention_matmul_params(m) if m.mla else 0,
+                 score_dim_=(m.qk_head_dim + m.value_head_dim) / 2 if m.mla else 0, mtp=m.mtp_depth)
 
 
 def layout_of(cfg: Config, dims: ParallelDims) -> Layout:

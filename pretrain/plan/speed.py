@@ -69,14 +69,21 @@ class Shape:
     shared_experts: int = 0
     dense_layers: int = 0  # leading layers with a dense FFN in an MoE model
     head_dim_: int = 0  # 0: hidden / heads
+    attention_params_: int = 0  # a block's attention weights when not q, k, v, o of head_dim (MLA); 0: those
+    score_dim_: float = 0  # (q/k head dim + v head dim) / 2 of the attention products (MLA); 0: head_dim
+    mtp: int = 0  # multi-token-prediction depths: a projection, a block and the head each
 
     @property
     def head_dim(self) -> int:
         return self.head_dim_ or self.hidden // self.heads
 
+    @property
+    def score_dim(self) -> float:
+        return self.score_dim_ or self.head_dim
+
     def layer_matmul_params(self, active: bool = True, moe: bool = False) -> int:
         d, e = self.hidden, self.head_dim
-        attention = d * self.heads * e * 2 + 2 * d * self.kv_heads * e
+        attention = self.attention_params_ or d * self.heads * e * 2 + 2 * d * self.kv_heads * e
         if moe:
             n = self.topk if active else self.experts
             return attention + d * self.experts + 3 * d * self.expert_ffn * (n + self.shared_experts)
@@ -84,12 +91,14 @@ class Shape:
 
     def matmul_params(self, active: bool = True) -> int:
         moe_layers = self.layers - self.dense_layers if self.experts else 0
+        mtp = self.mtp * (2 * self.hidden * self.hidden + self.layer_matmul_params(active, moe=bool(self.experts))
+                          + self.hidden * self.vocab)
         return ((self.layers - moe_layers) * self.layer_matmul_params() +
-                moe_layers * self.layer_matmul_params(active, moe=True) + self.hidden * self.vocab)
+                moe_layers * self.layer_matmul_params(active, moe=True) + self.hidden * self.vocab + mtp)
 
     def flops_per_token(self, seq: int) -> float:
         """Model FLOPs per token, forward + backward (as models/flops.py counts them)."""
-        return 6 * self.matmul_params() + 12 * self.layers * self.heads * self.head_dim * seq
+        return 6 * self.matmul_params() + 12 * (self.layers + self.mtp) * self.heads * self.score_dim * seq
 
 
 @dataclass
@@ -139,7 +148,7 @@ def estimate(shape: Shape, layout: Layout, gpu: GPU, seq: int, global_batch: int
     lay = layout
     tokens = global_batch * seq
     per_gpu_model_flops = shape.flops_per_token(seq) * tokens / lay.gpus
-    attention = 12 * shape.layers * shape.heads * shape.head_dim * seq * tokens / lay.gpus
+    attention = 12 * (shape.layers + shape.mtp) * shape.heads * shape.score_dim * seq * tokens / lay.gpus
     linear = per_gpu_model_flops - attention
     redo = {"none": 0.0, "selective": attention / 3, "full": per_gpu_model_flops / 3}[lay.ac]
     width = shape.hidden / lay.tp

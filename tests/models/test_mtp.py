@@ -83,6 +83,23 @@ def test_zero_coefficient_trains_bit_for_bit_as_without_mtp_and_the_losses_are_l
     assert not torch.equal(with_mtp[1]["layers.0.self_attn.q_proj.weight"], plain[1]["layers.0.self_attn.q_proj.weight"])
 
 
+def test_an_mla_moe_model_with_mtp_trains_and_balances_its_mtp_experts(tmp_path):
+    """MTP blocks past the model's layers are MoE blocks too: their loads join the balancing (bias update) and
+    their metrics; the planner's FLOPs equal the model's."""
+    from pretrain.plan.search import shape_of
+
+    cfg = tiny_config(tmp_path, "model.n_experts=4", "model.moe_top_k=2", "model.moe_router=sigmoid",
+                      "model.moe_balance=bias", "model.mtp_depth=1", "model.attention=mla", "model.kv_lora_rank=8",
+                      "model.qk_nope_head_dim=8", "model.qk_rope_head_dim=4", "model.v_head_dim=8", "train.steps=3",
+                      "logging.interval=1")
+    trainer = build_trainer(cfg, DistInfo())
+    trainer.fit()
+    rows = [r for r in read_metrics(cfg.logging.run_dir) if "loss" in r]
+    assert len(rows) == 3 and all("mtp_loss_1" in r and f"moe_max_load.{cfg.model.n_layers}" in r for r in rows)
+    assert float(trainer.raw_model.mtp[0].block.mlp.gate.e_score_correction_bias.abs().sum()) > 0
+    assert shape_of(cfg).flops_per_token(cfg.model.seq_len) == flops_per_token(cfg.model)
+
+
 @pytest.mark.parametrize("extra", [[], ["model.n_experts=4", "model.moe_top_k=2", "model.moe_dense_layers=1"]],
                          ids=["dense", "moe"])
 def test_mtp_flops_and_parameters_match_the_counters(extra):

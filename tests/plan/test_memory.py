@@ -17,6 +17,8 @@ ROOT = Path(__file__).resolve().parents[2]
 BASE = ("model.n_layers=4 model.d_model=64 model.n_heads=4 model.vocab_size=128 model.seq_len=32 "
         "train.micro_batch_size=2 model.tie_embeddings=false parallel.meta_init=false")
 MOE = "model.n_experts=4 model.moe_top_k=2 model.moe_ffn_hidden=32 model.n_shared_experts=1"
+MLA = ("model.attention=mla model.q_lora_rank=32 model.kv_lora_rank=24 model.qk_nope_head_dim=16 "
+       "model.qk_rope_head_dim=8 model.v_head_dim=12")
 LAYOUTS = {
     2: {"dp2": "", "zero1": "parallel.zero_stage=1", "zero2": "parallel.zero_stage=2",
         "zero3": "parallel.zero_stage=3", "tp2_sp": "parallel.tp=2",
@@ -28,7 +30,8 @@ LAYOUTS = {
         "ac_full": "parallel.activation_checkpointing=full", "ac_selective": "parallel.activation_checkpointing=selective",
         "muon_zero3": "optim.name=muon parallel.zero_stage=3", "moe": MOE,
         "moe_ep2": f"{MOE} parallel.ep=2 parallel.zero_stage=2", "bert_tp2": "model.arch=bert parallel.tp=2 "
-        "parallel.sequence_parallel=false", "gpt2_tied_pp2": "model.flavor=gpt2 model.tie_embeddings=true parallel.pp=2"},
+        "parallel.sequence_parallel=false", "gpt2_tied_pp2": "model.flavor=gpt2 model.tie_embeddings=true parallel.pp=2",
+        "mla": MLA, "mtp": "model.mtp_depth=1", "mla_mtp_moe": f"{MLA} {MOE} model.mtp_depth=2"},
     4: {"hsdp_2x2": "parallel.dp_replicate=2 parallel.zero_stage=3", "zero3_4": "parallel.zero_stage=3",
         "tp2_dp2_zero3": "parallel.tp=2 parallel.zero_stage=3", "pp2_dp2_zero2": "parallel.pp=2 parallel.zero_stage=2",
         "tp2_pp2": "parallel.tp=2 parallel.pp=2", "cp2_dp2_ac": "parallel.cp=2 parallel.zero_stage=3 "
