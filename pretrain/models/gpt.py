@@ -95,8 +95,11 @@ class MTPModule(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, ops)
 
     def forward(self, h, embedded, rotary, documents):
+        """(this depth's residual stream, its final norm): every parameter used inside the module's own forward
+        (an FSDP unit of its own)."""
         x = self.eh_proj(torch.cat([self.enorm(embedded), self.hnorm(h)], dim=-1))
-        return self.block(x, rotary, documents=documents)
+        x = self.block(x, rotary, documents=documents)
+        return x, self.norm(x)
 
 
 def shifted(values: torch.Tensor, k: int, fill) -> torch.Tensor:
@@ -212,8 +215,7 @@ class GPT(nn.Module):
             if document_ids is not None:
                 valid &= shifted(document_ids, k, -1) == document_ids
             wanted = torch.where(valid, wanted, ignore)
-            h = module(h, self.embed_tokens(ahead.clamp(min=0)), self.rotary, documents)
-            normed = module.norm(h)
+            h, normed = module(h, self.embed_tokens(ahead.clamp(min=0)), self.rotary, documents)
             count = valid.sum()
             if "cross_entropy" in self.ops.triton:  # the fused head + loss: its mean over the kept targets
                 loss = self.ops.cross_entropy(normed.reshape(-1, normed.shape[-1]), self.output_weight(),

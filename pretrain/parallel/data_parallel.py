@@ -35,7 +35,8 @@ def apply_fsdp(model: nn.Module, dp_mesh, *, reshard_after_forward: bool, bf16: 
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     if cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
-    blocks = list(model.layers.values())
+    # the multi-token-prediction modules (after the last block, before the head's use) are units of their own too
+    blocks = list(model.layers.values()) + list(getattr(model, "mtp", None) or [])
     for i, block in enumerate(blocks):
         # the last block is resharded by the root's backward anyway
         reshard = reshard_after_forward and i < len(blocks) - 1

@@ -43,6 +43,11 @@ MOE = ["model.n_experts=4", "model.moe_top_k=2", "model.moe_ffn_hidden=32", "mod
        "model.moe_balance=both", "model.moe_bias_rate=0.01", "model.moe_router=sigmoid", "model.moe_aux_coef=0.1",
        "model.moe_z_coef=0.01"]
 QWEN3 = ["model.head_dim=16", "model.qk_norm=true", "model.n_kv_heads=2"]
+# DeepSeek-V3's parts: MLA (query bottleneck, qk 12 ≠ v 8), group-limited routing with routed scaling, two MTP depths
+DEEPSEEK = ["model.attention=mla", "model.q_lora_rank=16", "model.kv_lora_rank=12", "model.qk_nope_head_dim=8",
+            "model.qk_rope_head_dim=4", "model.v_head_dim=8", "model.mtp_depth=2", "model.mtp_loss_coef=0.3",
+            "model.moe_n_group=2", "model.moe_topk_group=1", "model.moe_routed_scaling=2.5"]
+MTP_EXTRAS = ("mtp_loss", "mtp_loss_1", "mtp_loss_2")
 LLAMA32 = ["model.n_kv_heads=2", "model.tie_embeddings=true", "model.rope_theta=500000.0",
            'model.rope_scaling={rope_type = "llama3", factor = 32.0, low_freq_factor = 1.0, high_freq_factor = 4.0, '
            "original_max_position_embeddings = 8}"]
@@ -112,6 +117,10 @@ LAYOUTS = {
     "moe_dp2": (2, ["train.micro_batch_size=4", *MOE]),
     "moe_zero3_2": (2, ["train.micro_batch_size=2", "train.grad_accum=2", "parallel.zero_stage=3", *MOE]),
     "moe_ep2": (2, ["train.micro_batch_size=4", "parallel.zero_stage=2", "parallel.ep=2", *MOE]),
+    # DeepSeek-V3-class (MLA + MTP + group-routed MoE): the MTP terms reach metrics.jsonl equal to one process's
+    "deepseek_dp2": (2, ["train.micro_batch_size=4", *MOE, *DEEPSEEK]),
+    "deepseek_zero3_2": (2, ["train.micro_batch_size=4", "parallel.zero_stage=3", *MOE, *DEEPSEEK]),
+    "deepseek_ep2": (2, ["train.micro_batch_size=4", "parallel.zero_stage=2", "parallel.ep=2", *MOE, *DEEPSEEK]),
     "moe_tp2_sp": (2, ["train.micro_batch_size=8", "parallel.tp=2", "parallel.sequence_parallel=true", *MOE]),
     "moe_pp2": (2, ["train.micro_batch_size=4", "train.grad_accum=2", "parallel.pp=2", "parallel.n_microbatches=2",
                     *MOE]),
@@ -225,15 +234,16 @@ class AuxTask(GPTTask):
         return out
 
 
-def extras_diff(run_dir: str, ref_dir: str) -> float:
-    """Largest difference of the extra terms between two runs' metrics.jsonl (inf if either lacks them)."""
+def extras_diff(run_dir: str, ref_dir: str, names=None) -> float:
+    """Largest difference of the extra terms (``names``, default the aux task's) between two runs' metrics.jsonl
+    (inf if either lacks them)."""
     from pretrain.metrics import read_metrics
 
     runs = [[r for r in read_metrics(Path(d)) if "loss" in r] for d in (run_dir, ref_dir)]
     if len(runs[0]) != STEPS or len(runs[1]) != STEPS:
         return float("inf")
     try:
-        return max(abs(a[k] - b[k]) for a, b in zip(*runs) for k in AuxTask.extra_names)
+        return max(abs(a[k] - b[k]) for a, b in zip(*runs) for k in (names or AuxTask.extra_names))
     except KeyError:
         return float("inf")
 
@@ -298,7 +308,8 @@ def first_grads(trainer) -> dict:
 def run(overrides: list[str], dist_info: DistInfo, run_dir: str, stop_after: int | None = None,
         grads: bool = False):
     aux = "task=aux" in overrides
-    overrides = [o for o in overrides if o != "task=aux"] + (["logging.interval=1"] if aux else [])
+    logged = aux or any(o.startswith("model.mtp_depth") for o in overrides)  # extra terms: every step's metrics
+    overrides = [o for o in overrides if o != "task=aux"] + (["logging.interval=1"] if logged else [])
     cfg = load_config(None, [*BASE, *overrides, f"logging.run_dir={run_dir}"])
     dims = ParallelDims.from_config(cfg, dist_info.world_size)
     trainer = build_trainer(cfg, dist_info, dims)
@@ -334,6 +345,7 @@ RESHARD = {
     "muon_tp2": ["train.micro_batch_size=4", "parallel.zero_stage=3", *MUON],  # TP2 -> ZeRO-3 dp2
     "cp2_alltoall": ["train.micro_batch_size=4", "parallel.zero_stage=3"],  # CP2 -> CP1 (dp 2)
     "moe_ep2": ["train.micro_batch_size=4", "parallel.zero_stage=2", "parallel.ep=1", *MOE],  # EP2 -> EP1
+    "deepseek_ep2": ["train.micro_batch_size=4", "parallel.zero_stage=2", "parallel.ep=1", *MOE, *DEEPSEEK],
     "moe_zero3_2": ["train.micro_batch_size=4", "parallel.zero_stage=3", "parallel.ep=2", *MOE],  # EP1 -> EP2
     "tp2_sp": ["train.micro_batch_size=4", "parallel.zero_stage=2"],
     "pp2_interleaved": ["train.micro_batch_size=8", "parallel.tp=2"],
@@ -374,7 +386,8 @@ def consolidated_matches(run_dir: str, reference: dict[str, torch.Tensor]) -> fl
 ARCH_PREFIXES = ("model.arch", "model.flavor", "model.tie", "task=", "model.n_experts", "model.moe", "model.n_shared",
                  "model.kernels", "optim.name", "optim.muon", "train.fp8", "model.head_dim", "model.qk_norm",
                  "model.qkv_bias", "model.rope", "model.n_kv_heads", "model.n_layers", "model.n_heads", "data.document",
-                 "data.reset_positions", "data.mask_document", "data.synthetic_doc")
+                 "data.reset_positions", "data.mask_document", "data.synthetic_doc", "model.attention", "model.q_lora",
+                 "model.kv_lora", "model.qk_", "model.v_head", "model.mtp")
 
 
 def reference_keys(name: str) -> list[tuple]:
@@ -457,8 +470,8 @@ def main(names: list[str]) -> int:
                 dist.all_gather_object(everyone, calls)
                 ok &= 0 < max(everyone) < ref_calls
                 extra += f" newton_schulz_runs={everyone}/{ref_calls}"
-            if "task=aux" in overrides and info.rank == 0:  # rank 0 writes the run's metrics
-                diff = extras_diff(f"{tmp}/{name}", ref_dir)
+            if ("task=aux" in overrides or name.startswith("deepseek")) and info.rank == 0:  # rank 0 writes metrics
+                diff = extras_diff(f"{tmp}/{name}", ref_dir, MTP_EXTRAS if name.startswith("deepseek") else None)
                 ok &= diff <= TOLERANCE
                 extra += f" extras_diff={diff:.2e}"
             if "parallel.meta_init=true" in overrides:  # shards drawn on their own: same distribution, not values
