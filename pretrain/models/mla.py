@@ -62,6 +62,7 @@ class LatentAttention(nn.Module):
         self.o_proj = nn.Linear(h * self.v_dim, d, bias=False)
         self.scale = softmax_scale(cfg)
         self.context = None  # context parallelism is refused with MLA (config._latent_attention)
+        self.tp_group = None  # tensor parallelism: this rank holds n_heads / tp heads (parallel/tensor_parallel.py)
 
     def _query(self, x):
         if hasattr(self, "q_proj"):
@@ -70,10 +71,12 @@ class LatentAttention(nn.Module):
 
     def forward(self, x, rotary: Rotary | None = None, key_padding_mask=None, documents: Documents | None = None):
         b, t, _ = x.shape
-        h = self.n_heads
-        q = self._query(x).view(b, t, h, self.nope + self.rope).transpose(1, 2)  # (B, H, T, n + r)
+        q = self._query(x).view(b, t, -1, self.nope + self.rope).transpose(1, 2)  # (B, H, T, n + r)
+        h = q.shape[1]  # this rank's heads
         q_nope, q_rope = q.split([self.nope, self.rope], dim=-1)
         latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.latent, self.rope], dim=-1)
+        if self.tp_group is not None:  # every rank's heads read the one RoPE key: its gradient is their sum
+            k_rope = _SumGradient.apply(k_rope, self.tp_group)
         kv = self.kv_b_proj(self.kv_a_layernorm(latent)).view(b, t, h, self.nope + self.v_dim).transpose(1, 2)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         k_rope = k_rope.reshape(b, 1, t, self.rope)
@@ -88,3 +91,21 @@ class LatentAttention(nn.Module):
         y = torch_attention(q, k, v.contiguous(), causal=self.causal, key_padding_mask=key_padding_mask,
                             scale=self.scale, **extra)  # (B, H, T, v)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, h * self.v_dim))
+
+
+class _SumGradient(torch.autograd.Function):
+    """Identity whose backward all-reduces the gradient over ``group`` (Megatron's copy-to-tensor-parallel-region):
+    a replicated tensor each tensor-parallel rank uses for its own heads."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None

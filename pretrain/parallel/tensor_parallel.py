@@ -28,20 +28,28 @@ from torch.distributed.tensor.parallel import (
 
 
 def block_plan(arch: str, gated: bool, sequence_parallel: bool, moe: bool = False, shared: bool = False,
-               qk_norm: bool = False) -> dict:
+               qk_norm: bool = False, mla: str = "") -> dict:
     """Plan for one GPT block or BERT encoder layer (names relative to the block). An MoE layer runs whole on every
     tp rank (replicated input; its experts are split by expert parallelism instead), only its shared experts
     sharded like a dense MLP; under SP its input is gathered and its output cut back to this rank's sequence.
     QK-norm weights (one per head width, shared by all heads) stay whole on every rank; each rank normalises its
     own heads (q viewed (B, T, H/tp, E): sharded over dim 2), so the weight's gradient is a partial sum the
-    DTensor backward all-reduces over tp, as for sequence-parallel norms."""
+    DTensor backward all-reduces over tp, as for sequence-parallel norms. ``mla``: the name of an MLA block's
+    head-producing query projection (``q_b_proj``, or ``q_proj`` without the bottleneck): it and ``kv_b_proj``
+    are column-parallel (each rank its heads), ``o_proj`` row-parallel; the down-projections (``q_a_proj``,
+    ``kv_a_proj_with_mqa``) and the latents' norms stay whole on every rank, as Megatron-core keeps them (the shared
+    RoPE key's gradient is summed over tp by the module itself, models/mla.py)."""
     residual = Shard(1) if sequence_parallel else Replicate()
-    plan = {
-        "self_attn.q_proj": ColwiseParallel(),
-        "self_attn.k_proj": ColwiseParallel(),
-        "self_attn.v_proj": ColwiseParallel(),
-        "self_attn.o_proj": RowwiseParallel(output_layouts=residual),
-    }
+    if mla:
+        plan = {f"self_attn.{mla}": ColwiseParallel(), "self_attn.kv_b_proj": ColwiseParallel(),
+                "self_attn.o_proj": RowwiseParallel(output_layouts=residual)}
+    else:
+        plan = {
+            "self_attn.q_proj": ColwiseParallel(),
+            "self_attn.k_proj": ColwiseParallel(),
+            "self_attn.v_proj": ColwiseParallel(),
+            "self_attn.o_proj": RowwiseParallel(output_layouts=residual),
+        }
     if qk_norm:
         plan.update({"self_attn.q_norm": SequenceParallel(sequence_dim=2, use_local_output=True),
                      "self_attn.k_norm": SequenceParallel(sequence_dim=2, use_local_output=True)})
@@ -56,7 +64,9 @@ def block_plan(arch: str, gated: bool, sequence_parallel: bool, moe: bool = Fals
         plan.update({
             "input_layernorm": SequenceParallel(),
             "post_attention_layernorm": SequenceParallel(),
-            "self_attn": PrepareModuleInput(input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None)),
+            # MLA's whole down-projections take the gathered sequence as a plain tensor (their gradients are whole)
+            "self_attn": PrepareModuleInput(input_layouts=(Shard(1), None), desired_input_layouts=(Replicate(), None),
+                                            use_local_output=bool(mla)),
             "mlp": (PrepareModuleInputOutput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
                                              use_local_input=True, output_layouts=(Replicate(),),
                                              desired_output_layouts=(Shard(1),), use_local_output=True) if moe else
@@ -94,5 +104,8 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool) ->
         block.fused_add_norm = False  # the norms' plan acts on their forward (see models/gpt.py Block)
         moe = isinstance(block.mlp, MoE)
         shared = moe and block.mlp.shared_experts is not None
+        mla = ("q_b_proj" if cfg.q_lora_rank else "q_proj") if getattr(cfg, "mla", False) else ""
+        if mla:
+            block.self_attn.tp_group = tp_mesh.get_group()  # the shared RoPE key's gradient: summed over tp
         parallelize_module(block, tp_mesh, block_plan(cfg.arch, gated, sequence_parallel, moe, shared,
-                                                      gpt and cfg.qk_norm))
+                                                      gpt and cfg.qk_norm, mla))

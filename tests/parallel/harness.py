@@ -44,9 +44,10 @@ MOE = ["model.n_experts=4", "model.moe_top_k=2", "model.moe_ffn_hidden=32", "mod
        "model.moe_z_coef=0.01"]
 QWEN3 = ["model.head_dim=16", "model.qk_norm=true", "model.n_kv_heads=2"]
 # DeepSeek-V3's parts: MLA (query bottleneck, qk 12 ≠ v 8), group-limited routing with routed scaling, two MTP depths
-DEEPSEEK = ["model.attention=mla", "model.q_lora_rank=16", "model.kv_lora_rank=12", "model.qk_nope_head_dim=8",
-            "model.qk_rope_head_dim=4", "model.v_head_dim=8", "model.mtp_depth=2", "model.mtp_loss_coef=0.3",
-            "model.moe_n_group=2", "model.moe_topk_group=1", "model.moe_routed_scaling=2.5"]
+MLA = ["model.attention=mla", "model.q_lora_rank=16", "model.kv_lora_rank=12", "model.qk_nope_head_dim=8",
+       "model.qk_rope_head_dim=4", "model.v_head_dim=8"]
+DEEPSEEK = [*MLA, "model.mtp_depth=2", "model.mtp_loss_coef=0.3", "model.moe_n_group=2", "model.moe_topk_group=1",
+            "model.moe_routed_scaling=2.5"]
 MTP_EXTRAS = ("mtp_loss", "mtp_loss_1", "mtp_loss_2")
 LLAMA32 = ["model.n_kv_heads=2", "model.tie_embeddings=true", "model.rope_theta=500000.0",
            'model.rope_scaling={rope_type = "llama3", factor = 32.0, low_freq_factor = 1.0, high_freq_factor = 4.0, '
@@ -121,6 +122,9 @@ LAYOUTS = {
     "deepseek_dp2": (2, ["train.micro_batch_size=4", *MOE, *DEEPSEEK]),
     "deepseek_zero3_2": (2, ["train.micro_batch_size=4", "parallel.zero_stage=3", *MOE, *DEEPSEEK]),
     "deepseek_ep2": (2, ["train.micro_batch_size=4", "parallel.zero_stage=2", "parallel.ep=2", *MOE, *DEEPSEEK]),
+    # MLA's heads split over tp (q_b_proj, kv_b_proj column-, o_proj row-parallel; the down-projections whole)
+    "mla_tp2_sp": (2, ["train.micro_batch_size=8", "parallel.tp=2", *MOE, *MLA]),
+    "mla_tp2": (2, ["train.micro_batch_size=8", "parallel.tp=2", "parallel.sequence_parallel=false", *MLA]),
     "moe_tp2_sp": (2, ["train.micro_batch_size=8", "parallel.tp=2", "parallel.sequence_parallel=true", *MOE]),
     "moe_pp2": (2, ["train.micro_batch_size=4", "train.grad_accum=2", "parallel.pp=2", "parallel.n_microbatches=2",
                     *MOE]),
