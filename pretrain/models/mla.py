@@ -61,7 +61,7 @@ class LatentAttention(nn.Module):
         self.kv_b_proj = nn.Linear(self.latent, h * (self.nope + self.v_dim), bias=False)
         self.o_proj = nn.Linear(h * self.v_dim, d, bias=False)
         self.scale = softmax_scale(cfg)
-        self.context = None  # context parallelism is refused with MLA (config._latent_attention)
+        self.context = None  # context parallelism (parallel/context_parallel.py) replaces the attention op
         self.tp_group = None  # tensor parallelism: this rank holds n_heads / tp heads (parallel/tensor_parallel.py)
 
     def _query(self, x):
@@ -81,16 +81,33 @@ class LatentAttention(nn.Module):
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         k_rope = k_rope.reshape(b, 1, t, self.rope)
         if rotary is not None:
-            q_rope, k_rope = rotary(q_rope.contiguous(), k_rope.contiguous(),
-                                    documents.positions if documents is not None else None)
+            positions = documents.positions if documents is not None else None
+            if positions is None and self.context is not None:  # this rank's chunks of the sequence
+                positions = self.context.positions(t, x.device)
+            q_rope, k_rope = rotary(q_rope.contiguous(), k_rope.contiguous(), positions)
         q = torch.cat([q_nope, q_rope], dim=-1)
         k = torch.cat([k_nope, k_rope.expand(b, h, t, self.rope)], dim=-1)
+        if self.context is not None:
+            return self.o_proj(self._across_ranks(q, k, v, documents).transpose(1, 2).reshape(b, t, h * self.v_dim))
         extra = {"dropout_p": self.dropout} if self.training and self.dropout else {}
         if documents is not None:
             extra["document_ids"], extra["branch_ids"] = documents.ids, documents.branches
         y = torch_attention(q, k, v.contiguous(), causal=self.causal, key_padding_mask=key_padding_mask,
                             scale=self.scale, **extra)  # (B, H, T, v)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, h * self.v_dim))
+
+    def _across_ranks(self, q, k, v, documents):
+        """Context parallelism (ring or all-to-all), whose attention takes one head dim and the 1/√E scale: v
+        padded with zeros to the query/key head dim (the output's extra columns are zero and dropped), q scaled
+        so that 1/√E becomes this module's scale."""
+        if documents is not None and documents.branches is not None:
+            raise ValueError("branch ids (prefix-tree scoring) are not supported under context parallelism")
+        e = q.shape[-1]
+        q = q * (self.scale * e ** 0.5)
+        if self.v_dim < e:
+            v = torch.nn.functional.pad(v, (0, e - self.v_dim))
+        y = self.context(q, k, v.contiguous(), document_ids=documents.ids if documents is not None else None)
+        return y[..., :self.v_dim]
 
 
 class _SumGradient(torch.autograd.Function):

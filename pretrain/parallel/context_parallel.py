@@ -283,9 +283,14 @@ def ulysses_attention(q, k, v, cp: ContextParallel, document_ids=None) -> torch.
 def apply_context_parallel(model, cp_mesh, impl: str) -> None:
     """Every attention layer of ``model`` (whole or one pipeline stage) attends across the cp ranks."""
     from pretrain.models.layers import Attention
+    from pretrain.models.mla import LatentAttention
+    from pretrain.models.ops import torch_attention
 
     for module in model.modules():
         if isinstance(module, Attention):
             blocks = "triton" if "attention" in getattr(module.ops, "triton", ()) else "torch"
             module.context = ContextParallel(cp_mesh.get_group(), cp_mesh.size(), cp_mesh.get_local_rank(), impl,
                                              attention=module.ops.attention, blocks=blocks)
+        elif isinstance(module, LatentAttention):  # MLA runs the torch attention (models/mla.py)
+            module.context = ContextParallel(cp_mesh.get_group(), cp_mesh.size(), cp_mesh.get_local_rank(), impl,
+                                             attention=torch_attention, blocks="torch")

@@ -46,6 +46,8 @@ QWEN3 = ["model.head_dim=16", "model.qk_norm=true", "model.n_kv_heads=2"]
 # DeepSeek-V3's parts: MLA (query bottleneck, qk 12 ≠ v 8), group-limited routing with routed scaling, two MTP depths
 MLA = ["model.attention=mla", "model.q_lora_rank=16", "model.kv_lora_rank=12", "model.qk_nope_head_dim=8",
        "model.qk_rope_head_dim=4", "model.v_head_dim=8"]
+MLA_YARN = ['model.rope_scaling={rope_type = "yarn", factor = 4.0, original_max_position_embeddings = 8, mscale = 1.0, '
+            "mscale_all_dim = 1.0}"]
 DEEPSEEK = [*MLA, "model.mtp_depth=2", "model.mtp_loss_coef=0.3", "model.moe_n_group=2", "model.moe_topk_group=1",
             "model.moe_routed_scaling=2.5"]
 MTP_EXTRAS = ("mtp_loss", "mtp_loss_1", "mtp_loss_2")
@@ -125,6 +127,9 @@ LAYOUTS = {
     # MLA's heads split over tp (q_b_proj, kv_b_proj column-, o_proj row-parallel; the down-projections whole)
     "mla_tp2_sp": (2, ["train.micro_batch_size=8", "parallel.tp=2", *MOE, *MLA]),
     "mla_tp2": (2, ["train.micro_batch_size=8", "parallel.tp=2", "parallel.sequence_parallel=false", *MLA]),
+    # MLA across cp ranks (qk head dim 12 ≠ v 8 through the ring's blocks and the all-to-all), with YaRN's mscale
+    "mla_cp2_ring": (2, ["train.micro_batch_size=8", "parallel.cp=2", *MLA, *MLA_YARN]),
+    "mla_cp2_alltoall": (2, ["train.micro_batch_size=8", "parallel.cp=2", "parallel.cp_impl=alltoall", *MLA, *DOCS]),
     "moe_tp2_sp": (2, ["train.micro_batch_size=8", "parallel.tp=2", "parallel.sequence_parallel=true", *MOE]),
     "moe_pp2": (2, ["train.micro_batch_size=4", "train.grad_accum=2", "parallel.pp=2", "parallel.n_microbatches=2",
                     *MOE]),
