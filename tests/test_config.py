@@ -11,7 +11,7 @@ PRESETS = sorted((ROOT / "configs").glob("*.toml"))
 
 
 def test_presets_load_and_round_trip():
-    assert len(PRESETS) == 12
+    assert len(PRESETS) == 13
     for path in PRESETS:
         cfg = load_config(path)
         assert config_from_toml(cfg.to_toml()) == cfg

@@ -62,6 +62,11 @@ GPT7B=(-m pretrain.train --config configs/gpt_7b.toml --set data.source=syntheti
        train.device=cuda eval.interval=0 checkpoint.interval=0 checkpoint.resume=never checkpoint.dir=$SCRATCH
        logging.interval=1 logging.tensorboard=false logging.heartbeat_s=0 train.fp8_keep_edge_blocks=0
        model.kernels=torch)
+# DeepSeek-V3-class on a GPU for the first time: MLA (SDPA with v head dim ≠ qk), group-routed MoE, two MTP depths
+DEEPSEEK=(-m pretrain.train --config configs/deepseek_tiny.toml --set data.source=synthetic train.steps=20
+          model.mtp_depth=2 train.dtype=bf16 train.device=cuda model.kernels=triton eval.interval=0
+          checkpoint.interval=0 checkpoint.resume=never checkpoint.dir=$SCRATCH logging.interval=1
+          logging.tensorboard=false logging.heartbeat_s=0)
 BENCH_STEP=(tools/bench_step.py --config configs/gpt_1b.toml --batch 2 --seq 4096 --dtype bf16 --steps 8 --warmup 2)
 # the meter on the train_* runs' config (CPU only: the Triton ops run dry in the interpreter)
 METER=(env TRITON_INTERPRET=1 $PY tools/step_cost.py --config configs/gpt_1b.toml --json --set train.grad_accum=4)
@@ -79,6 +84,7 @@ plan=(  # most wanted first: the goals' numbers, then the kernel table
     "gpt7b_fp8|90|$PY ${GPT7B[*]} train.fp8=tensorwise logging.run_dir=$OUT/gpt7b-fp8"
     "bench_kernels|150|$PY tools/bench_kernels.py --op all --dtype bf16 --out $OUT/kernels"
     "bench_docs|60|$PY tools/bench_kernels.py --op attention --dtype bf16 --seq 8192 32768 --doc-len 512 2048 --out $OUT/kernels-docs"
+    "train_deepseek|60|$PY ${DEEPSEEK[*]} logging.run_dir=$OUT/train-deepseek"
     "hf_torch|90|$PY ${BENCH_STEP[*]} --set model.kernels=torch --json $OUT/hf-torch.json"
     "train_compiled|180|$PY ${TRAIN[*]} ${VARIANT_compiled[*]} logging.run_dir=$OUT/train-compiled"
 )
@@ -111,6 +117,7 @@ if [ "$DRY" = 1 ]; then
         configs+=("config gpt7b $fp8|${GPT7B[*]:2} train.fp8=$fp8 train.device=auto logging.run_dir=$scratch/7b")
     done
     configs+=("bench_step config|--config configs/gpt_1b.toml --set model.kernels=triton")
+    configs+=("config train_deepseek|${DEEPSEEK[*]:2} train.device=auto logging.run_dir=$scratch/deepseek")
     "$PY" tools/gpu_report.py --check-configs "${configs[@]}" || fail=1
     check "gpu tests collected" bash -c "$PY -m pytest -p no:cacheprovider -q --collect-only -m gpu tests/kernels \
         | grep -E '^[0-9]+(/[0-9]+)? tests? (collected|selected)'"

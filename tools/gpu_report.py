@@ -125,6 +125,11 @@ def build(out: Path) -> str:
                      f"{1e3 * s['step_time_s']:.0f} ms | {fmt(s['data_wait_s'] and 1e3 * s['data_wait_s'], '.1f', ' ms')} | "
                      f"{s['mem_gib']:.1f} | {s['final_loss']:.3f} |")
     lines.append("")
+    deepseek = train_summary(out / "train-deepseek")
+    lines += ["## deepseek_tiny on one GPU (MLA, group-routed MoE, 2 MTP depths; 20 steps, bf16, Triton kernels)", "",
+              "not run" if deepseek is None else
+              "{:,.0f} tokens/s, loss at end {:.3f}, peak {:.1f} GiB".format(
+                  deepseek["tokens_per_s"], deepseek["final_loss"], deepseek["mem_gib"]), ""]
 
     hf = {}
     for key in ("torch", "triton"):
