@@ -162,13 +162,13 @@ def test_gpu_check_dry_run_passes_on_cpu_with_only_python3(tmp_path):
     lines = done.stdout.splitlines()
     assert lines[-1] == "dry run ok"
     steps = ("facts", "gpu_tests", "train_triton", "train_torch", "train_fp8", "hf_triton", "meter", "gpt7b_bf16",
-             "gpt7b_fp8", "bench_kernels", "bench_docs", "hf_torch", "train_compiled")
+             "gpt7b_fp8", "bench_kernels", "bench_docs", "train_deepseek", "hf_torch", "train_compiled")
     for step in steps:
         assert any(line.split()[:1] == [step] for line in lines), step
     assert not any(line.split()[:1] == ["compile_gate"] for line in lines)  # CPU work: never on the loan
-    assert sum(line.startswith("ok    ") for line in lines) == 13
+    assert sum(line.startswith("ok    ") for line in lines) == 14
     assert f"ok    python: {bin_dir / 'python3'}" in lines
-    assert "ok    checkpoints outside OUT: checkpoints outside OUT in all 6 training steps" in lines
+    assert "ok    checkpoints outside OUT: checkpoints outside OUT in all 7 training steps" in lines
     assert not (tmp_path / "gc").exists()  # a dry run writes nothing
 
 
