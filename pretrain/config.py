@@ -588,9 +588,6 @@ def _latent_attention(cfg: Config) -> None:
                      ("qkv_bias", "MLA's projections have no biases")):
         if getattr(m, key):
             raise ConfigError(f'model.{key} does not combine with model.attention = "mla": {why}')
-    if p.pp > 1:
-        raise ConfigError(f'model.attention = "mla" does not run under pipeline parallelism yet (parallel.pp = {p.pp}): '
-                          "data, tensor (+ sequence), context, FSDP (zero_stage) and expert parallelism do")
     if p.tp > 1 and m.n_heads % p.tp:
         raise ConfigError(f"model.n_heads ({m.n_heads}) must be divisible by parallel.tp ({p.tp}): MLA splits heads")
 

@@ -122,7 +122,6 @@ def test_an_mla_moe_gpt_trains(tmp_path):
     (["model.qk_norm=true"], r'model.qk_norm does not combine with model.attention = "mla"'),
     (["model.flavor=gpt2"], r'model.attention = "mla" is for the llama-flavour GPT, not gpt/gpt2'),
     (["parallel.tp=3"], r"model.n_heads \(4\) must be divisible by parallel.tp \(3\): MLA splits heads"),
-    (["parallel.pp=2", "parallel.n_microbatches=2"], r"does not run under pipeline parallelism yet"),
     (["model.attention=mqa"], r"model.attention = 'mqa' is not one of mha, mla"),
 ])
 def test_bad_mla_configs(extra, message):

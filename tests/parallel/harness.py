@@ -130,6 +130,11 @@ LAYOUTS = {
     # MLA across cp ranks (qk head dim 12 ≠ v 8 through the ring's blocks and the all-to-all), with YaRN's mscale
     "mla_cp2_ring": (2, ["train.micro_batch_size=8", "parallel.cp=2", *MLA, *MLA_YARN]),
     "mla_cp2_alltoall": (2, ["train.micro_batch_size=8", "parallel.cp=2", "parallel.cp_impl=alltoall", *MLA, *DOCS]),
+    "mla_moe_pp2": (2, ["train.micro_batch_size=4", "train.grad_accum=2", "parallel.pp=2", "parallel.n_microbatches=2",
+                        *MOE, *MLA, *DOCS]),
+    "mla_moe_ep2_pp2": (4, ["train.micro_batch_size=2", "train.grad_accum=2", "parallel.pp=2", "parallel.n_microbatches=2",
+                            "parallel.zero_stage=2", "parallel.ep=2", *MOE, *MLA, "model.moe_n_group=2",
+                            "model.moe_topk_group=1", "model.moe_routed_scaling=2.5"]),
     "moe_tp2_sp": (2, ["train.micro_batch_size=8", "parallel.tp=2", "parallel.sequence_parallel=true", *MOE]),
     "moe_pp2": (2, ["train.micro_batch_size=4", "train.grad_accum=2", "parallel.pp=2", "parallel.n_microbatches=2",
                     *MOE]),
@@ -292,7 +297,7 @@ REFERENCE_SPLIT = {"fp8_zero3_2": 2, "fp8_pp2": 2}
 # and pp2_dp2_zero3), bert_pp2 and pp2_dp2_zero3 into PP; moe_ep2, tp2_sp and pp2_interleaved save under RESHARD
 # layouts the default suite leaves to CI (``slow``): the Triton kernels of each run in the interpreter (4-9 s each on
 # 2 cores), their CPU cousins stay in the default launches; tests/parallel/test_parallel.py launches them apart
-SLOW_LAYOUTS = {"cp2_ring_triton", "zero3_ac_fused_norms", "pp2_fused_norms", "adamw_triton_zero3_2",
+SLOW_LAYOUTS = {"cp2_ring_triton", "zero3_ac_fused_norms", "pp2_fused_norms", "adamw_triton_zero3_2", "mla_moe_ep2_pp2",
                 "adamw_triton_moe_ep2_tp2", "adamw_triton_tp2_dp2", "adamw_triton_hsdp_2x2"}
 
 RESUME = {"docs_cp2_ring", "fp8_zero3_2", "adamw_triton_zero3_2", "muon_zero3_2", "cp2_ring", "bert_pp2", "zero1_2", "ds_zero2_2",
