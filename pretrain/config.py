@@ -598,12 +598,14 @@ def _multi_token(cfg: Config) -> None:
         return
     if m.arch != "gpt" or m.flavor != "llama":
         raise ConfigError(f"model.mtp_depth is for the llama-flavour GPT, not {m.arch}/{m.flavor}")
-    for key, value, what in (("parallel.tp", p.tp, "tensor"), ("parallel.cp", p.cp, "context"),
-                             ("parallel.pp", p.pp, "pipeline")):
+    for key, value, what in (("parallel.cp", p.cp, "context"), ("parallel.pp", p.pp, "pipeline")):
         if value > 1:
             raise ConfigError(f"model.mtp_depth = {m.mtp_depth}: multi-token prediction cannot be placed under {what} "
-                              f"parallelism yet ({key} = {value}); data parallelism, FSDP and expert parallelism "
-                              "run it")
+                              f"parallelism yet ({key} = {value}); data, tensor (without sequence parallelism), FSDP "
+                              "and expert parallelism run it")
+    if p.tp > 1 and p.sequence_parallel:
+        raise ConfigError(f"model.mtp_depth = {m.mtp_depth} under tensor parallelism needs "
+                          "parallel.sequence_parallel = false (the MTP modules' norms are not sequence-parallel yet)")
 
 
 def _llama_features(cfg: Config) -> None:

@@ -100,7 +100,10 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool) ->
     from pretrain.models.moe import MoE
 
     gated = gpt and cfg.flavor == "llama"
-    for block in model.layers.values():
+    # the multi-token-prediction blocks too (without sequence parallelism: config._multi_token); their input
+    # projection and norms stay whole on every rank, like the MLA down-projections
+    mtp_blocks = [m.block for m in (getattr(model, "mtp", None) or [])]
+    for block in [*model.layers.values(), *mtp_blocks]:
         block.fused_add_norm = False  # the norms' plan acts on their forward (see models/gpt.py Block)
         moe = isinstance(block.mlp, MoE)
         shared = moe and block.mlp.shared_experts is not None

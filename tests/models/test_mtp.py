@@ -119,7 +119,7 @@ def test_mtp_flops_and_parameters_match_the_counters(extra):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["parallel.tp=2"], r"model.mtp_depth = 1: multi-token prediction cannot be placed under tensor parallelism"),
+    (["parallel.tp=2"], r"model.mtp_depth = 1 under tensor parallelism needs parallel.sequence_parallel = false"),
     (["parallel.pp=2", "parallel.n_microbatches=2"], r"cannot be placed under pipeline parallelism yet"),
     (["parallel.cp=2"], r"cannot be placed under context parallelism yet"),
     (["model.flavor=gpt2"], r"model.mtp_depth is for the llama-flavour GPT, not gpt/gpt2"),

@@ -127,6 +127,8 @@ LAYOUTS = {
     # MLA's heads split over tp (q_b_proj, kv_b_proj column-, o_proj row-parallel; the down-projections whole)
     "mla_tp2_sp": (2, ["train.micro_batch_size=8", "parallel.tp=2", *MOE, *MLA]),
     "mla_tp2": (2, ["train.micro_batch_size=8", "parallel.tp=2", "parallel.sequence_parallel=false", *MLA]),
+    "deepseek_tp2": (2, ["train.micro_batch_size=8", "parallel.tp=2", "parallel.sequence_parallel=false", *MOE,
+                         *DEEPSEEK]),
     # MLA across cp ranks (qk head dim 12 ≠ v 8 through the ring's blocks and the all-to-all), with YaRN's mscale
     "mla_cp2_ring": (2, ["train.micro_batch_size=8", "parallel.cp=2", *MLA, *MLA_YARN]),
     "mla_cp2_alltoall": (2, ["train.micro_batch_size=8", "parallel.cp=2", "parallel.cp_impl=alltoall", *MLA, *DOCS]),
