@@ -1,6 +1,6 @@
 #!/bin/bash
 # Moonlight-16B-A3B / DeepSeek-V2-Lite-shaped model (configs/deepseek_16b.toml: MLA, 64 experts top-6, 2.6B active of 16B) on
-# 8 nodes × 8 GPUs: experts split over ep = 8, ZeRO-2 over the 64 data-parallel ranks (the planner's pick; in the config).
+# 8 nodes × 8 GPUs: two interleaved pipeline stages, ZeRO-2 over 32 data-parallel ranks (the planner's pick; in the config).
 #
 #   sbatch slurm/deepseek_16b.sh                                  # from the repository root, environment activated
 #   sbatch --nodes=16 slurm/deepseek_16b.sh                        # any #SBATCH line can be overridden on the command line
