@@ -362,6 +362,7 @@ RESHARD = {
     "cp2_alltoall": ["train.micro_batch_size=4", "parallel.zero_stage=3"],  # CP2 -> CP1 (dp 2)
     "moe_ep2": ["train.micro_batch_size=4", "parallel.zero_stage=2", "parallel.ep=1", *MOE],  # EP2 -> EP1
     "deepseek_ep2": ["train.micro_batch_size=4", "parallel.zero_stage=2", "parallel.ep=1", *MOE, *DEEPSEEK],
+    "mla_tp2_sp": ["train.micro_batch_size=4", "parallel.zero_stage=3", *MOE, *MLA],  # MLA: TP2 + SP -> ZeRO-3 dp2
     "moe_zero3_2": ["train.micro_batch_size=4", "parallel.zero_stage=3", "parallel.ep=2", *MOE],  # EP1 -> EP2
     "tp2_sp": ["train.micro_batch_size=4", "parallel.zero_stage=2"],
     "pp2_interleaved": ["train.micro_batch_size=8", "parallel.tp=2"],
