@@ -33,7 +33,6 @@ def test_depth_one_loss_is_the_next_next_token_cross_entropy_by_hand():
     _, [(loss, count)] = model(tokens, mtp_targets=targets)
     # by hand: position i reads the main stream at i and the embedding of tokens[i + 1]; it predicts tokens[i + 2]
     mtp = model.mtp[0]
-    stream = tokens.new_zeros(0)
     x = model.embed_tokens(tokens)
     for layer in model.layers.values():
         x = layer(x, model.rotary)
