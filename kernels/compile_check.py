@@ -201,7 +201,9 @@ def _dtype(name):
 
 
 def attention_case(e: int, heads: int, kv_heads: int, causal: bool, padded: bool, t: int = 256,
-                   backward: str = "one_pass", documents: bool = False):
+                   backward: str = "one_pass", documents: bool = False, ev: int | None = None):
+    """``ev``: a value head dim other than ``e`` (multi-head latent attention's q/k 192, v 128): q and k are views
+    of one (B, T, H + K, E) projection, v of its own (B, T, K, Ev) one."""
     def run(dtype):
         import os
 
@@ -211,8 +213,13 @@ def attention_case(e: int, heads: int, kv_heads: int, causal: bool, padded: bool
 
         os.environ["PRETRAIN_ATTENTION_BACKWARD"] = backward
 
-        x = torch.zeros(1, t, heads + 2 * kv_heads, e, dtype=dtype)  # the model's (B, T, H, E) projections
-        q, k, v = (y.transpose(1, 2).requires_grad_() for y in x.split([heads, kv_heads, kv_heads], dim=2))
+        if ev is None:
+            x = torch.zeros(1, t, heads + 2 * kv_heads, e, dtype=dtype)  # the model's (B, T, H, E) projections
+            q, k, v = (y.transpose(1, 2).requires_grad_() for y in x.split([heads, kv_heads, kv_heads], dim=2))
+        else:
+            x = torch.zeros(1, t, heads + kv_heads, e, dtype=dtype)
+            q, k = (y.transpose(1, 2).requires_grad_() for y in x.split([heads, kv_heads], dim=2))
+            v = torch.zeros(1, t, kv_heads, ev, dtype=dtype).transpose(1, 2).requires_grad_()
         mask = torch.ones(1, t, dtype=torch.bool) if padded else None
         ids = torch.arange(t)[None] // 64 if documents else None  # document masking (data.document_mask)
         out = flash_attention(q, k, v, causal=causal, key_padding_mask=mask, document_ids=ids)
@@ -329,6 +336,12 @@ def cases(full: bool = False) -> list[tuple[str, Callable, tuple[str, ...]]]:
         ("attention E64 padded, documents (BERT packing)", attention_case(64, 16, 16, False, True, documents=True),
          bf16),
         ("attention E256 causal, documents", attention_case(256, 4, 4, True, False, documents=True), bf16),
+        ("attention E192 Ev128 causal (MLA: deepseek_16b, DeepSeek-V3)", attention_case(192, 16, 16, True, False,
+                                                                                          ev=128), bf16),
+        ("attention E192 Ev128 causal, documents (MLA)", attention_case(192, 16, 16, True, False, documents=True,
+                                                                       ev=128), bf16),
+        ("attention E192 Ev128 causal, split backward (MLA)", attention_case(192, 16, 16, True, False,
+                                                                            backward="split", ev=128), bf16),
         *([("attention E96 padded (E80-128 bidirectional)", attention_case(96, 8, 8, False, True), both),
            ("attention E256 padded", attention_case(256, 4, 4, False, True), both)] if full else []),
         *[(f"rms_norm D{d}", norm_case(d, True), both) for d in (256, 2048, 4096, 8192)],

@@ -530,6 +530,12 @@ def _kernels(cfg: Config) -> None:
     if chosen & {"rms_norm", "layer_norm"} and sharded_norms:
         raise ConfigError("the Triton norms take whole tensors, not the sequence shards of parallel.sequence_parallel: "
                           "set parallel.sequence_parallel = false or drop rms_norm / layer_norm from model.kernels")
+    if "attention" in chosen:
+        for what, dim in (("query/key head dim", m.qk_head_dim), ("value head dim", m.value_head_dim)):
+            if dim > 256:  # pretrain/kernels/attention.py MAX_HEAD_DIM (not imported: it needs triton)
+                raise ConfigError(f"the Triton attention takes head dims up to 256 (the widest whose tiles fit shared "
+                                  f"memory on sm_80); this model's {what} is {dim}: keep attention on torch "
+                                  f"(model.kernels)")
     if "cross_entropy" in chosen and cfg.parallel.tp > 1:
         raise ConfigError("the fused cross-entropy kernel takes a whole head: with parallel.tp > 1 the "
                           "vocab-parallel loss is used; drop cross_entropy from model.kernels")
@@ -598,14 +604,10 @@ def _multi_token(cfg: Config) -> None:
         return
     if m.arch != "gpt" or m.flavor != "llama":
         raise ConfigError(f"model.mtp_depth is for the llama-flavour GPT, not {m.arch}/{m.flavor}")
-    for key, value, what in (("parallel.cp", p.cp, "context"), ("parallel.pp", p.pp, "pipeline")):
-        if value > 1:
-            raise ConfigError(f"model.mtp_depth = {m.mtp_depth}: multi-token prediction cannot be placed under {what} "
-                              f"parallelism yet ({key} = {value}); data, tensor (without sequence parallelism), FSDP "
-                              "and expert parallelism run it")
-    if p.tp > 1 and p.sequence_parallel:
-        raise ConfigError(f"model.mtp_depth = {m.mtp_depth} under tensor parallelism needs "
-                          "parallel.sequence_parallel = false (the MTP modules' norms are not sequence-parallel yet)")
+    if p.pp > 1 and p.pp_schedule == "zbv":
+        raise ConfigError(f'model.mtp_depth = {m.mtp_depth} with parallel.pp_schedule = "zbv" is not supported yet (its '
+                          "split backward, input gradients then weight gradients, fails on the MTP chain); use "
+                          '"1f1b", "gpipe" or "interleaved_1f1b"')
 
 
 def _llama_features(cfg: Config) -> None:

@@ -88,6 +88,13 @@ class GPTTask:
 
     extra_names: tuple[str, ...] = ()
 
+    def __init__(self, mtp_depth: int = 0, mtp_loss_coef: float = 0.0):
+        """``mtp_depth``, ``mtp_loss_coef``: the model's multi-token prediction, for the pipeline's last stage (its
+        terms' names, which every stage reports, and the coefficient ``loss_from_output`` applies)."""
+        self.mtp_depth, self.mtp_loss_coef = mtp_depth, mtp_loss_coef
+        if mtp_depth:
+            self.extra_names = ("mtp_loss", *(f"mtp_loss_{k}" for k in range(1, mtp_depth + 1)))
+
     @staticmethod
     def count(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return (batch["targets"] != IGNORE_INDEX).sum()
@@ -97,7 +104,8 @@ class GPTTask:
         inner = getattr(model, "module", model)  # DDP / DeepSpeed wrap the model
         # multi-token prediction while training (model.mtp_depth): the model also returns each depth's summed loss
         mtp = getattr(inner, "mtp", None) is not None and inner.training
-        extra = {"mtp_targets": batch["targets"]} if mtp else {}
+        # (the whole sequence's targets under context parallelism: Parallelized.split_batch)
+        extra = {"mtp_targets": batch.get("mtp_targets", batch["targets"])} if mtp else {}
         if not accuracy and "cross_entropy" in getattr(getattr(inner, "ops", None), "triton", ()):
             # the fused linear cross-entropy: the model returns the mean loss, never the (tokens, vocab) logits
             count = (batch["targets"] != IGNORE_INDEX).sum()
@@ -112,15 +120,21 @@ class GPTTask:
             _with_mtp(out, depths, inner.cfg.mtp_loss_coef)
         return _with_density(out, batch, batch["targets"], causal=True)
 
-    @staticmethod
-    def pipeline_io(batch: dict[str, torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-        """(first stage inputs, last stage target) of a batch; packed documents' ids and positions travel too
+    def pipeline_io(self, batch: dict[str, torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """(first stage inputs, last stage target) of a batch; packed documents' ids and positions travel too, and
+        with multi-token prediction the targets, which the last stage's MTP modules embed
         (``parallel/pipeline.py``: ``DocumentStage``)."""
-        return (batch["tokens"], *documents(batch).values()), batch["targets"]
+        mtp = (batch.get("mtp_targets", batch["targets"]),) if self.mtp_depth else ()
+        return (batch["tokens"], *documents(batch).values(), *mtp), batch["targets"]
 
-    @staticmethod
-    def loss_from_output(logits: torch.Tensor, targets: torch.Tensor, accuracy: bool = True) -> LossOutput:
-        return _cross_entropy(logits, targets, accuracy)
+    def loss_from_output(self, output, targets: torch.Tensor, accuracy: bool = True) -> LossOutput:
+        """The last pipeline stage's output: logits, or with multi-token prediction while training (logits, each
+        depth's summed loss (D,), each depth's target count (D,))."""
+        if isinstance(output, tuple):
+            logits, losses, counts = output
+            out = _cross_entropy(logits, targets, accuracy)
+            return _with_mtp(out, list(zip(losses.unbind(), counts.unbind())), self.mtp_loss_coef)
+        return _cross_entropy(output, targets, accuracy)
 
 
 class BERTTask:
@@ -162,7 +176,10 @@ class BERTTask:
         return _with_density(out, batch, batch["labels"], causal=False)
 
 
-def task_for(arch: str):
-    """The task of a model family. MoE layers need nothing of the task: their balancing losses enter the
-    backward inside the layers (``models/moe.py``), their statistics go through the ``MoEBalance`` callback."""
+def task_for(arch: str, model=None):
+    """The task of a model family (``model``: its ModelConfig, for GPT's multi-token prediction). MoE layers need
+    nothing of the task: their balancing losses enter the backward inside the layers (``models/moe.py``), their
+    statistics go through the ``MoEBalance`` callback."""
+    if arch == "gpt" and model is not None:
+        return GPTTask(model.mtp_depth, model.mtp_loss_coef)
     return {"gpt": GPTTask, "bert": BERTTask}[arch]()

@@ -88,7 +88,7 @@ def build_trainer(cfg: Config, dist: distributed.DistInfo, dims: ParallelDims | 
     from pretrain.downstream import Downstream
 
     downstream = Downstream.for_config(cfg)  # every task file read and encoded before step 1
-    trainer = Trainer(cfg, parallel, task_for(cfg.model.arch), train_data, dist, val_factory, metrics)
+    trainer = Trainer(cfg, parallel, task_for(cfg.model.arch, cfg.model), train_data, dist, val_factory, metrics)
     trainer.downstream = downstream
     return trainer
 

@@ -25,6 +25,7 @@ class PipelineEngine(Engine):
         if self._scoring is not None:  # downstream scoring: per-token scores of this pipeline micro-batch
             from pretrain.downstream import token_scores
 
+            output = output[0] if isinstance(output, tuple) else output  # (logits, MTP terms) while training
             whole = output.full_tensor() if hasattr(output, "full_tensor") else output
             self._scoring.append(token_scores(whole, target))
             return (output.sum() * 0).float()
@@ -68,7 +69,7 @@ class PipelineEngine(Engine):
         """Downstream scoring through the pipeline (``pretrain/downstream.py``): the last stage scores each target
         token (log-probability, whether it is the argmax); summed over the pipeline group, every stage holds them."""
         self._scoring = []
-        args = (tokens,) if self.parallel.has_first_stage else ()
+        args = self.task.pipeline_io({"tokens": tokens, "targets": targets})[0] if self.parallel.has_first_stage else ()
         kwargs = {"target": targets} if self.parallel.has_last_stage else {}
         try:
             with self.loss_context():

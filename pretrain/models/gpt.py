@@ -135,6 +135,7 @@ class GPT(nn.Module):
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
     is_first_stage = True  # pipeline stages after the first take hidden states instead of tokens
+    context = None  # context parallelism with MTP (parallel/context_parallel.py): this rank's chunks of the sequence
 
     def hidden_states(self, x: torch.Tensor, document_ids: torch.Tensor | None = None,
                       positions: torch.Tensor | None = None, branch_ids: torch.Tensor | None = None,
@@ -203,7 +204,9 @@ class GPT(nn.Module):
         """[(summed cross-entropy, count of targets)] of each depth k = 1..D: at position i, the block of depth k
         reads the previous depth's stream and the embedding of the token k places ahead (``targets[i + k - 1]``)
         and predicts ``targets[i + k]``; positions whose chain leaves the row, meets an ignored target or crosses
-        into another packed document are not scored."""
+        into another packed document are not scored. Under context parallelism ``targets`` (and the document ids)
+        are the whole sequence's, the stream this rank's chunks: the shifts cross the chunks, then each depth takes
+        this rank's chunks (``split_sequence``)."""
         documents = Documents.of(document_ids, positions)
         ignore = -100
         out = []
@@ -215,6 +218,12 @@ class GPT(nn.Module):
             if document_ids is not None:
                 valid &= shifted(document_ids, k, -1) == document_ids
             wanted = torch.where(valid, wanted, ignore)
+            if self.context is not None:
+                from pretrain.parallel.context_parallel import split_sequence
+
+                ahead, wanted = (split_sequence(x, self.context.cp, self.context.rank) for x in (ahead, wanted))
+                valid = wanted != ignore
+            # (under sequence parallelism the embedding returns this rank's part of the sequence, as the stream's)
             h, normed = module(h, self.embed_tokens(ahead.clamp(min=0)), self.rotary, documents)
             count = valid.sum()
             if "cross_entropy" in self.ops.triton:  # the fused head + loss: its mean over the kept targets

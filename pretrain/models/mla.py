@@ -14,8 +14,9 @@ mscale = 0.1 · ``mscale_all_dim`` · ln(factor) + 1 under YaRN RoPE scaling tha
 correction of the softmax temperature); 1 otherwise. RoPE is our rotate-half form over the r dims; Hugging Face's
 DeepSeek-V3 rotates interleaved pairs, which the converter turns into rotate-half by permuting the rows of the
 RoPE parts of ``q_b_proj`` (``q_proj``) and ``kv_a_proj_with_mqa`` (scores unchanged: q and k permuted alike).
-Parameter names are Hugging Face's. The attention is the torch reference (SDPA takes a value head dim other than the
-query/key one) under every ``model.kernels`` for now; the packed-document and scoring masks as ``ops.torch_attention``.
+Parameter names are Hugging Face's. The attention is ``model.kernels``' (the Triton FlashAttention takes a value head
+dim other than the query/key one, as SDPA does; packed documents in both); prefix-tree scoring (branch ids) and
+dropout take the torch reference, as in ``layers.Attention``.
 """
 
 from __future__ import annotations
@@ -90,10 +91,16 @@ class LatentAttention(nn.Module):
         if self.context is not None:
             return self.o_proj(self._across_ranks(q, k, v, documents).transpose(1, 2).reshape(b, t, h * self.v_dim))
         extra = {"dropout_p": self.dropout} if self.training and self.dropout else {}
-        if documents is not None:
-            extra["document_ids"], extra["branch_ids"] = documents.ids, documents.branches
-        y = torch_attention(q, k, v.contiguous(), causal=self.causal, key_padding_mask=key_padding_mask,
-                            scale=self.scale, **extra)  # (B, H, T, v)
+        if documents is not None and documents.ids is not None:
+            extra["document_ids"] = documents.ids
+        if "attention" not in self.ops.triton:  # SDPA / FlexAttention: v as one tensor (the kernel reads the view)
+            v = v.contiguous()
+        if extra.get("dropout_p") or (documents is not None and documents.branches is not None):
+            y = torch_attention(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask, scale=self.scale,
+                                branch_ids=documents.branches if documents is not None else None, **extra)
+        else:
+            y = self.ops.attention(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask, scale=self.scale,
+                                   **extra)  # (B, H, T, v)
         return self.o_proj(y.transpose(1, 2).reshape(b, t, h * self.v_dim))
 
     def _across_ranks(self, q, k, v, documents):

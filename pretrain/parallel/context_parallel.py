@@ -284,13 +284,11 @@ def apply_context_parallel(model, cp_mesh, impl: str) -> None:
     """Every attention layer of ``model`` (whole or one pipeline stage) attends across the cp ranks."""
     from pretrain.models.layers import Attention
     from pretrain.models.mla import LatentAttention
-    from pretrain.models.ops import torch_attention
 
     for module in model.modules():
-        if isinstance(module, Attention):
+        if isinstance(module, (Attention, LatentAttention)):  # MLA: v padded to the q/k head dim (models/mla.py)
             blocks = "triton" if "attention" in getattr(module.ops, "triton", ()) else "torch"
             module.context = ContextParallel(cp_mesh.get_group(), cp_mesh.size(), cp_mesh.get_local_rank(), impl,
                                              attention=module.ops.attention, blocks=blocks)
-        elif isinstance(module, LatentAttention):  # MLA runs the torch attention (models/mla.py)
-            module.context = ContextParallel(cp_mesh.get_group(), cp_mesh.size(), cp_mesh.get_local_rank(), impl,
-                                             attention=torch_attention, blocks="torch")
+    if getattr(model, "mtp", None) is not None:  # multi-token prediction shifts the whole sequence's targets
+        model.context = ContextParallel(cp_mesh.get_group(), cp_mesh.size(), cp_mesh.get_local_rank(), impl)

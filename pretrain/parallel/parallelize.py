@@ -62,13 +62,15 @@ class Parallelized:
 
     def split_batch(self, batch: dict) -> dict:
         """This rank's share of a micro-batch's sequences under context parallelism (as is otherwise). The
-        document ids stay whole: attention reads the documents of other ranks' chunks too."""
+        document ids stay whole: attention reads the documents of other ranks' chunks too; so does a copy of the
+        targets, ``mtp_targets``, which multi-token prediction shifts across the chunks (``GPT.mtp_losses``)."""
         if self.context is None:
             return batch
         from pretrain.parallel.context_parallel import split_sequence
 
-        return {k: split_sequence(v, self.context.cp, self.context.rank) if v.dim() >= 2 and k != "document_ids"
-                else v for k, v in batch.items()}
+        whole = {"mtp_targets": batch["targets"]} if "targets" in batch else {}
+        return {**{k: split_sequence(v, self.context.cp, self.context.rank) if v.dim() >= 2 and k != "document_ids"
+                   else v for k, v in batch.items()}, **whole}
 
     def pp_group(self):
         return None if self.mesh is None or self.dims.pp == 1 else self.mesh.pp.get_group()
@@ -146,7 +148,14 @@ def _shard(model: nn.Module, cfg: Config, dims: ParallelDims, mesh, device) -> t
 
 def _parallelize_pipeline(cfg: Config, dims: ParallelDims, mesh, device, dp_rank: int) -> Parallelized:
     from pretrain.parallel.dims import stages_per_rank
-    from pretrain.parallel.pipeline import TiedEmbeddings, is_tied, make_stage, prune_to_stage, stage_ids
+    from pretrain.parallel.pipeline import (
+        TiedEmbeddings,
+        has_mtp,
+        make_stage,
+        prune_to_stage,
+        shares_embedding,
+        stage_ids,
+    )
 
     per_rank = stages_per_rank(cfg)
     n_stages = dims.pp * per_rank
@@ -156,13 +165,13 @@ def _parallelize_pipeline(cfg: Config, dims: ParallelDims, mesh, device, dp_rank
         torch.manual_seed(cfg.train.seed)  # every stage is cut from the same whole model
         model, runner = _shard(prune_to_stage(_build(cfg), sid, n_stages), cfg, dims, mesh, device)
         parts.append(model)
-        if cfg.data.document_mask:  # the batch's document ids (and positions) travel along the stages
+        if cfg.data.document_mask or has_mtp(cfg.model):  # document ids, positions, MTP targets travel along
             from pretrain.parallel.pipeline import DocumentStage
 
             runner = DocumentStage(runner, model)
         stages.append(make_stage(runner, sid, n_stages, device, mesh.pp.get_group()))
     tied = None
-    if is_tied(cfg.model):
+    if shares_embedding(cfg.model):
         tied = TiedEmbeddings(mesh.root, dict(zip(ids, parts)), n_stages, dims.pp, per_rank, cfg.parallel.pp_schedule)
         tied.sync_weights()  # a meta-device init drew the two copies separately
     module = parts[0] if len(parts) == 1 else nn.ModuleList(parts)

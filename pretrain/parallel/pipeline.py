@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 
+import torch
 import torch.nn as nn
 
 from pretrain.config import Config
@@ -45,9 +46,19 @@ def is_tied(cfg) -> bool:
     return cfg.arch == "bert" or cfg.tie_embeddings
 
 
+def has_mtp(cfg) -> bool:
+    return cfg.arch == "gpt" and cfg.mtp_depth > 0
+
+
+def shares_embedding(cfg) -> bool:
+    """Whether the last stage holds a copy of the token embedding: for a tied head, or for multi-token prediction,
+    whose modules (on the last stage, with the head, as Megatron-LM places them) embed the tokens ahead."""
+    return is_tied(cfg) or has_mtp(cfg)
+
+
 def tied_weight(model: nn.Module):
-    """The token embedding a tied head reuses (present on the first and the last stage), or None."""
-    if not is_tied(model.cfg):
+    """The token embedding the last stage shares with the first (a tied head's, MTP's input), or None."""
+    if not shares_embedding(model.cfg):
         return None
     if model.cfg.arch == "bert":
         return None if model.embeddings is None else model.embeddings.word_embeddings.weight
@@ -55,9 +66,10 @@ def tied_weight(model: nn.Module):
 
 
 def prune_to_stage(model: nn.Module, stage: int, n_stages: int) -> nn.Module:
-    """Keep stage ``stage``'s layers (and the embedding on the first, norm + head on the last). With tied
-    embeddings the last stage keeps a copy of the token embedding for its head, under the same name; the two
-    copies get the sum of their gradients (``sync_tied_gradients``), so they stay equal, as in Megatron-LM."""
+    """Keep stage ``stage``'s layers (and the embedding on the first; norm, head and the multi-token-prediction
+    modules on the last). With tied embeddings or MTP the last stage keeps a copy of the token embedding (for its
+    head, for MTP's inputs), under the same name; the two copies get the sum of their gradients
+    (``TiedEmbeddings``), so they stay equal, as in Megatron-LM."""
     cfg = model.cfg
     first, last = stage == 0, stage == n_stages - 1
     keep = layer_ranges(cfg.n_layers, n_stages)[stage]
@@ -74,7 +86,7 @@ def prune_to_stage(model: nn.Module, stage: int, n_stages: int) -> nn.Module:
                 model.embeddings = None
         else:
             model.embed_positions = None
-            if not (last and cfg.tie_embeddings):
+            if not (last and shares_embedding(cfg)):
                 model.embed_tokens = None
     if not last:
         if cfg.arch == "bert":
@@ -82,33 +94,47 @@ def prune_to_stage(model: nn.Module, stage: int, n_stages: int) -> nn.Module:
         else:
             model.norm = None
             model.lm_head = None
+            if has_mtp(cfg):
+                model.mtp = None
     return model
 
 
 class DocumentStage(nn.Module):
-    """What a stage runs with packed documents (``data.document_mask``): the first stage takes the task's pipeline
-    inputs — (tokens, document ids[, positions]), BERT (tokens, attention mask, document ids[, positions]) — and
-    every stage but the last sends its output on with the same documents (integer tensors: no gradient), as BERT's
-    attention mask travels, so every stage's attention masks by document. ``runner``: the stage (wrapped, as for
-    DDP); ``model``: the stage model (which parts it holds)."""
+    """What a stage runs with packed documents (``data.document_mask``) or multi-token prediction: the first stage
+    takes the task's pipeline inputs — (tokens, document ids[, positions][, MTP targets]), BERT (tokens, attention
+    mask, document ids[, positions]) — and every stage but the last sends its output on with the same integer
+    tensors (no gradient), as BERT's attention mask travels, so every stage's attention masks by document and the
+    last stage's MTP modules read the tokens ahead. The last stage with MTP returns (logits, each depth's summed
+    loss (D,), each depth's target count (D,)): what ``GPTTask.loss_from_output`` takes. ``runner``: the stage
+    (wrapped, as for DDP); ``model``: the stage model (which parts it holds)."""
 
     def __init__(self, runner: nn.Module, model: nn.Module):
         super().__init__()
         self.runner = runner
         self.bert = model.cfg.arch == "bert"
         self.last = (model.mlm_head if self.bert else model.norm) is not None
+        self.mtp = has_mtp(model.cfg)  # the inputs end with the MTP targets
         self.inferring = False  # set by the stage around the schedule's shape inference
 
     def forward(self, x, *rest):
         mask, docs = (rest[0], rest[1:]) if self.bert else (None, rest)
+        sent = docs
+        kwargs = {}
+        if self.mtp:
+            docs, mtp_targets = docs[:-1], docs[-1]
+            if self.last and self.runner.training:  # (shape inference: any valid token ids, same shapes)
+                kwargs["mtp_targets"] = torch.zeros_like(mtp_targets) if self.inferring else mtp_targets
         # the schedule's shape inference feeds a later stage uninitialised inputs: run it without documents (the
         # shapes are the same) and pass them on as they came
         used = () if self.inferring else docs
-        kwargs = {"document_ids": used[0] if used else None, "positions": used[1] if len(used) > 1 else None}
+        kwargs.update(document_ids=used[0] if used else None, positions=used[1] if len(used) > 1 else None)
         out = self.runner(x, mask, **kwargs) if self.bert else self.runner(x, **kwargs)
         if self.last:
+            if "mtp_targets" in kwargs:  # (logits, [(summed loss, count)] of each depth): flat tensors for the schedule
+                logits, depths = out
+                return logits, torch.stack([loss for loss, _ in depths]), torch.stack([n for _, n in depths])
             return out
-        return (*out, *docs) if self.bert else (out, *docs)
+        return (*out, *sent) if self.bert else (out, *sent)
 
 
 def make_stage(module: nn.Module, stage: int, n_stages: int, device, group):

@@ -100,9 +100,16 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool) ->
     from pretrain.models.moe import MoE
 
     gated = gpt and cfg.flavor == "llama"
-    # the multi-token-prediction blocks too (without sequence parallelism: config._multi_token); their input
-    # projection and norms stay whole on every rank, like the MLA down-projections
+    # the multi-token-prediction blocks too; their input projection and norms stay whole on every rank, like the MLA
+    # down-projections — under sequence parallelism applied to this rank's part of the sequence (position-wise, as
+    # the sequence-parallel norms: their weights' gradients are partial sums the DTensor backward all-reduces)
     mtp_blocks = [m.block for m in (getattr(model, "mtp", None) or [])]
+    if sequence_parallel:
+        for module in getattr(model, "mtp", None) or []:
+            parallelize_module(module, tp_mesh, {"enorm": SequenceParallel(use_local_output=True),
+                                                 "hnorm": SequenceParallel(use_local_output=True),
+                                                 "eh_proj": SequenceParallel(use_local_output=True),
+                                                 "norm": SequenceParallel()})
     for block in [*model.layers.values(), *mtp_blocks]:
         block.fused_add_norm = False  # the norms' plan acts on their forward (see models/gpt.py Block)
         moe = isinstance(block.mlp, MoE)

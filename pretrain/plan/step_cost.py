@@ -422,7 +422,7 @@ def _ours(cfg, n_layers: int, tokens: int, kernels: str, like: dict | None = Non
                 else:  # sized by the tokens (the rotary tables, learned positions): its module's own init
                     model.get_submodule(name.rpartition(".")[0]).reset_parameters()
     _checkpointing(model, cfg)
-    task = task_for(cfg.model.arch)
+    task = task_for(cfg.model.arch, cfg.model)
 
     from pretrain.parallel.mixed_precision import ComputeWeights, bf16_weights, gemm_accumulation
 

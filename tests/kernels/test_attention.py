@@ -145,6 +145,42 @@ def test_blocks_of_other_documents_are_never_read(monkeypatch, kind, causal):
     torch.testing.assert_close(dq[:, :, keys], ref_grads[0][:, :, keys], atol=2e-4, rtol=2e-4)
 
 
+
+VALUE_CASES = [  # (B, H, K, T, E, Ev, causal, padded, document lengths): the value head dim ≠ the query/key one
+    (1, 2, 2, 37, 192, 128, True, False, None),       # DeepSeek-V3's MLA heads (256 / 128 registers)
+    (1, 2, 2, 45, 192, 128, True, False, [9, 30]),    # ... with packed documents
+    (2, 2, 1, 29, 48, 40, False, True, None),         # a non-power-of-two pair, bidirectional, padded, MQA
+    (1, 4, 2, 33, 24, 56, True, False, [5, 17]),      # the value wider than the query/key, GQA, documents
+]
+
+
+@pytest.mark.parametrize("kind", ["one_pass", "split"])
+@pytest.mark.parametrize("b, h, kv, t, e, ev, causal, padded, lengths", VALUE_CASES)
+def test_a_value_head_dim_other_than_the_query_key_one(monkeypatch, kind, b, h, kv, t, e, ev, causal, padded,
+                                                       lengths):
+    """q, k (·, E) and v (·, Ev) with E ≠ Ev (multi-head latent attention): the output (B, H, T, Ev), stored
+    (B, T, H, Ev), and dq, dk, dv equal the reference's and torch's SDPA (the model's torch backend)."""
+    from pretrain.models.ops import torch_attention
+
+    monkeypatch.setenv("PRETRAIN_ATTENTION_BACKWARD", kind)
+    torch.manual_seed(t + e + ev)
+    x = torch.randn(b, t, h + kv, e)  # q and k as the model makes them: transposed views of one projection
+    q, k = (y.transpose(1, 2).requires_grad_() for y in x.split([h, kv], dim=2))
+    v = torch.randn(b, t, kv, ev).transpose(1, 2).requires_grad_()
+    ids = _documents(b, t, lengths) if lengths else None
+    mask = torch.arange(t)[None, :] < torch.tensor([t - 6 * i for i in range(b)])[:, None] if padded else None
+    ours = attention.flash_attention(q, k, v, causal=causal, key_padding_mask=mask, document_ids=ids, scale=0.11)
+    ref = reference.attention(q, k, v, causal=causal, key_padding_mask=mask, document_ids=ids, scale=0.11)
+    assert ours.shape == (b, h, t, ev) and ours.transpose(1, 2).is_contiguous()
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+    if not padded:  # SDPA's padded rows differ (it keeps no row empty); the reference covers them
+        sdpa = torch_attention(q, k, v, causal=causal, document_ids=ids, scale=0.11)
+        torch.testing.assert_close(ours, sdpa, atol=1e-4, rtol=1e-4)
+    dout = torch.randn_like(ours)
+    for name, g, r in zip("qkv", torch.autograd.grad(ours, (q, k, v), dout), torch.autograd.grad(ref, (q, k, v), dout)):
+        assert g.shape == r.shape
+        torch.testing.assert_close(g, r, atol=2e-4, rtol=2e-4, msg=lambda m, n=name: f"d{n}: {m}")
+
 def test_document_bounds():
     ids = torch.tensor([[5, 5, 5, 2, 2, 9], [0, 1, 2, 3, 4, 5], [7, 7, 7, 7, 7, 7]])
     starts, ends = attention.document_bounds(ids)
@@ -186,6 +222,10 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="head dim 320 exceeds"):
         big = torch.randn(1, 1, 4, 320)
         attention.flash_attention(big, big, big)
+    with pytest.raises(ValueError, match="value head dim 288 exceeds"):
+        attention.flash_attention(q, q, torch.randn(1, 4, 8, 288))
+    with pytest.raises(ValueError, match=r"v \(B, K, T, Ev\)"):
+        attention.flash_attention(q, q, torch.randn(1, 4, 7, 16))
     with pytest.raises(TypeError, match="dtypes differ"):
         attention.flash_attention(q, q.half(), q)
     with pytest.raises(ValueError, match="no dropout"):
@@ -242,3 +282,10 @@ def test_the_meter_reads_each_backward():
     for one_pass, ratio in ((True, 2.5), (False, 3.5)):
         bwd = attention._bwd_cost((q, k, v, out, lse, mask, dout, True, False, 0.25, one_pass), {}, (q, k, v))
         assert bwd["flops"] / fwd["flops"] == pytest.approx(ratio)
+    # a value head dim of 8 beside the query/key one of 16: S, dK, dQ scale with 16, PV, dP, dV with 8
+    v8, out8, dout8 = (torch.zeros(1, 2, 32, 8) for _ in range(3))
+    fwd8 = attention._fwd_cost((q, k, v8, mask, True), {}, (out8, lse))
+    assert fwd8["flops"] == pytest.approx(fwd["flops"] * (16 + 8) / 32)
+    for one_pass, matmuls in ((True, 3 * 16 + 2 * 8), (False, 4 * 16 + 3 * 8)):
+        bwd = attention._bwd_cost((q, k, v8, out8, lse, mask, dout8, True, False, 0.25, one_pass), {}, (q, k, v8))
+        assert bwd["flops"] == pytest.approx(fwd["flops"] / 32 * matmuls)

@@ -102,6 +102,28 @@ def test_packed_documents_attend_within_themselves_with_restarted_positions():
     assert (got[0, 7:12] - alone[0]).abs().max() <= 1e-10
 
 
+@pytest.mark.parametrize("documents", [False, True], ids=["causal", "documents"])
+def test_the_triton_attention_runs_mla_as_torch_does(documents):
+    """model.kernels = "attention" (the Triton FlashAttention, interpreted here; fp32) runs MLA's heads — q/k 12
+    wide, v 6: padded to 16 and 16 registers, the value's own bounds — and gives the torch backend's loss and
+    every gradient, with packed documents too. Under the torch backend the loss is the same module's."""
+    pytest.importorskip("pretrain.kernels.attention")
+    losses, grads = {}, {}
+    for kernels in ("torch", "attention"):
+        cfg = mla_cfg("model.q_lora_rank=16", f"model.kernels={kernels}")
+        torch.manual_seed(3)
+        model = build_model(cfg)
+        tokens, targets = torch.randint(0, 50, (2, 21)), torch.randint(0, 50, (2, 21))
+        ids = torch.tensor([[0] * 6 + [1] * 9 + [2] * 6, [0] * 21]) if documents else None
+        loss = model(tokens, targets, document_ids=ids)
+        loss.backward()
+        losses[kernels] = loss.item()
+        grads[kernels] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert losses["torch"] == pytest.approx(losses["attention"], abs=1e-5)
+    for name, g in grads["torch"].items():
+        torch.testing.assert_close(grads["attention"][name], g, atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
 def test_an_mla_moe_gpt_trains(tmp_path):
     from pretrain.distributed import DistInfo
     from pretrain.metrics import read_metrics
@@ -123,6 +145,9 @@ def test_an_mla_moe_gpt_trains(tmp_path):
     (["model.flavor=gpt2"], r'model.attention = "mla" is for the llama-flavour GPT, not gpt/gpt2'),
     (["parallel.tp=3"], r"model.n_heads \(4\) must be divisible by parallel.tp \(3\): MLA splits heads"),
     (["model.attention=mqa"], r"model.attention = 'mqa' is not one of mha, mla"),
+    (["model.qk_nope_head_dim=200", "model.qk_rope_head_dim=64", "model.kernels=triton"],
+     r"the Triton attention takes head dims up to 256 .* query/key head dim is 264"),
+    (["model.v_head_dim=320", "model.kernels=attention"], r"this model's value head dim is 320"),
 ])
 def test_bad_mla_configs(extra, message):
     with pytest.raises(ConfigError, match=message):

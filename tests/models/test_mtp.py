@@ -118,9 +118,8 @@ def test_mtp_flops_and_parameters_match_the_counters(extra):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["parallel.tp=2"], r"model.mtp_depth = 1 under tensor parallelism needs parallel.sequence_parallel = false"),
-    (["parallel.pp=2", "parallel.n_microbatches=2"], r"cannot be placed under pipeline parallelism yet"),
-    (["parallel.cp=2"], r"cannot be placed under context parallelism yet"),
+    (["parallel.pp=2", "parallel.pp_schedule=zbv"], r'model.mtp_depth = 1 with parallel.pp_schedule = "zbv" is not '
+                                                     r"supported yet"),
     (["model.flavor=gpt2"], r"model.mtp_depth is for the llama-flavour GPT, not gpt/gpt2"),
     (["model.mtp_loss_coef=-1"], r"model.mtp_loss_coef must be >= 0"),
 ])

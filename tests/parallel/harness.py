@@ -129,14 +129,24 @@ LAYOUTS = {
     "mla_tp2": (2, ["train.micro_batch_size=8", "parallel.tp=2", "parallel.sequence_parallel=false", *MLA]),
     "deepseek_tp2": (2, ["train.micro_batch_size=8", "parallel.tp=2", "parallel.sequence_parallel=false", *MOE,
                          *DEEPSEEK]),
+    "deepseek_tp2_sp": (2, ["train.micro_batch_size=8", "parallel.tp=2", *MOE, *DEEPSEEK, *DOCS]),
     # MLA across cp ranks (qk head dim 12 ≠ v 8 through the ring's blocks and the all-to-all), with YaRN's mscale
-    "mla_cp2_ring": (2, ["train.micro_batch_size=8", "parallel.cp=2", *MLA, *MLA_YARN]),
-    "mla_cp2_alltoall": (2, ["train.micro_batch_size=8", "parallel.cp=2", "parallel.cp_impl=alltoall", *MLA, *DOCS]),
-    "mla_moe_pp2": (2, ["train.micro_batch_size=4", "train.grad_accum=2", "parallel.pp=2", "parallel.n_microbatches=2",
-                        *MOE, *MLA, *DOCS]),
-    "mla_moe_ep2_pp2": (4, ["train.micro_batch_size=2", "train.grad_accum=2", "parallel.pp=2", "parallel.n_microbatches=2",
-                            "parallel.zero_stage=2", "parallel.ep=2", *MOE, *MLA, "model.moe_n_group=2",
-                            "model.moe_topk_group=1", "model.moe_routed_scaling=2.5"]),
+    # with MTP: its shifts cross the chunks (the whole targets and document ids), each depth's block context-parallel
+    # (MoE's sequence-wise aux loss cannot run under CP: the bias alone balances)
+    "deepseek_cp2_ring": (2, ["train.micro_batch_size=8", "parallel.cp=2", *MOE, "model.moe_balance=bias", *DEEPSEEK,
+                              *MLA_YARN]),
+    "deepseek_cp2_alltoall": (2, ["train.micro_batch_size=8", "parallel.cp=2", "parallel.cp_impl=alltoall", *MOE,
+                                  "model.moe_balance=bias", *DEEPSEEK, *DOCS]),
+    # PP: MTP on the last stage with the head and a copy of the embedding (gradients summed with the first's), the
+    # targets and the documents travelling along the stages
+    "deepseek_pp2": (2, ["train.micro_batch_size=4", "train.grad_accum=2", "parallel.pp=2", "parallel.n_microbatches=2",
+                         *MOE, *DEEPSEEK, *DOCS]),
+    # MLA through the Triton attention across cp ranks (interpreted: slow): the ring's Triton blocks, the all-to-all
+    "mla_cp2_ring_triton": (2, ["train.micro_batch_size=8", "parallel.cp=2", *MLA, "model.kernels=attention"]),
+    "mla_cp2_alltoall_triton": (2, ["train.micro_batch_size=8", "parallel.cp=2", "parallel.cp_impl=alltoall", *MLA,
+                                    *DOCS, "model.kernels=attention"]),
+    "deepseek_ep2_pp2": (4, ["train.micro_batch_size=2", "train.grad_accum=2", "parallel.pp=2",
+                             "parallel.n_microbatches=2", "parallel.zero_stage=2", "parallel.ep=2", *MOE, *DEEPSEEK]),
     "moe_tp2_sp": (2, ["train.micro_batch_size=8", "parallel.tp=2", "parallel.sequence_parallel=true", *MOE]),
     "moe_pp2": (2, ["train.micro_batch_size=4", "train.grad_accum=2", "parallel.pp=2", "parallel.n_microbatches=2",
                     *MOE]),
@@ -299,7 +309,8 @@ REFERENCE_SPLIT = {"fp8_zero3_2": 2, "fp8_pp2": 2}
 # and pp2_dp2_zero3), bert_pp2 and pp2_dp2_zero3 into PP; moe_ep2, tp2_sp and pp2_interleaved save under RESHARD
 # layouts the default suite leaves to CI (``slow``): the Triton kernels of each run in the interpreter (4-9 s each on
 # 2 cores), their CPU cousins stay in the default launches; tests/parallel/test_parallel.py launches them apart
-SLOW_LAYOUTS = {"cp2_ring_triton", "zero3_ac_fused_norms", "pp2_fused_norms", "adamw_triton_zero3_2", "mla_moe_ep2_pp2",
+SLOW_LAYOUTS = {"cp2_ring_triton", "mla_cp2_ring_triton", "mla_cp2_alltoall_triton", "zero3_ac_fused_norms", "pp2_fused_norms",
+                "adamw_triton_zero3_2", "deepseek_ep2_pp2",
                 "adamw_triton_moe_ep2_tp2", "adamw_triton_tp2_dp2", "adamw_triton_hsdp_2x2"}
 
 RESUME = {"docs_cp2_ring", "fp8_zero3_2", "adamw_triton_zero3_2", "muon_zero3_2", "cp2_ring", "bert_pp2", "zero1_2", "ds_zero2_2",
@@ -363,6 +374,8 @@ RESHARD = {
     "moe_ep2": ["train.micro_batch_size=4", "parallel.zero_stage=2", "parallel.ep=1", *MOE],  # EP2 -> EP1
     "deepseek_ep2": ["train.micro_batch_size=4", "parallel.zero_stage=2", "parallel.ep=1", *MOE, *DEEPSEEK],
     "mla_tp2_sp": ["train.micro_batch_size=4", "parallel.zero_stage=3", *MOE, *MLA],  # MLA: TP2 + SP -> ZeRO-3 dp2
+    # MTP on the last stage, its embedding copy: PP2 -> ZeRO-2 dp2
+    "deepseek_pp2": ["train.micro_batch_size=2", "train.grad_accum=2", "parallel.zero_stage=2", *MOE, *DEEPSEEK, *DOCS],
     "moe_zero3_2": ["train.micro_batch_size=4", "parallel.zero_stage=3", "parallel.ep=2", *MOE],  # EP1 -> EP2
     "tp2_sp": ["train.micro_batch_size=4", "parallel.zero_stage=2"],
     "pp2_interleaved": ["train.micro_batch_size=8", "parallel.tp=2"],
