@@ -732,8 +732,79 @@ def _read_tensors(files: list[Path]):
             raise CheckpointError(f"{file.name} is unreadable (truncated or corrupt?): {exc}") from None
 
 
+FP8_FORMATS = {"e4m3": torch.float8_e4m3fn}  # DeepSeek-V3's (and Kimi K2's) Hub weights
+
+
+def fp8_blocks(raw: dict, config_file: Path) -> tuple[int, int] | None:
+    """The (rows, columns) blocks of a block-wise fp8 checkpoint (``quantization_config``: ``quant_method = "fp8"``,
+    ``fmt = "e4m3"``, ``weight_block_size``: DeepSeek-V3's and Kimi K2's Hub weights, each fp8 weight with a
+    ``weight_scale_inv`` of one fp32 scale a block), None for an unquantized one; any other quantization is refused
+    by name (read as plain weights it would load and compute something else)."""
+    qc = raw.get("quantization_config")
+    if qc is None:
+        return None
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    if method != "fp8":
+        raise CheckpointError(f"{config_file}: quantization_config.quant_method = {json.dumps(method)} is not read by "
+                              "the converter (only block-wise fp8, DeepSeek-V3's): dequantize the weights first")
+    fmt = qc.get("fmt", "e4m3")
+    block = qc.get("weight_block_size")
+    if fmt not in FP8_FORMATS:
+        raise CheckpointError(f"{config_file}: quantization_config.fmt = {json.dumps(fmt)} is not read by the "
+                              f"converter (supported: {', '.join(FP8_FORMATS)})")
+    if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+        raise CheckpointError(f"{config_file}: quantization_config.weight_block_size = {json.dumps(block)} is not two "
+                              "positive integers: only block-wise fp8 (one scale a block, weight_scale_inv) is read")
+    return block[0], block[1]
+
+
+def _dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], name: str) -> torch.Tensor:
+    """fp32 weight = fp8 weight × its block's scale (``weight_scale_inv``: (⌈rows / br⌉, ⌈columns / bc⌉), the last
+    blocks cut at the edges), as DeepSeek's own ``weight_dequant`` computes it (before its cast to bf16)."""
+    rows, cols = weight.shape if weight.dim() == 2 else (0, 0)
+    grid = (-(-rows // block[0]), -(-cols // block[1]))
+    if weight.dim() != 2 or tuple(scale_inv.shape) != grid:
+        raise CheckpointError(f"{name}: an fp8 weight {tuple(weight.shape)} with {block[0]}×{block[1]} blocks takes a "
+                              f"weight_scale_inv of {grid}, got {tuple(scale_inv.shape)}")
+    scale = scale_inv.float().repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
+    return weight.float() * scale
+
+
+def _dequantized(tensors, block: tuple[int, int] | None, config_file: Path):
+    """The weights with every fp8 one (and its ``weight_scale_inv``, wherever it lies in the files) replaced by its
+    fp32 value; an fp8 weight without its scale, a scale without its weight, or fp8 weights in an unquantized
+    checkpoint: one line."""
+    fp8 = tuple(FP8_FORMATS.values()) + (torch.float8_e5m2,)
+    weights, scales = {}, {}
+    for name, tensor in tensors:
+        is_scale, is_fp8 = name.endswith(".weight_scale_inv"), tensor.dtype in fp8
+        if block is None and (is_scale or is_fp8):
+            raise CheckpointError(f"{name} is an fp8 weight or its scale, but {config_file} has no quantization_config")
+        if is_scale:
+            base = name.removesuffix("_scale_inv")
+            if base in weights:
+                yield base, _dequantize(weights.pop(base), tensor, block, base)
+            else:
+                scales[base] = tensor
+        elif is_fp8:
+            if tensor.dtype != FP8_FORMATS["e4m3"]:
+                raise CheckpointError(f"{name} is {tensor.dtype}; the fp8 checkpoints read are e4m3")
+            if name in scales:
+                yield name, _dequantize(tensor, scales.pop(name), block, name)
+            else:
+                weights[name] = tensor
+        else:
+            yield name, tensor
+    if weights:
+        raise CheckpointError(f"fp8 weight {sorted(weights)[0]} has no {sorted(weights)[0]}_scale_inv in the "
+                              f"weight files ({len(weights)} without)")
+    if scales:
+        raise CheckpointError(f"{sorted(scales)[0]}_scale_inv scales no fp8 weight of the weight files")
+
+
 def import_hf(hf_dir: str | Path, allow_pickle: bool = False, say=None) -> tuple[torch.nn.Module, ModelConfig]:
-    """A native model (CPU, fp32 as stored) with the weights of a Hugging Face directory. Multi-token-prediction
+    """A native model (CPU, fp32 as stored) with the weights of a Hugging Face directory (block-wise fp8 weights,
+    DeepSeek-V3's Hub format, dequantized to fp32: ``fp8_blocks``). Multi-token-prediction
     layers the config names (``num_nextn_predict_layers``) come along; if the weights hold none (transformers saves
     without them), the model imports with ``mtp_depth = 0`` and ``say`` (default: stderr) is told in one line."""
     import dataclasses
@@ -742,7 +813,8 @@ def import_hf(hf_dir: str | Path, allow_pickle: bool = False, say=None) -> tuple
     from pretrain.models import build_model
 
     hf_dir = Path(hf_dir)
-    cfg, _ = native_config(hf_dir)
+    cfg, raw = native_config(hf_dir)
+    block = fp8_blocks(raw, hf_dir / "config.json")
     files = _weight_files(hf_dir, allow_pickle)
     if cfg.mtp_depth and not _holds_layer(files, cfg.n_layers):
         (say or (lambda line: print(line, file=sys.stderr)))(
@@ -757,7 +829,7 @@ def import_hf(hf_dir: str | Path, allow_pickle: bool = False, say=None) -> tuple
     reverse = _reverse_names(expected, cfg)
     read = set()  # (native name, piece): piece None for a whole tensor, (expert, first row) for a stacked expert's
     with torch.no_grad():
-        for name, tensor in _read_tensors(files):
+        for name, tensor in _dequantized(_read_tensors(files), block, hf_dir / "config.json"):
             if name in ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias") or "rotary" in name \
                     or name.endswith(".attn.bias") or name.endswith(".attn.masked_bias") \
                     or name.endswith("position_ids") or name.startswith(("bert.pooler", "cls.seq_relationship")):

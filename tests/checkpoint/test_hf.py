@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.checkpoint.hf import export_hf, import_hf
+from pretrain.checkpoint.hf import export_hf, import_hf, to_hf_tensors
 from pretrain.checkpoint.manager import CheckpointError
 from pretrain.config import load_config
 from pretrain.models import build_model
@@ -401,3 +401,80 @@ def test_mtp_layers_export_in_deepseeks_layout_and_a_checkpoint_without_them_imp
     tokens = torch.randint(0, cfg.vocab_size, (2, 11))
     with torch.no_grad():
         assert (back(tokens) - ours(tokens)).abs().max() <= 1e-5
+
+
+def _quantize_fp8(folder: Path, block: tuple[int, int]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Rewrite an exported DeepSeek-V3 folder as DeepSeek's Hub checkpoints are stored: every linear weight of the
+    layers (projections, experts; not norms, router gates, embeddings or head) fp8 e4m3 with a ``weight_scale_inv``
+    of one fp32 scale a block (amax / 448), the config naming the blocks. Returns {name: (fp8, scale)}."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(folder / "model.safetensors"))
+    quantized = {}
+    for name, w in list(tensors.items()):
+        if not (name.startswith("model.layers.") and name.endswith("proj.weight")) or w.dim() != 2:
+            continue
+        rows, cols = w.shape
+        grid = (-(-rows // block[0]), -(-cols // block[1]))
+        padded = torch.zeros(grid[0] * block[0], grid[1] * block[1])
+        padded[:rows, :cols] = w
+        amax = padded.view(grid[0], block[0], grid[1], block[1]).abs().amax(dim=(1, 3)).clamp(min=1e-12)
+        scale = amax / 448.0
+        full = scale.repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
+        q = (w / full).to(torch.float8_e4m3fn)
+        tensors[name], tensors[name + "_scale_inv"] = q, scale
+        quantized[name] = (q, scale)
+    save_file(tensors, str(folder / "model.safetensors"))
+    raw = json.loads((folder / "config.json").read_text())
+    raw["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                  "weight_block_size": list(block)}
+    (folder / "config.json").write_text(json.dumps(raw))
+    return quantized
+
+
+def test_deepseek_v3_fp8_hub_weights_import_dequantized(tmp_path):
+    """DeepSeek-V3's Hub format: block-wise fp8 e4m3 weights with weight_scale_inv (here 8 × 12 blocks, ragged at
+    the edges of 56-row, 16-column weights). Each imported weight is the fp8 value times its block's scale, exactly
+    (fp32); the other weights are the ones stored; the model's logits are those of a folder holding the
+    hand-dequantized weights unquantized."""
+    from safetensors.torch import load_file, save_file
+
+    cfg = model_cfg("deepseek_v3")
+    ours = random_model(cfg)
+    out = export_hf(ours, cfg, tmp_path / "hf")
+    quantized = _quantize_fp8(out, (8, 12))
+    assert "model.layers.1.mlp.experts.5.down_proj.weight" in quantized and len(quantized) > 40
+    back, _ = import_hf(out)
+    hf_of = dict(to_hf_tensors(back.state_dict(), cfg))
+    exported = export_hf(ours, cfg, tmp_path / "plain")
+    plain = load_file(str(exported / "model.safetensors"))
+    for name, (q, scale) in quantized.items():
+        rows, cols = q.shape
+        want = q.float() * scale.repeat_interleave(8, 0)[:rows].repeat_interleave(12, 1)[:, :cols]
+        assert torch.equal(hf_of[name], want), name
+        assert not torch.equal(want, plain[name])  # (fp8 changed it: the scale was applied, not the raw value)
+        plain[name] = want
+    for name, value in plain.items():
+        assert torch.equal(hf_of[name], value), name
+    save_file(plain, str(exported / "model.safetensors"))  # the hand-dequantized weights, unquantized
+    by_hand, _ = import_hf(exported)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 11))
+    with torch.no_grad():
+        assert torch.equal(back(tokens), by_hand(tokens))
+
+    # bad inputs, one line each: a scale missing, another quantization, fp8 weights without a quantization_config
+    tensors = load_file(str(out / "model.safetensors"))
+    del tensors["model.layers.0.self_attn.o_proj.weight_scale_inv"]
+    save_file(tensors, str(out / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"fp8 weight model.layers.0.self_attn.o_proj.weight has no "
+                                              r"model.layers.0.self_attn.o_proj.weight_scale_inv"):
+        import_hf(out)
+    raw = json.loads((out / "config.json").read_text())
+    raw["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (out / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match=r'quantization_config.quant_method = "gptq" is not read'):
+        import_hf(out)
+    del raw["quantization_config"]
+    (out / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match=r"is an fp8 weight or its scale, but .* has no quantization_config"):
+        import_hf(out)
