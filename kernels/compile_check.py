@@ -340,6 +340,8 @@ def cases(full: bool = False) -> list[tuple[str, Callable, tuple[str, ...]]]:
                                                                                           ev=128), bf16),
         ("attention E192 Ev128 causal, documents (MLA)", attention_case(192, 16, 16, True, False, documents=True,
                                                                        ev=128), bf16),
+        ("attention E48 Ev32 causal, documents (MLA: deepseek_tiny; 64-wide both, the value bounds apart)",
+         attention_case(48, 8, 8, True, False, documents=True, ev=32), bf16),
         ("attention E192 Ev128 causal, split backward (MLA)", attention_case(192, 16, 16, True, False,
                                                                             backward="split", ev=128), bf16),
         *([("attention E96 padded (E80-128 bidirectional)", attention_case(96, 8, 8, False, True), both),

@@ -145,6 +145,7 @@ def test_wandb_missing_names_the_extra(tmp_path, monkeypatch):
     assert "pip install -e '.[wandb]'" in str(info.value)
 
 
+@pytest.mark.slow  # ~30 s alone, ~90 s beside the rest of the suite: CI runs it
 def test_gpu_check_dry_run_passes_on_cpu_with_only_python3(tmp_path):
     """The GPU image may have only ``python3``: with no ``python`` on PATH the check finds python3. The dry run
     validates every step's config, that no training step can leave a checkpoint under OUT, and the meter."""

@@ -96,12 +96,16 @@ class Declared:
     attention: str = ""  # "fwd" | "bwd": the FLOPs are attention's
 
 
-def sdpa_flops(q: torch.Tensor, k: torch.Tensor, causal: bool) -> float:
-    """FlashAttention-2's forward work: QKᵀ and PV over the (causal) pairs, 4·B·H·E·pairs."""
+def sdpa_flops(q: torch.Tensor, k: torch.Tensor, causal: bool, v: torch.Tensor | None = None,
+               backward: bool = False) -> float:
+    """FlashAttention-2's work over the (causal) pairs: forward QKᵀ and PV, 2·B·H·(E + Ev)·pairs (4·B·H·E·pairs with
+    one head dim); backward the recomputed QKᵀ, dK and dQ over E and dP, dV over the value head dim Ev (MLA's
+    differs), 2·B·H·(3·E + 2·Ev)·pairs = ``FA2_BACKWARD_OVER_FORWARD`` × the forward with one head dim."""
     b, h, tq, e = q.shape
     tk = k.shape[-2]
+    ev = e if v is None else v.shape[-1]
     pairs = tq * (tq + 1) / 2 if causal and tq == tk else tq * tk
-    return 4.0 * b * h * e * pairs
+    return 2.0 * b * h * ((3 * e + 2 * ev) if backward else (e + ev)) * pairs
 
 
 def _sdpa_causal(name: str, args, kwargs) -> bool:
@@ -161,14 +165,14 @@ class CostMode(TorchDispatchMode):
             c.launches_by_op[name] += 1
         elif name in SDPA_FORWARD:
             c.attention_calls["fwd"] += 1
-            c.attention_fwd_flops += sdpa_flops(args[0], args[1], _sdpa_causal(name, args, kwargs))
+            c.attention_fwd_flops += sdpa_flops(args[0], args[1], _sdpa_causal(name, args, kwargs), args[2])
             c.attention_bytes += moved
             c.launches += 1
             c.launches_by_op[name] += 1
         elif name in SDPA_BACKWARD:
             c.attention_calls["bwd"] += 1
-            q, k = args[1], args[2]
-            c.attention_bwd_flops += FA2_BACKWARD_OVER_FORWARD * sdpa_flops(q, k, _sdpa_causal(name, args, kwargs))
+            q, k, v = args[1], args[2], args[3]
+            c.attention_bwd_flops += sdpa_flops(q, k, _sdpa_causal(name, args, kwargs), v, backward=True)
             c.attention_bytes += moved
             c.launches += 1
             c.launches_by_op[name] += 1

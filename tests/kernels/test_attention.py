@@ -251,6 +251,25 @@ def test_flash_attention_half_precision_on_cuda(monkeypatch, dtype, kind):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["one_pass", "split"])
+def test_mla_head_dims_in_bf16_on_cuda(monkeypatch, kind):
+    """DeepSeek-V3's MLA heads (q/k 192, v 128: the 192 candidate lists) in bf16 on the GPU, causal, with packed
+    documents, at 1000 tokens, against the fp32 reference."""
+    monkeypatch.setenv("PRETRAIN_ATTENTION_BACKWARD", kind)
+    torch.manual_seed(0)
+    q, k = (torch.randn(2, 4, 1000, 192, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    v = torch.randn(2, 4, 1000, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    ids = _documents(2, 1000, [300, 450, 250]).cuda()
+    ours = attention.flash_attention(q, k, v, document_ids=ids)
+    ref = reference.attention(q, k, v, document_ids=ids)
+    assert ours.shape == (2, 4, 1000, 128)
+    torch.testing.assert_close(ours, ref, atol=2e-2, rtol=2e-2)
+    dout = torch.randn_like(ours)
+    for g, r in zip(torch.autograd.grad(ours, (q, k, v), dout), torch.autograd.grad(ref, (q, k, v), dout)):
+        torch.testing.assert_close(g, r, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("kv_heads", [16, 4])
 def test_the_torch_attention_path_reaches_flash_or_cudnn_in_bf16(kv_heads):
     """model.kernels = "torch" on CUDA: a GPT attention layer under bf16 autocast (gpt_1b's heads, MHA and GQA),

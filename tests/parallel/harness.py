@@ -310,6 +310,7 @@ REFERENCE_SPLIT = {"fp8_zero3_2": 2, "fp8_pp2": 2}
 # layouts the default suite leaves to CI (``slow``): the Triton kernels of each run in the interpreter (4-9 s each on
 # 2 cores), their CPU cousins stay in the default launches; tests/parallel/test_parallel.py launches them apart
 SLOW_LAYOUTS = {"cp2_ring_triton", "mla_cp2_ring_triton", "mla_cp2_alltoall_triton", "zero3_ac_fused_norms", "pp2_fused_norms",
+                "mla_tp2",  # MLA under TP without SP: deepseek_tp2 runs it too (with MTP and MoE)
                 "adamw_triton_zero3_2", "deepseek_ep2_pp2",
                 "adamw_triton_moe_ep2_tp2", "adamw_triton_tp2_dp2", "adamw_triton_hsdp_2x2"}
 

@@ -266,3 +266,15 @@ def test_rms_norm_counts_as_cuda_runs_it():
         else:
             assert "aten::pow" in cost.by_op and "rms_norm (CUDA fused)" not in cost.by_op
     assert torch.nn.functional.rms_norm.__name__ == "rms_norm"  # put back
+
+
+def test_sdpa_work_with_a_value_head_dim_of_its_own():
+    """MLA's SDPA (q/k head dim 12, v 8; the CUDA kernels take them, the meter reads their shapes): QKᵀ over E and
+    PV over Ev forward, recomputed QKᵀ, dK, dQ over E and dP, dV over Ev backward; with one head dim, 4·E and
+    2.5× that."""
+    q, k, v = torch.zeros(2, 3, 10, 12), torch.zeros(2, 3, 10, 12), torch.zeros(2, 3, 10, 8)
+    pairs = 10 * 11 / 2
+    assert step_cost.sdpa_flops(q, k, True, v) == 2 * 2 * 3 * (12 + 8) * pairs
+    assert step_cost.sdpa_flops(q, k, True, v, backward=True) == 2 * 2 * 3 * (3 * 12 + 2 * 8) * pairs
+    assert step_cost.sdpa_flops(q, k, False) == 4 * 2 * 3 * 12 * 100
+    assert step_cost.sdpa_flops(q, k, False, backward=True) == step_cost.FA2_BACKWARD_OVER_FORWARD * 4 * 2 * 3 * 12 * 100
