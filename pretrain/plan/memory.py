@@ -87,11 +87,14 @@ def _tp_splits(cfg: Config, sequence_parallel: bool) -> dict[str, int]:
         splits["lm_head.weight"] = 0
     gated = gpt and m.flavor == "llama"
     sp = sequence_parallel and vocab_parallel(m)
-    for i in range(m.n_layers):
+    mla = ("q_b_proj" if m.q_lora_rank else "q_proj") if getattr(m, "mla", False) else ""
+    blocks = [(i, f"layers.{i}") for i in range(m.n_layers)]
+    blocks += [(m.n_layers + j, f"mtp.{j}.block") for j in range(m.mtp_depth if gpt else 0)]  # MTP's blocks too
+    for i, block in blocks:
         moe = bool(m.n_experts) and i >= m.moe_dense_layers
-        plan = block_plan(m.arch, gated, sp, moe, moe and m.n_shared_experts > 0)
+        plan = block_plan(m.arch, gated, sp, moe, moe and m.n_shared_experts > 0, mla=mla)
         for name, style in plan.items():
-            prefix = f"layers.{i}.{name}"
+            prefix = f"{block}.{name}"
             if isinstance(style, ColwiseParallel):
                 splits[f"{prefix}.weight"] = 0
                 splits[f"{prefix}.bias"] = 0

@@ -31,7 +31,10 @@ LAYOUTS = {
         "muon_zero3": "optim.name=muon parallel.zero_stage=3", "moe": MOE,
         "moe_ep2": f"{MOE} parallel.ep=2 parallel.zero_stage=2", "bert_tp2": "model.arch=bert parallel.tp=2 "
         "parallel.sequence_parallel=false", "gpt2_tied_pp2": "model.flavor=gpt2 model.tie_embeddings=true parallel.pp=2",
-        "mla": MLA, "mtp": "model.mtp_depth=1", "mla_mtp_moe": f"{MLA} {MOE} model.mtp_depth=2"},
+        "mla": MLA, "mtp": "model.mtp_depth=1", "mla_mtp_moe": f"{MLA} {MOE} model.mtp_depth=2",
+        # MTP on the last stage with its embedding copy; MLA's and MTP's blocks split by TP (+ SP)
+        "mla_mtp_moe_pp2": f"{MLA} {MOE} model.mtp_depth=2 parallel.pp=2",
+        "mla_mtp_moe_tp2_sp": f"{MLA} {MOE} model.mtp_depth=2 parallel.tp=2"},
     4: {"hsdp_2x2": "parallel.dp_replicate=2 parallel.zero_stage=3", "zero3_4": "parallel.zero_stage=3",
         "tp2_dp2_zero3": "parallel.tp=2 parallel.zero_stage=3", "pp2_dp2_zero2": "parallel.pp=2 parallel.zero_stage=2",
         "tp2_pp2": "parallel.tp=2 parallel.pp=2", "cp2_dp2_ac": "parallel.cp=2 parallel.zero_stage=3 "
