@@ -732,12 +732,12 @@ def _read_tensors(files: list[Path]):
             raise CheckpointError(f"{file.name} is unreadable (truncated or corrupt?): {exc}") from None
 
 
-FP8_FORMATS = {"e4m3": torch.float8_e4m3fn}  # DeepSeek-V3's (and Kimi K2's) Hub weights
+FP8_FORMATS = {"e4m3": torch.float8_e4m3fn}  # DeepSeek-V3's Hub weights
 
 
 def fp8_blocks(raw: dict, config_file: Path) -> tuple[int, int] | None:
     """The (rows, columns) blocks of a block-wise fp8 checkpoint (``quantization_config``: ``quant_method = "fp8"``,
-    ``fmt = "e4m3"``, ``weight_block_size``: DeepSeek-V3's and Kimi K2's Hub weights, each fp8 weight with a
+    ``fmt = "e4m3"``, ``weight_block_size``: DeepSeek-V3's Hub weights, each fp8 weight with a
     ``weight_scale_inv`` of one fp32 scale a block), None for an unquantized one; any other quantization is refused
     by name (read as plain weights it would load and compute something else)."""
     qc = raw.get("quantization_config")
